@@ -1,0 +1,151 @@
+"""The training loop: ``train_lora(...)`` yields typed events; the caller decides what to show.
+
+One image, batch 1. Each step draws fresh noise and a fresh noise level from one seeded generator, so a
+run is reproducible on the CPU. Stop is checked before every step and between preview images.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+
+from trainer import flow
+from trainer.config import TrainingConfig
+from trainer.data import EncodedExample
+from trainer.events import CheckpointSaved, Event, Failed, Finished, Preview, PreviewsRendered, Progress, Status
+from trainer.lora import add_lora, save_lora
+from trainer.runs import RunFolder
+from trainer.sampling import PreviewRenderer
+
+
+@dataclass
+class StepTimer:
+    """Steps per second over a sliding window, excluding time spent saving and rendering previews."""
+    window: int = 20
+
+    def __post_init__(self) -> None:
+        self._times: list[float] = []
+
+    def add(self, seconds: float) -> float:
+        self._times = (self._times + [seconds])[-self.window:]
+        return len(self._times) / max(sum(self._times), 1e-9)
+
+
+def training_step(transformer, example: EncodedExample, cfg: TrainingConfig, generator: torch.Generator,
+                  mu: float, use_mask: bool) -> torch.Tensor:
+    """Forward + loss for one noised copy of the image. Returns the loss (graph attached)."""
+    latents = example.latents
+    device = latents.device
+    noise = torch.randn(latents.shape, generator=generator, device=device, dtype=torch.float32).to(latents.dtype)
+    sigmas = flow.sample_sigmas(1, mu, generator, device, cfg.logit_mean, cfg.logit_std)
+    noisy = flow.noisy_latents(latents, noise, sigmas)
+    h, w = example.latent_size
+    guidance = None
+    if transformer.config.guidance_embeds:
+        guidance = torch.full((1,), cfg.guidance_scale, device=device, dtype=latents.dtype)
+    with torch.autocast(device.type, dtype=latents.dtype, enabled=device.type == "cuda"):
+        out = transformer(hidden_states=flow.pack_latents(noisy), timestep=sigmas.to(latents.dtype),
+                          guidance=guidance, pooled_projections=example.caption.pooled,
+                          encoder_hidden_states=example.caption.embeds, txt_ids=example.caption.text_ids,
+                          img_ids=example.image_ids, return_dict=False)[0]
+    prediction = flow.unpack_latents(out, h, w)
+    weights = example.weights if use_mask else None
+    return flow.masked_mse(prediction, flow.velocity_target(latents, noise), weights, cfg.normalize_mask)
+
+
+def train_lora(parts, example: EncodedExample, cfg: TrainingConfig, run: RunFolder, renderer: PreviewRenderer,
+               should_stop: Callable[[], bool]) -> Iterator[Event]:
+    transformer = parts.transformer
+    params = add_lora(transformer, cfg.rank, cfg.alpha, cfg.seed)
+    if cfg.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    transformer.train()
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                                  fused=parts.device.type == "cuda")
+    generator = torch.Generator(device=parts.device).manual_seed(cfg.seed)
+    mask_generator = torch.Generator().manual_seed(cfg.seed + 1)  # separate stream: unmasked_probability can't shift the noise
+    h, w = example.latent_size
+    mu = flow.resolution_shift((h // 2) * (w // 2), **_shift_settings(parts.scheduler))
+    checkpoint_steps = set(cfg.checkpoint_steps)
+    save_dtype = parts.dtype
+    timer = StepTimer()
+
+    if cfg.preview_at_start:
+        yield Status("Rendering base-model previews (step 0)")
+        event = _render_previews(0, cfg, run, renderer, should_stop)
+        if event is None:
+            yield Finished(run_dir=run.path, last_step=0, stopped=True)
+            return
+        yield event
+
+    step = 0
+    for step in range(1, cfg.steps + 1):
+        if should_stop():
+            yield Finished(run_dir=run.path, last_step=step - 1, stopped=True)
+            return
+        started = time.perf_counter()
+        use_mask = example.weights is not None and (
+            cfg.unmasked_probability == 0.0 or torch.rand((), generator=mask_generator).item() >= cfg.unmasked_probability)
+        loss = training_step(transformer, example, cfg, generator, mu, use_mask)
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            # Stop before the optimizer touches the weights: nothing non-finite is ever saved.
+            optimizer.zero_grad(set_to_none=True)
+            yield Failed(f"The loss became {loss_value} at step {step}, so training stopped before saving it. "
+                         "Lower the learning rate; the checkpoints saved so far are intact.", "not_finite", step - 1)
+            return
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if parts.device.type == "cuda":
+            torch.cuda.synchronize()
+        rate = timer.add(time.perf_counter() - started)
+        yield Progress(step=step, total_steps=cfg.steps, loss=loss_value, steps_per_second=rate,
+                       eta_seconds=(cfg.steps - step) / rate)
+
+        if step in checkpoint_steps:
+            path = run.checkpoint_path(step)
+            size = save_lora(transformer, path, dtype=save_dtype, extra_metadata=_checkpoint_metadata(cfg, run, step))
+            run.record_checkpoint(step, path)
+            yield CheckpointSaved(step=step, path=path, size_bytes=size)
+            yield Status(f"Rendering previews for step {step}")
+            event = _render_previews(step, cfg, run, renderer, should_stop)
+            if event is None:
+                yield Finished(run_dir=run.path, last_step=step, stopped=True)
+                return
+            yield event
+    yield Finished(run_dir=run.path, last_step=step, stopped=False)
+
+
+def _render_previews(step: int, cfg: TrainingConfig, run: RunFolder, renderer: PreviewRenderer,
+                     should_stop: Callable[[], bool]) -> PreviewsRendered | None:
+    width, height = run.train_size
+    previews = []
+    for index, prompt in enumerate(cfg.preview_prompts):
+        image = renderer.render(prompt, cfg.preview_seed, width, height, cfg.preview_steps, cfg.preview_guidance,
+                                should_stop)
+        if image is None:
+            return None
+        path = run.preview_path(step, index)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image.save(path)
+        previews.append(Preview(path=path, prompt=prompt, seed=cfg.preview_seed))
+    run.record_previews(step, [{"path": p.path, "prompt": p.prompt, "seed": p.seed} for p in previews])
+    return PreviewsRendered(step=step, previews=tuple(previews))
+
+
+def _shift_settings(scheduler) -> dict[str, float]:
+    c = scheduler.config
+    return dict(base_tokens=c.get("base_image_seq_len", 256), max_tokens=c.get("max_image_seq_len", 4096),
+                base_shift=c.get("base_shift", 0.5), max_shift=c.get("max_shift", 1.15))
+
+
+def _checkpoint_metadata(cfg: TrainingConfig, run: RunFolder, step: int) -> dict[str, str]:
+    """What a checkpoint says about itself (safetensors metadata is strings only). Never a token."""
+    return {"base_model": run.model, "step": str(step), "rank": str(cfg.rank), "alpha": str(cfg.alpha),
+            "resolution": str(cfg.resolution), "trigger_word": cfg.trigger, "caption": cfg.training_caption,
+            "learning_rate": str(cfg.learning_rate), "software": "one-image-lora"}

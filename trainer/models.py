@@ -1,0 +1,153 @@
+"""Loading a Flux pipeline's parts: the one place weights are loaded.
+
+A model is named by a spec: ``tiny-demo`` (built in code, saved in the diffusers layout), a Hugging Face
+Hub id such as ``black-forest-labs/FLUX.1-dev`` (downloaded with the user's token), or a local diffusers
+folder. ``resolve_model`` turns a spec into a local folder and explains every failure *before* any GPU
+memory is taken; ``load_parts`` loads that folder — the same code for all three.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trainer.errors import UserError
+from trainer.paths import tiny_demo_dir
+from trainer.tiny import ensure_tiny_demo
+
+TINY_DEMO = "tiny-demo"
+FLUX_DEV = "black-forest-labs/FLUX.1-dev"
+
+# Only the diffusers-layout subfolders: FLUX.1-dev's repo also holds a 23 GB single-file checkpoint at its
+# root (flux1-dev.safetensors) and the original-format autoencoder, which we never need.
+HUB_PATTERNS = ["model_index.json", "scheduler/*", "text_encoder/*", "text_encoder_2/*", "tokenizer/*",
+                "tokenizer_2/*", "transformer/*.json", "transformer/*.safetensors", "vae/*.json",
+                "vae/*.safetensors", "text_encoder/*.safetensors", "text_encoder_2/*.safetensors"]
+REQUIRED_PARTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass
+class FluxParts:
+    """The loaded components of a Flux pipeline, on their devices."""
+    transformer: Any
+    vae: Any
+    text_encoder: Any
+    text_encoder_2: Any
+    tokenizer: Any
+    tokenizer_2: Any
+    scheduler: Any
+    device: torch.device
+    dtype: torch.dtype
+    model_path: Path
+
+    @property
+    def is_tiny_demo(self) -> bool:
+        return (self.model_path / "tiny_demo.json").is_file()
+
+
+def default_model() -> str:
+    """FLUX.1-dev where a CUDA GPU can train it, otherwise the CPU tiny demo."""
+    return FLUX_DEV if torch.cuda.is_available() else TINY_DEMO
+
+
+def resolve_model(spec: str, token: str | None = None) -> Path:
+    """Return a local diffusers folder for ``spec``, downloading from the Hub if needed."""
+    spec = (spec or "").strip()
+    if spec == TINY_DEMO:
+        return ensure_tiny_demo(tiny_demo_dir())
+    local = Path(spec).expanduser()
+    if local.is_dir():
+        check_diffusers_folder(local)
+        return local.resolve()
+    if spec.startswith((".", "/", "~")) or "\\" in spec or not _HUB_ID.match(spec):
+        raise UserError(f"Model '{spec}' is neither an existing folder nor a Hugging Face id like "
+                        f"'{FLUX_DEV}'. Give a diffusers folder (with model_index.json), a Hub id, or '{TINY_DEMO}'.")
+    return _download(spec, token)
+
+
+def check_diffusers_folder(folder: Path) -> None:
+    index = folder / "model_index.json"
+    if not index.is_file():
+        raise UserError(f"The folder '{folder}' is not a diffusers model: it has no model_index.json. "
+                        "Point at the folder that holds model_index.json, transformer/, vae/ and the text encoders.")
+    try:
+        parts = json.loads(index.read_text())
+    except ValueError:
+        raise UserError(f"'{index}' is not valid JSON; the model folder looks damaged.") from None
+    missing = [p for p in REQUIRED_PARTS if p not in parts or not (folder / p).is_dir()]
+    if missing:
+        raise UserError(f"The model folder '{folder}' is missing {', '.join(missing)}. A Flux model needs "
+                        "transformer, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2 and scheduler.")
+    for weights_part in ("transformer", "vae", "text_encoder", "text_encoder_2"):
+        if not any((folder / weights_part).glob("*.safetensors")):
+            raise UserError(f"'{folder / weights_part}' has no .safetensors weights. Only .safetensors files "
+                            "are loaded (pickle-based .bin files can run code and are refused).")
+
+
+def _download(repo_id: str, token: str | None) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub import errors as hub_errors
+
+    try:
+        path = snapshot_download(repo_id, token=token or None, allow_patterns=HUB_PATTERNS)
+    except hub_errors.GatedRepoError:
+        if token:
+            raise UserError(f"'{repo_id}' is a gated model and your Hugging Face token has no access to it. "
+                            f"Open https://huggingface.co/{repo_id}, accept the license with the account the token "
+                            "belongs to, then try again.") from None
+        raise UserError(f"'{repo_id}' is a gated model: it needs a Hugging Face token. Accept the license at "
+                        f"https://huggingface.co/{repo_id}, then set HF_TOKEN in the environment (or log in on the "
+                        "Space) and try again.") from None
+    except hub_errors.RepositoryNotFoundError:
+        raise UserError(f"No model '{repo_id}' on the Hugging Face Hub (or it is private and your token can't "
+                        "see it). Check the spelling, or give a local diffusers folder.") from None
+    except hub_errors.LocalEntryNotFoundError:
+        raise UserError(f"Could not download '{repo_id}': the Hugging Face Hub can't be reached (offline, or "
+                        "HF_HUB_OFFLINE is set) and it is not in the local cache. Connect to the internet, or "
+                        f"point at a local diffusers folder, or use '{TINY_DEMO}' to try the workflow.") from None
+    except hub_errors.HfHubHTTPError as err:
+        status = getattr(getattr(err, "response", None), "status_code", None)
+        if status == 401:
+            raise UserError(f"The Hugging Face Hub refused the token for '{repo_id}' (401). Check that HF_TOKEN "
+                            "is a valid read token.") from None
+        raise UserError(f"Downloading '{repo_id}' failed (HTTP {status}). Try again, or use a local folder.") from None
+    except OSError as err:  # disk full, permissions
+        raise UserError(f"Downloading '{repo_id}' failed while writing to disk: {err.strerror or err}. "
+                        "Free some disk space (FLUX.1-dev needs about 34 GB) and try again.") from None
+    folder = Path(path)
+    check_diffusers_folder(folder)
+    return folder
+
+
+def pick_device() -> tuple[torch.device, torch.dtype]:
+    """bf16 on a CUDA GPU that supports it (fp16 overflows in Flux), fp32 on the CPU."""
+    if torch.cuda.is_available():
+        if not torch.cuda.is_bf16_supported():
+            raise UserError("This GPU does not support bfloat16, which Flux needs (float16 overflows and gives "
+                            "NaN losses). Use an Ampere (RTX 30xx / A100) or newer GPU.")
+        return torch.device("cuda"), torch.bfloat16
+    return torch.device("cpu"), torch.float32
+
+
+def load_parts(folder: Path, device: torch.device | None = None, dtype: torch.dtype | None = None) -> FluxParts:
+    """Load every component of the diffusers folder onto ``device`` (text encoders stay until freed)."""
+    from diffusers import FluxPipeline
+
+    if device is None or dtype is None:
+        device, dtype = pick_device()
+    check_diffusers_folder(folder)
+    pipe = FluxPipeline.from_pretrained(folder, torch_dtype=dtype, use_safetensors=True)
+    parts = FluxParts(
+        transformer=pipe.transformer, vae=pipe.vae, text_encoder=pipe.text_encoder,
+        text_encoder_2=pipe.text_encoder_2, tokenizer=pipe.tokenizer, tokenizer_2=pipe.tokenizer_2,
+        scheduler=pipe.scheduler, device=device, dtype=dtype, model_path=Path(folder))
+    for module in (parts.transformer, parts.vae, parts.text_encoder, parts.text_encoder_2):
+        module.requires_grad_(False)
+        module.eval()
+        module.to(device)
+    return parts

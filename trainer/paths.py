@@ -1,0 +1,28 @@
+"""Where the app keeps its files: runs, the tiny demo model, caches.
+
+Everything lives under one data folder outside the working directory (Gradio serves files from the
+working directory and its cache, so job files must not be there). ``LORA_DATA_DIR`` overrides it; on a
+Hugging Face Space the persistent ``/data`` volume is used when it exists.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def data_dir() -> Path:
+    explicit = os.environ.get("LORA_DATA_DIR")
+    if explicit:
+        return Path(explicit).expanduser().resolve()
+    space_volume = Path("/data")
+    if os.environ.get("SPACE_ID") and space_volume.is_dir() and os.access(space_volume, os.W_OK):
+        return space_volume / "one-image-lora"
+    return Path.home() / ".cache" / "one-image-lora"
+
+
+def runs_dir() -> Path:
+    return data_dir() / "runs"
+
+
+def tiny_demo_dir() -> Path:
+    return data_dir() / "models" / "tiny-demo"

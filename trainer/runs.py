@@ -1,0 +1,126 @@
+"""A run folder on disk: the training image and mask, checkpoints, previews and ``run.json``.
+
+``run.json`` is the run's record: the full config, the base model (the spec and the resolved local
+folder), the training size, and every checkpoint with its previews. It is rewritten atomically after
+every change, so whatever kills the process, the file on disk is complete.
+"""
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from trainer.config import TrainingConfig
+from trainer.fsutil import atomic_write_bytes, atomic_write_json
+
+MANIFEST = "run.json"
+IMAGE_FILE = "dataset/image.png"
+MASK_FILE = "dataset/mask.png"
+
+
+def new_run_id(name: str) -> str:
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{name}-{secrets.token_hex(4)}"
+
+
+@dataclass
+class RunFolder:
+    path: Path
+    config: TrainingConfig
+    model: str = ""
+    model_path: str = ""
+    status: str = "created"
+    train_size: tuple[int, int] | None = None
+    checkpoints: list[dict[str, Any]] = field(default_factory=list)
+    base_previews: list[dict[str, Any]] = field(default_factory=list)
+    message: str = ""
+
+    # ---- creating and opening
+    @classmethod
+    def create(cls, root: Path, config: TrainingConfig, image: Image.Image, mask: Image.Image | None,
+               run_id: str | None = None) -> "RunFolder":
+        """Write the dataset (image + mask as PNG) and a first ``run.json`` into a new folder under ``root``."""
+        path = Path(root) / (run_id or new_run_id(config.name))
+        path.mkdir(parents=True, exist_ok=False)
+        run = cls(path=path, config=config, model=config.model)
+        atomic_write_bytes(path / IMAGE_FILE, _png_bytes(image))
+        if mask is not None:
+            atomic_write_bytes(path / MASK_FILE, _png_bytes(mask.convert("L")))
+        run.save()
+        return run
+
+    @classmethod
+    def open(cls, path: Path) -> "RunFolder":
+        data = json.loads((Path(path) / MANIFEST).read_text())
+        return cls(path=Path(path), config=TrainingConfig.from_dict(data["config"]), model=data.get("model", ""),
+                   model_path=data.get("model_path", ""), status=data.get("status", ""),
+                   train_size=tuple(data["train_size"]) if data.get("train_size") else None,
+                   checkpoints=data.get("checkpoints", []), base_previews=data.get("base_previews", []),
+                   message=data.get("message", ""))
+
+    # ---- the dataset
+    def load_dataset(self) -> tuple[Image.Image, Image.Image | None]:
+        image = Image.open(self.path / IMAGE_FILE)
+        image.load()
+        mask = None
+        if (self.path / MASK_FILE).is_file():
+            mask = Image.open(self.path / MASK_FILE)
+            mask.load()
+        return image, mask
+
+    # ---- file names
+    def checkpoint_path(self, step: int) -> Path:
+        return self.path / f"{self.config.name}-{step:06d}.safetensors"
+
+    def preview_path(self, step: int, index: int) -> Path:
+        return self.path / "samples" / f"{self.config.name}-{step:06d}-{index:02d}.png"
+
+    # ---- recording progress
+    def record_checkpoint(self, step: int, path: Path) -> None:
+        self.checkpoints = [c for c in self.checkpoints if c["step"] != step]
+        self.checkpoints.append({"step": step, "path": path.name, "previews": []})
+        self.checkpoints.sort(key=lambda c: c["step"])
+        self.save()
+
+    def record_previews(self, step: int, previews: list[dict[str, Any]]) -> None:
+        entries = [{"path": str(Path(p["path"]).relative_to(self.path)), "prompt": p["prompt"], "seed": p["seed"]}
+                   for p in previews]
+        if step == 0:
+            self.base_previews = entries
+        for c in self.checkpoints:
+            if c["step"] == step:
+                c["previews"] = entries
+        self.save()
+
+    def set_status(self, status: str, message: str = "") -> None:
+        self.status, self.message = status, message
+        self.save()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": 1,
+            "status": self.status,
+            "message": self.message,
+            "config": self.config.to_dict(),
+            "model": self.model,
+            "model_path": self.model_path,
+            "train_size": list(self.train_size) if self.train_size else None,
+            "dataset": {"image": IMAGE_FILE, "mask": MASK_FILE if (self.path / MASK_FILE).is_file() else None},
+            "base_previews": self.base_previews,
+            "checkpoints": self.checkpoints,
+        }
+
+    def save(self) -> None:
+        atomic_write_json(self.path / MANIFEST, self.to_dict())
+
+
+def _png_bytes(image: Image.Image) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()

@@ -1,0 +1,50 @@
+"""Render preview images with the transformer already in memory, LoRA active, from cached embeddings.
+
+No reload and no text encoders: the prompts were encoded once before training. The same seed is used for
+every checkpoint so the previews of one prompt differ only by what the LoRA learned.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from PIL import Image
+
+from trainer.data import PromptEmbedding
+
+
+class PreviewRenderer:
+    def __init__(self, parts, prompts: dict[str, PromptEmbedding]):
+        from diffusers import FluxPipeline
+
+        self._prompts = prompts
+        # A pipeline of the parts already loaded: no text encoders (embeddings are cached), same transformer.
+        self._pipe = FluxPipeline(scheduler=parts.scheduler, vae=parts.vae, text_encoder=None, tokenizer=None,
+                                  text_encoder_2=None, tokenizer_2=None, transformer=parts.transformer)
+        self._pipe.set_progress_bar_config(disable=True)
+        self._device = parts.device
+
+    def render(self, prompt: str, seed: int, width: int, height: int, steps: int, guidance: float,
+               should_stop: Callable[[], bool] = lambda: False) -> Image.Image | None:
+        """One image; ``None`` when ``should_stop`` turned true while it was being denoised."""
+        embedding = self._prompts[prompt]
+        stopped = False
+
+        def check_stop(pipe, step, timestep, callback_kwargs):
+            nonlocal stopped
+            if should_stop():
+                stopped = True
+                pipe._interrupt = True  # the pipeline's own early exit
+            return callback_kwargs
+
+        generator = torch.Generator(device=self._device).manual_seed(seed)
+        was_training = self._pipe.transformer.training
+        self._pipe.transformer.eval()
+        try:
+            image = self._pipe(prompt_embeds=embedding.embeds, pooled_prompt_embeds=embedding.pooled,
+                               width=width, height=height, num_inference_steps=steps, guidance_scale=guidance,
+                               generator=generator, callback_on_step_end=check_stop).images[0]
+        finally:
+            self._pipe.transformer.train(was_training)
+            self._pipe._interrupt = False
+        return None if stopped else image
