@@ -55,6 +55,18 @@ def default_model() -> str:
     return FLUX_DEV if torch.cuda.is_available() else TINY_DEMO
 
 
+TINY_DEMO_PREVIEW_STEPS = 4
+TINY_DEMO_NOTICE = ("tiny-demo is a built-in Flux-shaped model with random weights, small enough for a CPU. It exists "
+                    "to try the workflow: its samples are noise. Previews use 4 denoising steps to stay fast.")
+
+
+def adjust_for_model(config):
+    """Settings the tiny demo changes so a CPU run stays quick; returns (config, notice or "")."""
+    if config.model != TINY_DEMO:
+        return config, ""
+    return config.replace(preview_steps=min(config.preview_steps, TINY_DEMO_PREVIEW_STEPS)), TINY_DEMO_NOTICE
+
+
 def resolve_model(spec: str, token: str | None = None) -> Path:
     """Return a local diffusers folder for ``spec``, downloading from the Hub if needed."""
     spec = (spec or "").strip()

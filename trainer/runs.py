@@ -43,9 +43,17 @@ class RunFolder:
     @classmethod
     def create(cls, root: Path, config: TrainingConfig, image: Image.Image, mask: Image.Image | None,
                run_id: str | None = None) -> "RunFolder":
-        """Write the dataset (image + mask as PNG) and a first ``run.json`` into a new folder under ``root``."""
-        path = Path(root) / (run_id or new_run_id(config.name))
-        path.mkdir(parents=True, exist_ok=False)
+        """A new run in a fresh folder under ``root``."""
+        return cls.create_at(Path(root) / (run_id or new_run_id(config.name)), config, image, mask)
+
+    @classmethod
+    def create_at(cls, path: Path, config: TrainingConfig, image: Image.Image,
+                  mask: Image.Image | None) -> "RunFolder":
+        """Write the dataset (image + mask as PNG) and a first ``run.json`` into ``path`` (new or empty)."""
+        path = Path(path)
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise FileExistsError(path)
+        path.mkdir(parents=True, exist_ok=True)
         run = cls(path=path, config=config, model=config.model)
         atomic_write_bytes(path / IMAGE_FILE, _png_bytes(image))
         if mask is not None:

@@ -1,0 +1,198 @@
+"""Headless command line: the same code path as the app, for rented GPUs, Docker and scripts.
+
+    python -m trainer train --image PATH --caption TEXT --output DIR [options]
+    python -m trainer mask IMAGE --output OUT.png
+    python -m trainer presets
+
+A problem the user can fix prints one line on stderr and exits with status 2; no traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from trainer.errors import UserError
+
+EXIT_USER_ERROR = 2
+EXIT_TRAINING_FAILED = 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m trainer", description="Train a Flux.1 LoRA from one image.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train a LoRA")
+    train.add_argument("--image", required=True, type=Path, help="PNG, JPEG or WEBP; a transparent PNG's alpha is its mask")
+    train.add_argument("--mask", type=Path, help="black/white mask image (white = subject, trained)")
+    train.add_argument("--no-mask", action="store_true", help="train on the whole image (no masked loss)")
+    train.add_argument("--caption", required=True, help="caption; [trigger] is replaced by the trigger word")
+    train.add_argument("--trigger", default="", help="trigger word, e.g. ohwx")
+    train.add_argument("--preset", default="character-rank4-400", help="preset name (see: python -m trainer presets)")
+    train.add_argument("--model", help="tiny-demo, a Hugging Face id, or a local diffusers folder "
+                                        "(default: FLUX.1-dev with a CUDA GPU, otherwise tiny-demo)")
+    train.add_argument("--steps", type=int)
+    train.add_argument("--save-every", type=int)
+    train.add_argument("--rank", type=int)
+    train.add_argument("--lr", type=float, help="learning rate")
+    train.add_argument("--resolution", type=int, help="training area is RESOLUTION x RESOLUTION pixels (default 512)")
+    train.add_argument("--sample-prompt", action="append", default=[], help="extra preview prompt (repeatable)")
+    train.add_argument("--seed", type=int)
+    train.add_argument("--name", help="checkpoint file prefix (default: lora)")
+    train.add_argument("--output", required=True, type=Path, help="run folder (created; must be new or empty)")
+
+    mask = sub.add_parser("mask", help="cut out the subject: write an RGBA PNG whose alpha is the mask")
+    mask.add_argument("image", type=Path)
+    mask.add_argument("--output", required=True, type=Path)
+    mask.add_argument("--model", default="u2netp", help="background-removal model (u2netp works offline)")
+
+    sub.add_parser("presets", help="list presets and their settings")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _quiet_libraries()
+    try:
+        if args.command == "presets":
+            return _presets()
+        if args.command == "mask":
+            return _mask(args)
+        return _train(args)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _presets() -> int:
+    from trainer.config import list_presets
+
+    for preset in list_presets():
+        settings = ", ".join(f"{k}={v}" for k, v in preset.settings.items())
+        print(f"{preset.name}\n    {preset.description}\n    {settings}")
+    return 0
+
+
+def _mask(args) -> int:
+    from trainer.dataset import cut_out
+    from trainer.images import load_image
+
+    image = load_image(args.image)
+    out = cut_out(image, model=args.model)
+    _write_png(out, args.output)
+    print(args.output)
+    return 0
+
+
+def _train(args) -> int:
+    from trainer.config import load_preset
+    from trainer.dataset import training_mask
+    from trainer.events import CheckpointSaved, Failed, Finished, PreviewsRendered, Progress, Started, Status
+    from trainer.images import load_image, load_mask
+    from trainer.models import adjust_for_model, default_model
+    from trainer.runs import RunFolder
+    from trainer.train import run_training
+
+    overrides = {k: v for k, v in {
+        "steps": args.steps, "save_every": args.save_every, "rank": args.rank, "learning_rate": args.lr,
+        "resolution": args.resolution, "seed": args.seed, "name": args.name}.items() if v is not None}
+    config = load_preset(args.preset).config(
+        caption=args.caption, trigger=args.trigger, sample_prompts=tuple(args.sample_prompt),
+        model=args.model or default_model(), masked=not args.no_mask, **overrides)
+    config, notice = adjust_for_model(config)
+    if notice:
+        print(f"note: {notice}", file=sys.stderr)
+
+    image = load_image(args.image)
+    mask = None
+    if not args.no_mask:
+        given = load_mask(args.mask, size=image.size) if args.mask else None
+        mask = training_mask(image, given)
+    try:
+        run = RunFolder.create_at(args.output, config, image, mask)
+    except FileExistsError:
+        raise UserError(f"The output folder '{args.output}' already exists and is not empty. Choose a new folder.") from None
+
+    progress = _ProgressLine()
+    code = 0
+    for event in run_training(run, token=os.environ.get("HF_TOKEN")):
+        if isinstance(event, Status):
+            progress.message(event.message)
+        elif isinstance(event, Started):
+            progress.message(f"training {event.total_steps} steps at {event.train_width}x{event.train_height}, "
+                             f"checkpoints at {list(event.checkpoint_steps)}")
+        elif isinstance(event, Progress):
+            progress.bar(event)
+        elif isinstance(event, CheckpointSaved):
+            progress.message(f"saved {event.path} ({event.size_bytes / 1e6:.1f} MB)")
+        elif isinstance(event, PreviewsRendered):
+            progress.message(f"previews for step {event.step}: " + ", ".join(str(p.path.name) for p in event.previews))
+        elif isinstance(event, Finished):
+            progress.message(("stopped" if event.stopped else "finished") + f" at step {event.last_step}: {event.run_dir}")
+        elif isinstance(event, Failed):
+            progress.message("")
+            print(f"error: {event.message}", file=sys.stderr)
+            code = EXIT_USER_ERROR if event.kind == "user" else EXIT_TRAINING_FAILED
+    print(run.path)
+    return code
+
+
+class _ProgressLine:
+    """A one-line progress bar on stderr; messages go above it."""
+
+    def __init__(self) -> None:
+        self._tty = sys.stderr.isatty()
+        self._last = 0
+
+    def message(self, text: str) -> None:
+        if self._tty:
+            sys.stderr.write("\r\033[K")
+        if text:
+            sys.stderr.write(text + "\n")
+        sys.stderr.flush()
+
+    def bar(self, p) -> None:
+        width = 30
+        done = int(width * p.step / p.total_steps)
+        line = (f"[{'#' * done}{'.' * (width - done)}] {p.step}/{p.total_steps} loss {p.loss:.4f} "
+                f"{p.steps_per_second:.2f} it/s ETA {int(p.eta_seconds) // 60}:{int(p.eta_seconds) % 60:02d}")
+        if self._tty:
+            sys.stderr.write("\r\033[K" + line)
+        elif p.step == p.total_steps or p.step - self._last >= max(1, p.total_steps // 20):
+            sys.stderr.write(line + "\n")  # a log file gets ~20 lines, not thousands
+            self._last = p.step
+        sys.stderr.flush()
+
+
+def _write_png(image, path: Path) -> None:
+    import io
+
+    from trainer.fsutil import atomic_write_bytes
+
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    try:
+        atomic_write_bytes(Path(path), buf.getvalue())
+    except OSError as err:
+        raise UserError(f"Could not write '{path}': {err.strerror or err}.") from None
+
+
+def _quiet_libraries() -> None:
+    """Library progress bars and advisory warnings would bury our own progress line."""
+    import warnings
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    try:
+        from diffusers.utils import logging as dlog
+
+        dlog.set_verbosity_error()
+        dlog.disable_progress_bar()
+    except ImportError:
+        pass
