@@ -146,20 +146,20 @@ def _check_file_size(n_bytes: int, what: str) -> None:
 
 # --- before decoding: what is it, and how big? --------------------------------------------------------------
 
-_OTHER_FORMATS = (  # (test on the first bytes, name in the message)
-    (lambda d: d.startswith(b"%PDF"), "PDF"),
-    (lambda d: d.startswith(b"8BPS"), "Photoshop (PSD)"),
-    (lambda d: d.startswith((b"GIF87a", b"GIF89a")), "GIF"),
-    (lambda d: d.startswith(b"BM"), "BMP"),
-    (lambda d: d.startswith((b"II*\x00", b"MM\x00*")), "TIFF (or camera RAW)"),
-    (lambda d: d[4:8] == b"ftyp" and d[8:12] in (b"avif", b"avis"), "AVIF"),
-    (lambda d: d[4:8] == b"ftyp" and d[8:12] in (b"heic", b"heix", b"heim", b"heis", b"mif1", b"msf1"), "HEIC"),
-    (lambda d: d[4:8] == b"ftyp", "video (MP4/MOV)"),
-    (lambda d: d.startswith((b"\xff\x0a", b"\x00\x00\x00\x0cJXL ")), "JPEG XL"),
-    (lambda d: d.startswith(b"PK\x03\x04"), "ZIP"),
-    (lambda d: d.startswith(b"\x00\x00\x01\x00"), "icon (ICO)"),
-    (lambda d: b"<svg" in d[:4096].lower(), "SVG"),
-    (lambda d: d.lstrip()[:15].lower().startswith((b"<!doctype html", b"<html")), "web page (HTML)"),
+_OTHER_FORMATS = (  # (test on the first bytes, what the file is)
+    (lambda d: d.startswith(b"%PDF"), "a PDF"),
+    (lambda d: d.startswith(b"8BPS"), "a Photoshop (PSD)"),
+    (lambda d: d.startswith((b"GIF87a", b"GIF89a")), "a GIF"),
+    (lambda d: d.startswith(b"BM"), "a BMP"),
+    (lambda d: d.startswith((b"II*\x00", b"MM\x00*")), "a TIFF (or camera RAW)"),
+    (lambda d: d[4:8] == b"ftyp" and d[8:12] in (b"avif", b"avis"), "an AVIF"),
+    (lambda d: d[4:8] == b"ftyp" and d[8:12] in (b"heic", b"heix", b"heim", b"heis", b"mif1", b"msf1"), "a HEIC"),
+    (lambda d: d[4:8] == b"ftyp", "a video (MP4/MOV)"),
+    (lambda d: d.startswith((b"\xff\x0a", b"\x00\x00\x00\x0cJXL ")), "a JPEG XL"),
+    (lambda d: d.startswith(b"PK\x03\x04"), "a ZIP"),
+    (lambda d: d.startswith(b"\x00\x00\x01\x00"), "an icon (ICO)"),
+    (lambda d: b"<svg" in d[:4096].lower(), "an SVG"),
+    (lambda d: d.lstrip()[:15].lower().startswith((b"<!doctype html", b"<html")), "a web page (HTML)"),
 )
 
 
@@ -183,7 +183,7 @@ def _check_header(data: bytes, what: str) -> None:
         for test, name in _OTHER_FORMATS:
             if test(head):
                 raise UserError(
-                    f"The {what} is a {name} file, not a PNG, JPEG or WEBP image; "
+                    f"The {what} is {name} file, not a PNG, JPEG or WEBP image; "
                     "export it as PNG or JPEG and upload that."
                 )
         raise UserError(
