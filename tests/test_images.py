@@ -23,6 +23,8 @@ from trainer.errors import UserError
 from trainer.images import alpha_mask, load_image, load_mask
 
 REPO = Path(__file__).resolve().parents[1]
+# Pillow warns about the corrupt EXIF it is fed here, as it should; load_image carries on regardless.
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:PIL.TiffImagePlugin")
 
 
 # --- building files -----------------------------------------------------------------------------------------
