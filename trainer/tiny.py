@@ -17,6 +17,12 @@ import torch
 
 TINY_DEMO_VERSION = 1  # bump when the architecture below changes, so cached copies are rebuilt
 
+TINY_TRANSFORMER_CONFIG = dict(
+    patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
+    num_attention_heads=4, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8],
+    guidance_embeds=True,  # like FLUX.1-dev, so the guidance path is exercised
+)
+
 _CORPUS = [
     "a photo of a person standing in a field",
     "a watercolor painting of a cat with red hair",
@@ -47,11 +53,7 @@ def build_tiny_pipeline(seed: int = 0):
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
-    transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
-        num_attention_heads=4, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8],
-        guidance_embeds=True,  # like FLUX.1-dev, so the guidance path is exercised
-    )
+    transformer = FluxTransformer2DModel(**TINY_TRANSFORMER_CONFIG)
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, block_out_channels=[8, 16, 32, 32],
         down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,

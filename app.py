@@ -1,0 +1,50 @@
+"""Start the web app: ``python app.py`` (http://127.0.0.1:7860).
+
+Builds the page, starts one training worker, and launches Gradio. Options: --host, --port, --share;
+anything beyond 127.0.0.1 needs LORA_APP_USERNAME and LORA_APP_PASSWORD.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="One-image Flux LoRA trainer (web app)")
+    parser.add_argument("--host", default=os.environ.get("LORA_APP_HOST", "127.0.0.1"))
+    parser.add_argument("--port", type=int, default=int(os.environ.get("LORA_APP_PORT", "7860")))
+    parser.add_argument("--share", action="store_true", help="a public gradio.live link (needs a password)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    from trainer.cli import _quiet_libraries
+    from trainer.errors import UserError
+    from trainer.images import MAX_FILE_BYTES
+    from trainer.jobs import JobManager
+    from trainer.paths import data_dir, runs_dir
+    from ui.app import build_app
+    from ui.launch import exposure, state_secret
+
+    _quiet_libraries()
+    try:
+        exposed = exposure(args.host, args.port, args.share)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    runs = runs_dir()
+    runs.mkdir(parents=True, exist_ok=True)
+    manager = JobManager()
+    demo = build_app(manager, runs, state_secret=state_secret(data_dir()))
+    demo.queue(default_concurrency_limit=4).launch(
+        server_name=exposed.host, server_port=exposed.port, share=exposed.share, auth=exposed.auth,
+        max_file_size=MAX_FILE_BYTES, allowed_paths=[str(runs)], show_error=False)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

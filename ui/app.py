@@ -1,0 +1,142 @@
+"""Assemble the page: one column that reads top to bottom, image → mask → caption → preset → model → train.
+
+Nothing here trains or decodes images; handlers live in the step modules and the trainer package.
+"""
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+
+import gradio as gr
+
+from trainer.errors import UserError
+from trainer.images import MAX_FILE_BYTES
+from trainer.jobs import JobManager
+from trainer.masking import MASK_MODELS
+from trainer.models import default_model
+from ui import dataset_step, settings_step
+from ui.training_step import TrainingController
+
+INTRO = """# One-image Flux LoRA
+Train a Flux.1 LoRA from **a single image**. Two things make one image work: the background is **masked out of
+the loss** (otherwise it is repeated in every step and shows up in every output), and **checkpoints are saved
+often** so you can pick the one that learned the subject but still follows other prompts.
+"""
+IMAGE_TYPES = [".png", ".jpg", ".jpeg", ".webp"]
+
+
+def owner_id(stored: str | None, request: gr.Request | None) -> str:
+    """The browser's own id (kept in its local storage across reloads), else this connection's session."""
+    if stored:
+        return str(stored)
+    return getattr(request, "session_hash", None) or "anonymous"
+
+
+def build_app(manager: JobManager, runs_root: Path, state_secret: str | None = None) -> gr.Blocks:
+    controller = TrainingController(manager, runs_root)
+    presets = settings_step.preset_choices()
+    first_preset = "character-rank4-400" if any(v == "character-rank4-400" for _, v in presets) else presets[0][1]
+    rank0, steps0, lr0, every0 = settings_step.on_preset_change(first_preset)
+    model0 = default_model()
+
+    with gr.Blocks(title="One-image Flux LoRA") as demo:
+        owner_state = gr.BrowserState(None, storage_key="one-image-lora-owner", secret=state_secret)
+        dataset_state = gr.State(None)
+        gr.Markdown(INTRO)
+
+        gr.Markdown("## 1. Image")
+        with gr.Row():
+            image_file = gr.File(label="Upload one image (PNG, JPEG, WEBP)", file_types=IMAGE_TYPES,
+                                 type="filepath", elem_id="image-upload")
+            preview = gr.Image(label="What will be trained (dimmed = masked out)", interactive=False,
+                               type="pil", elem_id="mask-preview")
+        image_info = gr.Markdown("Upload one image. A transparent PNG's transparency is used as its mask.",
+                                 elem_id="image-info")
+
+        gr.Markdown("## 2. Mask")
+        with gr.Row():
+            use_mask = gr.Checkbox(value=True, label="Mask the background (recommended: train the subject, not the background)")
+            mask_model = gr.Dropdown(choices=list(MASK_MODELS), value=MASK_MODELS[0], label="Background-removal model",
+                                     info="u2netp works offline; the others download on first use")
+            mask_file = gr.File(label="Or upload your own mask (white = trained)", file_types=IMAGE_TYPES,
+                                type="filepath")
+
+        gr.Markdown("## 3. Caption and trigger word")
+        caption = gr.Textbox(value="a photo of [trigger]", label="Caption",
+                             info="Describe everything in the image. [trigger] is replaced by the trigger word.",
+                             elem_id="caption")
+        with gr.Row():
+            trigger = gr.Textbox(value="ohwx", label="Trigger word", info="A rare word that will mean your subject")
+            prompts = gr.Textbox(value=settings_step.DEFAULT_PROMPTS, lines=3, label="Extra preview prompts (one per line)",
+                                 info="Previews always include the caption itself; these test that other prompts still work")
+
+        gr.Markdown("## 4. Preset")
+        preset = gr.Dropdown(choices=presets, value=first_preset, label="Preset")
+        with gr.Row():
+            rank = gr.Number(value=rank0, label="LoRA rank", precision=0, minimum=1, maximum=256)
+            steps = gr.Number(value=steps0, label="Steps", precision=0, minimum=1)
+            learning_rate = gr.Number(value=lr0, label="Learning rate")
+            save_every = gr.Number(value=every0, label="Save a checkpoint every N steps", precision=0, minimum=1)
+        plan = gr.Markdown(settings_step.on_plan_change(model0, rank0, steps0, every0), elem_id="plan")
+
+        gr.Markdown("## 5. Base model")
+        model = gr.Dropdown(choices=settings_step.model_choices(), value=model0, allow_custom_value=True,
+                            label="Model: FLUX.1-dev, another Hub id, a local diffusers folder, or tiny-demo",
+                            elem_id="model")
+        notice = gr.Markdown(settings_step.model_notice(model0), elem_id="model-notice")
+
+        gr.Markdown("## 6. Train")
+        with gr.Row():
+            train_btn = gr.Button("Train", variant="primary", elem_id="train")
+            stop_btn = gr.Button("Stop", variant="stop", interactive=False, elem_id="stop")
+        progress = gr.Markdown("", elem_id="progress")
+        loss_plot = gr.LinePlot(x="step", y="loss", title="Loss", height=220)
+        gallery = gr.Gallery(label="Previews (same seed at every checkpoint; step 0 is the base model)", columns=4,
+                             height="auto", elem_id="previews")
+        checkpoints = gr.File(label="Checkpoints (.safetensors, diffusers/peft layout)", file_count="multiple",
+                              interactive=False, elem_id="checkpoints")
+
+        # ---- wiring: the data flows one way, upload → dataset → config → job → events → page
+        dataset_inputs = [image_file, mask_file, use_mask, mask_model]
+        dataset_outputs = [dataset_state, preview, image_info]
+        # The upload handler is also the API's first call: it fills this session's dataset for /train.
+        image_file.change(dataset_step.on_dataset_change, dataset_inputs, dataset_outputs,
+                          api_name="prepare_dataset", concurrency_limit=2)
+        for trigger_event in (mask_file.change, use_mask.change, mask_model.change):
+            trigger_event(dataset_step.on_dataset_change, dataset_inputs, dataset_outputs,
+                          api_name=False, concurrency_limit=2)
+
+        preset.change(settings_step.on_preset_change, preset, [rank, steps, learning_rate, save_every], api_name=False)
+        for box in (rank, steps, save_every, model):
+            box.change(settings_step.on_plan_change, [model, rank, steps, save_every], plan, api_name=False)
+        model.change(settings_step.model_notice, model, notice, api_name=False)
+
+        stream_outputs = [progress, loss_plot, gallery, checkpoints, train_btn, stop_btn]
+
+        def start(stored, dataset, caption_, trigger_, prompts_, preset_, rank_, steps_, lr_, every_, model_,
+                  request: gr.Request):
+            try:
+                message = controller.start(owner_id(stored, request), dataset, caption_, trigger_, prompts_,
+                                           preset_, rank_, steps_, lr_, every_, model_)
+            except UserError as err:
+                raise gr.Error(str(err), print_exception=False) from None
+            return message, gr.update(interactive=False), gr.update(interactive=True)
+
+        def follow(stored, request: gr.Request):
+            yield from controller.follow(owner_id(stored, request))
+
+        def stop(stored, request: gr.Request):
+            return controller.stop(owner_id(stored, request))
+
+        def init_owner(stored):
+            return stored or secrets.token_urlsafe(18)
+
+        train_btn.click(
+            start, [owner_state, dataset_state, caption, trigger, prompts, preset, rank, steps, learning_rate,
+                    save_every, model], [progress, train_btn, stop_btn], api_name="train", concurrency_limit=None,
+        ).success(follow, owner_state, stream_outputs, api_name="follow", concurrency_limit=None)
+        stop_btn.click(stop, owner_state, progress, api_name="stop", concurrency_limit=None)
+        # A reloaded page finds the browser's id in local storage and re-attaches to its job.
+        demo.load(init_owner, owner_state, owner_state, api_name=False).then(
+            follow, owner_state, stream_outputs, api_name=False, concurrency_limit=None)
+    return demo

@@ -1,0 +1,64 @@
+"""Steps 3-5 of the page: caption and trigger word, preset and overrides, base model."""
+from __future__ import annotations
+
+import os
+
+import gradio as gr
+
+from trainer.config import TrainingConfig, list_presets, load_preset
+from trainer.errors import UserError
+from trainer.estimates import plan_summary
+from trainer.models import FLUX_DEV, TINY_DEMO, TINY_DEMO_NOTICE, default_model
+
+DEFAULT_PROMPTS = "[trigger] as a watercolor painting\n[trigger] seen from the back, in a snowy forest"
+
+
+def preset_choices() -> list[tuple[str, str]]:
+    return [(f"{p.name} — {p.description}", p.name) for p in list_presets()]
+
+
+def on_preset_change(name: str):
+    """Fill the override boxes with the preset's values."""
+    cfg = load_preset(name).config()
+    return cfg.rank, cfg.steps, cfg.learning_rate, cfg.save_every
+
+
+def on_plan_change(model: str, rank, steps, save_every) -> str:
+    try:
+        cfg = TrainingConfig(rank=int(rank), steps=int(steps), save_every=int(save_every))
+    except (UserError, TypeError, ValueError) as err:
+        return f"❌ {err}"
+    return plan_summary(model_spec(model), cfg.rank, cfg.checkpoint_steps)
+
+
+def model_spec(choice: str) -> str:
+    return (choice or default_model()).strip()
+
+
+def model_notice(choice: str) -> str:
+    spec = model_spec(choice)
+    if spec == TINY_DEMO:
+        import torch
+
+        extra = "" if torch.cuda.is_available() else " No CUDA GPU was found, so it is the default here."
+        return f"ℹ️ {TINY_DEMO_NOTICE}{extra}"
+    token = "found in the environment (HF_TOKEN)" if os.environ.get("HF_TOKEN") else "not set"
+    lines = []
+    if spec == FLUX_DEV:
+        lines.append(f"FLUX.1-dev is gated: accept its license on huggingface.co, and give a token (HF_TOKEN). Token: **{token}**. "
+                     "It downloads about 34 GB once, and trains on a GPU with 24 GB or more.")
+    else:
+        lines.append(f"A Hub id or a local diffusers folder (with model_index.json). Hub token: **{token}**.")
+    import torch
+
+    if not torch.cuda.is_available():
+        lines.append("⚠️ No CUDA GPU was found: only tiny-demo can train here.")
+    return "  \n".join(lines)
+
+
+def model_choices() -> list[str]:
+    return [FLUX_DEV, TINY_DEMO]
+
+
+def prompt_lines(text: str) -> tuple[str, ...]:
+    return tuple(line.strip() for line in (text or "").splitlines() if line.strip())

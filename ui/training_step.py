@@ -1,0 +1,114 @@
+"""Step 6 of the page: Train / Stop, and the stream of progress, loss, previews and checkpoints.
+
+Train only *submits* a job (the worker thread owns it); ``follow`` then streams that job's events into
+the page. Because it reads the job's history from the start, a reloaded page re-attaches to a running
+job by calling ``follow`` again.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import time
+from pathlib import Path
+
+import gradio as gr
+import pandas as pd
+
+from trainer.config import load_preset
+from trainer.errors import UserError
+from trainer.jobs import JobManager
+from trainer.models import adjust_for_model
+from trainer.runs import RunFolder
+from ui.settings_step import model_spec, prompt_lines
+from ui.view import RunView
+
+MIN_UPDATE_INTERVAL = 0.4  # seconds between page updates while streaming; a 16 it/s CPU run would flood the socket
+
+
+def owner_folder(owner: str) -> str:
+    """A folder name for an owner that reveals nothing about the owner id itself."""
+    return hashlib.sha256(owner.encode()).hexdigest()[:20]
+
+
+class TrainingController:
+    def __init__(self, manager: JobManager, runs_root: Path):
+        self.manager = manager
+        self.runs_root = Path(runs_root)
+
+    def start(self, owner: str, dataset, caption: str, trigger: str, prompts: str, preset: str, rank, steps,
+              learning_rate, save_every, model: str) -> str:
+        """Create the run folder and queue the job. Returns a message for the page."""
+        if dataset is None:
+            raise UserError("Upload an image first (step 1).")
+        if not (caption or "").strip():
+            raise UserError("Write a caption first (step 3): describe everything in the image.")
+        if self.manager.active_for(owner) is not None:
+            raise UserError("A training job of yours is already running. Stop it first, or wait for it to finish.")
+        config = load_preset(preset).config(
+            caption=caption.strip(), trigger=(trigger or "").strip(), sample_prompts=prompt_lines(prompts),
+            rank=_whole(rank, "Rank"), steps=_whole(steps, "Steps"), save_every=_whole(save_every, "Save every"),
+            learning_rate=float(learning_rate), model=model_spec(model), masked=dataset.mask is not None)
+        config, _ = adjust_for_model(config)
+        run = RunFolder.create(self.runs_root / owner_folder(owner), config, dataset.image, dataset.mask)
+        try:
+            self.manager.submit(owner, run, token=os.environ.get("HF_TOKEN"))
+        except UserError:
+            shutil.rmtree(run.path, ignore_errors=True)
+            raise
+        return "Starting…"
+
+    def stop(self, owner: str) -> str:
+        job = self.manager.active_for(owner)
+        if job is None:
+            return "Nothing is running."
+        self.manager.stop(job.id, owner)
+        return "Stopping after the current step…"
+
+    def follow(self, owner: str):
+        """Yield page updates for the owner's latest job until it ends (or once, if there is none running)."""
+        job = self.manager.latest_for(owner)
+        view = RunView()
+        if job is None:
+            yield render(view)
+            return
+        index, last = 0, 0.0
+        while True:
+            new = job.wait_for_events(index, timeout=1.0)
+            for event in new:
+                view.apply(event)
+            index += len(new)
+            view.queue_position = self.manager.queue_position(job)
+            view.running = job.active
+            done = not job.active and index >= len(job.events)
+            wait = MIN_UPDATE_INTERVAL - (time.monotonic() - last)
+            if wait > 0 and not done:
+                time.sleep(wait)
+                continue
+            last = time.monotonic()
+            yield render(view)
+            if done:
+                return
+
+
+def render(view: RunView):
+    """RunView → updates for (progress, loss plot, gallery, checkpoint files, Train button, Stop button)."""
+    losses = pd.DataFrame(view.losses or [], columns=["step", "loss"])
+    return (
+        view.progress_markdown(),
+        losses,
+        [(path, label) for path, label in view.previews],
+        view.checkpoint_files or None,
+        gr.update(interactive=not view.running),
+        gr.update(interactive=view.running),
+    )
+
+
+def _whole(value, label: str) -> int:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{label} must be a whole number.") from None
+    if number != int(number):
+        raise UserError(f"{label} must be a whole number, got {value}.")
+    return int(number)

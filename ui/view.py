@@ -1,0 +1,88 @@
+"""What the training section of the page shows, computed from trainer events alone (no Gradio here).
+
+``RunView.apply(event)`` folds one event into the view; replaying a job's whole history into a fresh
+``RunView`` rebuilds the page exactly, which is how a reloaded tab re-attaches to a running job.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from trainer.events import (CheckpointSaved, Event, Failed, Finished, PreviewsRendered, Progress, Started,
+                            Status)
+
+
+@dataclass
+class RunView:
+    status: str = ""
+    step: int = 0
+    total_steps: int = 0
+    loss: float | None = None
+    steps_per_second: float = 0.0
+    eta_seconds: float = 0.0
+    train_size: tuple[int, int] | None = None
+    losses: list[tuple[int, float]] = field(default_factory=list)
+    previews: list[tuple[str, str]] = field(default_factory=list)  # (image path, label)
+    checkpoints: list[tuple[int, str, int]] = field(default_factory=list)  # (step, path, bytes)
+    running: bool = False
+    error: str = ""
+    queue_position: int = 0
+
+    def apply(self, event: Event) -> None:
+        if isinstance(event, Status):
+            self.running = True
+            self.status = event.message
+        elif isinstance(event, Started):
+            self.running = True
+            self.total_steps = event.total_steps
+            self.train_size = (event.train_width, event.train_height)
+            self.status = f"Training at {event.train_width}x{event.train_height}"
+        elif isinstance(event, Progress):
+            self.step, self.total_steps = event.step, event.total_steps
+            self.loss, self.steps_per_second, self.eta_seconds = event.loss, event.steps_per_second, event.eta_seconds
+            self.losses.append((event.step, event.loss))
+            self.status = "Training"
+        elif isinstance(event, CheckpointSaved):
+            self.checkpoints.append((event.step, str(event.path), event.size_bytes))
+        elif isinstance(event, PreviewsRendered):
+            name = "base model (step 0)" if event.step == 0 else f"step {event.step}"
+            for p in event.previews:
+                self.previews.append((str(p.path), f"{name} · {p.prompt}"))
+        elif isinstance(event, Finished):
+            self.running = False
+            saved = len(self.checkpoints)
+            if event.stopped:
+                self.status = f"Stopped at step {event.last_step}. {saved} checkpoint(s) kept."
+            else:
+                self.status = f"Finished: {event.last_step} steps, {saved} checkpoint(s)."
+        elif isinstance(event, Failed):
+            self.running = False
+            self.error = event.message
+            self.status = "Failed"
+
+    # ---- text for the page
+    def progress_markdown(self) -> str:
+        if self.queue_position > 0:
+            return f"**Queued**: position {self.queue_position}. It starts when the jobs ahead of it finish."
+        lines = [f"**{self.status}**" if self.status else ""]
+        if self.total_steps:
+            pct = 100 * self.step / self.total_steps
+            lines.append(f"Step **{self.step} / {self.total_steps}** ({pct:.0f}%)")
+            if self.loss is not None:
+                lines.append(f"loss {self.loss:.4f} · {self.steps_per_second:.2f} it/s · ETA {format_duration(self.eta_seconds)}")
+        if self.checkpoints:
+            total = sum(size for _, _, size in self.checkpoints)
+            lines.append(f"{len(self.checkpoints)} checkpoint(s) saved, {total / 1e6:.1f} MB in all")
+        if self.error:
+            lines.append(f"⚠️ {self.error}")
+        return "  \n".join(line for line in lines if line)
+
+    @property
+    def checkpoint_files(self) -> list[str]:
+        return [path for _, path, _ in self.checkpoints]
+
+
+def format_duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
