@@ -114,8 +114,10 @@ class TrainingConfig:
         """The training caption first (can it re-create the image?), then the user's prompts."""
         prompts = [self.training_caption]
         for p in self.sample_prompts:
+            if not p.strip():
+                continue
             p = self.with_trigger(p.strip())
-            if p and p not in prompts:
+            if p not in prompts:
                 prompts.append(p)
         return prompts
 

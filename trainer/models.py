@@ -105,8 +105,12 @@ def _download(repo_id: str, token: str | None) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub import errors as hub_errors
 
+    import os
+
     try:
-        path = snapshot_download(repo_id, token=token or None, allow_patterns=HUB_PATTERNS)
+        # HF_HUB_CACHE is read at call time (not import time) so a changed cache location is honoured.
+        path = snapshot_download(repo_id, token=token or None, allow_patterns=HUB_PATTERNS,
+                                 cache_dir=os.environ.get("HF_HUB_CACHE") or None)
     except hub_errors.GatedRepoError:
         if token:
             raise UserError(f"'{repo_id}' is a gated model and your Hugging Face token has no access to it. "
