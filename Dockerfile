@@ -1,0 +1,36 @@
+# One-image Flux LoRA trainer for a CUDA GPU host (a rented GPU, a local box).
+# Build:  docker build -t one-image-lora .
+# Run:    see README.md ("Docker on a rented GPU"): GPU, port, token, volumes, password.
+FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
+
+ENV DEBIAN_FRONTEND=noninteractive \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    HF_HOME=/home/app/.cache/huggingface \
+    LORA_DATA_DIR=/data \
+    U2NET_HOME=/opt/models/u2net \
+    LORA_APP_HOST=0.0.0.0 \
+    LORA_APP_PORT=7860 \
+    GRADIO_ANALYTICS_ENABLED=False
+
+# hadolint ignore=DL3008
+RUN apt-get update && apt-get install -y --no-install-recommends python3 python3-venv python3-pip curl ca-certificates \
+    && rm -rf /var/lib/apt/lists/*
+
+WORKDIR /app
+COPY requirements.txt ./
+RUN python3 -m venv /opt/venv && /opt/venv/bin/pip install --upgrade pip && /opt/venv/bin/pip install -r requirements.txt
+ENV PATH=/opt/venv/bin:$PATH
+
+COPY . .
+# The offline background-removal model is baked into the image: masking works without reaching any model host.
+RUN python scripts/fetch_offline_mask_model.py
+
+RUN useradd --create-home --uid 1000 app && mkdir -p /data /home/app/.cache/huggingface \
+    && chown -R app:app /data /home/app/.cache
+USER app
+VOLUME ["/data", "/home/app/.cache/huggingface"]
+EXPOSE 7860
+HEALTHCHECK --interval=30s --timeout=5s --start-period=120s CMD curl -fsS http://127.0.0.1:7860/ >/dev/null || exit 1
+# Listens on all interfaces inside the container, which app.py allows only with LORA_APP_USERNAME/PASSWORD set.
+CMD ["python", "app.py"]
