@@ -28,9 +28,9 @@ RUN python scripts/fetch_offline_mask_model.py
 
 RUN useradd --create-home --uid 1000 app && mkdir -p /data /home/app/.cache/huggingface \
     && chown -R app:app /data /home/app/.cache
-USER app
+USER 1000
 VOLUME ["/data", "/home/app/.cache/huggingface"]
 EXPOSE 7860
-HEALTHCHECK --interval=30s --timeout=5s --start-period=120s CMD curl -fsS http://127.0.0.1:7860/ >/dev/null || exit 1
+HEALTHCHECK --interval=30s --timeout=5s --start-period=120s CMD ["curl", "-fsS", "-o", "/dev/null", "http://127.0.0.1:7860/"]
 # Listens on all interfaces inside the container, which app.py allows only with LORA_APP_USERNAME/PASSWORD set.
 CMD ["python", "app.py"]

@@ -7,15 +7,17 @@ Hugging Face Space the persistent ``/data`` volume is used when it exists.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
+SPACE_VOLUME = Path("/data")  # a Space's persistent storage, when the owner has enabled it
 
-def data_dir() -> Path:
-    explicit = os.environ.get("LORA_DATA_DIR")
+
+def data_dir(environ: Mapping[str, str] = os.environ, space_volume: Path = SPACE_VOLUME) -> Path:
+    explicit = environ.get("LORA_DATA_DIR")
     if explicit:
         return Path(explicit).expanduser().resolve()
-    space_volume = Path("/data")
-    if os.environ.get("SPACE_ID") and space_volume.is_dir() and os.access(space_volume, os.W_OK):
+    if environ.get("SPACE_ID") and space_volume.is_dir() and os.access(space_volume, os.W_OK):
         return space_volume / "one-image-lora"
     return Path.home() / ".cache" / "one-image-lora"
 

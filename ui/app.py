@@ -15,6 +15,7 @@ from trainer.jobs import JobManager
 from trainer.masking import MASK_MODELS
 from trainer.models import default_model
 from ui import dataset_step, settings_step
+from ui.hosting import hosting_notices, on_space, owner_and_token
 from ui.training_step import TrainingController
 
 INTRO = """# One-image Flux LoRA
@@ -43,6 +44,10 @@ def build_app(manager: JobManager, runs_root: Path, state_secret: str | None = N
         owner_state = gr.BrowserState(None, storage_key="one-image-lora-owner", secret=state_secret)
         dataset_state = gr.State(None)
         gr.Markdown(INTRO)
+        if on_space():
+            gr.LoginButton()  # on a Space, jobs belong to the logged-in user and their token fetches the model
+        for warning in hosting_notices():
+            gr.Markdown(warning)
 
         gr.Markdown("## 1. Image")
         with gr.Row():
@@ -114,19 +119,23 @@ def build_app(manager: JobManager, runs_root: Path, state_secret: str | None = N
         stream_outputs = [progress, loss_plot, gallery, checkpoints, train_btn, stop_btn]
 
         def start(stored, dataset, caption_, trigger_, prompts_, preset_, rank_, steps_, lr_, every_, model_,
-                  request: gr.Request):
+                  request: gr.Request, profile: gr.OAuthProfile | None = None,
+                  oauth_token: gr.OAuthToken | None = None):
+            owner, token = owner_and_token(owner_id(stored, request), profile, oauth_token)
             try:
-                message = controller.start(owner_id(stored, request), dataset, caption_, trigger_, prompts_,
-                                           preset_, rank_, steps_, lr_, every_, model_)
+                message = controller.start(owner, dataset, caption_, trigger_, prompts_, preset_, rank_, steps_,
+                                           lr_, every_, model_, token=token)
             except UserError as err:
                 raise gr.Error(str(err), print_exception=False) from None
             return message, gr.update(interactive=False), gr.update(interactive=True)
 
-        def follow(stored, request: gr.Request):
-            yield from controller.follow(owner_id(stored, request))
+        def follow(stored, request: gr.Request, profile: gr.OAuthProfile | None = None):
+            owner, _ = owner_and_token(owner_id(stored, request), profile)
+            yield from controller.follow(owner)
 
-        def stop(stored, request: gr.Request):
-            return controller.stop(owner_id(stored, request))
+        def stop(stored, request: gr.Request, profile: gr.OAuthProfile | None = None):
+            owner, _ = owner_and_token(owner_id(stored, request), profile)
+            return controller.stop(owner)
 
         def init_owner(stored):
             return stored or secrets.token_urlsafe(18)

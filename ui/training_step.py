@@ -7,7 +7,6 @@ job by calling ``follow`` again.
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 import time
 from pathlib import Path
@@ -37,7 +36,7 @@ class TrainingController:
         self.runs_root = Path(runs_root)
 
     def start(self, owner: str, dataset, caption: str, trigger: str, prompts: str, preset: str, rank, steps,
-              learning_rate, save_every, model: str) -> str:
+              learning_rate, save_every, model: str, token: str | None = None) -> str:
         """Create the run folder and queue the job. Returns a message for the page."""
         if dataset is None:
             raise UserError("Upload an image first (step 1).")
@@ -52,7 +51,7 @@ class TrainingController:
         config, _ = adjust_for_model(config)
         run = RunFolder.create(self.runs_root / owner_folder(owner), config, dataset.image, dataset.mask)
         try:
-            self.manager.submit(owner, run, token=os.environ.get("HF_TOKEN"))
+            self.manager.submit(owner, run, token=token)
         except UserError:
             shutil.rmtree(run.path, ignore_errors=True)
             raise
