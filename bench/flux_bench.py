@@ -1,0 +1,665 @@
+#!/usr/bin/env python3
+"""Speed and memory of one Flux.1-dev LoRA training step, plain baseline vs this project, in one run.
+
+Builds the full-size FLUX.1-dev transformer with random bf16 weights directly on the GPU (same FLOPs and bytes
+as the real model; see shared/OFFLINE.md), a synthetic cached example (16-channel latent, 512 T5 tokens x 4096,
+pooled 768, a mask), and times:
+  baseline  the reference step (shared/reference/naive_flux_lora_step.py, LORA_FP32=1: fp32 LoRA under bf16
+            autocast, fused AdamW, no compile) for rank 16 and 4, 512 and 1024 px, with/without checkpointing;
+  project   ``trainer.loop.training_step`` + loss.item() + backward + clip + AdamW, exactly as ``train_lora``
+            runs it, for the same grid, first eager, then with the speed-ups (``--accel``):
+              compile    ``trainer.speed.accelerate_transformer`` (each block compiled in place)
+              graph      the whole step captured as two CUDA graphs (forward+backward | clip+AdamW) and replayed
+              compile+graph  both;
+  preview   one 20-step preview through ``trainer.sampling.PreviewRenderer`` with a real-config VAE (random
+            weights), eager and compiled;
+  tiers     which configurations fit under 24 / 16 / 12 GB (``torch.cuda.set_per_process_memory_fraction``).
+Each figure is the median of several CUDA-synchronised steps after warm-up. Rows are written to the JSON file
+after every case (a run cut short keeps what it measured); a short table is printed last.
+
+GPU:  python bench/flux_bench.py --out-dir bench/results --commit $(git rev-parse HEAD)
+CPU smoke test (tiny model, seconds):  python bench/flux_bench.py --tiny --out-dir /tmp/bench
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+from types import SimpleNamespace
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+# --- the reference script's model and LoRA targets (shared/reference/naive_flux_lora_step.py)
+DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+           num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+           guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+REF_TARGETS = ["attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj", "attn.add_q_proj",
+               "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
+               "ff_context.net.2", "proj_mlp", "proj_out"]
+# FLUX.1-dev's AutoencoderKL config (vae/config.json), random weights.
+FLUX_VAE = dict(in_channels=3, out_channels=3, block_out_channels=[128, 256, 512, 512],
+                down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+                layers_per_block=2, latent_channels=16, norm_num_groups=32, sample_size=1024, act_fn="silu",
+                use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.1159, scaling_factor=0.3611,
+                mid_block_add_attention=True, force_upcast=True)
+FLUX_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                      max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
+# CPU smoke-test sizes (shared/OFFLINE.md "Tiny Flux")
+TINY = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
+            num_attention_heads=4, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 4, 8),
+            guidance_embeds=True)
+TINY_VAE = dict(in_channels=3, out_channels=3, block_out_channels=[8, 16, 32, 32],
+                down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+                latent_channels=4, norm_num_groups=4, layers_per_block=1, sample_size=64,
+                use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035)
+GIB = 2 ** 30
+TIERS_GB = (24, 16, 12)
+
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.tiny = args.tiny
+        self.device = torch.device("cpu" if args.tiny else "cuda")
+        self.cuda = self.device.type == "cuda"
+        self.dtype = torch.float32 if args.tiny else torch.bfloat16
+        self.model_cfg = TINY if args.tiny else DEV
+        self.txt_len = 12 if args.tiny else 512
+        self.latent_ch = self.model_cfg["in_channels"] // 4
+        self.t0 = time.time()
+        self.rows: list[dict] = []
+        self.info: dict = {}
+        self.transformer = None
+        self.out_path: Path | None = None
+
+    # ---------------------------------------------------------------- plumbing
+    def left(self) -> float:
+        return self.args.budget_s - (time.time() - self.t0)
+
+    def sync(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def log(self, *a):
+        print(f"[{time.time() - self.t0:7.1f}s]", *a, flush=True)
+
+    def free(self):
+        gc.collect()
+        if self.cuda:
+            torch.cuda.empty_cache()
+
+    def reset_peak(self):
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+
+    def peaks(self) -> dict:
+        if not self.cuda:
+            return dict(peak_gib=None, reserved_gib=None)
+        return dict(peak_gib=round(torch.cuda.max_memory_allocated() / GIB, 2),
+                    reserved_gib=round(torch.cuda.max_memory_reserved() / GIB, 2))
+
+    def build_transformer(self):
+        from diffusers import FluxTransformer2DModel
+
+        if self.transformer is not None:
+            self.transformer = None
+            self.free()
+        t = time.time()
+        torch.manual_seed(0)
+        torch.set_default_dtype(self.dtype)
+        try:
+            with torch.device(self.device):
+                model = FluxTransformer2DModel(**self.model_cfg)
+        finally:
+            torch.set_default_dtype(torch.float32)
+        model.requires_grad_(False)
+        model.train()
+        self.transformer = model
+        n = sum(p.numel() for p in model.parameters())
+        mem = torch.cuda.memory_allocated() / GIB if self.cuda else 0.0
+        self.log(f"built transformer: {n / 1e9:.2f}B params in {time.time() - t:.1f}s; allocated {mem:.1f} GiB")
+        self.info.setdefault("transformer_params_B", round(n / 1e9, 3))
+        return model
+
+    def resolution_list(self):
+        return [64, 128] if self.tiny else self.args.resolutions
+
+    def example(self, res: int):
+        """Synthetic cached example, shaped exactly like ``encode_example``'s output."""
+        from trainer.data import EncodedExample, PromptEmbedding, latent_weights
+        from trainer.flow import latent_image_ids
+
+        g = torch.Generator().manual_seed(res)
+        h = w = res // 8
+        latents = torch.randn(1, self.latent_ch, h, w, generator=g).to(self.device, self.dtype)
+        mask = torch.zeros(1, 1, res, res)
+        mask[..., res // 8: res - res // 8, res // 4: res - res // 4] = 1.0  # a centered subject, ~56% of the frame
+        weights = latent_weights(mask, h, w, 0.0).to(self.device)
+        caption = PromptEmbedding(
+            prompt="a photo of sks",
+            embeds=torch.randn(1, self.txt_len, self.model_cfg["joint_attention_dim"], generator=g).to(self.device, self.dtype),
+            pooled=torch.randn(1, self.model_cfg["pooled_projection_dim"], generator=g).to(self.device, self.dtype),
+            text_ids=torch.zeros(self.txt_len, 3, device=self.device, dtype=self.dtype))
+        return EncodedExample(latents=latents, weights=weights, image_ids=latent_image_ids(h, w, self.device, self.dtype),
+                              caption=caption)
+
+    def timed(self, step, n: int, warmup: int, max_s: float) -> tuple[list[float], float]:
+        """Run ``warmup`` untimed steps (first one timed separately: compile/caching), then up to ``n`` timed."""
+        t = time.perf_counter()
+        step()
+        self.sync()
+        first = time.perf_counter() - t
+        for _ in range(max(0, warmup - 1)):
+            step()
+        self.sync()
+        times = []
+        start = time.perf_counter()
+        for i in range(n):
+            t = time.perf_counter()
+            step()
+            self.sync()
+            times.append(time.perf_counter() - t)
+            if i >= 4 and time.perf_counter() - start > max_s:
+                break
+        return times, first
+
+    def add_row(self, **row):
+        row = {k: v for k, v in row.items()}
+        self.rows.append(row)
+        keys = ("impl", "accel", "rank", "resolution", "checkpointing", "s_per_step", "peak_gib", "error")
+        self.log("ROW", {k: row.get(k) for k in keys if k in row})
+        self.write()
+
+    def write(self):
+        if self.out_path is None:
+            return
+        doc = dict(gpu=self.info.get("gpu"), commit=self.args.commit, date=self.info.get("date"), info=self.info,
+                   rows=self.rows)
+        tmp = self.out_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(doc, indent=1))
+        os.replace(tmp, self.out_path)
+
+    def case(self, fn, base: dict, est_s: float):
+        """Run one measurement; OOM and other failures become rows, never a crash."""
+        if self.left() < est_s:
+            self.add_row(**base, error=f"skipped: {self.left():.0f}s of the time budget left, needs ~{est_s:.0f}s")
+            return None
+        self.free()
+        self.reset_peak()
+        try:
+            extra = fn()
+            self.add_row(**base, **extra, **self.peaks(), tier=self.tier_of(self.peaks()))
+            return extra
+        except torch.OutOfMemoryError:
+            self.add_row(**base, error="OOM", **self.peaks())
+        except Exception as err:  # record and go on
+            self.log(traceback.format_exc(limit=8))
+            self.add_row(**base, error=f"{type(err).__name__}: {str(err)[:300]}")
+        finally:
+            self.free()
+        return None
+
+    @staticmethod
+    def tier_of(peaks: dict) -> str | None:
+        """Smallest card class the measured peak (reserved, +0.6 GiB CUDA context) fits; derived, not capped."""
+        r = peaks.get("reserved_gib")
+        if r is None:
+            return None
+        need = r + 0.6
+        for gb in sorted(TIERS_GB + (40, 48, 80)):
+            if need <= gb * 1e9 / GIB * 0.97:
+                return f"{gb}GB"
+        return ">80GB"
+
+    # ---------------------------------------------------------------- baseline (the reference script)
+    def baseline_inputs(self, res):
+        h = w = res // 16
+        img = torch.randn(1, h * w, self.model_cfg["in_channels"], device=self.device, dtype=self.dtype)
+        txt = torch.randn(1, self.txt_len, self.model_cfg["joint_attention_dim"], device=self.device, dtype=self.dtype)
+        pooled = torch.randn(1, self.model_cfg["pooled_projection_dim"], device=self.device, dtype=self.dtype)
+        ids = torch.zeros(h, w, 3)
+        ids[..., 1] += torch.arange(h)[:, None]
+        ids[..., 2] += torch.arange(w)[None, :]
+        img_ids = ids.reshape(-1, 3).to(self.device, self.dtype)
+        txt_ids = torch.zeros(self.txt_len, 3, device=self.device, dtype=self.dtype)
+        return img, txt, pooled, img_ids, txt_ids
+
+    def run_baseline(self, grid):
+        from peft import LoraConfig
+
+        model = self.build_transformer()
+        for rank in sorted({r for r, _, _ in grid}, reverse=True):
+            name = f"r{rank}"
+            model.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                                         target_modules=REF_TARGETS), adapter_name=name)
+            model.set_adapter(name)
+            params = [p for n, p in model.named_parameters() if name in n]
+            for p in params:
+                p.requires_grad_(True)
+                p.data = p.data.float()  # LORA_FP32=1
+            opt = torch.optim.AdamW(params, lr=1e-4, fused=self.cuda)
+            for r, res, ckpt in grid:
+                if r != rank:
+                    continue
+                x = self.baseline_inputs(res)
+
+                def step(x=x):
+                    img, txt, pooled, img_ids, txt_ids = x
+                    t = torch.rand(1, device=self.device, dtype=self.dtype)
+                    g = torch.full((1,), 1.0, device=self.device, dtype=self.dtype)
+                    with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cuda):
+                        out = model(hidden_states=img, encoder_hidden_states=txt, pooled_projections=pooled,
+                                    timestep=t, img_ids=img_ids, txt_ids=txt_ids, guidance=g, return_dict=False)[0]
+                    loss = (out.float() - img.float()).pow(2).mean()
+                    loss.backward()
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+
+                def measure(step=step, ckpt=ckpt):
+                    if ckpt:
+                        model.enable_gradient_checkpointing()
+                    else:
+                        model.disable_gradient_checkpointing()
+                    times, first = self.timed(step, self.args.steps, self.args.warmup, self.args.max_case_s)
+                    return self.summary(times, first)
+
+                base = dict(impl="baseline", accel="none", rank=rank, resolution=res, checkpointing=ckpt,
+                            lora_params_M=round(sum(p.numel() for p in params) / 1e6, 2))
+                self.case(measure, base, est_s=self.est(res, ckpt, eager=True))
+                x = None
+            model.disable_gradient_checkpointing()
+            opt.zero_grad(set_to_none=True)
+            model.delete_adapters(name)
+            del opt, params
+            self.free()
+        self.transformer = None
+        del model
+        self.free()
+
+    def est(self, res, ckpt, eager):
+        """Rough seconds a case needs (for the time budget): warm-up + timed steps at the expected rate."""
+        if self.tiny:
+            return 1.0
+        per = (0.5 if res <= 512 else 1.1) * (1.8 if ckpt else 1.0) * (1.0 if eager else 0.5)
+        return min(self.args.max_case_s, per * self.args.steps) + per * self.args.warmup + 3
+
+    @staticmethod
+    def summary(times, first):
+        return dict(s_per_step=round(statistics.median(times), 4), s_min=round(min(times), 4),
+                    s_max=round(max(times), 4), n_steps=len(times), first_step_s=round(first, 2))
+
+    # ---------------------------------------------------------------- the project's step
+    def project_setup(self, rank, res, ckpt):
+        from trainer import flow
+        from trainer.config import TrainingConfig
+        from trainer.lora import add_lora
+
+        model = self.transformer
+        cfg = TrainingConfig(rank=rank, resolution=res, gradient_checkpointing=ckpt, learning_rate=1e-4)
+        params = add_lora(model, cfg.rank, cfg.alpha, cfg.seed)
+        if cfg.gradient_checkpointing:
+            model.enable_gradient_checkpointing()
+        else:
+            model.disable_gradient_checkpointing()
+        model.train()
+        example = self.example(res)
+        h, w = example.latent_size
+        mu = flow.resolution_shift((h // 2) * (w // 2))  # FLUX.1-dev scheduler defaults
+        generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        return SimpleNamespace(cfg=cfg, params=params, example=example, mu=mu, generator=generator,
+                               lora_params_M=round(sum(p.numel() for p in params) / 1e6, 2))
+
+    def project_teardown(self, s):
+        from trainer.lora import remove_lora
+
+        for p in s.params:
+            p.grad = None
+        remove_lora(self.transformer)
+        self.transformer.disable_gradient_checkpointing()
+        s.__dict__.clear()
+        self.free()
+
+    def eager_step(self, s):
+        """``train_lora``'s loop body, verbatim in effect (loss.item() check, clip, fused AdamW, synchronise)."""
+        from trainer.loop import training_step
+
+        model, cfg = self.transformer, s.cfg
+        opt = torch.optim.AdamW(s.params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=self.cuda)
+        s.nonfinite = 0
+
+        def step():
+            loss = training_step(model, s.example, cfg, s.generator, s.mu, True)
+            value = loss.item()
+            if not math.isfinite(value):
+                s.nonfinite += 1
+                opt.zero_grad(set_to_none=True)
+                return
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(s.params, cfg.max_grad_norm)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if self.cuda:
+                torch.cuda.synchronize()
+        s.opt = opt
+        return step
+
+    def graphed_step(self, s):
+        """The same step captured as CUDA graphs: [forward + loss + backward] then, if the loss is finite,
+        [clip + AdamW]. The example never changes and the noise comes from the registered generator, so
+        replaying is the whole step. Bench-only for now (see RESULTS.md)."""
+        from trainer.loop import training_step
+
+        model, cfg = self.transformer, s.cfg
+        opt = torch.optim.AdamW(s.params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=True,
+                                capturable=True)
+
+        def full():
+            loss = training_step(model, s.example, cfg, s.generator, s.mu, True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(s.params, cfg.max_grad_norm)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        t = time.perf_counter()
+        with torch.cuda.stream(side):
+            for _ in range(3):  # warm-up (and compile, when blocks are compiled) outside the capture
+                full()
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        warm = time.perf_counter() - t
+        t = time.perf_counter()
+        g1, g2 = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+        g1.register_generator_state(s.generator)
+        opt.zero_grad(set_to_none=True)
+        with torch.cuda.graph(g1):
+            static_loss = training_step(model, s.example, cfg, s.generator, s.mu, True)
+            static_loss.backward()
+        with torch.cuda.graph(g2, pool=g1.pool()):
+            torch.nn.utils.clip_grad_norm_(s.params, cfg.max_grad_norm)
+            opt.step()
+        torch.cuda.synchronize()
+        s.capture_s = time.perf_counter() - t
+        s.warm_s = warm
+        s.graphs = (g1, g2)
+        s.opt = opt
+        s.nonfinite = 0
+
+        def step():
+            g1.replay()
+            if math.isfinite(static_loss.item()):
+                g2.replay()
+            else:
+                s.nonfinite += 1
+            torch.cuda.synchronize()
+        return step
+
+    def run_project(self, grid, accel: str):
+        if self.transformer is None:
+            self.build_transformer()
+        for rank, res, ckpt in grid:
+            base = dict(impl="project", accel=accel, rank=rank, resolution=res, checkpointing=ckpt)
+            holder = {}
+
+            def measure(rank=rank, res=res, ckpt=ckpt):
+                s = holder["s"] = self.project_setup(rank, res, ckpt)
+                extra = dict(lora_params_M=s.lora_params_M)
+                step = self.graphed_step(s) if "graph" in accel else self.eager_step(s)
+                if "graph" in accel:
+                    extra.update(warmup_s=round(s.warm_s, 2), capture_s=round(s.capture_s, 2))
+                times, first = self.timed(step, self.args.steps, self.args.warmup, self.args.max_case_s)
+                extra.update(self.summary(times, first), nonfinite_losses=s.nonfinite)
+                return extra
+
+            est = self.est(res, ckpt, eager=accel == "none")
+            if "compile" in accel and (rank, res) not in self.compiled_shapes:
+                est += 60
+            out = self.case(measure, base, est_s=est)
+            if out is not None and "compile" in accel:
+                self.compiled_shapes.add((rank, res))
+            if "s" in holder:
+                s = holder.pop("s")
+                s.__dict__.pop("graphs", None)
+                s.__dict__.pop("opt", None)
+                self.project_teardown(s)
+
+    # ---------------------------------------------------------------- preview
+    def run_preview(self, accel: str, n: int = 3):
+        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
+
+        from trainer.data import PromptEmbedding
+        from trainer.sampling import PreviewRenderer
+
+        if self.transformer is None:
+            self.build_transformer()
+        res = 64 if self.tiny else 512
+        steps = 4 if self.tiny else self.args.preview_steps
+        base = dict(impl="project", accel=accel, kind="preview", rank=16 if not self.tiny else 4, resolution=res,
+                    checkpointing=False, preview_steps=steps)
+
+        def measure():
+            s = self.project_setup(base["rank"], res, False)  # the LoRA is attached during previews
+            torch.manual_seed(0)
+            torch.set_default_dtype(self.dtype)
+            try:
+                with torch.device(self.device):
+                    vae = AutoencoderKL(**(TINY_VAE if self.tiny else FLUX_VAE))
+            finally:
+                torch.set_default_dtype(torch.float32)
+            vae.requires_grad_(False).eval()
+            parts = SimpleNamespace(scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER), vae=vae,
+                                    transformer=self.transformer, device=self.device, dtype=self.dtype)
+            prompt = s.example.caption
+            renderer = PreviewRenderer(parts, {prompt.prompt: prompt})
+            times = []
+            t = time.perf_counter()
+            img = renderer.render(prompt.prompt, 1, res, res, steps, 3.5)
+            self.sync()
+            first = time.perf_counter() - t
+            for _ in range(n):
+                t = time.perf_counter()
+                img = renderer.render(prompt.prompt, 1, res, res, steps, 3.5)
+                self.sync()
+                times.append(time.perf_counter() - t)
+            # The VAE decode alone (part of each preview above).
+            lat = torch.randn(1, vae.config.latent_channels, res // 8, res // 8, device=self.device, dtype=self.dtype)
+            with torch.no_grad():
+                vae.decode(lat).sample
+                self.sync()
+                t = time.perf_counter()
+                vae.decode(lat).sample
+                self.sync()
+                decode = time.perf_counter() - t
+            assert img is not None and img.size == (res, res), img
+            self.transformer.train()
+            self.project_teardown(s)
+            del vae, renderer, parts
+            return dict(s_per_image=round(statistics.median(times), 3), first_image_s=round(first, 2),
+                        vae_decode_s=round(decode, 3), n_images=len(times))
+
+        self.case(measure, base, est_s=15 if accel == "none" else 60)
+
+    # ---------------------------------------------------------------- memory tiers
+    def run_tiers(self, grid, accel):
+        """Actual capped runs: does the configuration fit (2 steps) under a card of ``gb`` GB?"""
+        if not self.cuda:
+            return
+        if self.transformer is None:
+            self.build_transformer()
+        total = torch.cuda.get_device_properties(0).total_memory
+        for gb in TIERS_GB:
+            for rank, res, ckpt in grid:
+                base = dict(impl="project", accel=accel, kind="tier", tier_cap_gb=gb, rank=rank, resolution=res,
+                            checkpointing=ckpt)
+                if self.left() < 20:
+                    self.add_row(**base, error="skipped: time budget")
+                    continue
+                torch.cuda.set_per_process_memory_fraction(min(1.0, gb * 1e9 / total))
+                s = None
+                try:
+                    self.free()
+                    self.reset_peak()
+                    s = self.project_setup(rank, res, ckpt)
+                    step = self.eager_step(s)
+                    step()
+                    step()
+                    self.add_row(**base, fits=True, **self.peaks())
+                except torch.OutOfMemoryError:
+                    self.add_row(**base, fits=False, error="OOM", **self.peaks())
+                finally:
+                    if s is not None:
+                        s.__dict__.pop("opt", None)
+                        self.project_teardown(s)
+                    torch.cuda.set_per_process_memory_fraction(1.0)
+                    self.free()
+
+    # ---------------------------------------------------------------- driver
+    def run(self):
+        a = self.args
+        if self.cuda:
+            torch.backends.cuda.enable_cudnn_sdp(False)  # cuDNN attention backward failed at Flux size on this image
+        import diffusers
+        import peft
+
+        gpu = torch.cuda.get_device_name(0) if self.cuda else "cpu"
+        self.info.update(gpu=gpu, date=datetime.date.today().isoformat(), torch=torch.__version__,
+                         diffusers=diffusers.__version__, peft=peft.__version__, python=platform.python_version(),
+                         tiny=self.tiny, steps=a.steps, warmup=a.warmup, phases=a.phases, accel=a.accel,
+                         cudnn_sdp=False if self.cuda else None, git_here=_git_head())
+        if self.cuda:
+            p = torch.cuda.get_device_properties(0)
+            self.info.update(gpu_total_gib=round(p.total_memory / GIB, 1), sm_count=p.multi_processor_count)
+        slug = "cpu-tiny" if self.tiny else _slug(gpu)
+        out_dir = Path(a.out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.out_path = out_dir / f"{self.info['date']}-{slug}{a.tag}.json"
+        self.log("info", json.dumps(self.info))
+        self.compiled_shapes: set = set()
+
+        ranks = a.ranks
+        resolutions = self.resolution_list()
+        ckpts = [False, True]
+        full_grid = [(r, res, c) for res in resolutions for r in ranks for c in ckpts]
+        main = [g for g in full_grid if g[1] == resolutions[0]] + [g for g in full_grid if g[1] != resolutions[0]]
+        phases = a.phases.split(",")
+        if "baseline" in phases:
+            self.run_baseline(main)
+        if "project" in phases:
+            self.run_project(main, "none")
+        if "preview" in phases:
+            self.run_preview("none")
+        head = (ranks[0], resolutions[0], False)
+        if "graph" in phases and self.cuda:
+            self.run_project([head], "graph")
+        if "compile" in phases:
+            from trainer.speed import accelerate_transformer
+
+            if self.transformer is None:
+                self.build_transformer()
+            kwargs = dict(force=self.tiny)
+            if self.tiny:
+                kwargs["backend"] = a.tiny_backend
+            if a.compile_mode:
+                kwargs["mode"] = a.compile_mode
+            done = accelerate_transformer(self.transformer, self.device, **kwargs)
+            self.info["compiled"] = done
+            self.log("accelerate_transformer ->", done)
+            first = [(ranks[0], resolutions[0], False), (ranks[0], resolutions[0], True)]
+            self.run_project(first, "compile")
+            if "graph" in phases and self.cuda:
+                self.run_project([head], "compile+graph")
+            if "preview" in phases:
+                self.run_preview("compile")
+            rest = [g for g in main if g not in first]
+            self.run_project(rest, "compile")
+        if "tiers" in phases:
+            tier_grid = [(4, resolutions[0], True), (16, resolutions[0], True), (16, resolutions[0], False)]
+            from trainer.speed import is_accelerated
+
+            self.run_tiers(tier_grid, "compile" if self.transformer is not None and is_accelerated(self.transformer) else "none")
+        self.write()
+        self.log("wrote", self.out_path)
+        print_table(self.rows, self.info, a.commit)
+
+
+def print_table(rows, info, commit):
+    print(f"\n{info.get('gpu')}  commit {commit or '?'}  {info.get('date')}  torch {info.get('torch')} "
+          f"diffusers {info.get('diffusers')} peft {info.get('peft')}")
+    print(f"{'impl':8} {'accel':14} {'rank':>4} {'res':>5} {'ckpt':>5} {'s/step':>8} {'peak GiB':>9} {'tier':>6}  note")
+    for r in rows:
+        if r.get("kind") == "tier":
+            continue
+        val = r.get("s_per_step", r.get("s_per_image"))
+        note = r.get("error") or ""
+        if r.get("kind") == "preview":
+            note = f"preview {r.get('preview_steps')} steps, s/image; VAE decode {r.get('vae_decode_s')} s " + note
+        if r.get("first_step_s") is not None and "compile" in r.get("accel", ""):
+            note += f" first step {r['first_step_s']} s"
+        if r.get("capture_s") is not None:
+            note += f" capture {r['capture_s']} s"
+        v = f"{val:8.3f}" if isinstance(val, (int, float)) else f"{'-':>8}"
+        p = r.get("peak_gib")
+        p = f"{p:9.1f}" if isinstance(p, (int, float)) else f"{'-':>9}"
+        print(f"{r['impl']:8} {r.get('accel', ''):14} {r['rank']:>4} {r['resolution']:>5} {str(r['checkpointing']):>5} "
+              f"{v} {p} {str(r.get('tier') or ''):>6}  {note.strip()}")
+    tiers = [r for r in rows if r.get("kind") == "tier"]
+    if tiers:
+        print("memory caps (set_per_process_memory_fraction):")
+        for r in tiers:
+            print(f"  {r['tier_cap_gb']} GB  rank {r['rank']} {r['resolution']} px ckpt={r['checkpointing']}: "
+                  f"{'fits' if r.get('fits') else 'does not fit'} (peak {r.get('peak_gib')} GiB)")
+
+
+def _slug(name: str) -> str:
+    n = name.lower()
+    for key in ("h100", "h200", "a100", "l40s", "4090", "3090"):
+        if key in n:
+            return key
+    return "".join(c if c.isalnum() else "-" for c in n).strip("-")[:24] or "gpu"
+
+
+def _git_head() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=10).stdout.strip() or None
+    except Exception:
+        return None
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tiny", action="store_true", help="CPU smoke test with the tiny Flux")
+    p.add_argument("--out-dir", default=str(ROOT / "bench" / "results"))
+    p.add_argument("--tag", default="", help="suffix for the JSON file name")
+    p.add_argument("--commit", default=os.environ.get("BENCH_COMMIT") or _git_head())
+    p.add_argument("--phases", default="baseline,project,preview,graph,compile,tiers")
+    p.add_argument("--accel", default="compile,graph")
+    p.add_argument("--ranks", type=int, nargs="+", default=[16, 4])
+    p.add_argument("--resolutions", type=int, nargs="+", default=[512, 1024])
+    p.add_argument("--steps", type=int, default=12, help="timed steps per case (fewer if a case runs past --max-case-s)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--max-case-s", type=float, default=12.0)
+    p.add_argument("--preview-steps", type=int, default=20)
+    p.add_argument("--budget-s", type=float, default=540.0, help="skip cases that would not finish within this")
+    p.add_argument("--compile-mode", default=None)
+    p.add_argument("--tiny-backend", default="aot_eager", help="torch.compile backend for the CPU smoke test")
+    args = p.parse_args(argv)
+    Bench(args).run()
+
+
+if __name__ == "__main__":
+    main()
