@@ -3,6 +3,7 @@
     python -m trainer train --image PATH --caption TEXT --output DIR [options]
     python -m trainer mask IMAGE --output OUT.png
     python -m trainer presets
+    python -m trainer export CHECKPOINT --format kohya|diffusers --output FILE
 
 A problem the user can fix prints one line on stderr and exits with status 2; no traceback.
 """
@@ -48,6 +49,12 @@ def _parser() -> argparse.ArgumentParser:
     mask.add_argument("--model", default="u2netp", help="background-removal model (u2netp works offline)")
 
     sub.add_parser("presets", help="list presets and their settings")
+
+    export = sub.add_parser("export", help="write a checkpoint in the kohya/ComfyUI or diffusers layout")
+    export.add_argument("checkpoint", type=Path, help="a checkpoint .safetensors from a run folder")
+    export.add_argument("--format", required=True, choices=("kohya", "diffusers"),
+                        help="kohya: ComfyUI, Forge, sd-scripts; diffusers: FluxPipeline.load_lora_weights")
+    export.add_argument("--output", required=True, type=Path, help="the .safetensors file to write")
     return parser
 
 
@@ -59,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
             return _presets()
         if args.command == "mask":
             return _mask(args)
+        if args.command == "export":
+            return _export(args)
         return _train(args)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -85,6 +94,13 @@ def _mask(args) -> int:
     out = cut_out(image, model=args.model)
     _write_png(out, args.output)
     print(args.output)
+    return 0
+
+
+def _export(args) -> int:
+    from trainer.export import export_lora
+
+    print(export_lora(args.checkpoint, args.format, args.output))
     return 0
 
 
