@@ -4,6 +4,7 @@
     python -m trainer mask IMAGE --output OUT.png
     python -m trainer presets
     python -m trainer export CHECKPOINT --format kohya|diffusers --output FILE
+    python -m trainer grid RUN_DIR --seeds 1,2 --weights 0.5,1.0 [--prompt TEXT]... --output grid.png
 
 A problem the user can fix prints one line on stderr and exits with status 2; no traceback.
 """
@@ -55,6 +56,21 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--format", required=True, choices=("kohya", "diffusers"),
                         help="kohya: ComfyUI, Forge, sd-scripts; diffusers: FluxPipeline.load_lora_weights")
     export.add_argument("--output", required=True, type=Path, help="the .safetensors file to write")
+
+    grid = sub.add_parser("grid", help="checkpoint x seed comparison grid (base model first), one PNG per prompt")
+    grid.add_argument("run", type=Path, help="a run folder (holds run.json)")
+    grid.add_argument("--seeds", default="1,2", help="rows, e.g. 1,2,3,4 (default 1,2)")
+    grid.add_argument("--weights", default="1.0", help="LoRA weights, e.g. 0.5,1.0 (each a row per seed)")
+    grid.add_argument("--prompt", action="append", default=[], help="prompt (repeatable; [trigger] is replaced); "
+                      "default: the run's preview prompts")
+    grid.add_argument("--suggested", action="store_true", help="add the suggested test prompts (caption, a colour "
+                      "change, back view, other clothes, watercolor, short / medium / long)")
+    grid.add_argument("--checkpoints", help="checkpoint steps to show, e.g. 250,500 (default: all)")
+    grid.add_argument("--size", help="WIDTHxHEIGHT of each image (default: the training size)")
+    grid.add_argument("--sample-steps", type=int, help="denoising steps (default: the run's preview steps)")
+    grid.add_argument("--cell-size", type=int, help="scale cells in the PNG to this many pixels (default: full size)")
+    grid.add_argument("--output", required=True, type=Path,
+                      help="grid.png; several prompts write grid-1.png, grid-2.png, ...")
     return parser
 
 
@@ -68,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
             return _mask(args)
         if args.command == "export":
             return _export(args)
+        if args.command == "grid":
+            return _grid(args)
         return _train(args)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -102,6 +120,52 @@ def _export(args) -> int:
 
     print(export_lora(args.checkpoint, args.format, args.output))
     return 0
+
+
+def _grid(args) -> int:
+    from trainer.grid import GridImages, GridSpec, output_paths, parse_numbers, plan_grid, render_grid, suggest_prompts
+    from trainer.inference import LoraPipeline, base_model_folder
+
+    run = _open_run(args.run)
+    prompts = list(args.prompt) or list(run.config.preview_prompts)
+    if args.suggested:
+        prompts += [s.text for s in suggest_prompts(run.config)]
+    width = height = None
+    if args.size:
+        try:
+            width, height = (int(v) for v in args.size.lower().split("x"))
+        except ValueError:
+            raise UserError(f"--size must look like 512x512, got '{args.size}'.") from None
+    spec = GridSpec(prompts=tuple(prompts), seeds=parse_numbers(args.seeds, int, "seeds"),
+                    weights=parse_numbers(args.weights, float, "LoRA weights"),
+                    steps=parse_numbers(args.checkpoints, int, "checkpoint steps") if args.checkpoints else None,
+                    width=width, height=height, sample_steps=args.sample_steps)
+    plan = plan_grid(run, spec)
+    progress = _ProgressLine()
+    progress.message(f"{len(plan.prompts)} prompt(s) x {len(plan.rows)} row(s) x {len(plan.columns)} column(s) "
+                     f"at {plan.settings.width}x{plan.settings.height}; loading the base model")
+    engine = LoraPipeline.load(base_model_folder(run, os.environ.get("HF_TOKEN")))
+    grids = GridImages(plan, cell_size=args.cell_size)
+    paths = output_paths(args.output, len(plan.prompts))
+    for row in render_grid(engine, plan):
+        grids.add(row)
+        progress.message(f"prompt {row.prompt_index + 1}/{len(plan.prompts)}, row {row.row_index + 1}/"
+                         f"{len(plan.rows)}: {row.done_cells}/{row.total_cells} images")
+        if row.row_index == len(plan.rows) - 1:
+            _write_png(grids.compose(row.prompt_index)[0], paths[row.prompt_index])
+            print(paths[row.prompt_index])
+    return 0
+
+
+def _open_run(path: Path):
+    from trainer.runs import MANIFEST, RunFolder
+
+    if not (Path(path) / MANIFEST).is_file():
+        raise UserError(f"'{path}' is not a run folder: it has no {MANIFEST}.")
+    try:
+        return RunFolder.open(path)
+    except (ValueError, KeyError) as err:
+        raise UserError(f"The run's {MANIFEST} in '{path}' could not be read ({err}).") from None
 
 
 def _train(args) -> int:

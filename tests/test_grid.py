@@ -1,0 +1,254 @@
+"""The comparison grid: it reproduces what training previewed, swaps LoRAs on one pipeline, labels its axes.
+
+The run used here is built by hand from the trainer's own pieces (``add_lora``, ``save_lora``, ``PreviewRenderer``)
+with strong random LoRA weights, so every checkpoint visibly changes the image: a grid that loaded the wrong
+checkpoint, the wrong weight, or no LoRA at all cannot match the previews.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from trainer import cli
+from trainer.config import TrainingConfig
+from trainer.errors import UserError
+from trainer.grid import (GridImages, GridSpec, compose_grid, output_paths, parse_numbers, plan_grid, render_grid,
+                          suggest_prompts)
+from trainer.inference import LoraPipeline, RenderSettings
+from trainer.runs import RunFolder
+
+sys.path.insert(0, str(Path(__file__).parent))
+from conftest import subject_image  # noqa: E402
+
+CPU = torch.device("cpu")
+
+
+def make_run(root: Path, steps=(2, 4), strength: float = 0.5) -> RunFolder:
+    """A finished tiny-demo run: checkpoints at ``steps`` with random LoRAs, previews drawn by the training path."""
+    from trainer.data import encode_prompts, training_size
+    from trainer.lora import add_lora, save_lora
+    from trainer.models import load_parts, resolve_model
+    from trainer.sampling import PreviewRenderer
+
+    cfg = TrainingConfig(caption="a photo of [trigger] with red hair", trigger="ohwx", model="tiny-demo", rank=4,
+                         steps=max(steps), save_every=min(steps), resolution=64, preview_steps=2,
+                         sample_prompts=("[trigger] as a watercolor painting",))
+    image, mask = subject_image()
+    run = RunFolder.create_at(root, cfg, image, mask)
+    folder = resolve_model("tiny-demo")
+    run.model_path = str(folder)
+    run.train_size = training_size(image.width, image.height, cfg.resolution)
+    parts = load_parts(folder, CPU, torch.float32)
+    renderer = PreviewRenderer(parts, encode_prompts(parts, cfg.preview_prompts, cfg.max_text_tokens))
+
+    def previews(step):
+        out = []
+        for i, prompt in enumerate(cfg.preview_prompts):
+            path = run.preview_path(step, i)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            renderer.render(prompt, cfg.preview_seed, *run.train_size, cfg.preview_steps, cfg.preview_guidance).save(path)
+            out.append({"path": path, "prompt": prompt, "seed": cfg.preview_seed})
+        run.record_previews(step, out)
+
+    previews(0)
+    add_lora(parts.transformer, cfg.rank, cfg.alpha, cfg.seed)
+    gen = torch.Generator().manual_seed(7)
+    for step in steps:
+        with torch.no_grad():
+            for name, p in parts.transformer.named_parameters():
+                if ".lora_" in name:
+                    p.copy_(torch.randn(p.shape, generator=gen) * strength)
+        path = run.checkpoint_path(step)
+        save_lora(parts.transformer, path, extra_metadata={"step": str(step), "base_model": "tiny-demo"})
+        run.record_checkpoint(step, path)
+        previews(step)
+    run.set_status("finished")
+    return run
+
+
+@pytest.fixture(scope="module")
+def built_run(tmp_path_factory, tiny_model_dir):
+    import os
+
+    # The module fixture runs before the autouse data-dir fixture: point the tiny demo at the session model.
+    old = os.environ.get("LORA_DATA_DIR")
+    data = tmp_path_factory.mktemp("griddata")
+    (data / "models").mkdir()
+    (data / "models" / "tiny-demo").symlink_to(tiny_model_dir, target_is_directory=True)
+    os.environ["LORA_DATA_DIR"] = str(data)
+    try:
+        return make_run(tmp_path_factory.mktemp("runs") / "run")
+    finally:
+        if old is None:
+            os.environ.pop("LORA_DATA_DIR", None)
+        else:
+            os.environ["LORA_DATA_DIR"] = old
+
+
+@pytest.fixture(scope="module")
+def engine(built_run):
+    return LoraPipeline.load(Path(built_run.model_path), CPU, torch.float32)
+
+
+def _pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+# ---------------------------------------------------------------- rendering
+
+def test_grid_reproduces_the_training_previews(built_run, engine):
+    run = built_run
+    cfg = run.config
+    plan = plan_grid(run, GridSpec(prompts=(cfg.caption,), seeds=(cfg.preview_seed,), weights=(1.0, 0.5)))
+    assert [c.label for c in plan.columns] == ["base model", "step 2", "step 4"]
+    assert plan.prompts == (cfg.training_caption,)  # [trigger] filled in
+    rows = list(render_grid(engine, plan))
+    assert [(r.prompt_index, r.row_index) for r in rows] == [(0, 0), (0, 1)]
+    full, half = rows[0].images, rows[1].images
+
+    def preview(step):
+        entries = run.base_previews if step == 0 else next(c for c in run.checkpoints if c["step"] == step)["previews"]
+        return _pixels(Image.open(run.path / entries[0]["path"]))
+
+    for col, step in enumerate((0, 2, 4)):
+        diff = np.abs(_pixels(full[col]) - preview(step)).max()
+        assert diff <= 1, f"column {col} (step {step}) differs from the training preview by {diff}"
+    # The LoRA matters, and the weight matters: otherwise the comparison above proves nothing.
+    assert np.abs(preview(2) - preview(0)).mean() > 5 and np.abs(preview(4) - preview(2)).mean() > 5
+    assert np.abs(_pixels(half[1]) - _pixels(full[1])).mean() > 2
+    assert np.abs(_pixels(half[1]) - _pixels(full[0])).mean() > 2
+    assert half[0] is full[0]  # the base image of a seed is drawn once and reused for every weight
+
+
+def test_render_grid_loads_prompts_once_and_streams_progress(built_run, engine, monkeypatch):
+    calls = []
+    original = engine.render
+    monkeypatch.setattr(engine, "render", lambda prompt, seed, settings, lora=None, weight=1.0: (
+        calls.append((prompt, seed, lora, weight)) or original(prompt, seed, settings, lora, weight)))
+    encoded = []
+    real_embed = engine.embed
+    monkeypatch.setattr(engine, "embed", lambda prompts, n: encoded.append(list(prompts)) or real_embed(prompts, n))
+    plan = plan_grid(built_run, GridSpec(prompts=("[trigger] smiling", "[trigger] as a statue"), seeds=(1, 2),
+                                         weights=(1.0,), steps=(4,), sample_steps=1))
+    rows = list(render_grid(engine, plan))
+    assert [r.done_cells for r in rows] == [2, 4, 6, 8] and rows[-1].total_cells == 8
+    assert encoded[0] == ["ohwx smiling", "ohwx as a statue"]
+    assert sum(1 for c in calls if c[2] is None) == 4  # base: once per prompt and seed
+    assert {Path(c[2]).name for c in calls if c[2] is not None} == {"lora-000004.safetensors"}
+
+
+def test_stop_ends_the_grid_early(built_run, engine):
+    plan = plan_grid(built_run, GridSpec(prompts=("x",), seeds=(1, 2, 3), sample_steps=1))
+    checks = []
+
+    def should_stop():  # let the first row's three cells through, then stop
+        checks.append(1)
+        return len(checks) > len(plan.columns)
+
+    rows = list(render_grid(engine, plan, should_stop=should_stop))
+    assert len(rows) == 1
+
+
+def test_plan_errors_are_sentences(built_run):
+    with pytest.raises(UserError, match="No checkpoint at step 3"):
+        plan_grid(built_run, GridSpec(prompts=("x",), steps=(3,)))
+    with pytest.raises(UserError):
+        GridSpec(prompts=("x",), weights=(3.0,))
+    with pytest.raises(UserError):
+        RenderSettings(width=100, height=64, steps=2, guidance=1.0)
+    with pytest.raises(UserError, match="seeds"):
+        parse_numbers("1, two", int, "seeds")
+    assert parse_numbers("1, 2 3", int) == (1, 2, 3)
+
+
+# ---------------------------------------------------------------- the image
+
+def test_compose_grid_places_cells_and_labels():
+    colours = [[(255, 0, 0), (0, 255, 0), (0, 0, 255)], [(255, 255, 0), (0, 255, 255), (255, 0, 255)]]
+    images = [[Image.new("RGB", (64, 48), c) for c in row] for row in colours]
+    images[1][2] = None  # not drawn yet
+    canvas, layout = compose_grid(images, ["base model", "step 250", "step 500"], ["seed 1", "seed 2"],
+                                  title="a photo of ohwx")
+    assert layout.n_rows == 2 and layout.n_cols == 3 and layout.left > 0 and layout.top > 0
+    for r in range(2):
+        for c in range(3):
+            x0, y0, x1, y1 = layout.cell_box(r, c)
+            centre = canvas.getpixel(((x0 + x1) // 2, (y0 + y1) // 2))
+            expected = (225, 225, 225) if (r, c) == (1, 2) else colours[r][c]
+            assert centre == expected
+            assert layout.cell_at((x0 + x1) / 2, (y0 + y1) / 2) == (r, c)
+    assert layout.cell_at(2, 2) is None  # the title corner
+    assert layout.cell_at(layout.left - 1, layout.top + 5) is None  # the row-label band
+    # Labels are drawn: dark text in the column-label band above each column and in the row-label band.
+    pixels = np.asarray(canvas.convert("L"))
+    for c in range(3):
+        x0, y0, x1, _ = layout.cell_box(0, c)
+        assert (pixels[layout.labels_top:y0, x0:x1] < 100).any(), f"no label above column {c}"
+    _, y0, _, y1 = layout.cell_box(1, 0)
+    assert (pixels[y0:y1, :layout.left] < 100).any()
+    assert (pixels[:layout.labels_top, :] < 100).any()  # the title
+
+
+def test_grid_images_fill_in_rows_and_map_clicks(built_run):
+    plan = plan_grid(built_run, GridSpec(prompts=("p1", "p2"), seeds=(1, 2), weights=(0.5, 1.0)))
+    grids = GridImages(plan, cell_size=32)
+    from trainer.grid import RowRendered
+
+    red = Image.new("RGB", (48, 64), (255, 0, 0))
+    grids.add(RowRendered(1, 3, (red, red, red), 3, plan.cells))
+    image, layout = grids.compose(1)
+    assert layout.cell_height == 32 and layout.n_rows == 4  # seeds x weights
+    x0, y0, x1, y1 = layout.cell_box(3, 2)
+    assert image.getpixel(((x0 + x1) // 2, (y0 + y1) // 2))[0] > 200
+    cell = grids.cell(1, 3, 2)
+    assert cell["seed"] == 2 and cell["weight"] == 1.0 and cell["step"] == 4 and cell["prompt"] == "p2"
+    assert grids.cell(0, 0, 0)["checkpoint"] is None
+
+
+def test_output_paths():
+    assert output_paths(Path("out/grid.png"), 1) == [Path("out/grid.png")]
+    assert output_paths(Path("out/grid.png"), 2) == [Path("out/grid-1.png"), Path("out/grid-2.png")]
+
+
+# ---------------------------------------------------------------- suggested prompts
+
+def test_suggested_prompts_follow_practice():
+    cfg = TrainingConfig(caption="a photo of [trigger], a woman with red hair in a green coat", trigger="ohwx")
+    prompts = suggest_prompts(cfg)
+    texts = [p.text for p in prompts]
+    assert texts[0] == "a photo of ohwx, a woman with red hair in a green coat"  # memorisation first
+    assert "a photo of ohwx, a woman with blue hair in a green coat" in texts  # one colour changed
+    assert any("back view" in t for t in texts)
+    assert any("watercolor" in t for t in texts)
+    assert any("hair" in t and "jacket" in t for t in texts)
+    lengths = sorted(len(t.split()) for t in texts)
+    assert lengths[0] <= 3 and lengths[-1] >= 40  # short and long prompts
+    assert all("ohwx" in t for t in texts)
+    assert len(set(texts)) == len(texts)
+    # No trigger word (a style): prompts still name the subject through the caption.
+    style = suggest_prompts(TrainingConfig(caption="an ink drawing of a fox", trigger=""))
+    assert all("fox" in p.text for p in style)
+
+
+# ---------------------------------------------------------------- command line
+
+def test_grid_cli(built_run, tmp_path, capsys):
+    out = tmp_path / "grid.png"
+    code = cli.main(["grid", str(built_run.path), "--seeds", "1", "--weights", "1.0", "--checkpoints", "4",
+                     "--prompt", "[trigger] on a beach", "--prompt", "[trigger] in the snow", "--sample-steps", "1",
+                     "--cell-size", "40", "--output", str(out)])
+    assert code == 0
+    printed = capsys.readouterr().out.split()
+    assert printed == [str(tmp_path / "grid-1.png"), str(tmp_path / "grid-2.png")]
+    image = Image.open(tmp_path / "grid-1.png")
+    assert image.width > 2 * 40 and image.height > 40
+
+    assert cli.main(["grid", str(tmp_path), "--output", str(out)]) == cli.EXIT_USER_ERROR
+    assert "not a run folder" in capsys.readouterr().err
+    assert cli.main(["grid", str(built_run.path), "--checkpoints", "9", "--output", str(out)]) == 2
+    assert "No checkpoint at step 9" in capsys.readouterr().err

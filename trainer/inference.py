@@ -1,0 +1,193 @@
+"""Render with a base model and any saved LoRA at any weight: one pipeline, LoRAs swapped, prompts encoded once.
+
+Shared by the comparison grid and the try-it tab. The base model is loaded once (``models.load_parts``, the one
+place weights are loaded); each checkpoint is loaded as a named adapter with diffusers' own
+``load_lora_weights`` (so an exported kohya file renders too) and switched with ``set_adapters(name, weight)``.
+The base model's image is the same pipeline with LoRA disabled, so "with" and "without" differ by nothing else.
+Prompt embeddings are cached, like the trainer's: a grid of N checkpoints x M seeds encodes each prompt once.
+
+Rendering a checkpoint at weight 1.0 with the run's preview settings reproduces the preview the trainer drew
+at that step (the tests check it): what the grid shows is what training showed.
+"""
+from __future__ import annotations
+
+import gc
+import logging
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from trainer.data import PromptEmbedding, encode_prompts
+from trainer.errors import UserError
+from trainer.models import FluxParts, load_parts, resolve_model
+
+log = logging.getLogger(__name__)
+
+MAX_ADAPTERS = 12  # loaded LoRAs kept in memory (a rank-16 FLUX.1-dev LoRA is ~80 MB); the oldest is dropped
+MAX_PROMPTS = 128
+MIN_WEIGHT, MAX_WEIGHT = 0.0, 2.0
+
+
+@dataclass(frozen=True)
+class RenderSettings:
+    width: int
+    height: int
+    steps: int
+    guidance: float
+    max_text_tokens: int = 512
+
+    def __post_init__(self) -> None:
+        if self.width < 16 or self.height < 16 or self.width % 16 or self.height % 16:
+            raise UserError(f"Image size {self.width}x{self.height} must be multiples of 16 pixels.")
+        if self.width * self.height > 2048 * 2048:
+            raise UserError("Image size is limited to 4 megapixels (e.g. 2048x2048).")
+        if not 1 <= self.steps <= 200:
+            raise UserError("Steps must be between 1 and 200.")
+
+
+def base_model_folder(run, token: str | None = None) -> Path:
+    """The local folder of the base model a run was trained on (resolved again if it moved)."""
+    if run.model_path and Path(run.model_path).is_dir():
+        return Path(run.model_path)
+    return resolve_model(run.model, token)
+
+
+class LoraPipeline:
+    """A loaded base model that renders with a chosen LoRA file and weight, or with none (the base model)."""
+
+    def __init__(self, parts: FluxParts):
+        from diffusers import FluxPipeline
+
+        self.parts = parts
+        self.model_path = Path(parts.model_path)
+        self.pipe = FluxPipeline(scheduler=parts.scheduler, vae=parts.vae, text_encoder=parts.text_encoder,
+                                 tokenizer=parts.tokenizer, text_encoder_2=parts.text_encoder_2,
+                                 tokenizer_2=parts.tokenizer_2, transformer=parts.transformer)
+        self.pipe.set_progress_bar_config(disable=True)
+        self._adapters: OrderedDict[tuple, str] = OrderedDict()  # (path, mtime, size) → adapter name
+        self._counter = 0
+        self._embeddings: OrderedDict[tuple[str, int], PromptEmbedding] = OrderedDict()
+        self.lock = threading.RLock()  # one render at a time on this pipeline
+
+    @classmethod
+    def load(cls, model_path: Path, device: torch.device | None = None, dtype: torch.dtype | None = None):
+        return cls(load_parts(Path(model_path), device, dtype))
+
+    # ---- prompts
+    def embed(self, prompts: list[str], max_tokens: int) -> dict[str, PromptEmbedding]:
+        """Embeddings for ``prompts``, encoding only those not seen before."""
+        with self.lock:
+            missing = [p for p in dict.fromkeys(prompts) if (p, max_tokens) not in self._embeddings]
+            if missing:
+                for prompt, embedding in encode_prompts(self.parts, missing, max_tokens).items():
+                    self._embeddings[(prompt, max_tokens)] = embedding
+            out = {}
+            for p in prompts:
+                self._embeddings.move_to_end((p, max_tokens))
+                out[p] = self._embeddings[(p, max_tokens)]
+            while len(self._embeddings) > MAX_PROMPTS:
+                self._embeddings.popitem(last=False)
+            return out
+
+    # ---- LoRAs
+    def adapter_for(self, lora: Path) -> str:
+        """Load ``lora`` as a named adapter (once; reloaded if the file changed). Returns its name."""
+        lora = Path(lora).resolve()
+        try:
+            stat = lora.stat()
+        except OSError:
+            raise UserError(f"The checkpoint '{lora.name}' no longer exists.") from None
+        key = (str(lora), stat.st_mtime_ns, stat.st_size)
+        with self.lock:
+            if key in self._adapters:
+                self._adapters.move_to_end(key)
+                return self._adapters[key]
+            self._counter += 1
+            name = f"lora_{self._counter}"
+            try:
+                self.pipe.load_lora_weights(str(lora), adapter_name=name)
+            except (ValueError, KeyError, RuntimeError, OSError) as err:
+                raise UserError(f"Could not load '{lora.name}' onto {self.model_path.name}: {err}. Was it trained "
+                                "on this base model?") from None
+            self._adapters[key] = name
+            while len(self._adapters) > MAX_ADAPTERS:
+                _, old = self._adapters.popitem(last=False)
+                self.pipe.delete_adapters(old)
+            return name
+
+    def use(self, lora: Path | None, weight: float = 1.0) -> None:
+        """Make the next render use ``lora`` at ``weight``; ``None`` renders the base model."""
+        with self.lock:
+            if lora is None:
+                if self._adapters:
+                    self.pipe.disable_lora()
+                return
+            if not MIN_WEIGHT <= weight <= MAX_WEIGHT:
+                raise UserError(f"LoRA weight {weight} is outside {MIN_WEIGHT}–{MAX_WEIGHT}.")
+            name = self.adapter_for(lora)
+            self.pipe.enable_lora()
+            self.pipe.set_adapters([name], adapter_weights=[float(weight)])
+
+    # ---- images
+    @torch.no_grad()
+    def render(self, prompt: str, seed: int, settings: RenderSettings, lora: Path | None = None,
+               weight: float = 1.0) -> Image.Image:
+        with self.lock:
+            embedding = self.embed([prompt], settings.max_text_tokens)[prompt]
+            self.use(lora, weight)
+            generator = torch.Generator(device=self.parts.device).manual_seed(int(seed))
+            try:
+                return self.pipe(prompt_embeds=embedding.embeds, pooled_prompt_embeds=embedding.pooled,
+                                 width=settings.width, height=settings.height, num_inference_steps=settings.steps,
+                                 guidance_scale=settings.guidance, generator=generator).images[0]
+            except torch.OutOfMemoryError:
+                raise UserError("The GPU ran out of memory while rendering (a training job may be using it). "
+                                "Try a smaller size, or wait until training finishes.") from None
+
+    def close(self) -> None:
+        with self.lock:
+            self.pipe = None
+            self.parts = None
+            self._adapters.clear()
+            self._embeddings.clear()
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+class InferenceService:
+    """Holds at most one loaded base model for the app, shared by the grid and the try-it tab.
+
+    Loading FLUX.1-dev takes tens of seconds and ~34 GB, so it is loaded on first use and kept; asking for
+    another base model replaces it.
+    """
+
+    def __init__(self, loader=LoraPipeline.load):
+        self._loader = loader
+        self._current: LoraPipeline | None = None
+        self._lock = threading.Lock()
+
+    def get(self, model_path: Path) -> LoraPipeline:
+        model_path = Path(model_path)
+        with self._lock:
+            if self._current is not None and self._current.model_path == model_path:
+                return self._current
+            if self._current is not None:
+                self._current.close()
+                self._current = None
+            try:
+                self._current = self._loader(model_path)
+            except torch.OutOfMemoryError:
+                raise UserError("Not enough GPU memory to load the base model for rendering (a training job may "
+                                "be using the GPU). Try again when it has finished.") from None
+            return self._current
+
+    def close(self) -> None:
+        with self._lock:
+            if self._current is not None:
+                self._current.close()
+                self._current = None
