@@ -168,6 +168,13 @@ def _open_run(path: Path):
         raise UserError(f"The run's {MANIFEST} in '{path}' could not be read ({err}).") from None
 
 
+def _export(args) -> int:
+    from trainer.export import export_lora
+
+    print(export_lora(args.checkpoint, args.format, args.output))
+    return 0
+
+
 def _train(args) -> int:
     from trainer.config import load_preset
     from trainer.dataset import training_mask
