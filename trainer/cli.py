@@ -1,6 +1,7 @@
 """Headless command line: the same code path as the app, for rented GPUs, Docker and scripts.
 
     python -m trainer train --image PATH --caption TEXT --output DIR [options]
+    python -m trainer train --output DIR --resume      (continue a stopped or killed run)
     python -m trainer mask IMAGE --output OUT.png
     python -m trainer presets
     python -m trainer export CHECKPOINT --format kohya|diffusers --output FILE
@@ -26,10 +27,10 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train a LoRA")
-    train.add_argument("--image", required=True, type=Path, help="PNG, JPEG or WEBP; a transparent PNG's alpha is its mask")
+    train.add_argument("--image", type=Path, help="PNG, JPEG or WEBP; a transparent PNG's alpha is its mask")
     train.add_argument("--mask", type=Path, help="black/white mask image (white = subject, trained)")
     train.add_argument("--no-mask", action="store_true", help="train on the whole image (no masked loss)")
-    train.add_argument("--caption", required=True, help="caption; [trigger] is replaced by the trigger word")
+    train.add_argument("--caption", help="caption; [trigger] is replaced by the trigger word")
     train.add_argument("--trigger", default="", help="trigger word, e.g. ohwx")
     train.add_argument("--preset", default="character-rank4-400", help="preset name (see: python -m trainer presets)")
     train.add_argument("--model", help="tiny-demo, a Hugging Face id, or a local diffusers folder "
@@ -43,6 +44,8 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int)
     train.add_argument("--name", help="checkpoint file prefix (default: lora)")
     train.add_argument("--output", required=True, type=Path, help="run folder (created; must be new or empty)")
+    train.add_argument("--resume", action="store_true",
+                       help="continue the run in --output from its newest checkpoint, with the settings in its run.json")
 
     mask = sub.add_parser("mask", help="cut out the subject: write an RGBA PNG whose alpha is the mask")
     mask.add_argument("image", type=Path)
@@ -168,22 +171,18 @@ def _open_run(path: Path):
         raise UserError(f"The run's {MANIFEST} in '{path}' could not be read ({err}).") from None
 
 
-def _export(args) -> int:
-    from trainer.export import export_lora
-
-    print(export_lora(args.checkpoint, args.format, args.output))
-    return 0
-
-
 def _train(args) -> int:
     from trainer.config import load_preset
     from trainer.dataset import training_mask
-    from trainer.events import CheckpointSaved, Failed, Finished, PreviewsRendered, Progress, Started, Status
     from trainer.images import load_image, load_mask
     from trainer.models import adjust_for_model, default_model
     from trainer.runs import RunFolder
-    from trainer.train import run_training
 
+    if args.resume:
+        return _follow(_resumed_run(args), resume=True)
+    missing = [flag for flag, value in (("--image", args.image), ("--caption", args.caption)) if value is None]
+    if missing:
+        raise UserError(f"train needs {' and '.join(missing)} (or --resume to continue the run in --output).")
     overrides = {k: v for k, v in {
         "steps": args.steps, "save_every": args.save_every, "rank": args.rank, "learning_rate": args.lr,
         "resolution": args.resolution, "seed": args.seed, "name": args.name}.items() if v is not None}
@@ -202,11 +201,32 @@ def _train(args) -> int:
     try:
         run = RunFolder.create_at(args.output, config, image, mask)
     except FileExistsError:
-        raise UserError(f"The output folder '{args.output}' already exists and is not empty. Choose a new folder.") from None
+        raise UserError(f"The output folder '{args.output}' already exists and is not empty. Choose a new folder, "
+                        "or add --resume to continue the run in it.") from None
+    return _follow(run)
+
+
+def _resumed_run(args):
+    from trainer.resume import open_for_resume
+
+    given = [flag for flag, value in (
+        ("--image", args.image), ("--mask", args.mask), ("--caption", args.caption), ("--model", args.model),
+        ("--steps", args.steps), ("--save-every", args.save_every), ("--rank", args.rank), ("--lr", args.lr),
+        ("--resolution", args.resolution), ("--seed", args.seed), ("--name", args.name),
+        ("--sample-prompt", args.sample_prompt or None), ("--no-mask", args.no_mask or None),
+        ("--trigger", args.trigger or None)) if value is not None]
+    if given:
+        raise UserError(f"--resume continues with the settings saved in the run's run.json; drop {', '.join(given)}.")
+    return open_for_resume(args.output)
+
+
+def _follow(run, resume: bool = False) -> int:
+    from trainer.events import CheckpointSaved, Failed, Finished, PreviewsRendered, Progress, Started, Status
+    from trainer.train import run_training
 
     progress = _ProgressLine()
     code = 0
-    for event in run_training(run, token=os.environ.get("HF_TOKEN")):
+    for event in run_training(run, token=os.environ.get("HF_TOKEN"), resume=resume):
         if isinstance(event, Status):
             progress.message(event.message)
         elif isinstance(event, Started):

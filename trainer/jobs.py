@@ -14,6 +14,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterator
 
 from trainer.errors import UserError
@@ -35,6 +36,7 @@ class Job:
     state: str = "queued"  # queued → running → finished | stopped | failed
     events: list[Event] = field(default_factory=list)
     created: float = field(default_factory=time.time)
+    resume: bool = False  # continue the run from its newest training state
 
     def __post_init__(self) -> None:
         self._stop = threading.Event()
@@ -108,6 +110,42 @@ class JobManager:
             self._queue.put(job)
         return job
 
+    def resume(self, owner: str, run_dir: Path, token: str | None = None,
+               allowed_root: Path | None = None) -> Job:
+        """Queue a job that continues the run in ``run_dir`` from its newest intact training state.
+
+        Only a run folder this app wrote (``trainer.resume.open_for_resume``), inside ``allowed_root`` when
+        given (the owner's own folder), that no other owner's job has touched and that no job is training now.
+        """
+        from trainer.resume import open_for_resume
+
+        run_dir = Path(run_dir)
+        if allowed_root is not None:
+            root = Path(allowed_root).resolve()
+            if run_dir.is_symlink() or not run_dir.resolve().is_relative_to(root) or run_dir.resolve() == root:
+                raise UserError("That run is not one of yours.")
+        resolved = run_dir.resolve()
+        with self._lock:
+            for other in self._jobs.values():
+                if other.run.path.resolve() != resolved:
+                    continue
+                if other.owner != owner:
+                    raise UserError("That run is not one of yours.")
+                if other.active:
+                    raise UserError("That run is already training.")
+            if self._active_for(owner) is not None:
+                raise UserError("You already have a training job running or queued. Stop it first, or wait for it "
+                                "to finish.")
+            run = open_for_resume(run_dir)
+            job = Job(id=f"job-{next(self._ids)}-{run.path.name}", owner=owner, run=run, token=token, resume=True)
+            self._jobs[job.id] = job
+            self._queue.put(job)
+        return job
+
+    def known_run_paths(self) -> list[Path]:
+        """Run folders of every job this manager holds (a restart check must leave them alone)."""
+        return [j.run.path for j in list(self._jobs.values())]
+
     def get(self, job_id: str, owner: str) -> Job | None:
         job = self._jobs.get(job_id)
         return job if job is not None and job.owner == owner else None
@@ -162,7 +200,8 @@ class JobManager:
                 continue
             job.set_state("running")
             try:
-                for event in self._runner(job.run, should_stop=lambda: job.stop_requested, token=job.token):
+                extra = {"resume": True} if job.resume else {}
+                for event in self._runner(job.run, should_stop=lambda: job.stop_requested, token=job.token, **extra):
                     job.publish(event)
                     if isinstance(event, TERMINAL_EVENTS):
                         break

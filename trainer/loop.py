@@ -12,7 +12,8 @@ from typing import Callable, Iterator
 
 import torch
 
-from trainer import flow
+from trainer import diskspace, flow
+from trainer import resume as training_state
 from trainer.config import TrainingConfig
 from trainer.data import EncodedExample
 from trainer.events import CheckpointSaved, Event, Failed, Finished, Preview, PreviewsRendered, Progress, Status
@@ -57,7 +58,8 @@ def training_step(transformer, example: EncodedExample, cfg: TrainingConfig, gen
 
 
 def train_lora(parts, example: EncodedExample, cfg: TrainingConfig, run: RunFolder, renderer: PreviewRenderer,
-               should_stop: Callable[[], bool]) -> Iterator[Event]:
+               should_stop: Callable[[], bool], resume: "training_state.ResumePoint | None" = None) -> Iterator[Event]:
+    """Train, yielding events. ``resume`` (from ``trainer.resume.prepare_resume``) continues a saved run exactly."""
     transformer = parts.transformer
     params = add_lora(transformer, cfg.rank, cfg.alpha, cfg.seed)
     if cfg.gradient_checkpointing:
@@ -72,8 +74,25 @@ def train_lora(parts, example: EncodedExample, cfg: TrainingConfig, run: RunFold
     checkpoint_steps = set(cfg.checkpoint_steps)
     save_dtype = parts.dtype
     timer = StepTimer()
+    save_size = diskspace.save_bytes(sum(p.numel() for p in params), torch.finfo(save_dtype).bits // 8,
+                                     diskspace.preview_bytes(cfg.resolution, len(cfg.preview_prompts)))
+    start = 0
+    if resume is not None and resume.state is not None:
+        start = resume.step
+        training_state.apply_weights(resume.state, transformer, optimizer)
+        if not training_state.has_previews(run, start):  # killed while rendering them: render them now
+            yield Status(f"Rendering previews for step {start}")
+            event = _render_previews(start, cfg, run, renderer, should_stop)
+            if event is None:
+                yield Finished(run_dir=run.path, last_step=start, stopped=True)
+                return
+            yield event
+        # After any preview rendering, so the streams continue exactly where the saved run left them.
+        for warning in training_state.apply_rng(resume.state, generator, mask_generator, cfg.seed):
+            yield Status(warning)
+        yield Status(f"Resumed from the checkpoint at step {start}")
 
-    if cfg.preview_at_start:
+    if cfg.preview_at_start and start == 0:
         yield Status("Rendering base-model previews (step 0)")
         event = _render_previews(0, cfg, run, renderer, should_stop)
         if event is None:
@@ -81,8 +100,8 @@ def train_lora(parts, example: EncodedExample, cfg: TrainingConfig, run: RunFold
             return
         yield event
 
-    step = 0
-    for step in range(1, cfg.steps + 1):
+    step = start
+    for step in range(start + 1, cfg.steps + 1):
         if should_stop():
             yield Finished(run_dir=run.path, last_step=step - 1, stopped=True)
             return
@@ -108,8 +127,14 @@ def train_lora(parts, example: EncodedExample, cfg: TrainingConfig, run: RunFold
                        eta_seconds=(cfg.steps - step) / rate)
 
         if step in checkpoint_steps:
+            if not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+                yield Failed(f"The LoRA weights became non-finite at step {step}, so they were not saved. Lower the "
+                             "learning rate; the checkpoints saved so far are intact.", "not_finite", step - 1)
+                return
+            diskspace.check_before_save(run.path, save_size, step)  # DiskFullError: stop before writing anything
             path = run.checkpoint_path(step)
             size = save_lora(transformer, path, dtype=save_dtype, extra_metadata=_checkpoint_metadata(cfg, run, step))
+            training_state.save_state(run.path, step, transformer, optimizer, generator, mask_generator, cfg)
             run.record_checkpoint(step, path)
             yield CheckpointSaved(step=step, path=path, size_bytes=size)
             yield Status(f"Rendering previews for step {step}")

@@ -13,9 +13,12 @@ from typing import Callable, Iterator
 
 import torch
 
+from trainer import diskspace
+from trainer import resume as training_state
+from trainer.config import list_presets
 from trainer.data import encode_example, encode_prompts, free_encoders, prepare_image
 from trainer.errors import UserError
-from trainer.events import Event, Failed, Finished, Started, Status
+from trainer.events import CheckpointSaved, Event, Failed, Finished, Preview, PreviewsRendered, Started, Status
 from trainer.loop import train_lora
 from trainer.models import load_parts, resolve_model
 from trainer.runs import RunFolder
@@ -27,14 +30,53 @@ OOM_ADVICE = ("The GPU ran out of memory. Pick a smaller-memory setup: a lower r
               "gradient checkpointing on, or close other programs using the GPU. The checkpoints saved so far are kept.")
 
 
+def _memory_key(settings) -> tuple:
+    """Orders setups by training memory: gradient checkpointing matters most, then resolution, then rank."""
+    get = settings.get if isinstance(settings, dict) else lambda k, d=None: getattr(settings, k, d)
+    return (not get("gradient_checkpointing", False), get("resolution", 512), get("rank", 4))
+
+
+def oom_advice(cfg) -> str:
+    """The out-of-memory message, naming a preset that needs less memory than ``cfg`` where one exists."""
+    try:
+        presets = sorted(list_presets(), key=lambda p: _memory_key(p.settings))
+    except Exception:  # a broken presets folder must not hide the real failure
+        presets = []
+    smaller = [p for p in presets if _memory_key(p.settings) < _memory_key(cfg)]
+    if smaller:
+        pick = smaller[0]
+        preset = (f"Pick a smaller-memory preset such as '{pick.name}' (rank {pick.settings.get('rank')}, "
+                  f"{pick.settings.get('resolution', 512)} px"
+                  f"{', gradient checkpointing' if pick.settings.get('gradient_checkpointing') else ''})")
+    else:
+        lowest = presets[0].name if presets else "character-rank4-400"
+        preset = (f"Even the smallest preset ('{lowest}') needs more memory than is free: turn on gradient "
+                  "checkpointing, lower the resolution")
+    return (f"The GPU ran out of memory. {preset}, or close other programs using the GPU. "
+            "The checkpoints saved so far are kept, and the GPU memory was released.")
+
+
 def run_training(run: RunFolder, should_stop: Callable[[], bool] = lambda: False,
-                 token: str | None = None) -> Iterator[Event]:
+                 token: str | None = None, resume: bool = False) -> Iterator[Event]:
+    """One job, start to end. ``resume=True`` continues the run from its newest intact training state."""
     cfg = run.config
     last_step = 0
     parts = example = renderer = prompts = None
+    lock = training_state.RunLock(run.path)
+    failure: Failed | None = None
     try:
+        lock.acquire()  # one process per run folder: a second resume of the same run is refused
+        point = None
+        if resume:
+            point = training_state.prepare_resume(run)
+            last_step = point.step
+            for warning in point.warnings:
+                yield Status(warning)
+            yield from _saved_so_far(run)
         yield Status(f"Resolving model {cfg.model}")
         folder = resolve_model(cfg.model, token)  # every hub/token/folder problem surfaces here, before the GPU is touched
+        remaining = [s for s in cfg.checkpoint_steps if s > last_step]
+        diskspace.check_before_start(run.path, _save_bytes_estimate(cfg, str(folder)), len(remaining))
         run.model_path = str(folder)
         run.set_status("loading")
         yield Status("Loading model")
@@ -51,28 +93,63 @@ def run_training(run: RunFolder, should_stop: Callable[[], bool] = lambda: False
         run.set_status("running")
         yield Started(run_dir=run.path, total_steps=cfg.steps, checkpoint_steps=tuple(cfg.checkpoint_steps),
                       train_width=train_image.size[0], train_height=train_image.size[1])
-        for event in train_lora(parts, example, cfg, run, renderer, should_stop):
+        for event in train_lora(parts, example, cfg, run, renderer, should_stop, resume=point):
             if isinstance(event, Finished):
                 run.set_status("stopped" if event.stopped else "finished")
             elif isinstance(event, Failed):
                 run.set_status("failed", event.message)
             last_step = getattr(event, "step", last_step)
             yield event
+    # Failures are only recorded here and announced after ``finally``: yielding inside ``except`` would keep the
+    # exception's traceback — and through it the model and optimizer — alive until the consumer moves on.
     except UserError as err:
-        run.set_status("failed", str(err))
-        yield Failed(str(err), "user", last_step)
+        failure = Failed(str(err), "user", last_step)
     except torch.OutOfMemoryError:
-        run.set_status("failed", OOM_ADVICE)
-        yield Failed(OOM_ADVICE, "out_of_memory", last_step)
-    except Exception as err:  # a bug: keep the traceback in the log, give the user a sentence
-        log.error("training failed:\n%s", traceback.format_exc())
-        message = (f"Training failed unexpectedly ({type(err).__name__}). The checkpoints saved so far are kept; "
-                   "the server log has the details.")
-        run.set_status("failed", message)
-        yield Failed(message, "internal", last_step)
+        failure = Failed(oom_advice(cfg), "out_of_memory", last_step)
+    except Exception as err:
+        if diskspace.is_disk_full(err):
+            failure = Failed(diskspace.disk_full_message(last_step), "user", last_step)
+        else:  # a bug: keep the traceback in the log, give the user a sentence
+            log.error("training failed:\n%s", traceback.format_exc())
+            message = (f"Training failed unexpectedly ({type(err).__name__}). The checkpoints saved so far are kept; "
+                       "the server log has the details.")
+            failure = Failed(message, "internal", last_step)
     finally:
         # Give the accelerator back whatever happened, so the next job starts from a clean slate.
         parts = example = renderer = prompts = None
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+        lock.release()
+    if failure is not None:
+        try:
+            run.set_status("failed", failure.message)
+        except OSError:  # a full disk can refuse run.json too; the event still tells the user
+            log.warning("could not record the failure in run.json", exc_info=True)
+        yield failure
+
+
+def _saved_so_far(run: RunFolder) -> Iterator[Event]:
+    """A resumed job's history starts with the checkpoints and previews saved before the interruption."""
+    if run.base_previews:
+        yield PreviewsRendered(step=0, previews=_previews(run, run.base_previews))
+    for c in run.checkpoints:
+        path = run.path / c["path"]
+        if path.is_file():
+            yield CheckpointSaved(step=c["step"], path=path, size_bytes=path.stat().st_size)
+        if c.get("previews"):
+            yield PreviewsRendered(step=c["step"], previews=_previews(run, c["previews"]))
+
+
+def _previews(run: RunFolder, entries) -> tuple[Preview, ...]:
+    return tuple(Preview(path=run.path / p["path"], prompt=p["prompt"], seed=p["seed"]) for p in entries
+                 if (run.path / p["path"]).is_file())
+
+
+def _save_bytes_estimate(cfg, model: str) -> int:
+    """Disk needed per checkpoint (LoRA + training state + previews), from the architecture's layer shapes."""
+    from trainer.estimates import bytes_per_saved_value, checkpoint_bytes
+
+    values = checkpoint_bytes(model, cfg.rank, 1)
+    return diskspace.save_bytes(values, bytes_per_saved_value(cfg.model),
+                                diskspace.preview_bytes(cfg.resolution, len(cfg.preview_prompts)))

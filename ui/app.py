@@ -14,6 +14,7 @@ from trainer.images import MAX_FILE_BYTES
 from trainer.jobs import JobManager
 from trainer.masking import MASK_MODELS
 from trainer.models import default_model
+from trainer.resume import mark_interrupted
 from ui import dataset_step, settings_step
 from ui.hosting import hosting_notices, on_space, owner_and_token
 from ui.training_step import TrainingController
@@ -35,6 +36,8 @@ def owner_id(stored: str | None, request: gr.Request | None) -> str:
 
 def build_app(manager: JobManager, runs_root: Path, state_secret: str | None = None) -> gr.Blocks:
     controller = TrainingController(manager, runs_root)
+    # A (re)started server: runs whose process died mid-training become "interrupted", offered for Resume.
+    mark_interrupted(runs_root, skip=manager.known_run_paths())
     presets = settings_step.preset_choices()
     first_preset = "character-rank4-400" if any(v == "character-rank4-400" for _, v in presets) else presets[0][1]
     rank0, steps0, lr0, every0 = settings_step.on_preset_change(first_preset)
@@ -94,6 +97,7 @@ def build_app(manager: JobManager, runs_root: Path, state_secret: str | None = N
         with gr.Row():
             train_btn = gr.Button("Train", variant="primary", elem_id="train")
             stop_btn = gr.Button("Stop", variant="stop", interactive=False, elem_id="stop")
+            resume_btn = gr.Button("Resume interrupted run", visible=False, elem_id="resume")
         progress = gr.Markdown("", elem_id="progress")
         loss_plot = gr.LinePlot(x="step", y="loss", title="Loss", height=220)
         gallery = gr.Gallery(label="Previews (same seed at every checkpoint; step 0 is the base model)", columns=4,
@@ -137,6 +141,19 @@ def build_app(manager: JobManager, runs_root: Path, state_secret: str | None = N
             owner, _ = owner_and_token(owner_id(stored, request), profile)
             return controller.stop(owner)
 
+        def offer_resume(stored, request: gr.Request, profile: gr.OAuthProfile | None = None):
+            owner, _ = owner_and_token(owner_id(stored, request), profile)
+            return gr.update(visible=controller.resumable_run(owner) is not None)
+
+        def resume(stored, request: gr.Request, profile: gr.OAuthProfile | None = None,
+                   oauth_token: gr.OAuthToken | None = None):
+            owner, token = owner_and_token(owner_id(stored, request), profile, oauth_token)
+            try:
+                message = controller.resume(owner, token=token)
+            except UserError as err:
+                raise gr.Error(str(err), print_exception=False) from None
+            return message, gr.update(interactive=False), gr.update(interactive=True), gr.update(visible=False)
+
         def init_owner(stored):
             return stored or secrets.token_urlsafe(18)
 
@@ -145,6 +162,10 @@ def build_app(manager: JobManager, runs_root: Path, state_secret: str | None = N
                     save_every, model], [progress, train_btn, stop_btn], api_name="train", concurrency_limit=None,
         ).success(follow, owner_state, stream_outputs, api_name="follow", concurrency_limit=None)
         stop_btn.click(stop, owner_state, progress, api_name="stop", concurrency_limit=None)
+        resume_btn.click(resume, owner_state, [progress, train_btn, stop_btn, resume_btn], api_name="resume",
+                         concurrency_limit=None,
+                         ).success(follow, owner_state, stream_outputs, api_name=False, concurrency_limit=None)
+        demo.load(offer_resume, owner_state, resume_btn, api_name=False)
         # A reloaded page finds the browser's id in local storage and re-attaches to its job.
         demo.load(init_owner, owner_state, owner_state, api_name=False).then(
             follow, owner_state, stream_outputs, api_name=False, concurrency_limit=None)

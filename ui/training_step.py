@@ -57,6 +57,23 @@ class TrainingController:
             raise
         return "Starting…"
 
+    def resumable_run(self, owner: str) -> Path | None:
+        """The owner's newest run that a server restart interrupted (only ever looks in the owner's own folder)."""
+        from trainer.resume import interrupted_runs
+
+        if self.manager.active_for(owner) is not None:
+            return None
+        runs = interrupted_runs(self.runs_root / owner_folder(owner))
+        return runs[0] if runs else None
+
+    def resume(self, owner: str, token: str | None = None) -> str:
+        """Queue a job that continues the owner's newest interrupted run from its last checkpoint."""
+        run_dir = self.resumable_run(owner)
+        if run_dir is None:
+            raise UserError("You have no interrupted run to resume.")
+        self.manager.resume(owner, run_dir, token=token, allowed_root=self.runs_root / owner_folder(owner))
+        return "Resuming from the last checkpoint…"
+
     def stop(self, owner: str) -> str:
         job = self.manager.active_for(owner)
         if job is None:

@@ -1,0 +1,316 @@
+"""Resume (RELIABILITY.md plan points 1, 3, 11): kill -9 then --resume is bit-identical; damaged saves are skipped.
+
+The expensive end-to-end check runs the real CLI in subprocesses (an uninterrupted reference and a run that is
+SIGKILLed mid-run, at the same time, then the resume). The rest runs in-process on the CPU tiny model.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+
+from tests.conftest import subject_image
+from trainer import resume as training_state
+from trainer.config import load_preset
+from trainer.errors import UserError
+from trainer.events import CheckpointSaved, Failed, Finished, Progress, Status
+from trainer.runs import RunFolder
+from trainer.train import run_training
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# ---- helpers shared with the other reliability tests ------------------------------------------------------------
+
+def tiny_config(**overrides):
+    """A run that takes a few seconds on the CPU: 64 px, no preview prompts beyond the caption, no step-0 preview."""
+    settings = dict(steps=4, save_every=1, resolution=64, preview_steps=1, trigger="ohwx",
+                    caption="a photo of [trigger], a red ball", model="tiny-demo", preview_at_start=False)
+    return load_preset("quick-test-250").config(**{**settings, **overrides})
+
+
+def new_run(folder: Path, **overrides) -> RunFolder:
+    image, mask = subject_image((96, 112))
+    return RunFolder.create_at(folder, tiny_config(**overrides), image, mask)
+
+
+def lora_of(path: Path) -> dict[str, torch.Tensor]:
+    return safetensors.torch.load_file(path)
+
+
+def assert_same_lora(a: Path, b: Path) -> None:
+    x, y = lora_of(a), lora_of(b)
+    assert x.keys() == y.keys() and x
+    for key in x:
+        assert torch.equal(x[key], y[key]), f"{key} differs between {a} and {b}"
+
+
+def cli_env(**extra) -> dict[str, str]:
+    return {**os.environ, "PYTHONUNBUFFERED": "1", **extra}
+
+
+def cli(*args, env=None, timeout=300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "trainer", *map(str, args)], cwd=ROOT, env=env or cli_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+# ---- plan point 1: kill -9 mid-run, resume, identical weights ---------------------------------------------------
+
+def test_sigkill_mid_run_then_resume_gives_bit_identical_lora(tmp_path):
+    image, _ = subject_image((96, 112))
+    image.save(tmp_path / "subject.png")
+    train = ["train", "--image", tmp_path / "subject.png", "--caption", "a photo of [trigger]", "--trigger", "ohwx",
+             "--model", "tiny-demo", "--steps", 8, "--save-every", 3, "--resolution", 64, "--seed", 5]
+    command = lambda out: [sys.executable, "-m", "trainer", *map(str, train), "--output", str(out)]
+    # The reference and the victim run side by side (same code, same thread settings).
+    reference = subprocess.Popen(command(tmp_path / "reference"), cwd=ROOT, env=cli_env(),
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    victim = subprocess.Popen(command(tmp_path / "victim"), cwd=ROOT, env=cli_env(),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    seen = []
+    try:
+        for line in victim.stderr:  # kill after step 4: past the step-3 checkpoint, before the step-6 one
+            seen.append(line)
+            if " 4/8 " in line:
+                os.kill(victim.pid, signal.SIGKILL)
+                break
+        assert victim.wait(timeout=120) == -signal.SIGKILL, "".join(seen)
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+    _, ref_err = reference.communicate(timeout=300)
+    assert reference.returncode == 0, ref_err
+
+    killed = json.loads((tmp_path / "victim" / "run.json").read_text())
+    assert killed["status"] == "running"  # what a crash leaves behind
+    assert not (tmp_path / "victim" / "lora-000008.safetensors").exists()
+
+    resumed = cli("train", "--output", tmp_path / "victim", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "Traceback" not in resumed.stderr
+    assert "Resumed from the checkpoint at step" in resumed.stderr
+    assert "1/8" not in resumed.stderr  # it did not start over
+    manifest = json.loads((tmp_path / "victim" / "run.json").read_text())
+    assert manifest["status"] == "finished"
+    assert [c["step"] for c in manifest["checkpoints"]] == [3, 6, 8]
+    for step in (3, 6, 8):
+        name = f"lora-{step:06d}.safetensors"
+        assert_same_lora(tmp_path / "reference" / name, tmp_path / "victim" / name)
+    # nothing half-written was left behind
+    assert not [p for p in (tmp_path / "victim").rglob("*.tmp")]
+
+
+# ---- plan point 3: damaged newest save is skipped with a warning -----------------------------------------------
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """One uninterrupted 4-step run (a save after every step), copied by each test that damages it."""
+    folder = tmp_path_factory.mktemp("finished") / "run"
+    run = new_run(folder)
+    events = list(run_training(run))
+    assert isinstance(events[-1], Finished) and not events[-1].stopped, events[-1]
+    return folder
+
+
+def copy_as_crashed(src: Path, dst: Path, status: str = "running") -> RunFolder:
+    import shutil
+
+    shutil.copytree(src, dst)
+    run = RunFolder.open(dst)
+    run.set_status(status)
+    return run
+
+
+def resume_run(run: RunFolder):
+    return list(run_training(RunFolder.open(run.path), resume=True))
+
+
+def test_resume_from_last_state_reproduces_the_remaining_checkpoints(finished_run, tmp_path):
+    run = copy_as_crashed(finished_run, tmp_path / "run")
+    for step in (3, 4):  # as if killed after the step-2 save
+        run.checkpoint_path(step).unlink()
+        for f in training_state.state_files(run.path, step):
+            f.unlink()
+    events = resume_run(run)
+    assert isinstance(events[-1], Finished) and not events[-1].stopped
+    assert [e.step for e in events if isinstance(e, Progress)] == [3, 4]
+    for step in (3, 4):
+        assert_same_lora(finished_run / run.checkpoint_path(step).name, run.checkpoint_path(step))
+    assert [c["step"] for c in RunFolder.open(run.path).checkpoints] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("damage", ["truncate_state", "flip_state_byte", "drop_state_json", "truncate_checkpoint",
+                                    "garbage_checkpoint", "pickle_as_state"])
+def test_damaged_newest_save_is_skipped_with_a_warning(finished_run, tmp_path, damage):
+    run = copy_as_crashed(finished_run, tmp_path / "run")
+    tensors, meta = training_state.state_files(run.path, 4)
+    ckpt = run.checkpoint_path(4)
+    if damage == "truncate_state":
+        tensors.write_bytes(tensors.read_bytes()[:1000])
+    elif damage == "flip_state_byte":
+        data = bytearray(tensors.read_bytes())
+        data[-5] ^= 0xFF
+        tensors.write_bytes(bytes(data))
+    elif damage == "drop_state_json":
+        meta.unlink()
+    elif damage == "truncate_checkpoint":
+        ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
+    elif damage == "garbage_checkpoint":
+        ckpt.write_bytes(b"\x00" * 64)
+    elif damage == "pickle_as_state":
+        import io
+        import pickle
+
+        buf = io.BytesIO()
+        pickle.dump({"step": 4}, buf)
+        tensors.write_bytes(buf.getvalue())
+    events = resume_run(run)
+    warnings = [e.message for e in events if isinstance(e, Status) and "Skipping the save of step 4" in e.message]
+    assert warnings, [e for e in events if isinstance(e, Status)]
+    assert "Resumed from the checkpoint at step 3" in [e.message for e in events if isinstance(e, Status)]
+    assert isinstance(events[-1], Finished) and not events[-1].stopped
+    assert [e.step for e in events if isinstance(e, Progress)] == [4]
+    assert_same_lora(finished_run / ckpt.name, ckpt)  # step 4 re-trained from step 3's state, bit for bit
+    training_state.load_state(RunFolder.open(run.path), 4)  # and its new state is intact
+
+
+def test_no_usable_state_at_all_is_refused(finished_run, tmp_path):
+    run = copy_as_crashed(finished_run, tmp_path / "run")
+    for step in range(1, 5):
+        training_state.state_files(run.path, step)[0].write_bytes(b"not a state")
+    events = resume_run(run)
+    assert isinstance(events[-1], Failed) and events[-1].kind == "user"
+    assert "can't be resumed" in events[-1].message
+    assert run.checkpoint_path(4).is_file()  # a refusal deletes nothing
+
+
+def test_run_killed_before_its_first_checkpoint_starts_again_from_step_zero(tmp_path):
+    run = new_run(tmp_path / "run", steps=2, save_every=2)
+    run.set_status("running")
+    events = list(run_training(RunFolder.open(run.path), resume=True))
+    assert any(isinstance(e, Status) and "starts again from step 0" in e.message for e in events)
+    assert [e.step for e in events if isinstance(e, Progress)] == [1, 2]
+    assert isinstance(events[-1], Finished)
+
+
+def test_changed_settings_are_not_resumed(finished_run, tmp_path):
+    run = copy_as_crashed(finished_run, tmp_path / "run")
+    manifest = json.loads((run.path / "run.json").read_text())
+    manifest["config"]["learning_rate"] = 1e-3  # someone edited run.json after the saves
+    (run.path / "run.json").write_text(json.dumps(manifest))
+    events = resume_run(run)
+    assert isinstance(events[-1], Failed) and "different settings" in events[-1].message
+
+
+# ---- the CLI's --resume: only folders this app wrote ------------------------------------------------------------
+
+def test_cli_resume_refuses_folders_the_app_did_not_write(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "garbage").mkdir()
+    (tmp_path / "garbage" / "run.json").write_text("{not json")
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "run.json").write_text(json.dumps({"format": 7, "config": {}}))
+    for folder in ("empty", "garbage", "foreign", "missing"):
+        out = cli("train", "--output", tmp_path / folder, "--resume")
+        assert out.returncode == 2, out.stderr
+        assert "Traceback" not in out.stderr
+        assert out.stderr.startswith("error: ") and "not a run folder written by this app" in out.stderr
+
+
+def test_cli_resume_refuses_new_settings_and_finished_runs(finished_run, tmp_path):
+    out = cli("train", "--output", finished_run, "--resume", "--steps", 10)
+    assert out.returncode == 2 and "drop --steps" in out.stderr
+    out = cli("train", "--output", finished_run, "--resume")
+    assert out.returncode == 2 and "already finished" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_open_for_resume_refuses_a_symlinked_manifest(finished_run, tmp_path):
+    (tmp_path / "fake").mkdir()
+    (tmp_path / "fake" / "run.json").symlink_to(finished_run / "run.json")
+    with pytest.raises(UserError, match="not a run folder written by this app"):
+        training_state.open_for_resume(tmp_path / "fake")
+
+
+def test_the_same_run_is_never_trained_by_two_processes(finished_run, tmp_path):
+    run = copy_as_crashed(finished_run, tmp_path / "run")
+    lock = training_state.RunLock(run.path).acquire()
+    try:
+        events = resume_run(run)
+        assert isinstance(events[-1], Failed) and "being trained by another process" in events[-1].message
+        assert training_state.is_locked(run.path)
+    finally:
+        lock.release()
+    assert not training_state.is_locked(run.path)
+
+
+# ---- plan point 11: a server restart marks running jobs interrupted and offers Resume ----------------------------
+
+def test_restart_marks_live_runs_interrupted_and_job_manager_resumes_them(finished_run, tmp_path):
+    from trainer.jobs import JobManager
+    from ui.training_step import TrainingController, owner_folder
+
+    runs_root = tmp_path / "runs"
+    owner_root = runs_root / owner_folder("alice")
+    crashed = copy_as_crashed(finished_run, owner_root / "20260101-000000-lora-aaaa", status="running")
+    for step in (3, 4):
+        crashed.checkpoint_path(step).unlink()
+    loading = copy_as_crashed(finished_run, owner_root / "20260101-000001-lora-bbbb", status="loading")
+    done = copy_as_crashed(finished_run, owner_root / "20260101-000002-lora-cccc", status="finished")
+    live = copy_as_crashed(finished_run, owner_root / "20260101-000003-lora-dddd", status="running")
+    held = training_state.RunLock(live.path).acquire()  # another process is still training this one
+    try:
+        marked = training_state.mark_interrupted(runs_root)
+    finally:
+        held.release()
+    assert sorted(marked) == sorted([crashed.path, loading.path])
+    statuses = {p.name: RunFolder.open(p).status for p in (crashed.path, loading.path, done.path, live.path)}
+    assert statuses == {crashed.path.name: "interrupted", loading.path.name: "interrupted",
+                        done.path.name: "finished", live.path.name: "running"}
+
+    manager = JobManager()
+    try:
+        controller = TrainingController(manager, runs_root)
+        assert controller.resumable_run("alice") == loading.path  # newest interrupted run first
+        assert controller.resumable_run("bob") is None
+        with pytest.raises(UserError, match="not one of yours"):  # bob can't resume alice's run by path
+            manager.resume("bob", crashed.path, allowed_root=runs_root / owner_folder("bob"))
+        job = manager.resume("alice", crashed.path, allowed_root=owner_root)
+        with pytest.raises(UserError):  # and not twice
+            manager.resume("alice", crashed.path, allowed_root=owner_root)
+        events = list(job.follow(poll=0.1))
+        assert isinstance(events[-1], Finished) and not events[-1].stopped, events[-1]
+        assert [e.step for e in events if isinstance(e, Progress)] == [3, 4]
+        assert_same_lora(finished_run / crashed.checkpoint_path(4).name, crashed.checkpoint_path(4))
+        assert RunFolder.open(crashed.path).status == "finished"
+        assert controller.resumable_run("alice") == loading.path
+    finally:
+        manager.shutdown()
+
+
+def test_controller_resume_and_follow_show_the_resumed_job(finished_run, tmp_path):
+    from trainer.jobs import JobManager
+    from ui.training_step import TrainingController, owner_folder
+
+    runs_root = tmp_path / "runs"
+    crashed = copy_as_crashed(finished_run, runs_root / owner_folder("carol") / "20260101-000000-lora-eeee",
+                              status="interrupted")
+    crashed.checkpoint_path(4).unlink()
+    manager = JobManager()
+    try:
+        controller = TrainingController(manager, runs_root)
+        assert "Resuming" in controller.resume("carol")
+        updates = list(controller.follow("carol"))
+        progress_text = updates[-1][0]
+        assert "Finished" in progress_text and "4 / 4" in progress_text
+        with pytest.raises(UserError, match="no interrupted run"):
+            controller.resume("carol")
+    finally:
+        manager.shutdown()
