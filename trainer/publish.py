@@ -1,0 +1,192 @@
+"""Publish a run's chosen checkpoint to the Hugging Face Hub with a model card. Optional; private by default.
+
+``plan_publish`` decides everything that would be uploaded (the LoRA in the diffusers layout at the repo root,
+the kohya/ComfyUI layout under ``comfyui/``, sample images, the grid, ``README.md``) without touching the
+network; ``publish`` creates the repo (private unless asked otherwise) and uploads it all in one commit with
+``huggingface_hub``, using the user's own token. The token is passed to the Hub client only: it is never
+written into a file, the card, or the LoRA metadata (the export's allow-list keeps it out of the weights).
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from trainer.advisor import starred_step
+from trainer.errors import UserError
+from trainer.export import export_bytes
+from trainer.models import FLUX_DEV
+from trainer.runs import RunFolder
+
+ADVICE_FILE = "advice.json"  # written by the app after scoring: {"step": int, "weight": float, ...}
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
+FLUX_DEV_LICENSE = dict(license="other", license_name="flux-1-dev-non-commercial-license",
+                        license_link="https://huggingface.co/black-forest-labs/FLUX.1-dev/blob/main/LICENSE.md")
+
+
+@dataclass(frozen=True)
+class PublishPlan:
+    repo_id: str
+    private: bool
+    step: int
+    weight: float
+    files: dict[str, bytes]  # path in the repo → content
+
+    @property
+    def card(self) -> str:
+        return self.files["README.md"].decode("utf-8")
+
+    def operations(self):
+        from huggingface_hub import CommitOperationAdd
+
+        return [CommitOperationAdd(path_in_repo=path, path_or_fileobj=data) for path, data in self.files.items()]
+
+
+def recommended(run: RunFolder) -> tuple[int, float, str]:
+    """(step, weight, why): the user's star, else the advisor's suggestion, else the last checkpoint at 1.0."""
+    steps = [c["step"] for c in run.checkpoints if (run.path / c["path"]).is_file()]
+    if not steps:
+        raise UserError("This run has no checkpoints to publish.")
+    advice = _read_advice(run.path)
+    star = starred_step(run.path)
+    if star in steps:
+        weight = advice["weight"] if advice and advice.get("step") == star else 1.0
+        return star, weight, "starred by the trainer's user"
+    if advice and advice.get("step") in steps:
+        return advice["step"], float(advice.get("weight", 1.0)), "suggested by the checkpoint scores (a heuristic)"
+    return max(steps), 1.0, "the last checkpoint"
+
+
+def _read_advice(run_dir: Path) -> dict | None:
+    try:
+        data = json.loads((Path(run_dir) / ADVICE_FILE).read_text())
+        return data if isinstance(data, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def plan_publish(run: RunFolder, repo_id: str, step: int | None = None, weight: float | None = None,
+                 private: bool = True, grid: Path | None = None) -> PublishPlan:
+    repo_id = (repo_id or "").strip()
+    if not _REPO_ID.match(repo_id):
+        raise UserError(f"'{repo_id}' is not a Hub repo id: write it as 'your-username/model-name'.")
+    rec_step, rec_weight, why = recommended(run)
+    if step is None:
+        step, why = rec_step, why
+    if weight is None:
+        weight = rec_weight if step == rec_step else 1.0
+    entry = next((c for c in run.checkpoints if c["step"] == step), None)
+    if entry is None or not (run.path / entry["path"]).is_file():
+        raise UserError(f"There is no checkpoint at step {step} in this run.")
+    cfg = run.config
+    name = _file_stem(repo_id)
+    info = {"base_model": run.model, "steps": str(step), "step": str(step), "rank": str(cfg.rank),
+            "alpha": str(cfg.alpha), "resolution": str(cfg.resolution), "trigger_word": cfg.trigger,
+            "caption": cfg.training_caption, "learning_rate": str(cfg.learning_rate), "software": "one-image-lora"}
+    checkpoint = run.path / entry["path"]
+    files: dict[str, bytes] = {
+        f"{name}.safetensors": export_bytes(checkpoint, "diffusers", info),
+        f"comfyui/{name}-comfyui.safetensors": export_bytes(checkpoint, "kohya", info),
+    }
+    samples = []
+    for i, preview in enumerate(entry.get("previews", [])):
+        path = run.path / preview["path"]
+        if path.is_file():
+            files[f"images/sample-{i}.png"] = path.read_bytes()
+            samples.append((f"images/sample-{i}.png", preview["prompt"]))
+    grid_path = None
+    if grid is not None and Path(grid).is_file():
+        grid_path = "images/grid.png"
+        files[grid_path] = Path(grid).read_bytes()
+    files["README.md"] = model_card(run, repo_id, name, step, weight, why, samples, grid_path).encode("utf-8")
+    return PublishPlan(repo_id=repo_id, private=private, step=step, weight=weight, files=files)
+
+
+def _file_stem(repo_id: str) -> str:
+    return re.sub(r"[^\w.-]", "_", repo_id.split("/", 1)[1])
+
+
+def model_card(run: RunFolder, repo_id: str, name: str, step: int, weight: float, why: str,
+               samples: list[tuple[str, str]], grid_path: str | None) -> str:
+    from huggingface_hub import ModelCardData
+
+    cfg = run.config
+    hub_base = run.model if _REPO_ID.match(run.model or "") and not Path(run.model).expanduser().exists() else None
+    data = dict(tags=["text-to-image", "flux", "lora", "diffusers", "template:sd-lora", "one-image-lora"],
+                library_name="diffusers")
+    if hub_base:
+        data["base_model"] = hub_base
+    if hub_base == FLUX_DEV:
+        data.update(FLUX_DEV_LICENSE)
+    if cfg.trigger:
+        data["instance_prompt"] = cfg.trigger
+    if samples:
+        data["widget"] = [{"text": prompt, "output": {"url": path}} for path, prompt in samples]
+    front = ModelCardData(**data).to_yaml()
+    trigger = f"`{cfg.trigger}`" if cfg.trigger else "none (a style LoRA: it applies without one)"
+    base_line = f"[{hub_base}](https://huggingface.co/{hub_base})" if hub_base else f"`{run.model}`"
+    settings = [("base model", run.model), ("trained steps", step), ("rank / alpha", f"{cfg.rank} / {cfg.alpha:g}"),
+                ("learning rate", cfg.learning_rate), ("resolution", f"{cfg.resolution} px area"
+                                                                    + (f" ({run.train_size[0]}x{run.train_size[1]})"
+                                                                       if run.train_size else "")),
+                ("masked loss", "yes (background not trained)" if cfg.masked else "no"),
+                ("caption", cfg.training_caption), ("seed", cfg.seed)]
+    lines = [
+        "---", front.strip(), "---", "",
+        f"# {repo_id.split('/', 1)[1]}", "",
+        f"A Flux.1 LoRA trained from a single image with one-image-lora, on {base_line}.", "",
+        f"**Trigger word:** {trigger}", "",
+        f"**Recommended:** the checkpoint at step {step}, at LoRA weight **{weight:g}** ({why}). "
+        "One-image LoRAs overfit easily: if outputs copy the training image or show a rough texture, lower the weight.",
+        "",
+    ]
+    if grid_path:
+        lines += ["## Checkpoint comparison", "",
+                  "Columns: the base model, then each checkpoint; rows: seeds.", "",
+                  f"![checkpoint grid]({grid_path})", ""]
+    if samples:
+        lines += ["## Samples", ""] + [f"![{prompt}]({path})" for path, prompt in samples] + [""]
+    lines += ["## Training settings", "", "| setting | value |", "| --- | --- |"]
+    lines += [f"| {k} | {str(v).replace('|', '/')} |" for k, v in settings]
+    lines += [
+        "", "## Use it", "",
+        "With diffusers:", "", "```python", "import torch", "from diffusers import FluxPipeline", "",
+        f"pipe = FluxPipeline.from_pretrained({json.dumps(hub_base or FLUX_DEV)}, torch_dtype=torch.bfloat16).to(\"cuda\")",
+        f"pipe.load_lora_weights({json.dumps(repo_id)}, weight_name={json.dumps(name + '.safetensors')}, adapter_name=\"lora\")",
+        f"pipe.set_adapters([\"lora\"], adapter_weights=[{weight:g}])",
+        f"image = pipe({json.dumps(cfg.training_caption)}, num_inference_steps=28, guidance_scale=3.5).images[0]",
+        "```", "",
+        f"In ComfyUI or Forge: download `comfyui/{name}-comfyui.safetensors` (kohya layout) into `models/loras` "
+        f"and use it at strength {weight:g}.", "",
+    ]
+    return "\n".join(lines)
+
+
+def publish(plan: PublishPlan, token: str | None, api=None, endpoint: str | None = None) -> str:
+    """Create the repo (private unless the plan says otherwise) and upload the plan's files in one commit.
+    Returns the repo's URL."""
+    from huggingface_hub import HfApi
+    from huggingface_hub import errors as hub_errors
+
+    if not token:
+        raise UserError("Publishing needs your Hugging Face token with write access: set HF_TOKEN, or log in on the "
+                        "Space. It is used for this upload only and never saved in the files.")
+    api = api or HfApi(endpoint=endpoint, token=token)
+    try:
+        url = api.create_repo(plan.repo_id, private=plan.private, exist_ok=True, repo_type="model", token=token)
+        if plan.private and not getattr(api.repo_info(plan.repo_id, repo_type="model", token=token), "private", True):
+            # exist_ok found someone's existing public repo: never publish into it when "private" was asked for.
+            raise UserError(f"'{plan.repo_id}' already exists and is public. Choose another name, make it private "
+                            "on the Hub, or untick 'private'.")
+        api.create_commit(repo_id=plan.repo_id, operations=plan.operations(), token=token, repo_type="model",
+                          commit_message=f"Upload LoRA (step {plan.step}) from one-image-lora")
+    except hub_errors.HfHubHTTPError as err:
+        status = getattr(getattr(err, "response", None), "status_code", None)
+        if status in (401, 403):
+            raise UserError(f"The Hub refused the upload to '{plan.repo_id}' ({status}): the token needs write "
+                            "access to that namespace.") from None
+        raise UserError(f"Uploading to '{plan.repo_id}' failed (HTTP {status}). Try again later.") from None
+    except OSError as err:
+        raise UserError(f"Could not reach the Hugging Face Hub to publish: {err}.") from None
+    return str(url)
