@@ -7,12 +7,15 @@ pooled 768, a mask), and times:
   baseline  the reference step (shared/reference/naive_flux_lora_step.py, LORA_FP32=1: fp32 LoRA under bf16
             autocast, fused AdamW, no compile) for rank 16 and 4, 512 and 1024 px, with/without checkpointing;
   project   ``trainer.loop.training_step`` + loss.item() + backward + clip + AdamW, exactly as ``train_lora``
-            runs it, for the same grid, first eager, then with the speed-ups (``--accel``):
-              compile    ``trainer.speed.accelerate_transformer`` (each block compiled in place)
-              graph      the whole step captured as two CUDA graphs (forward+backward | clip+AdamW) and replayed
-              compile+graph  both;
+            runs it ("none"), and ``trainer.speed.TrainStep`` (the shipped fast step) in its variants:
+              step           TrainStep eager (skips peft's fp32 round trip of LoRA inputs under autocast)
+              graph          TrainStep replaying the step from two CUDA graphs (forward+backward | clip+AdamW)
+              compile        blocks compiled by ``trainer.speed.accelerate_transformer``, loop step
+              compile+graph  both (the fast path);  suffixes: -castcopy (keep peft's cast), +cudnn (cuDNN SDPA)
+            for rank 16 and 4, 512 and 1024 px, with/without checkpointing (``--plan`` picks which);
   preview   one 20-step preview through ``trainer.sampling.PreviewRenderer`` with a real-config VAE (random
             weights), eager and compiled;
+  profile   kernel time per step by category (torch.profiler);
   tiers     which configurations fit under 24 / 16 / 12 GB (``torch.cuda.set_per_process_memory_fraction``).
 Each figure is the median of several CUDA-synchronised steps after warm-up. Rows are written to the JSON file
 after every case (a run cut short keeps what it measured); a short table is printed last.
@@ -67,6 +70,8 @@ TINY_VAE = dict(in_channels=3, out_channels=3, block_out_channels=[8, 16, 32, 32
                 use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035)
 GIB = 2 ** 30
 TIERS_GB = (24, 16, 12)
+DEFAULT_PLAN = ("baseline,none,preview,graph@r16@nockpt,compile@nockpt,compile@ckpt,compile+graph,"
+                "preview-compile,tiers")
 
 
 class Bench:
@@ -356,86 +361,137 @@ class Bench:
         s.opt = opt
         return step
 
-    def graphed_step(self, s):
-        """The same step captured as CUDA graphs: [forward + loss + backward] then, if the loss is finite,
-        [clip + AdamW]. The example never changes and the noise comes from the registered generator, so
-        replaying is the whole step. Bench-only for now (see RESULTS.md)."""
-        from trainer.loop import training_step
+    def trainstep_step(self, s, graphs: bool, skip_cast: bool):
+        """``trainer.speed.TrainStep`` (what the trainer ships): eager or CUDA-graphed, as ``train_lora`` would call it."""
+        from trainer.speed import TrainStep, adamw_options
 
-        model, cfg = self.transformer, s.cfg
-        opt = torch.optim.AdamW(s.params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=True,
-                                capturable=True)
-
-        def full():
-            loss = training_step(model, s.example, cfg, s.generator, s.mu, True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(s.params, cfg.max_grad_norm)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        t = time.perf_counter()
-        with torch.cuda.stream(side):
-            for _ in range(3):  # warm-up (and compile, when blocks are compiled) outside the capture
-                full()
-        torch.cuda.current_stream().wait_stream(side)
-        torch.cuda.synchronize()
-        warm = time.perf_counter() - t
-        t = time.perf_counter()
-        g1, g2 = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
-        g1.register_generator_state(s.generator)
-        opt.zero_grad(set_to_none=True)
-        with torch.cuda.graph(g1):
-            static_loss = training_step(model, s.example, cfg, s.generator, s.mu, True)
-            static_loss.backward()
-        with torch.cuda.graph(g2, pool=g1.pool()):
-            torch.nn.utils.clip_grad_norm_(s.params, cfg.max_grad_norm)
-            opt.step()
-        torch.cuda.synchronize()
-        s.capture_s = time.perf_counter() - t
-        s.warm_s = warm
-        s.graphs = (g1, g2)
-        s.opt = opt
-        s.nonfinite = 0
+        cfg = s.cfg
+        opts = adamw_options(self.device)
+        if not graphs:
+            opts.pop("capturable", None)
+        opt = torch.optim.AdamW(s.params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, **opts)
+        runner = TrainStep(self.transformer, s.example, cfg, s.generator, s.mu, s.params, opt, graphs=graphs,
+                           skip_lora_input_cast=skip_cast)
+        s.opt, s.runner, s.nonfinite = opt, runner, 0
 
         def step():
-            g1.replay()
-            if math.isfinite(static_loss.item()):
-                g2.replay()
+            value = runner.forward_backward(True)
+            if math.isfinite(value):
+                runner.apply()
             else:
                 s.nonfinite += 1
-            torch.cuda.synchronize()
+                runner.discard()
+            if self.cuda:
+                torch.cuda.synchronize()
         return step
+
+    @staticmethod
+    def parse_label(label: str) -> dict:
+        """none | step | graph | compile | compile+graph, with modifiers -castcopy (peft's fp32 input cast kept),
+        +cudnn (cuDNN attention enabled)."""
+        return dict(compile="compile" in label, graphs="graph" in label, skip_cast="castcopy" not in label,
+                    cudnn="cudnn" in label, loop=label in ("none", "compile"))
 
     def run_project(self, grid, accel: str):
         if self.transformer is None:
             self.build_transformer()
+        flags = self.parse_label(accel)
+        from trainer.speed import is_accelerated
+
         for rank, res, ckpt in grid:
-            base = dict(impl="project", accel=accel, rank=rank, resolution=res, checkpointing=ckpt)
+            base = dict(impl="project", accel=accel, rank=rank, resolution=res, checkpointing=ckpt,
+                        compiled=is_accelerated(self.transformer))
             holder = {}
 
             def measure(rank=rank, res=res, ckpt=ckpt):
                 s = holder["s"] = self.project_setup(rank, res, ckpt)
                 extra = dict(lora_params_M=s.lora_params_M)
-                step = self.graphed_step(s) if "graph" in accel else self.eager_step(s)
-                if "graph" in accel:
-                    extra.update(warmup_s=round(s.warm_s, 2), capture_s=round(s.capture_s, 2))
-                times, first = self.timed(step, self.args.steps, self.args.warmup, self.args.max_case_s)
+                if flags["loop"]:
+                    step = self.eager_step(s)
+                else:
+                    step = self.trainstep_step(s, flags["graphs"], flags["skip_cast"])
+                if self.cuda and flags["cudnn"]:
+                    torch.backends.cuda.enable_cudnn_sdp(True)
+                try:
+                    times, first = self.timed(step, self.args.steps, max(self.args.warmup, 5 if flags["graphs"] else 0),
+                                              self.args.max_case_s)
+                finally:
+                    if self.cuda:
+                        torch.backends.cuda.enable_cudnn_sdp(False)
                 extra.update(self.summary(times, first), nonfinite_losses=s.nonfinite)
+                runner = getattr(s, "runner", None)
+                if runner is not None:
+                    extra.update(graphed=runner.graphed, graph_error=runner.graph_error)
+                    if flags["graphs"] and not runner.graphed:
+                        extra["error"] = f"not graphed: {runner.graph_error}"
                 return extra
 
-            est = self.est(res, ckpt, eager=accel == "none")
-            if "compile" in accel and (rank, res) not in self.compiled_shapes:
-                est += 60
+            est = self.est(res, ckpt, eager=not (flags["compile"] or flags["graphs"]))
+            if flags["compile"] and (rank, res) not in self.compiled_shapes:
+                est += 50
             out = self.case(measure, base, est_s=est)
-            if out is not None and "compile" in accel:
+            if out is not None and flags["compile"]:
                 self.compiled_shapes.add((rank, res))
             if "s" in holder:
                 s = holder.pop("s")
-                s.__dict__.pop("graphs", None)
+                runner = s.__dict__.pop("runner", None)
+                if runner is not None:
+                    runner.close()
                 s.__dict__.pop("opt", None)
                 self.project_teardown(s)
+
+    # ---------------------------------------------------------------- profile
+    def run_profile(self, accel: str = "step"):
+        """Where the GPU time of one step goes (kernel time by category), for the step variant ``accel``."""
+        from torch.profiler import ProfilerActivity, profile
+
+        if not self.cuda:
+            return
+        flags = self.parse_label(accel)
+        s = self.project_setup(16, self.resolution_list()[0], False)
+        try:
+            step = self.eager_step(s) if flags["loop"] else self.trainstep_step(s, False, flags["skip_cast"])
+            for _ in range(3):
+                step()
+            with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+                for _ in range(2):
+                    step()
+            cats: dict[str, float] = {}
+            lines = []
+            for e in prof.key_averages():
+                us = getattr(e, "self_device_time_total", None)
+                if us is None:
+                    us = getattr(e, "self_cuda_time_total", 0)
+                if not us or e.device_type.name != "CUDA":
+                    continue
+                n = e.key.lower()
+                if "flash" in n or "fmha" in n or "attention" in n or "cudnn" in n:
+                    c = "attention"
+                elif "gemm" in n or "xmma" in n or "cutlass" in n or "sm90" in n or "cublas" in n or "matmul" in n:
+                    c = "gemm"
+                elif n.startswith("triton"):
+                    c = "triton (fused elementwise/norm)"
+                elif "adam" in n or "foreach" in n or "multi_tensor" in n:
+                    c = "optimizer/clip"
+                elif "elementwise" in n or "vectorized" in n or "reduce" in n or "copy" in n or "cat" in n:
+                    c = "aten elementwise/copy"
+                else:
+                    c = "other"
+                cats[c] = cats.get(c, 0.0) + us / 2 / 1e3  # ms per step
+                lines.append((us / 2 / 1e3, e.count // 2, e.key[:110]))
+            lines.sort(reverse=True)
+            total = sum(cats.values())
+            self.info[f"profile_{accel}_ms_per_step"] = {k: round(v, 2) for k, v in sorted(cats.items(), key=lambda kv: -kv[1])}
+            self.info[f"profile_{accel}_kernel_ms_total"] = round(total, 2)
+            self.log(f"profile {accel}: kernel time {total:.1f} ms/step:", self.info[f"profile_{accel}_ms_per_step"])
+            out = Path(self.args.out_dir) / f"profile-{accel}.txt"
+            out.write_text("\n".join(f"{ms:9.3f} ms {cnt:6d}x  {k}" for ms, cnt, k in lines[:60]))
+        except Exception as err:
+            self.log("profile failed:", repr(err)[:300])
+        finally:
+            s.__dict__.pop("opt", None)
+            s.__dict__.pop("runner", None)
+            self.project_teardown(s)
 
     # ---------------------------------------------------------------- preview
     def run_preview(self, accel: str, n: int = 3):
@@ -520,12 +576,39 @@ class Bench:
                     self.add_row(**base, fits=True, **self.peaks())
                 except torch.OutOfMemoryError:
                     self.add_row(**base, fits=False, error="OOM", **self.peaks())
+                except Exception as err:
+                    self.add_row(**base, fits=None, error=f"{type(err).__name__}: {str(err)[:200]}")
                 finally:
-                    if s is not None:
-                        s.__dict__.pop("opt", None)
-                        self.project_teardown(s)
                     torch.cuda.set_per_process_memory_fraction(1.0)
+                    try:
+                        if s is not None:
+                            s.__dict__.pop("opt", None)
+                            self.project_teardown(s)
+                    except Exception:
+                        pass
+                    # An OOM inside peft's add_adapter leaves the model half-wrapped: start from a fresh one.
+                    compiled = self.info.get("compiled")
+                    self.transformer = None
                     self.free()
+                    self.build_transformer()
+                    if compiled:
+                        self.info["compiled"] = False
+
+    def ensure_compiled(self):
+        from trainer.speed import accelerate_transformer, is_accelerated
+
+        if self.transformer is None:
+            self.build_transformer()
+        if is_accelerated(self.transformer):
+            return
+        kwargs = dict(force=self.tiny)
+        if self.tiny:
+            kwargs["backend"] = self.args.tiny_backend
+        if self.args.compile_mode:
+            kwargs["mode"] = self.args.compile_mode
+        done = accelerate_transformer(self.transformer, self.device, **kwargs)
+        self.info["compiled"] = done
+        self.log("accelerate_transformer ->", done)
 
     # ---------------------------------------------------------------- driver
     def run(self):
@@ -538,7 +621,7 @@ class Bench:
         gpu = torch.cuda.get_device_name(0) if self.cuda else "cpu"
         self.info.update(gpu=gpu, date=datetime.date.today().isoformat(), torch=torch.__version__,
                          diffusers=diffusers.__version__, peft=peft.__version__, python=platform.python_version(),
-                         tiny=self.tiny, steps=a.steps, warmup=a.warmup, phases=a.phases, accel=a.accel,
+                         tiny=self.tiny, steps=a.steps, warmup=a.warmup, plan=a.plan,
                          cudnn_sdp=False if self.cuda else None, git_here=_git_head())
         if self.cuda:
             p = torch.cuda.get_device_properties(0)
@@ -552,45 +635,33 @@ class Bench:
 
         ranks = a.ranks
         resolutions = self.resolution_list()
-        ckpts = [False, True]
-        full_grid = [(r, res, c) for res in resolutions for r in ranks for c in ckpts]
-        main = [g for g in full_grid if g[1] == resolutions[0]] + [g for g in full_grid if g[1] != resolutions[0]]
-        phases = a.phases.split(",")
-        if "baseline" in phases:
-            self.run_baseline(main)
-        if "project" in phases:
-            self.run_project(main, "none")
-        if "preview" in phases:
-            self.run_preview("none")
-        head = (ranks[0], resolutions[0], False)
-        if "graph" in phases and self.cuda:
-            self.run_project([head], "graph")
-        if "compile" in phases:
-            from trainer.speed import accelerate_transformer
+        full = [(r, res, c) for res in resolutions for r in ranks for c in (False, True)]
+        for item in [x.strip() for x in a.plan.split(",") if x.strip()]:
+            label, *filters = item.split("@")
+            grid = [g for g in full if all(_match(g, f) for f in filters)]
+            self.log("plan item", item, "->", grid)
+            if label == "baseline":
+                self.run_baseline(grid)
+            elif label in ("preview", "preview-compile"):
+                if label == "preview-compile":
+                    self.ensure_compiled()
+                self.run_preview("compile" if label == "preview-compile" else "none")
+            elif label.startswith("profile"):
+                acc = label.split(":", 1)[1] if ":" in label else "step"
+                if "compile" in acc:
+                    self.ensure_compiled()
+                self.run_profile(acc)
+            elif label == "tiers":
+                from trainer.speed import is_accelerated
 
-            if self.transformer is None:
-                self.build_transformer()
-            kwargs = dict(force=self.tiny)
-            if self.tiny:
-                kwargs["backend"] = a.tiny_backend
-            if a.compile_mode:
-                kwargs["mode"] = a.compile_mode
-            done = accelerate_transformer(self.transformer, self.device, **kwargs)
-            self.info["compiled"] = done
-            self.log("accelerate_transformer ->", done)
-            first = [(ranks[0], resolutions[0], False), (ranks[0], resolutions[0], True)]
-            self.run_project(first, "compile")
-            if "graph" in phases and self.cuda:
-                self.run_project([head], "compile+graph")
-            if "preview" in phases:
-                self.run_preview("compile")
-            rest = [g for g in main if g not in first]
-            self.run_project(rest, "compile")
-        if "tiers" in phases:
-            tier_grid = [(4, resolutions[0], True), (16, resolutions[0], True), (16, resolutions[0], False)]
-            from trainer.speed import is_accelerated
-
-            self.run_tiers(tier_grid, "compile" if self.transformer is not None and is_accelerated(self.transformer) else "none")
+                tier_grid = [(4, resolutions[0], True)]
+                self.run_tiers(tier_grid, "compile" if self.transformer is not None and is_accelerated(self.transformer) else "none")
+            else:
+                if self.parse_label(label)["compile"]:
+                    self.ensure_compiled()
+                if self.parse_label(label)["graphs"] and not self.cuda:
+                    continue
+                self.run_project(grid, label)
         self.write()
         self.log("wrote", self.out_path)
         print_table(self.rows, self.info, a.commit)
@@ -624,6 +695,19 @@ def print_table(rows, info, commit):
                   f"{'fits' if r.get('fits') else 'does not fit'} (peak {r.get('peak_gib')} GiB)")
 
 
+def _match(grid_item, f: str) -> bool:
+    rank, res, ckpt = grid_item
+    if f.startswith("r"):
+        return rank == int(f[1:])
+    if f.isdigit():
+        return res == int(f)
+    if f == "ckpt":
+        return ckpt
+    if f == "nockpt":
+        return not ckpt
+    raise SystemExit(f"unknown plan filter @{f}")
+
+
 def _slug(name: str) -> str:
     n = name.lower()
     for key in ("h100", "h200", "a100", "l40s", "4090", "3090"):
@@ -646,8 +730,10 @@ def main(argv=None):
     p.add_argument("--out-dir", default=str(ROOT / "bench" / "results"))
     p.add_argument("--tag", default="", help="suffix for the JSON file name")
     p.add_argument("--commit", default=os.environ.get("BENCH_COMMIT") or _git_head())
-    p.add_argument("--phases", default="baseline,project,preview,graph,compile,tiers")
-    p.add_argument("--accel", default="compile,graph")
+    p.add_argument("--plan", default=DEFAULT_PLAN,
+                   help="comma list run in order: baseline | none | step | graph | compile | compile+graph "
+                        "(+ -castcopy, +cudnn) | preview | preview-compile | profile[:variant] | tiers; "
+                        "each may be filtered with @r16 @r4 @512 @1024 @ckpt @nockpt")
     p.add_argument("--ranks", type=int, nargs="+", default=[16, 4])
     p.add_argument("--resolutions", type=int, nargs="+", default=[512, 1024])
     p.add_argument("--steps", type=int, default=12, help="timed steps per case (fewer if a case runs past --max-case-s)")

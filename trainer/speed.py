@@ -8,19 +8,34 @@ Triton, or with ``ONE_IMAGE_LORA_COMPILE=0`` it returns ``False`` and leaves the
 tiny-demo path and the tests never compile. ``restore_eager`` undoes it (used as the fallback when compiling
 fails at the first step).
 
+``TrainStep`` is ``train_lora``'s step (forward + masked loss + backward | clip + AdamW). On a CUDA GPU, after a
+few eager warm-up steps, it captures the step as two CUDA graphs and replays them: the cached example never
+changes and the noise comes from the loop's own (registered) generator, so a replay *is* the step, with no
+Python or kernel-launch overhead. The loss is still checked before the optimizer graph runs, so nothing
+non-finite is ever applied. Off the GPU, with ``ONE_IMAGE_LORA_CUDA_GRAPHS=0``, or if capturing fails, it runs
+the plain eager step.
+
 Measured numbers and what each change bought: ``bench/RESULTS.md``.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import os
+from typing import Callable
 
 import torch
 
 log = logging.getLogger(__name__)
 
 ENV_SWITCH = "ONE_IMAGE_LORA_COMPILE"  # "0" turns compilation off (debugging, or a GPU where it misbehaves)
+GRAPHS_SWITCH = "ONE_IMAGE_LORA_CUDA_GRAPHS"  # "0" turns CUDA-graph replay of the training step off
 _FLAG = "_one_image_lora_compiled"
+
+
+def _switched_off(name: str) -> bool:
+    return os.environ.get(name, "1").strip().lower() in ("0", "false", "no", "off")
 
 
 def _blocks(transformer) -> list[torch.nn.Module]:
@@ -32,7 +47,7 @@ def _blocks(transformer) -> list[torch.nn.Module]:
 
 def can_compile(device) -> bool:
     """True where block compilation is expected to work and pay: a CUDA device with Triton, not switched off."""
-    if os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
+    if _switched_off(ENV_SWITCH):
         return False
     if torch.device(device).type != "cuda" or not torch.cuda.is_available():
         return False
@@ -83,3 +98,189 @@ def restore_eager(transformer) -> None:
         torch._dynamo.reset()
     except Exception:  # pragma: no cover - best effort
         pass
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The training step, eager or replayed from CUDA graphs
+
+def can_use_cuda_graphs(device) -> bool:
+    return (torch.device(device).type == "cuda" and torch.cuda.is_available() and not _switched_off(GRAPHS_SWITCH)
+            and hasattr(torch.cuda, "CUDAGraph") and hasattr(torch.cuda.CUDAGraph, "register_generator_state"))
+
+
+def adamw_options(device) -> dict:
+    """Keyword arguments for ``torch.optim.AdamW`` that suit ``TrainStep`` on ``device``: fused on CUDA, and
+    capturable (its step counter on the GPU) where the step will be replayed from a CUDA graph."""
+    cuda = torch.device(device).type == "cuda"
+    return {"fused": cuda, **({"capturable": True} if can_use_cuda_graphs(device) else {})}
+
+
+def _lora_layers(transformer) -> list[torch.nn.Module]:
+    return [m for m in transformer.modules() if hasattr(m, "cast_input_dtype_enabled") and hasattr(m, "lora_A")]
+
+
+class TrainStep:
+    """``forward_backward(use_mask) -> loss``, then ``apply()`` (clip + AdamW) or ``discard()``.
+
+    Same arithmetic as ``trainer.loop``'s step: ``loop.training_step`` computes the loss, gradients are clipped
+    to ``cfg.max_grad_norm``, then ``optimizer.step()``. Two speed-ups, both only on CUDA:
+    - under bf16 autocast, peft's cast of each LoRA input to float32 is skipped (autocast casts it straight back
+      to bf16 for the matmul, so the result is bit-identical; the round trip only costs memory traffic);
+    - after ``warmup_steps`` eager steps the step is captured as CUDA graphs and replayed (needs an optimizer
+      made with ``capturable=True``: see ``adamw_options``). ``use_mask`` stays a per-step choice: the graph
+      reads the loss weights from a buffer that holds the mask or ones (all-ones weights give the plain mean).
+    Any failure while capturing falls back to eager steps for the rest of the run; a compile failure at the
+    first step falls back to the uncompiled blocks (``restore_eager``).
+    """
+
+    def __init__(self, transformer, example, cfg, generator: torch.Generator, mu: float, params, optimizer,
+                 *, graphs: bool | None = None, warmup_steps: int = 3, skip_lora_input_cast: bool = True,
+                 step_fn: Callable | None = None):
+        if step_fn is None:
+            from trainer.loop import training_step as step_fn
+        self.transformer, self.example, self.cfg = transformer, example, cfg
+        self.generator, self.mu, self.params, self.optimizer = generator, mu, list(params), optimizer
+        self._step_fn = step_fn
+        self.device = example.latents.device
+        self.cuda = self.device.type == "cuda"
+        capturable = any(g.get("capturable", False) for g in optimizer.param_groups)
+        if graphs is None:
+            graphs = can_use_cuda_graphs(self.device)
+        self.graphs_wanted = bool(graphs and self.cuda and capturable and getattr(generator, "device", None) is not None
+                                  and generator.device.type == "cuda")
+        self.warmup_steps = warmup_steps
+        self.eager_steps = 0
+        self.graph_error: str | None = None
+        self._graphs = None
+        self._lora = _lora_layers(transformer) if (self.cuda and skip_lora_input_cast) else []
+        self._side = None
+
+    @property
+    def graphed(self) -> bool:
+        return self._graphs is not None
+
+    # ---- eager
+    def _forward_loss(self, example, use_mask: bool) -> torch.Tensor:
+        for m in self._lora:
+            m.cast_input_dtype_enabled = False
+        try:
+            return self._step_fn(self.transformer, example, self.cfg, self.generator, self.mu, use_mask)
+        finally:
+            for m in self._lora:
+                m.cast_input_dtype_enabled = True
+
+    def _eager_forward_backward(self, use_mask: bool) -> float:
+        first_compiled = self.eager_steps == 0 and is_accelerated(self.transformer)
+        rng_state = self.generator.get_state() if first_compiled else None
+        try:
+            loss = self._forward_loss(self.example, use_mask)
+            loss.backward()
+        except torch.OutOfMemoryError:
+            raise
+        except Exception:
+            if rng_state is None:
+                raise
+            # The first step compiles the blocks: if that fails, run them uncompiled rather than fail the job
+            # (same noise as the failed attempt, so the run is what an uncompiled run would have been).
+            log.warning("compiling the transformer blocks failed; training uncompiled", exc_info=True)
+            self.optimizer.zero_grad(set_to_none=True)
+            restore_eager(self.transformer)
+            self.generator.set_state(rng_state)
+            loss = self._forward_loss(self.example, use_mask)
+            loss.backward()
+        self.eager_steps += 1
+        return loss.item()
+
+    # ---- graphs
+    def _capture(self) -> None:
+        cfg, opt, params = self.cfg, self.optimizer, self.params
+        weights = self.example.weights
+        mask_buffer = ones = None
+        example = self.example
+        if weights is not None:
+            mask_buffer = weights.detach().clone()
+            ones = torch.ones_like(mask_buffer)
+            example = dataclasses.replace(self.example, weights=mask_buffer)
+        torch.cuda.synchronize()
+        opt.zero_grad(set_to_none=True)  # backward allocates the gradients inside the graph's memory pool
+        fwd, upd = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+        fwd.register_generator_state(self.generator)
+        with torch.cuda.graph(fwd, capture_error_mode="thread_local"):
+            loss = self._forward_loss(example, weights is not None)
+            loss.backward()
+        with torch.cuda.graph(upd, pool=fwd.pool(), capture_error_mode="thread_local"):
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            opt.step()
+        torch.cuda.synchronize()
+        self._graphs = (fwd, upd, loss, mask_buffer, ones)
+
+    def _release_graphs(self) -> None:
+        self._graphs = None
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+
+    def forward_backward(self, use_mask: bool) -> float:
+        """Compute the loss and the LoRA gradients for one noised copy of the example; returns the loss value."""
+        if self._graphs is None and self.graphs_wanted and self.graph_error is None \
+                and self.eager_steps >= self.warmup_steps:
+            try:
+                self._capture()
+            except torch.OutOfMemoryError as err:
+                self.graph_error = f"OutOfMemoryError: {err}"[:300]
+                self._release_graphs()
+            except Exception as err:  # anything the capture can't handle: stay eager
+                log.warning("capturing the training step as a CUDA graph failed; staying eager", exc_info=True)
+                self.graph_error = f"{type(err).__name__}: {err}"[:300]
+                self._release_graphs()
+        if self._graphs is not None:
+            fwd, _, loss, mask_buffer, ones = self._graphs
+            if mask_buffer is not None:
+                mask_buffer.copy_(self.example.weights if use_mask else ones)
+            fwd.replay()
+            return loss.item()
+        if self.graphs_wanted and self.graph_error is None:
+            # Warm-up steps before the capture run on a side stream, as CUDA-graph capture requires.
+            with self._side_stream():
+                return self._eager_forward_backward(use_mask)
+        return self._eager_forward_backward(use_mask)
+
+    def apply(self) -> None:
+        """Clip the gradients and take the optimizer step (then clear the gradients)."""
+        if self._graphs is not None:
+            self._graphs[1].replay()
+            return
+        if self.graphs_wanted and self.graph_error is None:
+            with self._side_stream():
+                self._eager_apply()
+            return
+        self._eager_apply()
+
+    @contextlib.contextmanager
+    def _side_stream(self):
+        if self._side is None:
+            self._side = torch.cuda.Stream()
+        current = torch.cuda.current_stream()
+        self._side.wait_stream(current)
+        try:
+            with torch.cuda.stream(self._side):
+                yield
+        finally:
+            current.wait_stream(self._side)
+
+    def _eager_apply(self) -> None:
+        torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def discard(self) -> None:
+        """Drop the gradients of the last ``forward_backward`` (e.g. the loss was not finite)."""
+        if self._graphs is None:
+            self.optimizer.zero_grad(set_to_none=True)
+
+    def close(self) -> None:
+        """Free the graphs' memory (the gradients live in it)."""
+        if self._graphs is not None:
+            self._release_graphs()
+
