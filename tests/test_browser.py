@@ -1,0 +1,248 @@
+"""The page in a real browser (headless Debian Chromium via Selenium).
+
+One full run the way a user does it: upload through the file input, see the mask preview, shrink the
+preset, Train, watch it finish with previews, and save a full-page screenshot for the README
+(``docs/screenshot.png``). And re-attach: reloading the tab mid-run shows the running job again, because
+the BrowserState owner id survives the reload in localStorage.
+"""
+from __future__ import annotations
+
+import re
+import shutil
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+from urllib.request import urlopen
+
+import pytest
+from PIL import Image
+
+from tests.helpers_app import launched_app, write_subject_png
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+HEADLESS_FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--no-first-run", "--window-size=1280,2400")
+SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "screenshot.png"
+OWNER_KEY = "one-image-lora-owner"  # ui/app.py's BrowserState storage key
+RUN_TIMEOUT = 300
+
+webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -r requirements-dev.txt)")
+from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
+from selenium.webdriver.chrome.service import Service  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.common.keys import Keys  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+
+def _browser_paths() -> tuple[str, str] | None:
+    chromium = shutil.which("chromium") or (CHROMIUM if Path(CHROMIUM).is_file() else None)
+    driver = shutil.which("chromedriver") or (CHROMEDRIVER if Path(CHROMEDRIVER).is_file() else None)
+    return (chromium, driver) if chromium and driver else None
+
+
+pytestmark = pytest.mark.skipif(
+    _browser_paths() is None,
+    reason="Chromium and chromedriver are not installed (Debian: apt-get install chromium chromium-driver; "
+           "scripts/install.sh --dev does this as root)")
+
+
+@pytest.fixture
+def app(tmp_path):
+    with launched_app(tmp_path) as running:
+        yield running
+
+
+@pytest.fixture
+def browser():
+    chromium, driver_path = _browser_paths()
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in HEADLESS_FLAGS:
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    driver.set_page_load_timeout(60)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+# ---- page helpers -------------------------------------------------------------------------------------------
+
+
+def wait_until(driver, condition, timeout: float, what: str):
+    def check(d):
+        try:
+            return condition(d)
+        except StaleElementReferenceException:  # Svelte re-rendered the element between find and read
+            return False
+
+    try:
+        return WebDriverWait(driver, timeout, poll_frequency=0.3).until(check)
+    except Exception as err:
+        progress = text_of(driver, "#progress")
+        raise AssertionError(f"timed out after {timeout} s waiting for {what}; #progress says {progress!r}") from err
+
+
+def text_of(driver, selector: str) -> str:
+    found = driver.find_elements(By.CSS_SELECTOR, selector)
+    return found[0].text if found else ""
+
+
+def open_page(driver, url: str) -> None:
+    driver.get(url)
+    wait_until(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#image-upload input[type=file]"), 60,
+               "the page to load")
+
+
+def upload_image(driver, path: Path) -> None:
+    driver.find_element(By.CSS_SELECTOR, "#image-upload input[type=file]").send_keys(str(path))
+    # the mask preview appears once the upload is decoded and masked
+    wait_until(driver, lambda d: any(img.get_attribute("src") and img.get_property("naturalWidth") > 0
+                                     for img in d.find_elements(By.CSS_SELECTOR, "#mask-preview img")),
+               120, "the mask preview")
+    wait_until(driver, lambda d: "automatic background removal" in text_of(d, "#image-info"), 30,
+               "the image description")
+
+
+def number_input(driver, label: str):
+    for box in driver.find_elements(By.CSS_SELECTOR, "input[type=number]"):
+        if box.get_attribute("aria-label") == label:
+            return box
+    raise AssertionError(f"no number box labelled {label!r}")
+
+
+def set_number(driver, label: str, value: int) -> None:
+    box = number_input(driver, label)
+    box.send_keys(Keys.CONTROL, "a")
+    box.send_keys(str(value), Keys.TAB)
+    wait_until(driver, lambda d: number_input(d, label).get_attribute("value") == str(value), 10, f"{label} = {value}")
+
+
+def ensure_tiny_demo(driver) -> None:
+    model = driver.find_element(By.CSS_SELECTOR, "#model input")
+    if model.get_attribute("value") != "tiny-demo":  # the default without a CUDA GPU; set it otherwise
+        model.send_keys(Keys.CONTROL, "a")
+        model.send_keys("tiny-demo", Keys.ENTER)
+    wait_until(driver, lambda d: "tiny-demo is a built-in" in text_of(d, "#model-notice"), 30, "the tiny-demo notice")
+
+
+def configure_run(driver, steps: int, save_every: int) -> None:
+    ensure_tiny_demo(driver)
+    set_number(driver, "Steps", steps)
+    set_number(driver, "Save a checkpoint every N steps", save_every)
+    wait_until(driver, lambda d: f"steps {', '.join(map(str, range(save_every, steps + 1, save_every)))}"
+               in text_of(d, "#plan"), 30, "the plan to follow the new settings")
+
+
+def button_enabled(driver, elem_id: str) -> bool:
+    return driver.find_element(By.ID, elem_id).is_enabled()
+
+
+def current_step(driver) -> int:
+    found = re.search(r"Step (\d+) / \d+", text_of(driver, "#progress"))
+    return int(found.group(1)) if found else -1
+
+
+def owner_in_storage(driver) -> str | None:
+    return driver.execute_script("return window.localStorage.getItem(arguments[0]);", OWNER_KEY)
+
+
+def loaded_gallery_images(driver) -> list:
+    return [img for img in driver.find_elements(By.CSS_SELECTOR, "#previews img")
+            if img.get_property("complete") and img.get_property("naturalWidth") > 0]
+
+
+def full_page_screenshot(driver, path: Path, width: int = 1280) -> None:
+    """Resize the viewport to the whole page's height, then capture it."""
+    height = driver.execute_script("return Math.max(document.body.scrollHeight, document.documentElement.scrollHeight);")
+    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                           {"width": width, "height": int(height), "deviceScaleFactor": 1, "mobile": False})
+    try:
+        time.sleep(1.0)  # let the plot and gallery lay out at the new size
+        path.parent.mkdir(parents=True, exist_ok=True)
+        assert driver.save_screenshot(str(path)), "the browser did not write the screenshot"
+    finally:
+        driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+
+
+# ---- tests ----------------------------------------------------------------------------------------------------
+
+
+def test_a_full_run_in_the_browser_and_the_readme_screenshot(app, browser, tmp_path):
+    open_page(browser, app.url)
+    assert browser.title == "One-image Flux LoRA"
+    assert text_of(browser, "#progress") == ""
+    assert not button_enabled(browser, "stop")
+
+    # a 1-megapixel upload, so the README screenshot shows the size of picture the app asks for
+    upload_image(browser, write_subject_png(tmp_path, size=(1024, 1280)))
+    assert "1024×1280" in text_of(browser, "#image-info")
+    configure_run(browser, steps=4, save_every=2)
+    assert button_enabled(browser, "train")
+    browser.find_element(By.ID, "train").click()
+
+    wait_until(browser, lambda d: "Finished" in text_of(d, "#progress"), RUN_TIMEOUT, "Finished")
+    progress = text_of(browser, "#progress")
+    assert "Finished: 4 steps, 2 checkpoint(s)." in progress and "Step 4 / 4 (100%)" in progress
+    assert button_enabled(browser, "train") and not button_enabled(browser, "stop")
+
+    # previews: step 0 (base model) and both checkpoints, for the caption and the two default extra prompts
+    wait_until(browser, lambda d: len(loaded_gallery_images(d)) >= 9, 60, "nine preview images in the gallery")
+    gallery_text = text_of(browser, "#previews")
+    assert "base model (step 0)" in gallery_text and "step 2" in gallery_text and "step 4" in gallery_text
+    # checkpoints: listed with download links that serve the real files
+    links = {Path(urlparse(a.get_attribute("href")).path).name: a.get_attribute("href")
+             for a in browser.find_elements(By.CSS_SELECTOR, "#checkpoints a[href]")}
+    assert {"lora-000002.safetensors", "lora-000004.safetensors"} <= set(links), links
+    for name in ("lora-000002.safetensors", "lora-000004.safetensors"):
+        with urlopen(links[name], timeout=30) as response:
+            served = response.read()
+        on_disk = list(app.runs_root.rglob(name))
+        assert len(on_disk) == 1 and served == on_disk[0].read_bytes()
+
+    browser.execute_script("window.scrollTo(0, 0);")
+    full_page_screenshot(browser, SCREENSHOT)
+    assert SCREENSHOT.is_file() and SCREENSHOT.stat().st_size > 100_000
+    with Image.open(SCREENSHOT) as shot:
+        width, height = shot.size
+    assert width == 1280 and height >= 2400, shot.size
+
+
+def test_reloading_mid_run_reattaches_to_the_running_job(app, browser, tmp_path):
+    open_page(browser, app.url)
+    wait_until(browser, owner_in_storage, 30, "the (encrypted) owner id in localStorage")
+
+    upload_image(browser, write_subject_png(tmp_path))
+    configure_run(browser, steps=40, save_every=20)
+    browser.find_element(By.ID, "train").click()
+    wait_until(browser, lambda d: current_step(d) >= 1, RUN_TIMEOUT, "the first training step")
+    assert button_enabled(browser, "stop") and not button_enabled(browser, "train")
+    assert len(app.jobs) == 1
+    job = app.jobs[0]
+    assert job.active
+
+    browser.refresh()
+    wait_until(browser, lambda d: d.find_elements(By.ID, "progress"), 60, "the reloaded page")
+    # the reloaded tab streams the same job: its progress comes back and keeps moving
+    wait_until(browser, lambda d: "/ 40" in text_of(d, "#progress"), 60, "the running job after the reload")
+    seen = current_step(browser)
+    wait_until(browser, lambda d: current_step(d) > seen, 120, "the step to advance after the reload")
+    assert "Training" in text_of(browser, "#progress")
+    assert button_enabled(browser, "stop") and not button_enabled(browser, "train")
+    assert app.jobs == [job] and job.active  # re-attached, not restarted
+    assert owner_in_storage(browser)
+
+    # Stop works from the reloaded tab: it still owns the job
+    browser.find_element(By.ID, "stop").click()
+    wait_until(browser, lambda d: "Stopped at step" in text_of(d, "#progress"), 120, "the run to stop")
+    assert not job.active and job.state == "stopped"
+    assert button_enabled(browser, "train") and not button_enabled(browser, "stop")
+
+    # Control: it is the id in localStorage that ties the tab to its job. Without it, a reload is a stranger.
+    browser.execute_script("window.localStorage.removeItem(arguments[0]);", OWNER_KEY)
+    browser.refresh()
+    wait_until(browser, owner_in_storage, 30, "a new owner id in localStorage")
+    time.sleep(2)  # give the page's follow call time to (wrongly) show the old job
+    assert text_of(browser, "#progress") == ""
+    assert button_enabled(browser, "train") and not button_enabled(browser, "stop")
