@@ -200,11 +200,6 @@ def test_train_without_an_image_says_to_upload_one(app, tmp_path):
     assert progress == "" and plot["data"] == [] and gallery == [] and not checkpoints
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "UI bug, reported, not fixed here (ui/training_step.py is not this test's file): render() sends the empty "
-    "loss frame with object dtypes, so the page's first plot value says step/loss are 'nominal'; the browser "
-    "keeps that spec and draws the loss curve on a categorical, upside-down y axis. Fix: give the empty "
-    "DataFrame int64/float64 columns. Remove this marker when it is fixed."))
 def test_the_loss_plot_is_numeric_even_before_the_first_step(app, tmp_path):
     # The page's load event calls the same follow as /follow; with no job yet it sends an empty curve, and
     # that first value decides the plot's axis types in the browser.

@@ -7,6 +7,8 @@ the BrowserState owner id survives the reload in localStorage.
 """
 from __future__ import annotations
 
+import os
+
 import re
 import shutil
 import time
@@ -22,7 +24,7 @@ from tests.helpers_app import launched_app, write_subject_png
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 HEADLESS_FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--no-first-run", "--window-size=1280,2400")
-SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "screenshot.png"
+README_SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "screenshot.png"
 OWNER_KEY = "one-image-lora-owner"  # ui/app.py's BrowserState storage key
 RUN_TIMEOUT = 300
 
@@ -202,6 +204,8 @@ def test_a_full_run_in_the_browser_and_the_readme_screenshot(app, browser, tmp_p
         assert len(on_disk) == 1 and served == on_disk[0].read_bytes()
 
     browser.execute_script("window.scrollTo(0, 0);")
+    # Written to the test's own folder; UPDATE_SCREENSHOT=1 refreshes the README's copy instead.
+    SCREENSHOT = README_SCREENSHOT if os.environ.get("UPDATE_SCREENSHOT") == "1" else tmp_path / "screenshot.png"
     full_page_screenshot(browser, SCREENSHOT)
     assert SCREENSHOT.is_file() and SCREENSHOT.stat().st_size > 100_000
     with Image.open(SCREENSHOT) as shot:

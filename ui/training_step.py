@@ -109,7 +109,9 @@ class TrainingController:
 
 def render(view: RunView):
     """RunView → updates for (progress, loss plot, gallery, checkpoint files, Train button, Stop button)."""
-    losses = pd.DataFrame(view.losses or [], columns=["step", "loss"])
+    # Typed columns even when empty: the first value decides the plot's axis types in the browser, and an
+    # untyped empty frame makes them categorical (an upside-down y axis of raw loss strings).
+    losses = pd.DataFrame(view.losses or [], columns=["step", "loss"]).astype({"step": "int64", "loss": "float64"})
     return (
         view.progress_markdown(),
         losses,

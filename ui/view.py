@@ -67,8 +67,10 @@ class RunView:
         if self.total_steps:
             pct = 100 * self.step / self.total_steps
             lines.append(f"Step **{self.step} / {self.total_steps}** ({pct:.0f}%)")
-            if self.loss is not None:
+            if self.loss is not None and self.running:
                 lines.append(f"loss {self.loss:.4f} · {self.steps_per_second:.2f} it/s · ETA {format_duration(self.eta_seconds)}")
+            elif self.loss is not None:
+                lines.append(f"last loss {self.loss:.4f}")
         if self.checkpoints:
             total = sum(size for _, _, size in self.checkpoints)
             lines.append(f"{len(self.checkpoints)} checkpoint(s) saved, {total / 1e6:.1f} MB in all")
