@@ -1,0 +1,103 @@
+"""Exposure: 127.0.0.1 by default; all interfaces or share=True only with a password; a patched Gradio.
+
+``app.main`` is called in-process with ``gradio.Blocks.launch`` replaced by a recorder, so nothing listens: the
+tests see exactly the arguments the app would launch with, and the exit code when it refuses.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import gradio
+import gradio_client
+import pytest
+
+from trainer.errors import UserError
+from trainer.images import MAX_FILE_BYTES
+from ui.launch import PASSWORD_ENV, USER_ENV, exposure
+
+ROOT = Path(__file__).resolve().parent.parent
+# RELIABILITY.md's advisories: GHSA-j36p-7w88-g82j is fixed in gradio 6.16.0, CVE-2026-28414 in 6.7.0.
+MIN_GRADIO = (6, 16, 0)
+
+
+def version(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in re.findall(r"\d+", text)[:3])
+
+
+@pytest.fixture
+def no_auth_env(monkeypatch):
+    for name in (USER_ENV, PASSWORD_ENV, "LORA_APP_HOST", "LORA_APP_PORT", "SPACE_ID"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def launches(monkeypatch, no_auth_env):
+    """Record Blocks.launch calls instead of listening."""
+    calls = []
+
+    def fake_launch(self, *args, **kwargs):
+        calls.append(kwargs)
+        return None
+
+    monkeypatch.setattr(gradio.Blocks, "launch", fake_launch)
+    return calls
+
+
+def test_exposure_rules():
+    assert exposure("127.0.0.1", 7860, False, environ={}).auth is None
+    assert exposure("localhost", 7860, False, environ={}).host == "localhost"
+    assert exposure("::1", 7860, False, environ={}).host == "::1"
+    for host, share in (("0.0.0.0", False), ("::", False), ("192.168.1.5", False), ("127.0.0.1", True)):
+        with pytest.raises(UserError, match="without a password"):
+            exposure(host, 7860, share, environ={})
+        with pytest.raises(UserError):  # half a login is no login
+            exposure(host, 7860, share, environ={USER_ENV: "me"})
+    open_ = exposure("0.0.0.0", 7860, True, environ={USER_ENV: "me", PASSWORD_ENV: "s3cret"})
+    assert open_.auth == ("me", "s3cret") and open_.share
+
+
+def test_app_binds_loopback_by_default_with_upload_cap(launches, isolated_data_dir):
+    import app
+
+    assert app.main([]) == 0
+    (kwargs,) = launches
+    assert kwargs["server_name"] == "127.0.0.1"
+    assert kwargs["share"] is False and kwargs["auth"] is None
+    assert kwargs["max_file_size"] == MAX_FILE_BYTES
+    runs = (isolated_data_dir / "runs").resolve()
+    assert [Path(p).resolve() for p in kwargs["allowed_paths"]] == [runs]  # only the runs folder is served
+    assert not runs.is_relative_to(ROOT)  # job files live outside the working directory
+
+
+@pytest.mark.parametrize("argv,env", [(["--host", "0.0.0.0"], {}), (["--share"], {}),
+                                      ([], {"LORA_APP_HOST": "0.0.0.0"}),
+                                      (["--host", "0.0.0.0"], {USER_ENV: "only-a-user"})])
+def test_app_refuses_open_exposure_without_auth(launches, monkeypatch, capsys, argv, env):
+    import app
+
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert app.main(argv) == 2
+    assert launches == []  # it never started listening
+    err = capsys.readouterr().err
+    assert err.startswith("error: Refusing to listen") and "Traceback" not in err
+
+
+def test_app_opens_up_only_with_a_password(launches, monkeypatch):
+    import app
+
+    monkeypatch.setenv(USER_ENV, "me")
+    monkeypatch.setenv(PASSWORD_ENV, "s3cret")
+    assert app.main(["--host", "0.0.0.0", "--port", "7999"]) == 0
+    (kwargs,) = launches
+    assert kwargs["server_name"] == "0.0.0.0" and kwargs["server_port"] == 7999
+    assert kwargs["auth"] == ("me", "s3cret")
+
+
+def test_gradio_is_pinned_past_the_file_route_advisories():
+    pins = dict(re.findall(r"^(gradio(?:_client)?)==([\w.]+)", (ROOT / "requirements.txt").read_text(), re.M))
+    assert version(pins["gradio"]) >= MIN_GRADIO
+    assert version(pins["gradio_client"]) >= (2, 6, 0)
+    assert version(gradio.__version__) == version(pins["gradio"])  # what is installed is what is pinned
+    assert version(gradio_client.__version__) == version(pins["gradio_client"])
