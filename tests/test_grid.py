@@ -252,3 +252,138 @@ def test_grid_cli(built_run, tmp_path, capsys):
     assert "not a run folder" in capsys.readouterr().err
     assert cli.main(["grid", str(built_run.path), "--checkpoints", "9", "--output", str(out)]) == 2
     assert "No checkpoint at step 9" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- the Compare and Try it tabs (handlers, no browser)
+
+OWNER = "browser-abc"
+
+
+@pytest.fixture
+def owned_run(built_run, tmp_path):
+    """A copy of the built run inside OWNER's folder of a runs root, as the app lays runs out."""
+    import shutil
+
+    from ui.training_step import owner_folder
+
+    runs_root = tmp_path / "runs"
+    name = "20260101-000000-lora-0000abcd"
+    shutil.copytree(built_run.path, runs_root / owner_folder(OWNER) / name)
+    return runs_root, name
+
+
+@pytest.fixture
+def service(engine):
+    from trainer.inference import InferenceService
+
+    loads = []
+    svc = InferenceService(loader=lambda path: loads.append(path) or engine)
+    svc.loads = loads
+    return svc
+
+
+def test_runs_are_listed_and_opened_only_for_their_owner(owned_run):
+    from ui.compare_tab import open_owned_run, owner_runs
+
+    runs_root, name = owned_run
+    assert [n for _, n in owner_runs(runs_root, OWNER)] == [name]
+    assert owner_runs(runs_root, "someone-else") == []
+    assert open_owned_run(runs_root, OWNER, name).path.name == name
+    for bad in ("../" + name, "..", "/etc", name + "/..", ""):
+        with pytest.raises(UserError):
+            open_owned_run(runs_root, OWNER, bad)
+    with pytest.raises(UserError):
+        open_owned_run(runs_root, "someone-else", name)
+
+
+def test_compare_tab_selecting_a_run_and_streaming_a_grid(owned_run, service):
+    from ui.compare_tab import cell_at, on_run_selected, show_prompt, stream_grid
+
+    runs_root, name = owned_run
+    shown = on_run_selected(runs_root, OWNER, name)
+    assert shown["grid_checkpoints"]["choices"] == [("step 2", 2), ("step 4", 4)]
+    assert shown["prompts"].splitlines()[0] == "a photo of ohwx with red hair"
+    assert (shown["width"], shown["height"]) == (48, 64)
+
+    updates = list(stream_grid(service, runs_root, OWNER, name,
+                               ([4], "1,2", "1.0", "[trigger] on a beach\n[trigger] in the snow", 48, 64, 1)))
+    assert len(updates) == 1 + 4 + 1  # loading, one per row (2 prompts x 2 seeds), done
+    status, image, _, files, session = updates[-1]
+    assert "Done: 8 images" in status and len(files) == 2 and all(Path(f).is_file() for f in files)
+    assert Path(files[0]).is_relative_to(runs_root)  # inside the run folder: Gradio may serve it
+    assert service.loads == [Path(session.grids.plan.run.model_path)]
+
+    _, layout = session.grids.compose(1)
+    x0, y0, x1, y1 = layout.cell_box(1, 1)  # second seed, the step-4 column
+    cell = cell_at(session, 1, (x0 + x1) / 2, (y0 + y1) / 2)
+    assert cell["run"] == name and cell["step"] == 4 and cell["seed"] == 2 and cell["prompt"] == "ohwx in the snow"
+    assert cell_at(session, 1, 1, 1) is None
+    assert show_prompt(session, 0).size == show_prompt(session, 1).size
+
+
+def test_compare_tab_downloads_star_and_prune(owned_run):
+    import safetensors.torch
+
+    from trainer.advisor import starred_step
+    from ui.compare_tab import checkpoint_table, export_files, open_owned_run, prune, star
+
+    runs_root, name = owned_run
+    kohya, diffusers = export_files(runs_root, OWNER, name, 4)
+    assert all(k.startswith("lora_unet_") for k in safetensors.torch.load_file(kohya))
+    assert all(k.startswith("transformer.") for k in safetensors.torch.load_file(diffusers))
+    assert Path(kohya).name == "lora-000004-kohya.safetensors"
+
+    star(runs_root, OWNER, name, 2)
+    run = open_owned_run(runs_root, OWNER, name)
+    assert starred_step(run.path) == 2 and list(checkpoint_table(run)["starred"]) == ["★", ""]
+    assert "Nothing to delete" in prune(runs_root, OWNER, name, 1)  # keeps step 4 (newest) and step 2 (starred)
+    star(runs_root, OWNER, name, None)
+    assert "step 2" in prune(runs_root, OWNER, name, 1)
+    assert list(checkpoint_table(open_owned_run(runs_root, OWNER, name))["step"]) == [4]
+
+
+def test_compare_tab_scores_checkpoints(owned_run, service):
+    from trainer.advisor import load_advice
+    from ui.compare_tab import open_owned_run, stream_advice
+
+    runs_root, name = owned_run
+    updates = list(stream_advice(service, runs_root, OWNER, name))
+    status, summary, table, scores = updates[-1]
+    assert "heuristic" in status and "Suggested: step" in summary
+    assert list(table["step"]) == [2, 4] and table["copy score"].notna().all()
+    assert set(scores["measure"]) == {"copy score − base", "artefact score"}
+    advice = load_advice(open_owned_run(runs_root, OWNER, name).path)
+    assert advice is not None and advice.step in (2, 4)
+
+
+def test_try_it_renders_the_lora_beside_the_base_model(owned_run, service, built_run):
+    from ui.tryit_tab import generate, run_defaults
+
+    runs_root, name = owned_run
+    defaults = run_defaults(runs_root, OWNER, name)
+    assert defaults["checkpoint"]["value"] == 4 and defaults["prompt"] == "a photo of ohwx with red hair"
+    cfg = built_run.config
+    lora, base, caption = generate(service, runs_root, OWNER, name, 4, 1.0, "a photo of [trigger] with red hair",
+                                   cfg.preview_seed, 48, 64, cfg.preview_steps, cfg.preview_guidance)
+    assert "step 4 at weight 1" in caption and "ohwx" in caption
+    step4 = next(c for c in built_run.checkpoints if c["step"] == 4)["previews"][0]["path"]
+    assert np.abs(_pixels(lora) - _pixels(Image.open(built_run.path / step4))).max() <= 1
+    assert np.abs(_pixels(base) - _pixels(Image.open(built_run.path / built_run.base_previews[0]["path"]))).max() <= 1
+    zero, base2, _ = generate(service, runs_root, OWNER, name, 4, 0.0, "x", 3, 48, 64, 1, 3.5)
+    assert np.abs(_pixels(zero) - _pixels(base2)).max() <= 1  # weight 0 is the base model
+    with pytest.raises(UserError):
+        generate(service, runs_root, OWNER, name, 4, 1.6, "x", 1, 48, 64, 1, 3.5)
+    with pytest.raises(UserError):
+        generate(service, runs_root, OWNER, name, 4, 1.0, "x", 1, 50, 64, 1, 3.5)
+
+
+def test_app_has_train_compare_and_try_it_tabs(tmp_path):
+    import gradio as gr
+
+    from trainer.jobs import JobManager
+    from ui.app import build_app
+
+    demo = build_app(JobManager(), tmp_path / "runs")
+    tabs = [b for b in demo.blocks.values() if isinstance(b, gr.Tab)]
+    assert [t.label for t in tabs][:1] == ["Train"] and {"Compare", "Try it"} <= {t.label for t in tabs}
+    assert {"grid", "try_it", "score"} <= {d.api_name for d in demo.fns.values() if d.api_name}

@@ -93,7 +93,7 @@ def test_plan_lists_the_files_and_the_card(tmp_path, monkeypatch):
 
 def test_recommendation_prefers_the_star_then_the_advice(tmp_path):
     run = _run(tmp_path)
-    (run.path / ADVICE_FILE).write_text(json.dumps({"step": 250, "weight": 0.7}))
+    (run.path / ADVICE_FILE).write_text(json.dumps({"step": 250, "weight": 0.7, "scores": []}))
     assert recommended(run)[:2] == (250, 0.7)
     plan = plan_publish(run, "alice/x")
     assert (plan.step, plan.weight) == (250, 0.7) and "heuristic" in plan.card

@@ -35,6 +35,7 @@ COPY_RISE = 0.15  # copy score above the base model's by this much = copying
 ARTEFACT_LIMIT = 0.5  # log2 ratio: ~41 % more fine-detail energy than the base model
 HF_FLOOR = 1e-4  # energy of faint (~2/255) grain: below it, a very smooth base image does not inflate the ratio
 STAR_FILE = "starred.json"
+ADVICE_FILE = "advice.json"  # the last scoring of a run: suggestion and per-checkpoint scores
 
 
 # ---------------------------------------------------------------- image scores
@@ -184,6 +185,23 @@ def advice_from_grid(grids, training: Image.Image) -> Advice:
             for column, image in zip(plan.columns[1:], row[1:]):
                 samples[column.step].append(image)
     return suggest(score_checkpoints(samples, base, training))
+
+
+def save_advice(run_dir: Path, advice: Advice) -> None:
+    atomic_write_json(Path(run_dir) / ADVICE_FILE, {
+        "step": advice.step, "weight": advice.weight, "reason": advice.reason,
+        "scores": [{"step": s.step, "copy": s.copy, "copy_rise": s.copy_rise, "artefact": s.artefact}
+                   for s in advice.scores]})
+
+
+def load_advice(run_dir: Path) -> Advice | None:
+    try:
+        data = json.loads((Path(run_dir) / ADVICE_FILE).read_text())
+        scores = tuple(CheckpointScore(int(s["step"]), float(s["copy"]), float(s["copy_rise"]), float(s["artefact"]))
+                       for s in data.get("scores", []))
+        return Advice(scores, int(data["step"]), float(data["weight"]), str(data.get("reason", "")))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 # ---------------------------------------------------------------- the user's star

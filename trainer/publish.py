@@ -13,13 +13,13 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from trainer.advisor import starred_step
+from trainer.advisor import ADVICE_FILE, load_advice, starred_step
 from trainer.errors import UserError
 from trainer.export import export_bytes
 from trainer.models import FLUX_DEV
 from trainer.runs import RunFolder
 
-ADVICE_FILE = "advice.json"  # written by the app after scoring: {"step": int, "weight": float, ...}
+__all__ = ["ADVICE_FILE", "PublishPlan", "plan_publish", "publish", "recommended"]
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
 FLUX_DEV_LICENSE = dict(license="other", license_name="flux-1-dev-non-commercial-license",
                         license_link="https://huggingface.co/black-forest-labs/FLUX.1-dev/blob/main/LICENSE.md")
@@ -48,22 +48,14 @@ def recommended(run: RunFolder) -> tuple[int, float, str]:
     steps = [c["step"] for c in run.checkpoints if (run.path / c["path"]).is_file()]
     if not steps:
         raise UserError("This run has no checkpoints to publish.")
-    advice = _read_advice(run.path)
+    advice = load_advice(run.path)
     star = starred_step(run.path)
     if star in steps:
-        weight = advice["weight"] if advice and advice.get("step") == star else 1.0
+        weight = advice.weight if advice and advice.step == star else 1.0
         return star, weight, "starred by the trainer's user"
-    if advice and advice.get("step") in steps:
-        return advice["step"], float(advice.get("weight", 1.0)), "suggested by the checkpoint scores (a heuristic)"
+    if advice and advice.step in steps:
+        return advice.step, advice.weight, "suggested by the checkpoint scores (a heuristic)"
     return max(steps), 1.0, "the last checkpoint"
-
-
-def _read_advice(run_dir: Path) -> dict | None:
-    try:
-        data = json.loads((Path(run_dir) / ADVICE_FILE).read_text())
-        return data if isinstance(data, dict) else None
-    except (OSError, ValueError):
-        return None
 
 
 def plan_publish(run: RunFolder, repo_id: str, step: int | None = None, weight: float | None = None,

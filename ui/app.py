@@ -11,11 +11,13 @@ import gradio as gr
 
 from trainer.errors import UserError
 from trainer.images import MAX_FILE_BYTES
+from trainer.inference import InferenceService
 from trainer.jobs import JobManager
 from trainer.masking import MASK_MODELS
 from trainer.models import default_model
 from trainer.resume import mark_interrupted
 from ui import dataset_step, settings_step
+from ui import compare_tab, tryit_tab
 from ui.hosting import hosting_notices, on_space, owner_and_token
 from ui.training_step import TrainingController
 
@@ -36,6 +38,7 @@ def owner_id(stored: str | None, request: gr.Request | None) -> str:
 
 def build_app(manager: JobManager, runs_root: Path, state_secret: str | None = None) -> gr.Blocks:
     controller = TrainingController(manager, runs_root)
+    inference = InferenceService()  # one loaded base model, shared by Compare and Try it
     # A (re)started server: runs whose process died mid-training become "interrupted", offered for Resume.
     mark_interrupted(runs_root, skip=manager.known_run_paths())
     presets = settings_step.preset_choices()
@@ -52,58 +55,63 @@ def build_app(manager: JobManager, runs_root: Path, state_secret: str | None = N
         for warning in hosting_notices():
             gr.Markdown(warning)
 
-        gr.Markdown("## 1. Image")
-        with gr.Row():
-            image_file = gr.File(label="Upload one image (PNG, JPEG, WEBP)", file_types=IMAGE_TYPES,
-                                 type="filepath", elem_id="image-upload")
-            preview = gr.Image(label="What will be trained (dimmed = masked out)", interactive=False,
-                               type="pil", elem_id="mask-preview")
-        image_info = gr.Markdown("Upload one image. A transparent PNG's transparency is used as its mask.",
-                                 elem_id="image-info")
+        with gr.Tabs(selected="train") as tabs:
+            with gr.Tab("Train", id="train"):
+                gr.Markdown("## 1. Image")
+                with gr.Row():
+                    image_file = gr.File(label="Upload one image (PNG, JPEG, WEBP)", file_types=IMAGE_TYPES,
+                                         type="filepath", elem_id="image-upload")
+                    preview = gr.Image(label="What will be trained (dimmed = masked out)", interactive=False,
+                                       type="pil", elem_id="mask-preview")
+                image_info = gr.Markdown("Upload one image. A transparent PNG's transparency is used as its mask.",
+                                         elem_id="image-info")
 
-        gr.Markdown("## 2. Mask")
-        with gr.Row():
-            use_mask = gr.Checkbox(value=True, label="Mask the background (recommended: train the subject, not the background)")
-            mask_model = gr.Dropdown(choices=list(MASK_MODELS), value=MASK_MODELS[0], label="Background-removal model",
-                                     info="u2netp works offline; the others download on first use")
-            mask_file = gr.File(label="Or upload your own mask (white = trained)", file_types=IMAGE_TYPES,
-                                type="filepath")
+                gr.Markdown("## 2. Mask")
+                with gr.Row():
+                    use_mask = gr.Checkbox(value=True, label="Mask the background (recommended: train the subject, not the background)")
+                    mask_model = gr.Dropdown(choices=list(MASK_MODELS), value=MASK_MODELS[0], label="Background-removal model",
+                                             info="u2netp works offline; the others download on first use")
+                    mask_file = gr.File(label="Or upload your own mask (white = trained)", file_types=IMAGE_TYPES,
+                                        type="filepath")
 
-        gr.Markdown("## 3. Caption and trigger word")
-        caption = gr.Textbox(value="a photo of [trigger]", label="Caption",
-                             info="Describe everything in the image. [trigger] is replaced by the trigger word.",
-                             elem_id="caption")
-        with gr.Row():
-            trigger = gr.Textbox(value="ohwx", label="Trigger word", info="A rare word that will mean your subject")
-            prompts = gr.Textbox(value=settings_step.DEFAULT_PROMPTS, lines=3, label="Extra preview prompts (one per line)",
-                                 info="Previews always include the caption itself; these test that other prompts still work")
+                gr.Markdown("## 3. Caption and trigger word")
+                caption = gr.Textbox(value="a photo of [trigger]", label="Caption",
+                                     info="Describe everything in the image. [trigger] is replaced by the trigger word.",
+                                     elem_id="caption")
+                with gr.Row():
+                    trigger = gr.Textbox(value="ohwx", label="Trigger word", info="A rare word that will mean your subject")
+                    prompts = gr.Textbox(value=settings_step.DEFAULT_PROMPTS, lines=3, label="Extra preview prompts (one per line)",
+                                         info="Previews always include the caption itself; these test that other prompts still work")
 
-        gr.Markdown("## 4. Preset")
-        preset = gr.Dropdown(choices=presets, value=first_preset, label="Preset")
-        with gr.Row():
-            rank = gr.Number(value=rank0, label="LoRA rank", precision=0, minimum=1, maximum=256)
-            steps = gr.Number(value=steps0, label="Steps", precision=0, minimum=1)
-            learning_rate = gr.Number(value=lr0, label="Learning rate")
-            save_every = gr.Number(value=every0, label="Save a checkpoint every N steps", precision=0, minimum=1)
-        plan = gr.Markdown(settings_step.on_plan_change(model0, rank0, steps0, every0), elem_id="plan")
+                gr.Markdown("## 4. Preset")
+                preset = gr.Dropdown(choices=presets, value=first_preset, label="Preset")
+                with gr.Row():
+                    rank = gr.Number(value=rank0, label="LoRA rank", precision=0, minimum=1, maximum=256)
+                    steps = gr.Number(value=steps0, label="Steps", precision=0, minimum=1)
+                    learning_rate = gr.Number(value=lr0, label="Learning rate")
+                    save_every = gr.Number(value=every0, label="Save a checkpoint every N steps", precision=0, minimum=1)
+                plan = gr.Markdown(settings_step.on_plan_change(model0, rank0, steps0, every0), elem_id="plan")
 
-        gr.Markdown("## 5. Base model")
-        model = gr.Dropdown(choices=settings_step.model_choices(), value=model0, allow_custom_value=True,
-                            label="Model: FLUX.1-dev, another Hub id, a local diffusers folder, or tiny-demo",
-                            elem_id="model")
-        notice = gr.Markdown(settings_step.model_notice(model0), elem_id="model-notice")
+                gr.Markdown("## 5. Base model")
+                model = gr.Dropdown(choices=settings_step.model_choices(), value=model0, allow_custom_value=True,
+                                    label="Model: FLUX.1-dev, another Hub id, a local diffusers folder, or tiny-demo",
+                                    elem_id="model")
+                notice = gr.Markdown(settings_step.model_notice(model0), elem_id="model-notice")
 
-        gr.Markdown("## 6. Train")
-        with gr.Row():
-            train_btn = gr.Button("Train", variant="primary", elem_id="train")
-            stop_btn = gr.Button("Stop", variant="stop", interactive=False, elem_id="stop")
-            resume_btn = gr.Button("Resume interrupted run", visible=False, elem_id="resume")
-        progress = gr.Markdown("", elem_id="progress")
-        loss_plot = gr.LinePlot(x="step", y="loss", title="Loss", height=220)
-        gallery = gr.Gallery(label="Previews (same seed at every checkpoint; step 0 is the base model)", columns=4,
-                             height="auto", elem_id="previews")
-        checkpoints = gr.File(label="Checkpoints (.safetensors, diffusers/peft layout)", file_count="multiple",
-                              interactive=False, elem_id="checkpoints")
+                gr.Markdown("## 6. Train")
+                with gr.Row():
+                    train_btn = gr.Button("Train", variant="primary", elem_id="train")
+                    stop_btn = gr.Button("Stop", variant="stop", interactive=False, elem_id="stop")
+                    resume_btn = gr.Button("Resume interrupted run", visible=False, elem_id="resume")
+                progress = gr.Markdown("", elem_id="progress")
+                loss_plot = gr.LinePlot(x="step", y="loss", title="Loss", height=220)
+                gallery = gr.Gallery(label="Previews (same seed at every checkpoint; step 0 is the base model)", columns=4,
+                                     height="auto", elem_id="previews")
+                checkpoints = gr.File(label="Checkpoints (.safetensors, diffusers/peft layout)", file_count="multiple",
+                                      interactive=False, elem_id="checkpoints")
+            compare = compare_tab.build(runs_root, inference, owner_state)
+            tryit = tryit_tab.build(runs_root, inference, owner_state)
+        compare_tab.connect_to_tryit(compare, tryit, tabs)
 
         # ---- wiring: the data flows one way, upload → dataset → config → job → events → page
         dataset_inputs = [image_file, mask_file, use_mask, mask_model]

@@ -1,0 +1,474 @@
+"""The Compare tab: pick a run, see its checkpoints (size, scores, star), compare them in grids, export, publish.
+
+Handlers are plain functions of (runs root, owner, inputs) so they can be tested without a browser; ``build``
+only lays out components and wires them. Only the owner's own runs are listed or opened.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import gradio as gr
+import pandas as pd
+
+from trainer import advisor
+from trainer.errors import UserError
+from trainer.export import export_lora, export_name
+from trainer.grid import GridImages, GridSpec, parse_numbers, plan_grid, render_grid, suggest_prompts
+from trainer.inference import InferenceService, base_model_folder
+from trainer.runs import MANIFEST, RunFolder
+from ui.training_step import owner_folder
+
+GRID_CELL = 384  # pixels per cell in the page's grid image (the PNG download has the same)
+RENDER_QUEUE = "lora-render"  # grid, scoring and try-it share one render at a time
+ADVICE_NOTE = ("Scores are a **heuristic**: the copy score measures how close samples of *other* prompts come to "
+               "the training image (pixels and structure), the artefact score the extra fine-grain energy compared "
+               "with the base model's image. They cannot judge likeness or taste. On tiny-demo they mean nothing.")
+
+
+def owner_of(stored, request, profile=None) -> str:
+    """The same owner the Train tab uses (the logged-in user on a Space, else the browser's id)."""
+    from ui.app import owner_id  # ui.app imports this module
+    from ui.hosting import owner_and_token
+
+    return owner_and_token(owner_id(stored, request), profile)[0]
+
+
+def token_of(stored, request, profile=None, oauth_token=None) -> str | None:
+    from ui.app import owner_id
+    from ui.hosting import owner_and_token
+
+    return owner_and_token(owner_id(stored, request), profile, oauth_token)[1]
+
+
+# ---------------------------------------------------------------- the owner's runs
+
+def owner_runs(runs_root: Path, owner: str) -> list[tuple[str, str]]:
+    """(label, folder name) of the owner's runs, newest first."""
+    folder = Path(runs_root) / owner_folder(owner)
+    out = []
+    if folder.is_dir():
+        for path in sorted(folder.iterdir(), reverse=True):  # run ids start with a timestamp
+            if not (path / MANIFEST).is_file():
+                continue
+            try:
+                run = RunFolder.open(path)
+            except Exception:  # a damaged run.json must not hide the others
+                continue
+            out.append((f"{path.name} · {run.status} · {len(run.checkpoints)} checkpoint(s)", path.name))
+    return out
+
+
+def open_owned_run(runs_root: Path, owner: str, name: str | None) -> RunFolder:
+    if not name:
+        raise UserError("Pick a run first.")
+    folder = (Path(runs_root) / owner_folder(owner)).resolve()
+    path = (folder / str(name)).resolve()
+    if path.parent != folder or not (path / MANIFEST).is_file():
+        raise UserError("That run is not one of yours, or it was deleted. Refresh the list.")
+    return RunFolder.open(path)
+
+
+def checkpoint_choices(run: RunFolder) -> list[tuple[str, int]]:
+    star = advisor.starred_step(run.path)
+    return [(f"step {f.step}" + (" ★" if f.step == star else ""), f.step) for f in advisor.checkpoint_files(run)]
+
+
+def checkpoint_path(run: RunFolder, step) -> Path:
+    for f in advisor.checkpoint_files(run):
+        if f.step == int(step):
+            return f.path
+    raise UserError(f"There is no checkpoint at step {step} in this run any more.")
+
+
+# ---------------------------------------------------------------- checkpoints: table, star, disk
+
+def checkpoint_table(run: RunFolder) -> pd.DataFrame:
+    advice = advisor.load_advice(run.path)
+    scores = {s.step: s for s in advice.scores} if advice else {}
+    rows = []
+    for f in advisor.checkpoint_files(run):
+        s = scores.get(f.step)
+        rows.append({"step": f.step, "size (MB)": round(f.size_bytes / 1e6, 1), "starred": "★" if f.starred else "",
+                     "copy score": round(s.copy, 3) if s else None,
+                     "artefact score": round(s.artefact, 3) if s else None})
+    return pd.DataFrame(rows, columns=["step", "size (MB)", "starred", "copy score", "artefact score"])
+
+
+def summary_markdown(run: RunFolder) -> str:
+    lines = [f"**{run.path.name}** — {run.status}. {advisor.disk_summary(run)}."]
+    advice = advisor.load_advice(run.path)
+    if advice:
+        lines.append(advice.markdown())
+    return "  \n".join(lines)
+
+
+def scores_frame(run: RunFolder) -> pd.DataFrame:
+    advice = advisor.load_advice(run.path)
+    rows = []
+    for s in advice.scores if advice else ():
+        rows.append({"step": s.step, "score": s.copy_rise, "measure": "copy score − base"})
+        rows.append({"step": s.step, "score": s.artefact, "measure": "artefact score"})
+    return pd.DataFrame(rows, columns=["step", "score", "measure"])
+
+
+def on_run_selected(runs_root: Path, owner: str, name: str | None) -> dict[str, Any]:
+    """Everything the tab shows about a run, by field name."""
+    run = open_owned_run(runs_root, owner, name)
+    choices = checkpoint_choices(run)
+    steps = [step for _, step in choices]
+    star = advisor.starred_step(run.path)
+    return {
+        "summary": summary_markdown(run),
+        "table": checkpoint_table(run),
+        "scores": scores_frame(run),
+        "grid_checkpoints": gr.update(choices=choices, value=steps),
+        "prompts": "\n".join(s.text for s in suggest_prompts(run.config)),
+        "width": (run.train_size or (run.config.resolution,) * 2)[0],
+        "height": (run.train_size or (run.config.resolution,) * 2)[1],
+        "sample_steps": run.config.preview_steps,
+        "checkpoint": gr.update(choices=choices, value=(star if star in steps else (steps[-1] if steps else None))),
+    }
+
+
+def star(runs_root: Path, owner: str, name: str, step) -> str:
+    run = open_owned_run(runs_root, owner, name)
+    advisor.set_star(run.path, None if step in (None, "") else int(step))
+    return summary_markdown(run)
+
+
+def prune(runs_root: Path, owner: str, name: str, keep) -> str:
+    run = open_owned_run(runs_root, owner, name)
+    try:
+        n = int(keep)
+    except (TypeError, ValueError):
+        raise UserError("Give how many of the newest checkpoints to keep.") from None
+    deleted = advisor.keep_last(run.path, n)
+    run = RunFolder.open(run.path)
+    if not deleted:
+        return f"Nothing to delete. {advisor.disk_summary(run)}."
+    return (f"Deleted the checkpoints of step {', '.join(map(str, deleted))}. {advisor.disk_summary(run)} left "
+            "(the starred one is always kept).")
+
+
+# ---------------------------------------------------------------- exports
+
+def export_files(runs_root: Path, owner: str, name: str, step) -> tuple[str, str]:
+    """Both export layouts of one checkpoint, written into the run's exports/ folder. Returns (kohya, diffusers)."""
+    run = open_owned_run(runs_root, owner, name)
+    source = checkpoint_path(run, step)
+    out = []
+    for fmt in ("kohya", "diffusers"):
+        target = run.path / "exports" / export_name(source, fmt)
+        if not target.is_file() or target.stat().st_mtime < source.stat().st_mtime:
+            export_lora(source, fmt, target)
+        out.append(str(target))
+    return out[0], out[1]
+
+
+# ---------------------------------------------------------------- grids
+
+@dataclass
+class GridSession:
+    """What one browser tab has rendered: the grids (for clicks and prompt switching) and their PNG files."""
+    run_name: str
+    grids: GridImages
+    files: list[str]
+
+
+def grid_spec(run: RunFolder, steps, seeds: str, weights: str, prompts: str, width, height, sample_steps) -> GridSpec:
+    lines = tuple(line.strip() for line in (prompts or "").splitlines() if line.strip())
+    if not steps:
+        raise UserError("Tick at least one checkpoint to compare.")
+    return GridSpec(prompts=lines, seeds=parse_numbers(seeds, int, "seeds"),
+                    weights=parse_numbers(weights, float, "LoRA weights"), steps=tuple(int(s) for s in steps),
+                    width=int(width) if width else None, height=int(height) if height else None,
+                    sample_steps=int(sample_steps) if sample_steps else None)
+
+
+def stream_grid(service: InferenceService, runs_root: Path, owner: str, name: str, spec_args: tuple,
+                progress: Callable[[float, str], None] = lambda f, d: None) -> Iterator[tuple]:
+    """Yield (status, grid image, prompt picker update, files, session) after every rendered row."""
+    run = open_owned_run(runs_root, owner, name)
+    plan = plan_grid(run, grid_spec(run, *spec_args))
+    grids = GridImages(plan, cell_size=GRID_CELL)
+    session = GridSession(name, grids, [])
+    picker = gr.update(choices=[(_short(p), i) for i, p in enumerate(plan.prompts)], value=0)
+    progress(0.0, "loading the base model")
+    yield ("Loading the base model…", grids.compose(0)[0], picker, None, session)
+    engine = service.get(base_model_folder(run))
+    out_dir = run.path / "grids" / time.strftime("%Y%m%d-%H%M%S")
+    for row in render_grid(engine, plan):
+        grids.add(row)
+        progress(row.done_cells / row.total_cells, f"{row.done_cells}/{row.total_cells} images")
+        image, _ = grids.compose(row.prompt_index)
+        if row.row_index == len(plan.rows) - 1:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            path = out_dir / f"grid-{row.prompt_index + 1}.png"
+            image.save(path)
+            session.files.append(str(path))
+        status = (f"Prompt {row.prompt_index + 1}/{len(plan.prompts)}, row {row.row_index + 1}/{len(plan.rows)} · "
+                  f"{row.done_cells}/{row.total_cells} images")
+        yield (status, image, gr.update(value=row.prompt_index), list(session.files) or None, session)
+    yield (f"Done: {plan.cells} images. Click a cell to open it in **Try it**.", image, gr.update(),
+           list(session.files), session)
+
+
+def show_prompt(session: GridSession | None, index):
+    if session is None or index is None:
+        return gr.update()
+    return session.grids.compose(int(index))[0]
+
+
+def cell_at(session: GridSession | None, index, x: float, y: float) -> dict | None:
+    """The clicked cell's settings (run, checkpoint step, weight, prompt, seed, size), or None off the cells."""
+    if session is None:
+        return None
+    prompt_index = int(index or 0)
+    _, layout = session.grids.compose(prompt_index)
+    hit = layout.cell_at(x, y)
+    if hit is None:
+        return None
+    cell = session.grids.cell(prompt_index, *hit)
+    cell["run"] = session.run_name
+    return cell
+
+
+# ---------------------------------------------------------------- advice
+
+def stream_advice(service: InferenceService, runs_root: Path, owner: str, name: str,
+                  progress: Callable[[float, str], None] = lambda f, d: None) -> Iterator[tuple]:
+    """Render the scoring samples (non-caption prompts, every checkpoint, the base model), then score.
+    Yields (status markdown, summary markdown, table, scores frame)."""
+    run = open_owned_run(runs_root, owner, name)
+    plan = plan_grid(run, advisor.advice_spec(run))
+    grids = GridImages(plan)
+    yield ("Loading the base model…", gr.update(), gr.update(), gr.update())
+    engine = service.get(base_model_folder(run))
+    for row in render_grid(engine, plan):
+        grids.add(row)
+        progress(row.done_cells / row.total_cells, f"scoring samples {row.done_cells}/{row.total_cells}")
+        yield (f"Rendering scoring samples: {row.done_cells}/{row.total_cells}", gr.update(), gr.update(), gr.update())
+    training, _ = run.load_dataset()
+    advice = advisor.advice_from_grid(grids, training)
+    advisor.save_advice(run.path, advice)
+    yield (ADVICE_NOTE, summary_markdown(run), checkpoint_table(run), scores_frame(run))
+
+
+# ---------------------------------------------------------------- publishing
+
+def publish_run(runs_root: Path, owner: str, name: str, repo_id: str, private: bool, step, weight,
+                token: str | None) -> str:
+    from trainer.publish import plan_publish, publish
+
+    run = open_owned_run(runs_root, owner, name)
+    grids = sorted((run.path / "grids").glob("*/grid-1.png"))
+    plan = plan_publish(run, repo_id, step=int(step) if step not in (None, "") else None,
+                        weight=float(weight) if weight not in (None, "") else None, private=bool(private),
+                        grid=grids[-1] if grids else None)
+    url = publish(plan, token)
+    return f"Published step {plan.step} (weight {plan.weight:g}) to [{plan.repo_id}]({url}) — " \
+           f"{'private' if plan.private else 'public'}."
+
+
+def _short(text: str, n: int = 60) -> str:
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+# ---------------------------------------------------------------- layout and wiring
+
+@dataclass
+class CompareTab:
+    tab: Any
+    run: Any
+    grid_image: Any
+    prompt_pick: Any
+    session: Any
+    owner_state: Any
+    runs_root: Path
+
+
+def user_errors(fn):
+    """UserError → a red message in the page (no traceback); anything else is a bug and keeps its traceback.
+    ``functools.wraps`` keeps the signature Gradio reads to inject the request, login and progress."""
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def generator(*args, **kwargs):
+            try:
+                yield from fn(*args, **kwargs)
+            except UserError as err:
+                raise gr.Error(str(err), print_exception=False) from None
+        return generator
+
+    @functools.wraps(fn)
+    def plain(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as err:
+            raise gr.Error(str(err), print_exception=False) from None
+    return plain
+
+
+def build(runs_root: Path, service: InferenceService, owner_state) -> CompareTab:
+    """Lay out the tab inside the current ``gr.Tabs``; returns what other tabs connect to."""
+    runs_root = Path(runs_root)
+    with gr.Tab("Compare", id="compare") as tab:
+        gr.Markdown("## Compare checkpoints\nColumns: the **base model** (no LoRA), then each checkpoint; rows: seeds "
+                    "(and LoRA weights). Test the caption, small changes, extremes and other styles: the best "
+                    "checkpoint learned the subject but still follows other prompts.")
+        with gr.Row():
+            run = gr.Dropdown(label="Run", choices=[], elem_id="compare-run", scale=4)
+            refresh = gr.Button("↻ Refresh", scale=1)
+        summary = gr.Markdown("", elem_id="compare-summary")
+        table = gr.Dataframe(label="Checkpoints", interactive=False, elem_id="compare-table")
+
+        with gr.Accordion("Comparison grid", open=True):
+            grid_checkpoints = gr.CheckboxGroup(label="Checkpoints", choices=[], elem_id="grid-checkpoints")
+            with gr.Row():
+                seeds = gr.Textbox(value="1,2", label="Seeds (rows)")
+                weights = gr.Textbox(value="1.0", label="LoRA weights", info="e.g. 0.5,1.0: a row per seed and weight")
+                width = gr.Number(label="Width", precision=0)
+                height = gr.Number(label="Height", precision=0)
+                sample_steps = gr.Number(label="Steps", precision=0)
+            prompts = gr.Textbox(label="Test prompts (one grid per line; [trigger] is replaced)", lines=6,
+                                 info="Suggested: the caption (memorisation), a colour change, a back view, other "
+                                      "hair/clothes, watercolor, short/medium/long. Edit freely.",
+                                 elem_id="grid-prompts")
+            with gr.Row():
+                render = gr.Button("Render grid", variant="primary", elem_id="grid-render")
+                stop = gr.Button("Stop", variant="stop")
+            grid_status = gr.Markdown("", elem_id="grid-status")
+            prompt_pick = gr.Radio(label="Prompt", choices=[], type="value")
+            grid_image = gr.Image(label="Grid (click a cell to open it in Try it)", type="pil", interactive=False,
+                                  elem_id="grid-image")
+            grid_files = gr.File(label="Grid PNGs", file_count="multiple", interactive=False)
+            session = gr.State(None)
+
+        with gr.Accordion("Which checkpoint? (scores, a heuristic)", open=False):
+            gr.Markdown(ADVICE_NOTE)
+            score_btn = gr.Button("Score every checkpoint")
+            score_status = gr.Markdown("")
+            scores_plot = gr.LinePlot(x="step", y="score", color="measure", title="Scores per checkpoint", height=240)
+
+        with gr.Accordion("Download, star, disk, publish", open=True):
+            checkpoint = gr.Dropdown(label="Checkpoint", choices=[], elem_id="export-checkpoint")
+            with gr.Row():
+                kohya_btn = gr.DownloadButton("Download for ComfyUI / Forge (kohya)", value=None,
+                                              elem_id="download-kohya")
+                diffusers_btn = gr.DownloadButton("Download for diffusers", value=None, elem_id="download-diffusers")
+                star_btn = gr.Button("★ Star this checkpoint")
+            with gr.Row():
+                keep_n = gr.Number(value=3, label="Keep the newest N checkpoints", precision=0, minimum=1)
+                prune_btn = gr.Button("Delete older checkpoints (never the starred one)", variant="stop")
+            disk_status = gr.Markdown("")
+            with gr.Row():
+                repo_id = gr.Textbox(label="Hub repo", placeholder="your-username/my-lora")
+                private = gr.Checkbox(value=True, label="Private")
+                weight = gr.Number(value=1.0, label="Recommended LoRA weight")
+                publish_btn = gr.Button("Publish to the Hugging Face Hub")
+            publish_status = gr.Markdown("Uses your own token (HF_TOKEN, or your login on a Space); never saved.")
+
+    # ---- wiring
+    selected_outputs = [summary, table, scores_plot, grid_checkpoints, prompts, width, height, sample_steps, checkpoint]
+
+    def refresh_runs(stored, request: gr.Request, profile: gr.OAuthProfile | None = None):
+        choices = owner_runs(runs_root, owner_of(stored, request, profile))
+        return gr.update(choices=choices, value=choices[0][1] if choices else None)
+
+    @user_errors
+    def select_run(stored, name, request: gr.Request, profile: gr.OAuthProfile | None = None):
+        if not name:
+            return tuple(gr.update() for _ in selected_outputs)
+        shown = on_run_selected(runs_root, owner_of(stored, request, profile), name)
+        return tuple(shown[k] for k in ("summary", "table", "scores", "grid_checkpoints", "prompts", "width",
+                                        "height", "sample_steps", "checkpoint"))
+
+    @user_errors
+    def grid(stored, name, steps, seeds_, weights_, prompts_, w, h, n, request: gr.Request,
+             profile: gr.OAuthProfile | None = None, progress=gr.Progress()):
+        yield from stream_grid(service, runs_root, owner_of(stored, request, profile), name,
+                               (steps, seeds_, weights_, prompts_, w, h, n), lambda f, d: progress(f, desc=d))
+
+    @user_errors
+    def score(stored, name, request: gr.Request, profile: gr.OAuthProfile | None = None, progress=gr.Progress()):
+        yield from stream_advice(service, runs_root, owner_of(stored, request, profile), name,
+                                 lambda f, d: progress(f, desc=d))
+
+    @user_errors
+    def prepare_downloads(stored, name, step, request: gr.Request, profile: gr.OAuthProfile | None = None):
+        if not name or step in (None, ""):
+            return gr.update(value=None), gr.update(value=None)
+        kohya, diffusers = export_files(runs_root, owner_of(stored, request, profile), name, step)
+        return gr.update(value=kohya), gr.update(value=diffusers)
+
+    @user_errors
+    def do_star(stored, name, step, request: gr.Request, profile: gr.OAuthProfile | None = None):
+        owner = owner_of(stored, request, profile)
+        text = star(runs_root, owner, name, step)
+        run_ = open_owned_run(runs_root, owner, name)
+        return text, checkpoint_table(run_), gr.update(choices=checkpoint_choices(run_))
+
+    @user_errors
+    def do_prune(stored, name, keep, request: gr.Request, profile: gr.OAuthProfile | None = None):
+        owner = owner_of(stored, request, profile)
+        message = prune(runs_root, owner, name, keep)
+        run_ = open_owned_run(runs_root, owner, name)
+        choices = checkpoint_choices(run_)
+        return (message, checkpoint_table(run_), gr.update(choices=choices, value=[s for _, s in choices]),
+                gr.update(choices=choices, value=choices[-1][1] if choices else None))
+
+    @user_errors
+    def do_publish(stored, name, repo, private_, step, weight_, request: gr.Request,
+                   profile: gr.OAuthProfile | None = None, oauth_token: gr.OAuthToken | None = None):
+        return publish_run(runs_root, owner_of(stored, request, profile), name, repo, private_, step, weight_,
+                           token_of(stored, request, profile, oauth_token))
+
+    tab.select(refresh_runs, owner_state, run, api_name=False)
+    refresh.click(refresh_runs, owner_state, run, api_name=False)
+    run.change(select_run, [owner_state, run], selected_outputs, api_name=False)
+    grid_event = render.click(grid, [owner_state, run, grid_checkpoints, seeds, weights, prompts, width, height,
+                                     sample_steps], [grid_status, grid_image, prompt_pick, grid_files, session],
+                              api_name="grid", concurrency_limit=1, concurrency_id=RENDER_QUEUE)
+    stop.click(None, cancels=[grid_event], api_name=False)
+    prompt_pick.input(show_prompt, [session, prompt_pick], grid_image, api_name=False)
+    score_btn.click(score, [owner_state, run], [score_status, summary, table, scores_plot], api_name="score",
+                    concurrency_limit=1, concurrency_id=RENDER_QUEUE)
+    checkpoint.change(prepare_downloads, [owner_state, run, checkpoint], [kohya_btn, diffusers_btn], api_name=False)
+    star_btn.click(do_star, [owner_state, run, checkpoint], [summary, table, checkpoint], api_name=False)
+    prune_btn.click(do_prune, [owner_state, run, keep_n], [disk_status, table, grid_checkpoints, checkpoint],
+                    api_name=False)
+    publish_btn.click(do_publish, [owner_state, run, repo_id, private, checkpoint, weight], publish_status,
+                      api_name=False)
+    return CompareTab(tab=tab, run=run, grid_image=grid_image, prompt_pick=prompt_pick, session=session,
+                      owner_state=owner_state, runs_root=runs_root)
+
+
+def connect_to_tryit(compare: CompareTab, tryit, tabs) -> None:
+    """Clicking a grid cell opens that checkpoint, weight, prompt and seed in the Try it tab."""
+    from ui.tryit_tab import checkpoint_choices_update
+
+    outputs = [tabs, tryit.run, tryit.checkpoint, tryit.weight, tryit.prompt, tryit.seed, tryit.width, tryit.height,
+               tryit.steps, tryit.guidance, tryit.status]
+
+    @user_errors
+    def on_click(stored, session, index, evt: gr.SelectData, request: gr.Request,
+                 profile: gr.OAuthProfile | None = None):
+        xy = evt.index if isinstance(evt.index, (list, tuple)) and len(evt.index) == 2 else None
+        cell = cell_at(session, index, *xy) if xy else None
+        if cell is None:
+            return tuple(gr.update() for _ in outputs)
+        owner = owner_of(stored, request, profile)
+        step = cell["step"] or None  # the base-model column opens the last checkpoint at weight 0
+        runs = owner_runs(compare.runs_root, owner)
+        return (gr.Tabs(selected="tryit"), gr.update(choices=runs, value=cell["run"]),
+                checkpoint_choices_update(compare.runs_root, owner, cell["run"], step),
+                cell["weight"] if step else 0.0, cell["prompt"], cell["seed"], cell["width"], cell["height"],
+                cell["steps"], cell["guidance"],
+                f"Opened from the grid: {f'step {step}' if step else 'the base model (weight 0)'}, seed {cell['seed']}.")
+
+    compare.grid_image.select(on_click, [compare.owner_state, compare.session, compare.prompt_pick], outputs,
+                              api_name=False)

@@ -1,0 +1,143 @@
+"""The Try it tab: one of your checkpoints at a LoRA weight, on your prompt, beside the base model's image.
+
+Same seed, size and steps for both images, so they differ by the LoRA alone. An overfit late checkpoint is often
+usable at weight 0.5 (PRACTICE.md §6), hence the slider up to 1.5. Works on tiny-demo on a CPU and on FLUX.1-dev
+on a GPU: the base model is loaded once and shared with the Compare tab.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from trainer.inference import InferenceService, RenderSettings, base_model_folder
+from ui.compare_tab import (RENDER_QUEUE, checkpoint_choices, checkpoint_path, open_owned_run, owner_of, owner_runs,
+                            user_errors)
+
+MAX_WEIGHT = 1.5
+
+
+def checkpoint_choices_update(runs_root: Path, owner: str, name: str, step: int | None = None):
+    """The checkpoint dropdown for run ``name``: its checkpoints, ``step`` (or the starred/last one) selected."""
+    from trainer import advisor
+
+    run = open_owned_run(runs_root, owner, name)
+    choices = checkpoint_choices(run)
+    steps = [s for _, s in choices]
+    if step not in steps:
+        star = advisor.starred_step(run.path)
+        step = star if star in steps else (steps[-1] if steps else None)
+    return gr.update(choices=choices, value=step)
+
+
+def run_defaults(runs_root: Path, owner: str, name: str) -> dict[str, Any]:
+    """What picking a run fills in: its checkpoints, its caption, training size and preview settings."""
+    run = open_owned_run(runs_root, owner, name)
+    width, height = run.train_size or (run.config.resolution, run.config.resolution)
+    return {"checkpoint": checkpoint_choices_update(runs_root, owner, name), "prompt": run.config.training_caption,
+            "width": width, "height": height, "steps": run.config.preview_steps,
+            "guidance": run.config.preview_guidance}
+
+
+def generate(service: InferenceService, runs_root: Path, owner: str, name: str, step, weight: float, prompt: str,
+             seed, width, height, steps, guidance):
+    """(LoRA image, base image, caption line) for the chosen checkpoint and weight."""
+    from trainer.errors import UserError
+    from trainer.grid import fill_trigger
+
+    run = open_owned_run(runs_root, owner, name)
+    if step in (None, ""):
+        raise UserError("Pick a checkpoint.")
+    if not (prompt or "").strip():
+        raise UserError("Write a prompt.")
+    weight = float(weight)
+    if not 0.0 <= weight <= MAX_WEIGHT:
+        raise UserError(f"The LoRA weight must be between 0 and {MAX_WEIGHT}.")
+    checkpoint = checkpoint_path(run, step)
+    settings = RenderSettings(width=int(width), height=int(height), steps=int(steps), guidance=float(guidance),
+                              max_text_tokens=run.config.max_text_tokens)
+    prompt = fill_trigger(prompt, run.config.trigger)
+    engine = service.get(base_model_folder(run))
+    with engine.lock:  # both images from one uninterrupted turn on the pipeline
+        lora_image = engine.render(prompt, int(seed), settings, checkpoint, weight)
+        base_image = engine.render(prompt, int(seed), settings)
+    return lora_image, base_image, f"step {int(step)} at weight {weight:g} · seed {int(seed)} · “{prompt}”"
+
+
+@dataclass
+class TryItTab:
+    tab: Any
+    run: Any
+    checkpoint: Any
+    weight: Any
+    prompt: Any
+    seed: Any
+    width: Any
+    height: Any
+    steps: Any
+    guidance: Any
+    status: Any
+
+
+def build(runs_root: Path, service: InferenceService, owner_state) -> TryItTab:
+    runs_root = Path(runs_root)
+    with gr.Tab("Try it", id="tryit") as tab:
+        gr.Markdown("## Try a checkpoint\nYour LoRA at a weight, beside the base model with the same seed. "
+                    "A late, overfit checkpoint is often usable at weight 0.5.")
+        with gr.Row():
+            run = gr.Dropdown(label="Run", choices=[], elem_id="tryit-run", scale=3)
+            checkpoint = gr.Dropdown(label="Checkpoint", choices=[], elem_id="tryit-checkpoint", scale=2)
+            refresh = gr.Button("↻ Refresh", scale=1)
+        weight = gr.Slider(0.0, MAX_WEIGHT, value=1.0, step=0.05, label="LoRA weight", elem_id="tryit-weight")
+        prompt = gr.Textbox(label="Prompt ([trigger] is replaced by the trigger word)", lines=2, elem_id="tryit-prompt")
+        with gr.Row():
+            seed = gr.Number(value=1, label="Seed", precision=0)
+            width = gr.Number(value=512, label="Width", precision=0, step=16)
+            height = gr.Number(value=512, label="Height", precision=0, step=16)
+            steps = gr.Number(value=20, label="Steps", precision=0, minimum=1, maximum=200)
+            guidance = gr.Number(value=3.5, label="Guidance")
+        go = gr.Button("Generate", variant="primary", elem_id="tryit-generate")
+        status = gr.Markdown("")
+        with gr.Row():
+            lora_image = gr.Image(label="With the LoRA", type="pil", interactive=False, height=480,
+                                  elem_id="tryit-lora")
+            base_image = gr.Image(label="Base model (no LoRA)", type="pil", interactive=False, height=480,
+                                  elem_id="tryit-base")
+
+    def refresh_runs(stored, current, request: gr.Request, profile: gr.OAuthProfile | None = None):
+        choices = owner_runs(runs_root, owner_of(stored, request, profile))
+        names = [n for _, n in choices]
+        return gr.update(choices=choices, value=current if current in names else (names[0] if names else None))
+
+    @user_errors
+    def pick_run(stored, name, request: gr.Request, profile: gr.OAuthProfile | None = None):
+        if not name:
+            return tuple(gr.update() for _ in range(6))
+        d = run_defaults(runs_root, owner_of(stored, request, profile), name)
+        return d["checkpoint"], d["prompt"], d["width"], d["height"], d["steps"], d["guidance"]
+
+    @user_errors
+    def make(stored, name, step, weight_, prompt_, seed_, w, h, n, g, request: gr.Request,
+             profile: gr.OAuthProfile | None = None, progress=gr.Progress()):
+        progress(0.1, desc="Rendering (the first render loads the base model)")
+        return generate(service, runs_root, owner_of(stored, request, profile), name, step, weight_, prompt_, seed_,
+                        w, h, n, g)
+
+    @user_errors
+    def fill_first_time(stored, name, step, request: gr.Request, profile: gr.OAuthProfile | None = None):
+        if step not in (None, ""):  # already chosen (by hand or by a grid click): keep it
+            return tuple(gr.update() for _ in range(6))
+        return pick_run(stored, name, request, profile)
+
+    # .input, not .change: a grid click sets the run programmatically and must not reset its settings.
+    tab.select(refresh_runs, [owner_state, run], run, api_name=False).then(
+        fill_first_time, [owner_state, run, checkpoint], [checkpoint, prompt, width, height, steps, guidance],
+        api_name=False)
+    refresh.click(refresh_runs, [owner_state, run], run, api_name=False)
+    run.input(pick_run, [owner_state, run], [checkpoint, prompt, width, height, steps, guidance], api_name=False)
+    go.click(make, [owner_state, run, checkpoint, weight, prompt, seed, width, height, steps, guidance],
+             [lora_image, base_image, status], api_name="try_it", concurrency_limit=1, concurrency_id=RENDER_QUEUE)
+    return TryItTab(tab=tab, run=run, checkpoint=checkpoint, weight=weight, prompt=prompt, seed=seed, width=width,
+                    height=height, steps=steps, guidance=guidance, status=status)
