@@ -53,6 +53,8 @@ class TrainingConfig:
     background_weight: float = 0.0  # loss weight where the mask is black; 0 = the background is never trained
     normalize_mask: bool = True  # divide by the mask's mean so the step size does not depend on the subject's size
     unmasked_probability: float = 0.0  # fraction of steps trained on the whole image, as OneTrainer offers
+    # fraction of steps that train the subject pasted onto a varied background, on the whole image (trainer/augment.py)
+    augment_probability: float = 0.0
 
     # --- previews
     preview_steps: int = 20
@@ -76,6 +78,8 @@ class TrainingConfig:
             problems.append("background_weight must be between 0 and 1")
         if not (0.0 <= self.unmasked_probability <= 1.0):
             problems.append("unmasked_probability must be between 0 and 1")
+        if not (0.0 <= self.augment_probability <= 1.0):
+            problems.append("augment_probability must be between 0 and 1")
         if self.preview_steps < 1:
             problems.append("preview_steps must be at least 1")
         if not self.name or any(c in self.name for c in '/\\:*?"<>|') or self.name.startswith("."):

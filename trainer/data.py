@@ -79,6 +79,8 @@ class EncodedExample:
     weights: torch.Tensor | None  # (1, 1, h, w) or None when unmasked
     image_ids: torch.Tensor  # (h/2 * w/2, 3)
     caption: PromptEmbedding
+    # (N, C, h, w): the subject composited onto N varied backgrounds (``trainer.augment``), trained unmasked
+    augmented: torch.Tensor | None = None
 
     @property
     def latent_size(self) -> tuple[int, int]:

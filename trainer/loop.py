@@ -15,6 +15,7 @@ import torch
 from trainer import diskspace, flow
 from trainer import resume as training_state
 from trainer.config import TrainingConfig
+from trainer.augment import augmented_step, pick as pick_augmented
 from trainer.data import EncodedExample
 from trainer.events import CheckpointSaved, Event, Failed, Finished, Preview, PreviewsRendered, Progress, Status
 from trainer.lora import add_lora, save_lora
@@ -108,7 +109,10 @@ def train_lora(parts, example: EncodedExample, cfg: TrainingConfig, run: RunFold
         started = time.perf_counter()
         use_mask = example.weights is not None and (
             cfg.unmasked_probability == 0.0 or torch.rand((), generator=mask_generator).item() >= cfg.unmasked_probability)
-        loss = training_step(transformer, example, cfg, generator, mu, use_mask)
+        step_example = example
+        if augmented_step(example, cfg, mask_generator):  # the subject on another background, whole image trained
+            step_example, use_mask = pick_augmented(example, mask_generator), False
+        loss = training_step(transformer, step_example, cfg, generator, mu, use_mask)
         loss_value = loss.item()
         if not math.isfinite(loss_value):
             # Stop before the optimizer touches the weights: nothing non-finite is ever saved.

@@ -16,6 +16,7 @@ import torch
 from trainer import diskspace
 from trainer import resume as training_state
 from trainer.config import list_presets
+from trainer.augment import with_background_bank
 from trainer.data import encode_example, encode_prompts, free_encoders, prepare_image
 from trainer.errors import UserError
 from trainer.events import CheckpointSaved, Event, Failed, Finished, Preview, PreviewsRendered, Started, Status
@@ -87,6 +88,7 @@ def run_training(run: RunFolder, should_stop: Callable[[], bool] = lambda: False
         yield Status("Encoding the image and prompts (once; cached for the whole run)")
         prompts = encode_prompts(parts, [cfg.training_caption, *cfg.preview_prompts], cfg.max_text_tokens)
         example = encode_example(parts, train_image, cfg.training_caption, prompts, cfg.masked, cfg.background_weight)
+        example = with_background_bank(parts, example, train_image, cfg, run.path)
         free_encoders(parts)
         gc.collect()
         renderer = PreviewRenderer(parts, prompts)
