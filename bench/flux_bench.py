@@ -71,7 +71,7 @@ TINY_VAE = dict(in_channels=3, out_channels=3, block_out_channels=[8, 16, 32, 32
 GIB = 2 ** 30
 TIERS_GB = (24, 16, 12)
 DEFAULT_PLAN = ("baseline,none,preview,graph@r16@nockpt,compile@nockpt,compile@ckpt,compile+graph,"
-                "preview-compile,tiers")
+                "preview-compile,run:500:50,tiers")
 
 
 class Bench:
@@ -388,7 +388,8 @@ class Bench:
     @staticmethod
     def parse_label(label: str) -> dict:
         """none | step | graph | compile | compile+graph, with modifiers -castcopy (peft's fp32 input cast kept),
-        +cudnn (cuDNN attention enabled)."""
+        +cudnn (cuDNN attention enabled: on the H100 image with torch 2.11+cu130 its backward hit an illegal memory
+        access that kills the CUDA context, so run it last and alone)."""
         return dict(compile="compile" in label, graphs="graph" in label, skip_cast="castcopy" not in label,
                     cudnn="cudnn" in label, loop=label in ("none", "compile"))
 
@@ -484,7 +485,7 @@ class Bench:
             self.info[f"profile_{accel}_ms_per_step"] = {k: round(v, 2) for k, v in sorted(cats.items(), key=lambda kv: -kv[1])}
             self.info[f"profile_{accel}_kernel_ms_total"] = round(total, 2)
             self.log(f"profile {accel}: kernel time {total:.1f} ms/step:", self.info[f"profile_{accel}_ms_per_step"])
-            out = Path(self.args.out_dir) / f"profile-{accel}.txt"
+            out = Path(self.args.out_dir) / f"profile-{accel.replace('+', '_')}.txt"
             out.write_text("\n".join(f"{ms:9.3f} ms {cnt:6d}x  {k}" for ms, cnt, k in lines[:60]))
         except Exception as err:
             self.log("profile failed:", repr(err)[:300])
@@ -548,6 +549,97 @@ class Bench:
                         vae_decode_s=round(decode, 3), n_images=len(times))
 
         self.case(measure, base, est_s=15 if accel == "none" else 60)
+
+    # ---------------------------------------------------------------- a whole run, as train_lora runs it
+    def run_full(self, steps: int, every: int, n_prompts: int = 3, rank: int = 16, ckpt: bool = False):
+        """A complete training run with the fast path: previews of ``n_prompts`` images at step 0 and at every
+        checkpoint (each ``every`` steps), LoRA saved at each checkpoint; wall-clock from a cold compile."""
+        import tempfile
+
+        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
+
+        from trainer.data import PromptEmbedding
+        from trainer.lora import save_lora
+        from trainer.sampling import PreviewRenderer
+        from trainer.speed import TrainStep, adamw_options
+
+        res = self.resolution_list()[0]
+        base = dict(impl="project", accel="run", kind="full_run", rank=rank, resolution=res, checkpointing=ckpt,
+                    steps=steps, save_every=every, preview_images=n_prompts)
+
+        def measure():
+            t_all = time.perf_counter()
+            self.ensure_compiled()
+            s = self.project_setup(rank, res, ckpt)
+            cfg = s.cfg.replace(steps=steps, save_every=every)
+            torch.manual_seed(0)
+            torch.set_default_dtype(self.dtype)
+            try:
+                with torch.device(self.device):
+                    vae = AutoencoderKL(**(TINY_VAE if self.tiny else FLUX_VAE))
+            finally:
+                torch.set_default_dtype(torch.float32)
+            vae.requires_grad_(False).eval()
+            parts = SimpleNamespace(scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER), vae=vae,
+                                    transformer=self.transformer, device=self.device, dtype=self.dtype)
+            g = torch.Generator().manual_seed(7)
+            c = s.example.caption
+            prompts = {f"prompt {i}": PromptEmbedding(f"prompt {i}", torch.randn(c.embeds.shape, generator=g).to(c.embeds),
+                                                      torch.randn(c.pooled.shape, generator=g).to(c.pooled), c.text_ids)
+                       for i in range(n_prompts)}
+            renderer = PreviewRenderer(parts, prompts)
+            opt = torch.optim.AdamW(s.params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                                    **adamw_options(self.device))
+            runner = TrainStep(self.transformer, s.example, cfg, s.generator, s.mu, s.params, opt)
+            tmp = Path(tempfile.mkdtemp(prefix="bench-run-"))
+            preview_times, step_times, save_times = [], [], []
+            setup_s = time.perf_counter() - t_all
+
+            def previews(step):
+                for i, prompt in enumerate(prompts):
+                    t = time.perf_counter()
+                    img = renderer.render(prompt, cfg.preview_seed, res, res, cfg.preview_steps if not self.tiny else 4,
+                                          cfg.preview_guidance)
+                    img.save(tmp / f"{step:06d}-{i}.png")
+                    preview_times.append(time.perf_counter() - t)
+
+            previews(0)
+            losses = []
+            for step in range(1, steps + 1):
+                t = time.perf_counter()
+                value = runner.forward_backward(s.example.weights is not None)
+                if not math.isfinite(value):
+                    runner.discard()
+                    raise RuntimeError(f"loss {value} at step {step}")
+                runner.apply()
+                self.sync()
+                step_times.append(time.perf_counter() - t)
+                losses.append(value)
+                if step in set(cfg.checkpoint_steps):
+                    t = time.perf_counter()
+                    save_lora(self.transformer, tmp / f"lora-{step:06d}.safetensors", dtype=self.dtype)
+                    save_times.append(time.perf_counter() - t)
+                    previews(step)
+            total = time.perf_counter() - t_all
+            finite = all(bool(torch.isfinite(p).all()) for p in s.params)
+            out = dict(total_s=round(total, 1), setup_s=round(setup_s, 2),
+                       steps_total_s=round(sum(step_times), 1), first_step_s=round(step_times[0], 2),
+                       median_step_s=round(statistics.median(step_times), 4),
+                       steps_after_first_s=round(sum(step_times[1:]), 1),
+                       previews_total_s=round(sum(preview_times), 1), n_previews=len(preview_times),
+                       first_preview_s=round(preview_times[0], 2),
+                       median_preview_s=round(statistics.median(preview_times), 3),
+                       saves_total_s=round(sum(save_times), 2), n_saves=len(save_times), graphed=runner.graphed,
+                       graph_error=runner.graph_error, loss_first=round(losses[0], 4), loss_last=round(losses[-1], 4),
+                       lora_finite=finite)
+            runner.close()
+            s.__dict__.pop("opt", None)
+            self.transformer.train()
+            self.project_teardown(s)
+            del vae, renderer, parts, opt, runner
+            return out
+
+        self.case(measure, base, est_s=60 if self.tiny else 200)
 
     # ---------------------------------------------------------------- memory tiers
     def run_tiers(self, grid, accel):
@@ -651,6 +743,9 @@ class Bench:
                 if "compile" in acc:
                     self.ensure_compiled()
                 self.run_profile(acc)
+            elif label.startswith("run"):
+                steps, every = (int(x) for x in (label.split(":", 1)[1] if ":" in label else "500:50").split(":"))
+                self.run_full(steps, every, rank=ranks[0])
             elif label == "tiers":
                 from trainer.speed import is_accelerated
 
@@ -676,6 +771,12 @@ def print_table(rows, info, commit):
             continue
         val = r.get("s_per_step", r.get("s_per_image"))
         note = r.get("error") or ""
+        if r.get("kind") == "full_run":
+            val = r.get("total_s")
+            note = (f"FULL RUN {r.get('steps')} steps: total {r.get('total_s')} s = steps {r.get('steps_total_s')} s "
+                    f"(first {r.get('first_step_s')} s, median {r.get('median_step_s')} s) + {r.get('n_previews')} previews "
+                    f"{r.get('previews_total_s')} s (first {r.get('first_preview_s')} s) + saves {r.get('saves_total_s')} s; "
+                    f"graphed={r.get('graphed')} " + note)
         if r.get("kind") == "preview":
             note = f"preview {r.get('preview_steps')} steps, s/image; VAE decode {r.get('vae_decode_s')} s " + note
         if r.get("first_step_s") is not None and "compile" in r.get("accel", ""):
@@ -732,7 +833,7 @@ def main(argv=None):
     p.add_argument("--commit", default=os.environ.get("BENCH_COMMIT") or _git_head())
     p.add_argument("--plan", default=DEFAULT_PLAN,
                    help="comma list run in order: baseline | none | step | graph | compile | compile+graph "
-                        "(+ -castcopy, +cudnn) | preview | preview-compile | profile[:variant] | tiers; "
+                        "(+ -castcopy, +cudnn) | preview | preview-compile | profile[:variant] | run[:steps:every] | tiers; "
                         "each may be filtered with @r16 @r4 @512 @1024 @ckpt @nockpt")
     p.add_argument("--ranks", type=int, nargs="+", default=[16, 4])
     p.add_argument("--resolutions", type=int, nargs="+", default=[512, 1024])
