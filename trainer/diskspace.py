@@ -72,3 +72,50 @@ def _size(n: int) -> str:
     if n >= 1e9:
         return f"{n / 1e9:.1f} GB"
     return f"{n / 1e6:.1f} MB"
+
+
+# ---- Gradio's upload folder ---------------------------------------------------------------------------------
+
+def sweep_empty_temp_files(folder: Path, older_than_s: float = 3600) -> int:
+    """Remove the empty ``tmp*`` files Gradio leaves behind in its upload folder; returns how many.
+
+    ``gr.File(type="filepath")`` creates an empty ``NamedTemporaryFile(delete=False)`` on every call and never
+    removes it (gradio 6.x, ``components/file.py``), and ``delete_cache`` doesn't know about it: one stray file
+    per upload, forever. Only empty files directly in the folder, older than ``older_than_s``, are touched.
+    """
+    import time
+
+    folder = Path(folder)
+    removed = 0
+    if not folder.is_dir():
+        return 0
+    cutoff = time.time() - older_than_s
+    for path in folder.glob("tmp*"):
+        try:
+            st = path.lstat()
+            if path.is_file() and not path.is_symlink() and st.st_size == 0 and st.st_mtime <= cutoff:
+                path.unlink()
+                removed += 1
+        except OSError:
+            continue
+    return removed
+
+
+_sweeper_started = False
+
+
+def start_temp_sweeper(folder: Path, every_s: float = 600, older_than_s: float = 3600) -> None:
+    """Sweep ``folder`` every ``every_s`` seconds on a daemon thread (once per process)."""
+    global _sweeper_started
+    if _sweeper_started:
+        return
+    _sweeper_started = True
+    import threading
+    import time
+
+    def loop() -> None:
+        while True:
+            time.sleep(every_s)
+            sweep_empty_temp_files(folder, older_than_s)
+
+    threading.Thread(target=loop, name="gradio-temp-sweeper", daemon=True).start()

@@ -15,6 +15,7 @@ from trainer.inference import InferenceService
 from trainer.jobs import JobManager
 from trainer.masking import MASK_MODELS
 from trainer.models import default_model
+from trainer.diskspace import start_temp_sweeper
 from trainer.resume import mark_interrupted
 from ui import dataset_step, settings_step
 from ui import compare_tab, tryit_tab
@@ -41,12 +42,14 @@ def build_app(manager: JobManager, runs_root: Path, state_secret: str | None = N
     inference = InferenceService()  # one loaded base model, shared by Compare and Try it
     # A (re)started server: runs whose process died mid-training become "interrupted", offered for Resume.
     mark_interrupted(runs_root, skip=manager.known_run_paths())
+    start_temp_sweeper(Path(gr.utils.get_upload_folder()))  # empty files gr.File leaks on every upload
     presets = settings_step.preset_choices()
     first_preset = "character-rank4-400" if any(v == "character-rank4-400" for _, v in presets) else presets[0][1]
     rank0, steps0, lr0, every0 = settings_step.on_preset_change(first_preset)
     model0 = default_model()
 
-    with gr.Blocks(title="One-image Flux LoRA") as demo:
+    # Gradio's cache (uploads, outputs) is pruned daily and emptied on restart; run files live in runs_root.
+    with gr.Blocks(title="One-image Flux LoRA", delete_cache=(3600, 24 * 3600)) as demo:
         owner_state = gr.BrowserState(None, storage_key="one-image-lora-owner", secret=state_secret)
         dataset_state = gr.State(None)
         gr.Markdown(INTRO)
