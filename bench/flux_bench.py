@@ -329,7 +329,9 @@ class Bench:
 
     def project_teardown(self, s):
         from trainer.lora import remove_lora
+        from trainer.speed import GraphedInference
 
+        GraphedInference.reset(self.transformer)
         for p in s.params:
             p.grad = None
         remove_lora(self.transformer)
@@ -542,13 +544,75 @@ class Bench:
                 self.sync()
                 decode = time.perf_counter() - t
             assert img is not None and img.size == (res, res), img
+            wrapper = self.transformer.__dict__.get("_one_image_lora_graphed_inference")
+            graph_info = dict(inference_graph_replays=wrapper.replays if wrapper else 0,
+                              inference_graph_error=wrapper.error if wrapper else None)
             self.transformer.train()
             self.project_teardown(s)
             del vae, renderer, parts
             return dict(s_per_image=round(statistics.median(times), 3), first_image_s=round(first, 2),
-                        vae_decode_s=round(decode, 3), n_images=len(times))
+                        vae_decode_s=round(decode, 3), n_images=len(times), **graph_info)
 
         self.case(measure, base, est_s=15 if accel == "none" else 60)
+
+    # ---------------------------------------------------------------- correctness of the preview graphs
+    def run_graphcheck(self):
+        """GraphedInference vs the plain forward on the same inputs: fresh inputs, and after an in-place LoRA
+        update (a replay must see the new weights). Relative L2 error; should be ~0 (same kernels)."""
+        from trainer.speed import GraphedInference
+
+        if not self.cuda:
+            return
+        self.ensure_compiled()
+        base = dict(impl="project", accel="check", kind="graphcheck", rank=16, resolution=self.resolution_list()[0],
+                    checkpointing=False)
+
+        def measure():
+            s = self.project_setup(16, base["resolution"], False)
+            model = self.transformer
+            wrapper = GraphedInference.install(model)
+            for p in s.params:  # make the LoRA do something (B starts at zero)
+                p.data.add_(torch.randn_like(p) * 0.02)
+            ex = s.example
+            from trainer.flow import pack_latents
+
+            def inputs(seed):
+                g = torch.Generator(device=self.device).manual_seed(seed)
+                return dict(hidden_states=pack_latents(torch.randn(ex.latents.shape, generator=g, device=self.device,
+                                                                   dtype=self.dtype)),
+                            timestep=torch.rand(1, generator=g, device=self.device).to(self.dtype),
+                            guidance=torch.full((1,), 3.5, device=self.device, dtype=self.dtype),
+                            pooled_projections=ex.caption.pooled, encoder_hidden_states=ex.caption.embeds,
+                            txt_ids=ex.caption.text_ids, img_ids=ex.image_ids, joint_attention_kwargs=None,
+                            return_dict=False)
+
+            def rel(a, b):
+                return float((a.float() - b.float()).norm() / b.float().norm())
+
+            errs = {}
+            model.eval()
+            with torch.no_grad():
+                for i in range(5):  # 2 eager warm-ups, capture, replays
+                    x = inputs(i)
+                    out = model(**x)[0]
+                    ref = wrapper.forward(**x)[0]
+                    errs[f"call{i}"] = rel(out, ref)
+                for p in s.params:
+                    p.data.add_(torch.randn_like(p) * 0.02)
+                x = inputs(99)
+                out = model(**x)[0]
+                ref = wrapper.forward(**x)[0]
+                errs["after_lora_update"] = rel(out, ref)
+            model.train()
+            res = dict(rel_err={k: v for k, v in errs.items() if v is not None}, replays=wrapper.replays,
+                       graphs=len(wrapper.graphs), graph_error=wrapper.error)
+            s.__dict__.pop("opt", None)
+            self.project_teardown(s)
+            if wrapper.error or not wrapper.replays or max(res["rel_err"].values()) > 1e-2:
+                res["error"] = f"graph check failed: {res}"
+            return res
+
+        self.case(measure, base, est_s=60)
 
     # ---------------------------------------------------------------- a whole run, as train_lora runs it
     def run_full(self, steps: int, every: int, n_prompts: int = 3, rank: int = 16, ckpt: bool = False):
@@ -631,6 +695,8 @@ class Bench:
                        median_preview_s=round(statistics.median(preview_times), 3),
                        saves_total_s=round(sum(save_times), 2), n_saves=len(save_times), graphed=runner.graphed,
                        graph_error=runner.graph_error, loss_first=round(losses[0], 4), loss_last=round(losses[-1], 4),
+                       inference_graph_replays=getattr(self.transformer.__dict__.get("_one_image_lora_graphed_inference"),
+                                                       "replays", 0),
                        lora_finite=finite)
             runner.close()
             s.__dict__.pop("opt", None)
@@ -743,6 +809,8 @@ class Bench:
                 if "compile" in acc:
                     self.ensure_compiled()
                 self.run_profile(acc)
+            elif label == "graphcheck":
+                self.run_graphcheck()
             elif label.startswith("run"):
                 steps, every = (int(x) for x in (label.split(":", 1)[1] if ":" in label else "500:50").split(":"))
                 self.run_full(steps, every, rank=ranks[0])

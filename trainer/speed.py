@@ -15,6 +15,10 @@ Python or kernel-launch overhead. The loss is still checked before the optimizer
 non-finite is ever applied. Off the GPU, with ``ONE_IMAGE_LORA_CUDA_GRAPHS=0``, or if capturing fails, it runs
 the plain eager step.
 
+``accelerate_transformer`` also routes the transformer's no-grad, eval-mode forward (the preview sampler's 20
+calls per image) through ``GraphedInference``: captured once per input shape as a CUDA graph and replayed. The
+LoRA is updated in place by the optimizer, so a replay always sees the current weights.
+
 Measured numbers and what each change bought: ``bench/RESULTS.md``.
 """
 from __future__ import annotations
@@ -23,6 +27,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import weakref
 from typing import Callable
 
 import torch
@@ -58,12 +63,18 @@ def can_compile(device) -> bool:
     return hasattr(torch, "compile")
 
 
-def accelerate_transformer(transformer, device, *, force: bool = False, **compile_kwargs) -> bool:
+def accelerate_transformer(transformer, device, *, force: bool = False, inference_graphs: bool | None = None,
+                           **compile_kwargs) -> bool:
     """Compile every Flux block in place; ``True`` if it did. Quietly ``False`` where it can't (CPU, no Triton).
 
     ``force`` compiles on any device (tests use it on the CPU with ``backend="aot_eager"``). Extra keyword
-    arguments go to ``torch.compile`` (default: inductor, static shapes, graph breaks allowed).
+    arguments go to ``torch.compile`` (default: inductor, static shapes, graph breaks allowed). On CUDA it also
+    installs ``GraphedInference`` for the no-grad forward (previews) unless ``inference_graphs=False``.
     """
+    if inference_graphs is None:
+        inference_graphs = can_use_cuda_graphs(device)
+    if inference_graphs:
+        GraphedInference.install(transformer)
     if not (force or can_compile(device)):
         return False
     blocks = _blocks(transformer)
@@ -89,6 +100,7 @@ def is_accelerated(transformer) -> bool:
 
 def restore_eager(transformer) -> None:
     """Undo ``accelerate_transformer``: every block runs eagerly again (the fallback when compiling fails)."""
+    GraphedInference.uninstall(transformer)
     for block in _blocks(transformer):
         if getattr(block, "_compiled_call_impl", None) is not None:
             block._compiled_call_impl = None
@@ -98,6 +110,117 @@ def restore_eager(transformer) -> None:
         torch._dynamo.reset()
     except Exception:  # pragma: no cover - best effort
         pass
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Previews: the no-grad forward replayed from CUDA graphs
+
+class GraphedInference:
+    """Stands in for ``transformer.forward``: a no-grad, eval-mode call with ``return_dict=False`` on CUDA
+    tensors is captured as a CUDA graph per input signature (after ``warmup`` eager calls) and replayed, with
+    the inputs copied into the graph's static buffers and the output cloned out. Every other call (training,
+    grad enabled, CPU, unusual arguments) goes to the original forward. Parameters are read in place at every
+    replay, so LoRA updates are seen. A failed capture turns it off for good (eager from then on)."""
+
+    ATTR = "_one_image_lora_graphed_inference"
+
+    def __init__(self, transformer, forward, max_graphs: int = 2, warmup: int = 2):
+        self.transformer, self.forward = transformer, forward
+        self.max_graphs, self.warmup = max_graphs, warmup
+        self.graphs: dict = {}
+        self.seen: dict = {}
+        self.error: str | None = None
+        self.replays = 0
+        self._side = None
+        self._watch: list = []
+
+    @classmethod
+    def install(cls, transformer) -> "GraphedInference":
+        existing = transformer.__dict__.get(cls.ATTR)
+        if existing is not None:
+            return existing
+        wrapper = cls(transformer, transformer.forward)
+        object.__setattr__(transformer, cls.ATTR, wrapper)
+        object.__setattr__(transformer, "forward", wrapper)
+        return wrapper
+
+    @classmethod
+    def reset(cls, transformer) -> None:
+        """Drop the captured graphs (call after adding or removing a LoRA on this transformer)."""
+        wrapper = transformer.__dict__.get(cls.ATTR)
+        if wrapper is not None:
+            wrapper.graphs.clear()
+            wrapper.seen.clear()
+
+    @classmethod
+    def uninstall(cls, transformer) -> None:
+        wrapper = transformer.__dict__.pop(cls.ATTR, None)
+        if wrapper is not None:
+            transformer.__dict__.pop("forward", None)
+            wrapper.graphs.clear()
+
+    def _eligible(self, args, kwargs) -> bool:
+        if args or self.error is not None or torch.is_grad_enabled() or self.transformer.training:
+            return False
+        if kwargs.get("return_dict", True) or kwargs.get("joint_attention_kwargs") \
+                or kwargs.get("controlnet_block_samples") is not None \
+                or kwargs.get("controlnet_single_block_samples") is not None:
+            return False
+        tensors = [v for v in kwargs.values() if torch.is_tensor(v)]
+        if not tensors or not all(v.is_cuda for v in tensors):
+            return False
+        return not torch.cuda.is_current_stream_capturing()
+
+    def __call__(self, *args, **kwargs):
+        if not self._eligible(args, kwargs):
+            return self.forward(*args, **kwargs)
+        tensors = {k: v for k, v in kwargs.items() if torch.is_tensor(v)}
+        others = {k: v for k, v in kwargs.items() if not torch.is_tensor(v)}
+        key = (tuple(sorted((k, tuple(v.shape), v.dtype, v.device) for k, v in tensors.items())),
+               tuple(sorted((k, repr(v)) for k, v in others.items())))
+        if self.graphs and any(ref() is None or ref().data_ptr() != ptr for ref, ptr in self._watch):
+            self.graphs.clear()  # the LoRA was replaced: the graphs point at freed weights
+        entry = self.graphs.get(key)
+        if entry is None:
+            if self._side is None:
+                self._side = torch.cuda.Stream()
+            if self.seen.get(key, 0) < self.warmup:
+                # Warm-up calls (the first one also compiles) run eagerly on a side stream, as capture requires.
+                self.seen[key] = self.seen.get(key, 0) + 1
+                self._side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(self._side):
+                    out = self.forward(**kwargs)
+                torch.cuda.current_stream().wait_stream(self._side)
+                return out
+            try:
+                entry = self._capture(key, tensors, others)
+            except Exception as err:
+                log.warning("capturing the preview forward as a CUDA graph failed; previews stay eager", exc_info=True)
+                self.error = f"{type(err).__name__}: {err}"[:300]
+                self.graphs.clear()
+                return self.forward(**kwargs)
+        static_in, static_out, graph = entry
+        for k, v in tensors.items():
+            static_in[k].copy_(v)
+        graph.replay()
+        self.replays += 1
+        return tuple(t.clone() for t in static_out)
+
+    def _capture(self, key, tensors, others):
+        while len(self.graphs) >= self.max_graphs:
+            self.graphs.pop(next(iter(self.graphs)))
+        static_in = {k: v.clone() for k, v in tensors.items()}
+        self._watch = [(weakref.ref(p), p.data_ptr()) for m in _lora_layers(self.transformer) for p in m.parameters()
+                       if p.requires_grad]
+        graph = torch.cuda.CUDAGraph()
+        torch.cuda.synchronize()
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            out = self.forward(**static_in, **others)
+        out = tuple(out)
+        if not all(torch.is_tensor(t) for t in out):
+            raise TypeError("unexpected output from the transformer")
+        self.graphs[key] = (static_in, out, graph)
+        return self.graphs[key]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -154,6 +277,7 @@ class TrainStep:
         self._graphs = None
         self._lora = _lora_layers(transformer) if (self.cuda and skip_lora_input_cast) else []
         self._side = None
+        GraphedInference.reset(transformer)  # a new run, maybe a new LoRA: previews recapture
 
     @property
     def graphed(self) -> bool:
