@@ -128,7 +128,7 @@ def test_strokes_found_from_the_composite_when_there_are_no_layers():
     composite = background.copy()
     ImageDraw.Draw(composite).rectangle((0, 0, 9, 9), fill=ADD_RGB)
     ImageDraw.Draw(composite).rectangle((60, 60, 69, 69), fill=REMOVE_RGB)
-    out = np.asarray(apply_strokes(square(), {"background": background, "layers": [], "composite": composite}))
+    out = np.asarray(apply_strokes(square(), {"background": background, "composite": composite}))
     assert (out[0:10, 0:10] == 255).all() and (out[60:70, 60:70] == 0).all() and out[45, 45] == 255
 
 
@@ -171,3 +171,84 @@ def test_thin_line_vanishes_at_the_token_grid_unless_grown():
     assert (grown_grid >= 0.5).any(axis=1).all()  # along the whole length
     assert thin_share(grown, (128, 128)) < 1.0
     assert thin_share(square(lo=32, hi=96), (128, 128)) == 0.0 and thin_share(np.zeros((32, 32), np.uint8), (32, 32)) == 0.0
+
+
+# ---- the page's mask step (handlers, no browser) --------------------------------------------------------
+
+def _dataset(size=(400, 500)):
+    from ui.dataset_step import Dataset
+
+    image, mask = subject_image(size)
+    return Dataset(image, mask, "uploaded mask"), mask
+
+
+def test_new_mask_clears_strokes_and_defaults_leave_the_mask_as_given():
+    from ui.dataset_step import on_new_mask
+
+    dataset, mask = _dataset()
+    refined, preview, editor, full, tokens, summary = on_new_mask(dataset, 0.0, 0, 0, "character-rank4-400", 0.0)
+    assert np.array_equal(np.asarray(refined.mask), np.asarray(mask)) and refined.raw_mask is mask
+    assert editor["layers"] == [] and editor["background"].size == mask.size
+    assert tokens.size == (448, 560)  # the training size of a 400x500 image at 512 px of area
+    assert "22 %" in summary and "28×35 tokens" in summary
+    assert on_new_mask(None, 0.0, 0, 0, "character-rank4-400", 0.0)[0] is None
+
+
+def test_controls_and_strokes_change_the_training_mask_and_grow_is_in_training_pixels():
+    from ui.dataset_step import on_mask_adjust
+
+    dataset, mask = _dataset((896, 1120))  # twice the training size (448x560)
+    stroke = _layer((448, 560), (0, 0, 49, 49), ADD_RGB)  # the editor shows a half-size copy
+    refined, _, full, tokens, summary = on_mask_adjust(dataset, 0.0, 0, 4, {"layers": [stroke]},
+                                                       "character-rank4-400", 0.1)
+    m = np.asarray(refined.mask)
+    assert m[:96, :96].min() == 255  # the stroke, scaled to the full-size mask
+    row = np.asarray(mask)[560] > 127
+    assert (m[560] > 127).sum() == row.sum() + 2 * 8  # grow 4 training px = 8 px of this 2x image
+    assert refined.raw_mask is mask  # adjusting again starts from the unadjusted mask
+    again, *_ = on_mask_adjust(refined, 0.0, 0, 0, {"layers": []}, "character-rank4-400", 0.0)
+    assert np.array_equal(np.asarray(again.mask), np.asarray(mask))
+    assert "Background weight 0.1" in summary
+
+
+def test_thin_subject_gets_a_grow_warning():
+    from ui.dataset_step import Dataset, on_mask_adjust
+
+    image = Image.new("RGB", (512, 512), (20, 40, 200))
+    m = np.zeros((512, 512), np.uint8)
+    m[:, 100:104] = m[200:204, :] = 255
+    dataset = Dataset(image, Image.fromarray(m), "uploaded mask")
+    *_, summary = on_mask_adjust(dataset, 0.0, 0, 0, None, "character-rank4-400", 0.0)
+    assert "Grow the mask" in summary
+    *_, summary = on_mask_adjust(dataset, 0.0, 0, 8, None, "character-rank4-400", 0.0)
+    assert "Grow the mask" not in summary
+
+
+def test_mask_controls_flow_into_the_training_config(tmp_path):
+    from trainer.config import load_preset
+    from ui.dataset_step import loss_settings, mask_defaults
+    from ui.training_step import TrainingController
+
+    assert mask_defaults("character-rank4-400") == (0.0, True, 0.0, 0.25)
+    assert mask_defaults("style-rank16-2000")[3] == 0.0
+
+    class Manager:
+        submitted = []
+
+        def active_for(self, owner):
+            return None
+
+        def submit(self, owner, run, token=None):
+            self.submitted.append(run)
+
+    manager = Manager()
+    dataset, _ = _dataset((160, 200))
+    TrainingController(manager, tmp_path).start(
+        "alice", dataset, "a photo of [trigger]", "ohwx", "", "character-rank4-400", 4, 10, 4e-4, 5, "tiny-demo",
+        loss_settings=loss_settings(0.1, False, 0.2, 0.5))
+    cfg = manager.submitted[0].config
+    assert (cfg.background_weight, cfg.normalize_mask, cfg.unmasked_probability, cfg.augment_probability) == \
+        (0.1, False, 0.2, 0.5)
+    TrainingController(manager, tmp_path / "b").start(
+        "bob", dataset, "a photo", "", "", "style-rank16-2000", 4, 10, 4e-4, 5, "tiny-demo")  # no settings: the preset's
+    assert manager.submitted[1].config.augment_probability == load_preset("style-rank16-2000").config().augment_probability

@@ -102,8 +102,8 @@ def apply_strokes(mask: MaskLike, editor_value: Any) -> Image.Image:
 
     ``editor_value`` is the editor's value: a dict with ``layers`` (RGBA, transparent where nothing is painted)
     and optionally ``background``/``composite``; images may be PIL images or arrays and any size (they are
-    scaled to the mask). Without layers, strokes are found as the pixels where the composite differs from
-    the background. The stroke's opacity is its strength (50 % opacity or more is full strength, so the soft
+    scaled to the mask). A value without a ``layers`` key has its strokes found as the pixels where the
+    composite differs from the background. The stroke's opacity is its strength (50 % opacity or more is full strength, so the soft
     rim of a brush gives a soft edge). Strokes the colour of neither brush are ignored.
     """
     m = as_mask_array(mask).astype(np.float32) / 255.0
@@ -112,7 +112,8 @@ def apply_strokes(mask: MaskLike, editor_value: Any) -> Image.Image:
     size = (m.shape[1], m.shape[0])
     layers = [x for x in (editor_value.get("layers") or []) if x is not None]
     strokes = [_rgba(layer, size) for layer in layers]
-    if not strokes and editor_value.get("composite") is not None and editor_value.get("background") is not None:
+    if "layers" not in editor_value and editor_value.get("composite") is not None \
+            and editor_value.get("background") is not None:
         strokes = [_difference_strokes(editor_value["background"], editor_value["composite"], size)]
     for rgba in strokes:
         strength = np.clip(rgba[..., 3] / 127.5, 0.0, 1.0)

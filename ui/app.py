@@ -76,6 +76,37 @@ def build_app(manager: JobManager, runs_root: Path, state_secret: str | None = N
                                              info="u2netp works offline; the others download on first use")
                     mask_file = gr.File(label="Or upload your own mask (white = trained)", file_types=IMAGE_TYPES,
                                         type="filepath")
+                gr.Markdown(dataset_step.MASK_HELP)
+                bg0, norm0, unmasked0, augment0 = dataset_step.mask_defaults(first_preset)
+                with gr.Row():
+                    with gr.Column():
+                        mask_threshold = gr.Slider(0.0, 1.0, value=0.0, step=0.05, label="Threshold (0 = off)",
+                                                   info="Binarise: gray at or above it becomes subject, below it background")
+                        mask_softness = gr.Slider(0, 32, value=0, step=1, label="Soft edge (px)",
+                                                  info="Feather the edge over this width, so it is trained in proportion")
+                        mask_grow = gr.Slider(-32, 32, value=0, step=1, label="Grow (+) / shrink (−) (px)",
+                                              info="Grow to keep thin details (a token is 16 px); shrink to drop a halo")
+                    with gr.Column():
+                        background_weight = gr.Slider(0.0, 1.0, value=bg0, step=0.05, label="Background weight",
+                                                      info="0 = background never trained; ai-toolkit's floor is 0.1")
+                        normalize_mask = gr.Checkbox(value=norm0, label="Normalise by mask area",
+                                                     info="Same step size for a small or a large subject")
+                        unmasked_probability = gr.Slider(0.0, 1.0, value=unmasked0, step=0.05,
+                                                         label="Unmasked probability (share of whole-image steps)")
+                        augment_probability = gr.Slider(0.0, 1.0, value=augment0, step=0.05,
+                                                        label="Background augmentation (share of steps on other backgrounds)")
+                gr.Markdown(dataset_step.LOSS_HELP)
+                mask_editor = gr.ImageEditor(
+                    label="Paint corrections: green adds to the subject, red removes", type="pil", image_mode="RGBA",
+                    sources=(), transforms=(), layers=gr.LayerOptions(allow_additional_layers=False),
+                    brush=gr.Brush(colors=["rgb(0, 200, 0)", "rgb(220, 0, 0)"], default_color="rgb(0, 200, 0)",
+                                   color_mode="fixed"), elem_id="mask-editor", height=480)
+                with gr.Row():
+                    mask_full = gr.Image(label="Full-resolution mask (dimmed = not trained)", interactive=False,
+                                         type="pil", elem_id="mask-full", height=400)
+                    mask_tokens = gr.Image(label="What the trainer sees: one block = one Flux token (16×16 px)",
+                                           interactive=False, type="pil", elem_id="mask-tokens", height=400)
+                mask_info = gr.Markdown("", elem_id="mask-info")
 
                 gr.Markdown("## 3. Caption and trigger word")
                 caption = gr.Textbox(value="a photo of [trigger]", label="Caption",
@@ -120,11 +151,23 @@ def build_app(manager: JobManager, runs_root: Path, state_secret: str | None = N
         dataset_inputs = [image_file, mask_file, use_mask, mask_model]
         dataset_outputs = [dataset_state, preview, image_info]
         # The upload handler is also the API's first call: it fills this session's dataset for /train.
+        # Then the mask step: a new base mask clears the painted strokes and applies the controls to it.
+        new_mask = dict(fn=dataset_step.on_new_mask, api_name=False, concurrency_limit=2,
+                        inputs=[dataset_state, mask_threshold, mask_softness, mask_grow, preset, background_weight],
+                        outputs=[dataset_state, preview, mask_editor, mask_full, mask_tokens, mask_info])
         image_file.change(dataset_step.on_dataset_change, dataset_inputs, dataset_outputs,
-                          api_name="prepare_dataset", concurrency_limit=2)
+                          api_name="prepare_dataset", concurrency_limit=2).then(**new_mask)
         for trigger_event in (mask_file.change, use_mask.change, mask_model.change):
             trigger_event(dataset_step.on_dataset_change, dataset_inputs, dataset_outputs,
-                          api_name=False, concurrency_limit=2)
+                          api_name=False, concurrency_limit=2).then(**new_mask)
+        mask_view_inputs = [dataset_state, mask_threshold, mask_softness, mask_grow, mask_editor, preset,
+                            background_weight]
+        mask_view_outputs = [dataset_state, preview, mask_full, mask_tokens, mask_info]
+        for control in (mask_threshold, mask_softness, mask_grow, mask_editor, background_weight):
+            control.change(dataset_step.on_mask_adjust, mask_view_inputs, mask_view_outputs, api_name=False,
+                           concurrency_limit=2, trigger_mode="always_last")
+        preset.change(dataset_step.mask_defaults, preset,
+                      [background_weight, normalize_mask, unmasked_probability, augment_probability], api_name=False)
 
         preset.change(settings_step.on_preset_change, preset, [rank, steps, learning_rate, save_every], api_name=False)
         for box in (rank, steps, save_every, model):
@@ -134,12 +177,15 @@ def build_app(manager: JobManager, runs_root: Path, state_secret: str | None = N
         stream_outputs = [progress, loss_plot, gallery, checkpoints, train_btn, stop_btn]
 
         def start(stored, dataset, caption_, trigger_, prompts_, preset_, rank_, steps_, lr_, every_, model_,
+                  background_weight_, normalize_, unmasked_, augment_,
                   request: gr.Request, profile: gr.OAuthProfile | None = None,
                   oauth_token: gr.OAuthToken | None = None):
             owner, token = owner_and_token(owner_id(stored, request), profile, oauth_token)
             try:
                 message = controller.start(owner, dataset, caption_, trigger_, prompts_, preset_, rank_, steps_,
-                                           lr_, every_, model_, token=token)
+                                           lr_, every_, model_, token=token,
+                                           loss_settings=dataset_step.loss_settings(
+                                               background_weight_, normalize_, unmasked_, augment_))
             except UserError as err:
                 raise gr.Error(str(err), print_exception=False) from None
             return message, gr.update(interactive=False), gr.update(interactive=True)
@@ -170,7 +216,8 @@ def build_app(manager: JobManager, runs_root: Path, state_secret: str | None = N
 
         train_btn.click(
             start, [owner_state, dataset_state, caption, trigger, prompts, preset, rank, steps, learning_rate,
-                    save_every, model], [progress, train_btn, stop_btn], api_name="train", concurrency_limit=None,
+                    save_every, model, background_weight, normalize_mask, unmasked_probability, augment_probability],
+            [progress, train_btn, stop_btn], api_name="train", concurrency_limit=None,
         ).success(follow, owner_state, stream_outputs, api_name="follow", concurrency_limit=None)
         stop_btn.click(stop, owner_state, progress, api_name="stop", concurrency_limit=None)
         resume_btn.click(resume, owner_state, [progress, train_btn, stop_btn, resume_btn], api_name="resume",

@@ -5,7 +5,7 @@ decompression bombs refused) — never by Gradio's own image decoder.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from PIL import Image
@@ -22,6 +22,7 @@ class Dataset:
     image: Image.Image
     mask: Image.Image | None
     mask_source: str  # "uploaded mask", "transparency", "automatic", "none"
+    raw_mask: Image.Image | None = None  # the mask before the user's adjustments (None: ``mask`` is unadjusted)
 
 
 def build_dataset(image_file: str | None, mask_file: str | None, use_mask: bool, mask_model: str) -> Dataset | None:
@@ -76,3 +77,144 @@ def on_dataset_change(image_file, mask_file, use_mask, mask_model):
     if dataset is None:
         return None, None, "Upload one image (PNG, JPEG or WEBP). A transparent PNG's transparency is used as its mask."
     return dataset, overlay(dataset), describe(dataset)
+
+
+# ---- step 2: the user's control over the mask ------------------------------------------------------------
+
+DISPLAY_SIDE = 1024  # images sent to the page are at most this long (the mask itself stays full resolution)
+GRID_LINE = (255, 255, 255)
+
+MASK_HELP = """Adjust the mask, paint corrections, and see it **as the trainer sees it**. Flux does not see pixels: at
+the training size (512 px) each **token covers 16×16 pixels**, and a token's loss weight is the share of it the
+mask covers. A strap or a strand of hair 4 px wide covers a quarter of the tokens it crosses, so it weighs a quarter
+and is learned weakly — **grow** the mask by a few pixels to keep thin details. Distances are in pixels of the
+training size. In the editor, paint **green to add** to the subject and **red to remove** (the eraser undoes strokes).
+"""
+
+LOSS_HELP = """**Background weight**: 0 = the background is never trained (the default: with one image, anything trained is
+repeated in every output). Small values such as 0.1 keep some context, as ai-toolkit's floor of 0.1 does, at the cost
+of learning the background a little. **Normalise by mask area** keeps the step size the same for a small or a large
+subject. **Unmasked probability**: the share of steps trained on the whole image (OneTrainer's option). **Background
+augmentation**: the share of steps trained on the subject pasted onto other backgrounds (colours, gradients, noise,
+its own colours blurred), so the subject is never tied to one background; the variations are encoded once before
+training, so it costs no speed."""
+
+
+def base_mask(dataset: Dataset) -> Image.Image | None:
+    return dataset.raw_mask if dataset.raw_mask is not None else dataset.mask
+
+
+def preset_resolution(preset: str | None) -> int:
+    from trainer.config import load_preset
+
+    try:
+        return load_preset(preset).config().resolution if preset else 512
+    except UserError:
+        return 512
+
+
+def refine(dataset: Dataset, threshold: float | None, softness_px: float, grow_px: float, editor_value,
+           resolution: int) -> Dataset:
+    """The dataset with its mask corrected by the painted strokes, then thresholded, grown/shrunk and feathered.
+    ``softness_px`` and ``grow_px`` are pixels at the training size (scaled here to the mask's own size)."""
+    from trainer.mask_tools import adjust_mask, apply_strokes, train_size_for
+
+    base = base_mask(dataset)
+    if base is None:
+        return dataset
+    train_w, _ = train_size_for(dataset.image.size, resolution)
+    scale = dataset.image.width / train_w
+    mask = apply_strokes(base, editor_value)
+    mask = adjust_mask(mask, threshold if threshold else None, float(softness_px or 0) * scale,
+                       float(grow_px or 0) * scale)
+    return replace(dataset, mask=mask, raw_mask=base)
+
+
+def _display(image: Image.Image, side: int = DISPLAY_SIDE) -> Image.Image:
+    scale = side / max(image.size)
+    if scale >= 1:
+        return image
+    return image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+                        Image.Resampling.LANCZOS)
+
+
+def editor_value(dataset: Dataset | None):
+    """The editor's start: the image with its (unadjusted) mask shown, no strokes."""
+    if dataset is None:
+        return None
+    shown = overlay(replace(dataset, mask=base_mask(dataset)))
+    return {"background": _display(shown).convert("RGBA"), "layers": [], "composite": None}
+
+
+def token_overlay(dataset: Dataset, resolution: int, background_weight: float = 0.0) -> Image.Image:
+    """The image at the training size, each 16x16 token dimmed by its loss weight, with the token grid drawn."""
+    from trainer.data import _fit
+    from trainer.mask_tools import TOKEN_PX, token_grid_view, train_size_for
+
+    size = train_size_for(dataset.image.size, resolution)
+    rgb = np.asarray(_fit(dataset.image.convert("RGB"), size, Image.Resampling.LANCZOS), dtype=np.float32)
+    if dataset.mask is None:
+        weights = np.ones(rgb.shape[:2], np.float32)
+    else:
+        weights = np.asarray(token_grid_view(dataset.mask, size, background_weight=background_weight),
+                             dtype=np.float32) / 255.0
+    dim = rgb * 0.25 + np.array([40, 0, 60], dtype=np.float32) * 0.75
+    out = rgb * weights[..., None] + dim * (1 - weights[..., None])
+    out[::TOKEN_PX, :] = out[::TOKEN_PX, :] * 0.6 + np.array(GRID_LINE) * 0.4
+    out[:, ::TOKEN_PX] = out[:, ::TOKEN_PX] * 0.6 + np.array(GRID_LINE) * 0.4
+    return Image.fromarray(out.clip(0, 255).astype(np.uint8))
+
+
+def mask_summary(dataset: Dataset, resolution: int, background_weight: float) -> str:
+    from trainer.dataset import mask_coverage
+    from trainer.mask_tools import TOKEN_PX, thin_share, train_size_for
+
+    if dataset.mask is None:
+        return "No mask: the whole image is trained, background included."
+    w, h = train_size_for(dataset.image.size, resolution)
+    lines = [f"The subject covers **{100 * mask_coverage(dataset.mask):.0f} %** of the frame. Training size "
+             f"{w}×{h} px = {w // TOKEN_PX}×{h // TOKEN_PX} tokens of {TOKEN_PX}×{TOKEN_PX} px."]
+    thin = thin_share(dataset.mask, (w, h))
+    if thin > 0.25:
+        lines.append(f"⚠️ {100 * thin:.0f} % of the subject lies in tokens it covers less than half: thin parts (hair, "
+                     "straps, fingers, antennae) weigh little in the loss and are learned weakly. Grow the mask by "
+                     "4–8 px to keep them.")
+    if background_weight > 0:
+        lines.append(f"Background weight {background_weight:g}: the background is trained at {background_weight:g}× "
+                     "the subject's weight, so it is learned a little (context, at a cost).")
+    return "  \n".join(lines)
+
+
+def on_mask_adjust(dataset, threshold, softness, grow, editor, preset, background_weight):
+    """Gradio handler for the mask controls and the editor:
+    (dataset state, step-1 preview, full-resolution mask, token-grid view, summary)."""
+    if dataset is None:
+        return None, None, None, None, ""
+    resolution = preset_resolution(preset)
+    dataset = refine(dataset, threshold, softness, grow, editor, resolution)
+    bg = float(background_weight or 0.0)
+    shown = _display(overlay(dataset))
+    return dataset, shown, shown, token_overlay(dataset, resolution, bg), mask_summary(dataset, resolution, bg)
+
+
+def on_new_mask(dataset, threshold, softness, grow, preset, background_weight):
+    """After a new image or base mask: clear the editor's strokes and apply the current controls.
+    (dataset state, step-1 preview, editor, full-resolution mask, token-grid view, summary)."""
+    dataset, preview, full, tokens, summary = on_mask_adjust(dataset, threshold, softness, grow, None, preset,
+                                                             background_weight)
+    return dataset, preview, editor_value(dataset), full, tokens, summary
+
+
+def mask_defaults(preset: str):
+    """The preset's loss settings for the mask controls:
+    (background weight, normalise by mask area, unmasked probability, background augmentation)."""
+    from trainer.config import load_preset
+
+    cfg = load_preset(preset).config()
+    return cfg.background_weight, cfg.normalize_mask, cfg.unmasked_probability, cfg.augment_probability
+
+
+def loss_settings(background_weight, normalize_mask, unmasked_probability, augment_probability) -> dict:
+    """The mask controls as TrainingConfig fields (the page → config direction only)."""
+    return {"background_weight": float(background_weight), "normalize_mask": bool(normalize_mask),
+            "unmasked_probability": float(unmasked_probability), "augment_probability": float(augment_probability)}
