@@ -555,6 +555,66 @@ class Bench:
 
         self.case(measure, base, est_s=15 if accel == "none" else 60)
 
+    # ---------------------------------------------------------------- correctness of the graphed training step
+    def run_stepcheck(self):
+        """TrainStep replayed from CUDA graphs vs TrainStep eager, from the same LoRA, optimizer and generator state,
+        over steps that mix masked, unmasked and augmented (other latents) examples. Same kernels and, if the
+        graph-safe RNG matches eager, the same noise: the losses and the final LoRA should agree closely."""
+        import dataclasses
+
+        from trainer.speed import TrainStep
+
+        if not self.cuda:
+            return
+        base = dict(impl="project", accel="check", kind="stepcheck", rank=16, resolution=self.resolution_list()[0],
+                    checkpointing=False, compiled=self.info.get("compiled", False))
+
+        if self.transformer is None:
+            self.build_transformer()
+
+        def measure():
+            s = self.project_setup(16, base["resolution"], False)
+            ex = s.example
+            g = torch.Generator(device=self.device).manual_seed(5)
+            aug = dataclasses.replace(ex, latents=torch.randn(ex.latents.shape, generator=g, device=self.device,
+                                                              dtype=self.dtype), weights=None)
+            seq = [(True, ex)] * 4 + [(True, ex), (False, ex), (True, aug), (True, ex), (False, aug), (True, ex)]
+            init = [p.detach().clone() for p in s.params]
+            gstate = s.generator.get_state()
+
+            def run(graphs):
+                for p, p0 in zip(s.params, init):
+                    p.data.copy_(p0)
+                    p.grad = None
+                s.generator.set_state(gstate)
+                opt = torch.optim.AdamW(s.params, lr=s.cfg.learning_rate, weight_decay=s.cfg.weight_decay, fused=True,
+                                        **({"capturable": True} if graphs else {}))
+                runner = TrainStep(self.transformer, ex, s.cfg, s.generator, s.mu, s.params, opt, graphs=graphs)
+                losses = []
+                for use_mask, e in seq:
+                    losses.append(runner.forward_backward(use_mask, e))
+                    runner.apply()
+                torch.cuda.synchronize()
+                final = [p.detach().clone() for p in s.params]
+                out = (losses, final, runner.graphed, runner.graph_error)
+                runner.close()
+                del opt
+                return out
+
+            le, fe, _, _ = run(False)
+            lg, fg, graphed, err = run(True)
+            loss_rel = [abs(a - b) / max(abs(a), 1e-12) for a, b in zip(le, lg)]
+            num = sum(float((a - b).float().norm() ** 2) for a, b in zip(fe, fg)) ** 0.5
+            den = sum(float((a - b).float().norm() ** 2) for a, b in zip(fe, init)) ** 0.5
+            res = dict(graphed=graphed, graph_error=err, losses_eager=[round(v, 5) for v in le],
+                       losses_graph=[round(v, 5) for v in lg], max_loss_rel_diff=max(loss_rel),
+                       lora_update_rel_diff=num / max(den, 1e-30))
+            s.__dict__.pop("opt", None)
+            self.project_teardown(s)
+            return res
+
+        self.case(measure, base, est_s=40)
+
     # ---------------------------------------------------------------- correctness of the preview graphs
     def run_graphcheck(self):
         """GraphedInference vs the plain forward on the same inputs: fresh inputs, and after an in-place LoRA
@@ -809,6 +869,8 @@ class Bench:
                 if "compile" in acc:
                     self.ensure_compiled()
                 self.run_profile(acc)
+            elif label == "stepcheck":
+                self.run_stepcheck()
             elif label == "graphcheck":
                 self.run_graphcheck()
             elif label.startswith("run"):

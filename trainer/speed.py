@@ -277,6 +277,7 @@ class TrainStep:
         self._graphs = None
         self._lora = _lora_layers(transformer) if (self.cuda and skip_lora_input_cast) else []
         self._side = None
+        self._eager_pending = False
         GraphedInference.reset(transformer)  # a new run, maybe a new LoRA: previews recapture
 
     @property
@@ -293,11 +294,12 @@ class TrainStep:
             for m in self._lora:
                 m.cast_input_dtype_enabled = True
 
-    def _eager_forward_backward(self, use_mask: bool) -> float:
+    def _eager_forward_backward(self, use_mask: bool, example=None) -> float:
+        example = self.example if example is None else example
         first_compiled = self.eager_steps == 0 and is_accelerated(self.transformer)
         rng_state = self.generator.get_state() if first_compiled else None
         try:
-            loss = self._forward_loss(self.example, use_mask)
+            loss = self._forward_loss(example, use_mask)
             loss.backward()
         except torch.OutOfMemoryError:
             raise
@@ -310,7 +312,7 @@ class TrainStep:
             self.optimizer.zero_grad(set_to_none=True)
             restore_eager(self.transformer)
             self.generator.set_state(rng_state)
-            loss = self._forward_loss(self.example, use_mask)
+            loss = self._forward_loss(example, use_mask)
             loss.backward()
         self.eager_steps += 1
         return loss.item()
@@ -320,11 +322,13 @@ class TrainStep:
         cfg, opt, params = self.cfg, self.optimizer, self.params
         weights = self.example.weights
         mask_buffer = ones = None
-        example = self.example
+        # The latents live in a buffer too, so a step may train on another image of the same size (augmentation).
+        latent_buffer = self.example.latents.detach().clone()
+        example = dataclasses.replace(self.example, latents=latent_buffer)
         if weights is not None:
             mask_buffer = weights.detach().clone()
             ones = torch.ones_like(mask_buffer)
-            example = dataclasses.replace(self.example, weights=mask_buffer)
+            example = dataclasses.replace(example, weights=mask_buffer)
         torch.cuda.synchronize()
         opt.zero_grad(set_to_none=True)  # backward allocates the gradients inside the graph's memory pool
         fwd, upd = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
@@ -336,7 +340,7 @@ class TrainStep:
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             opt.step()
         torch.cuda.synchronize()
-        self._graphs = (fwd, upd, loss, mask_buffer, ones)
+        self._graphs = (fwd, upd, loss, mask_buffer, ones, latent_buffer)
 
     def _release_graphs(self) -> None:
         self._graphs = None
@@ -345,8 +349,20 @@ class TrainStep:
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
 
-    def forward_backward(self, use_mask: bool) -> float:
-        """Compute the loss and the LoRA gradients for one noised copy of the example; returns the loss value."""
+    def _fits_graph(self, example) -> bool:
+        """Can the captured graph train on ``example``? Same caption and positions, latents of the same shape."""
+        mine = self.example
+        return example is mine or (example.latents.shape == mine.latents.shape
+                                   and example.latents.dtype == mine.latents.dtype
+                                   and example.caption is mine.caption and example.image_ids is mine.image_ids)
+
+    def forward_backward(self, use_mask: bool, example=None) -> float:
+        """Compute the loss and the LoRA gradients for one noised copy of ``example`` (default: the run's
+        example; ``use_mask`` is then only honoured if that example has weights); returns the loss value."""
+        example = self.example if example is None else example
+        use_mask = bool(use_mask and example.weights is not None)
+        if not self._fits_graph(example) or (use_mask and example.weights.shape != self.example.weights.shape):
+            return self._eager_once(example, use_mask)
         if self._graphs is None and self.graphs_wanted and self.graph_error is None \
                 and self.eager_steps >= self.warmup_steps:
             try:
@@ -359,21 +375,34 @@ class TrainStep:
                 self.graph_error = f"{type(err).__name__}: {err}"[:300]
                 self._release_graphs()
         if self._graphs is not None:
-            fwd, _, loss, mask_buffer, ones = self._graphs
+            fwd, _, loss, mask_buffer, ones, latent_buffer = self._graphs
+            if mask_buffer is None and use_mask:
+                return self._eager_once(example, use_mask)
+            latent_buffer.copy_(example.latents)
             if mask_buffer is not None:
-                mask_buffer.copy_(self.example.weights if use_mask else ones)
+                mask_buffer.copy_(example.weights if use_mask else ones)
             fwd.replay()
+            self._eager_pending = False
             return loss.item()
         if self.graphs_wanted and self.graph_error is None:
             # Warm-up steps before the capture run on a side stream, as CUDA-graph capture requires.
             with self._side_stream():
-                return self._eager_forward_backward(use_mask)
-        return self._eager_forward_backward(use_mask)
+                return self._eager_forward_backward(use_mask, example)
+        return self._eager_forward_backward(use_mask, example)
+
+    def _eager_once(self, example, use_mask: bool) -> float:
+        """A step the graph can't express: eager; its gradients are applied eagerly by ``apply``."""
+        if self._graphs is not None:
+            self.optimizer.zero_grad(set_to_none=False)  # keep the graph's gradient tensors; backward adds into them
+        value = self._eager_forward_backward(use_mask, example)
+        self._eager_pending = self._graphs is not None
+        return value
 
     def apply(self) -> None:
         """Clip the gradients and take the optimizer step (then clear the gradients)."""
         if self._graphs is not None:
-            self._graphs[1].replay()
+            self._graphs[1].replay()  # works on the graph's gradient tensors, also after an ``_eager_once`` step
+            self._eager_pending = False
             return
         if self.graphs_wanted and self.graph_error is None:
             with self._side_stream():
@@ -402,6 +431,7 @@ class TrainStep:
         """Drop the gradients of the last ``forward_backward`` (e.g. the loss was not finite)."""
         if self._graphs is None:
             self.optimizer.zero_grad(set_to_none=True)
+        self._eager_pending = False
 
     def close(self) -> None:
         """Free the graphs' memory (the gradients live in it)."""
