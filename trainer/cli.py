@@ -44,6 +44,8 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int)
     train.add_argument("--name", help="checkpoint file prefix (default: lora)")
     train.add_argument("--output", required=True, type=Path, help="run folder (created; must be new or empty)")
+    train.add_argument("--gpus", type=int, default=1,
+                       help="data-parallel GPUs (batch 1 on each; learning rate x sqrt(N)); runs itself under torchrun")
     train.add_argument("--resume", action="store_true",
                        help="continue the run in --output from its newest checkpoint, with the settings in its run.json")
 
@@ -172,14 +174,32 @@ def _open_run(path: Path):
 
 
 def _train(args) -> int:
+    from trainer import distributed
+
+    context = distributed.context_from_environment()
+    if args.gpus > 1 and not context.enabled:
+        return _relaunch_on_gpus(args.gpus)
+    if context.enabled:
+        if args.resume:
+            raise UserError("--resume continues a run on one GPU: drop --gpus (and don't launch it with torchrun).")
+        distributed.initialise(context)
+        try:
+            return _train_distributed(args, context)
+        finally:
+            distributed.shutdown(context)
+    if args.resume:
+        return _follow(_resumed_run(args), resume=True)
+    return _follow(_prepare_new_run(args))
+
+
+def _prepare_new_run(args):
+    """Validate the inputs, decide the mask, and create the run folder (config, image, mask, run.json)."""
     from trainer.config import load_preset
     from trainer.dataset import training_mask
     from trainer.images import load_image, load_mask
     from trainer.models import adjust_for_model, default_model
     from trainer.runs import RunFolder
 
-    if args.resume:
-        return _follow(_resumed_run(args), resume=True)
     missing = [flag for flag, value in (("--image", args.image), ("--caption", args.caption)) if value is None]
     if missing:
         raise UserError(f"train needs {' and '.join(missing)} (or --resume to continue the run in --output).")
@@ -203,7 +223,41 @@ def _train(args) -> int:
     except FileExistsError:
         raise UserError(f"The output folder '{args.output}' already exists and is not empty. Choose a new folder, "
                         "or add --resume to continue the run in it.") from None
-    return _follow(run)
+    return run
+
+
+def _relaunch_on_gpus(gpus: int) -> int:
+    """Run this same command once per GPU under torchrun (which sets RANK / WORLD_SIZE / LOCAL_RANK)."""
+    import subprocess
+
+    import torch
+
+    available = torch.cuda.device_count()
+    if available < gpus:
+        raise UserError(f"--gpus {gpus} asks for more GPUs than this machine has ({available}).")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",
+               "-m", "trainer", *sys.argv[1:]]
+    return subprocess.call(command)
+
+
+def _train_distributed(args, context) -> int:
+    """One process of a data-parallel run: the main one creates the run folder, the others read it."""
+    from trainer.distributed import scaled_learning_rate
+    from trainer.runs import RunFolder
+
+    run = _prepare_new_run(args) if context.is_main else None
+    context.barrier()  # the run folder exists before any other process opens it
+    if run is None:
+        run = RunFolder.open(args.output)
+        run.writable = False
+    else:
+        lr = run.config.learning_rate
+        run.gpus = context.world_size
+        run.save()
+        unit = "GPUs" if context.device.type == "cuda" else "processes"
+        print(f"{context.world_size} {unit}, batch 1 on each: learning rate {lr:g} x sqrt({context.world_size}) = "
+              f"{scaled_learning_rate(lr, context.world_size):.3g}", file=sys.stderr)
+    return _follow(run, dist=context)
 
 
 def _resumed_run(args):
@@ -220,13 +274,13 @@ def _resumed_run(args):
     return open_for_resume(args.output)
 
 
-def _follow(run, resume: bool = False) -> int:
+def _follow(run, resume: bool = False, dist=None) -> int:
     from trainer.events import CheckpointSaved, Failed, Finished, PreviewsRendered, Progress, Started, Status
     from trainer.train import run_training
 
-    progress = _ProgressLine()
+    progress = _ProgressLine(quiet=dist is not None and not dist.is_main)  # one progress line for N processes
     code = 0
-    for event in run_training(run, token=os.environ.get("HF_TOKEN"), resume=resume):
+    for event in run_training(run, token=os.environ.get("HF_TOKEN"), resume=resume, dist=dist):
         if isinstance(event, Status):
             progress.message(event.message)
         elif isinstance(event, Started):
@@ -244,18 +298,22 @@ def _follow(run, resume: bool = False) -> int:
             progress.message("")
             print(f"error: {event.message}", file=sys.stderr)
             code = EXIT_USER_ERROR if event.kind == "user" else EXIT_TRAINING_FAILED
-    print(run.path)
+    if not progress.quiet:
+        print(run.path)
     return code
 
 
 class _ProgressLine:
     """A one-line progress bar on stderr; messages go above it."""
 
-    def __init__(self) -> None:
+    def __init__(self, quiet: bool = False) -> None:
         self._tty = sys.stderr.isatty()
         self._last = 0
+        self.quiet = quiet
 
     def message(self, text: str) -> None:
+        if self.quiet:
+            return
         if self._tty:
             sys.stderr.write("\r\033[K")
         if text:
@@ -263,6 +321,8 @@ class _ProgressLine:
         sys.stderr.flush()
 
     def bar(self, p) -> None:
+        if self.quiet:
+            return
         width = 30
         done = int(width * p.step / p.total_steps)
         line = (f"[{'#' * done}{'.' * (width - done)}] {p.step}/{p.total_steps} loss {p.loss:.4f} "

@@ -71,6 +71,16 @@ class DistributedContext:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item() > 0)
 
+    def identical_everywhere(self, params: list[torch.nn.Parameter]) -> tuple[bool, float]:
+        """(True, checksum) when every process holds the same LoRA: its checksum's min and max agree."""
+        local = torch.stack([p.detach().double().abs().sum() + p.detach().double().sum() * 1e-3 for p in params]).sum()
+        if not self.enabled:
+            return True, float(local)
+        low, high = local.clone().to(self._collective_device()), local.clone().to(self._collective_device())
+        dist.all_reduce(low, op=dist.ReduceOp.MIN)
+        dist.all_reduce(high, op=dist.ReduceOp.MAX)
+        return bool(low.item() == high.item()), float(high.item())
+
     def broadcast_parameters(self, params: list[torch.nn.Parameter]) -> None:
         """Start from rank 0's LoRA exactly, whatever each process's initialisation drew."""
         if not self.enabled:

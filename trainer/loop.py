@@ -17,6 +17,7 @@ from trainer import resume as training_state
 from trainer.config import TrainingConfig
 from trainer.augment import augmented_step, pick as pick_augmented
 from trainer.data import EncodedExample
+from trainer.distributed import DistributedContext, scaled_learning_rate
 from trainer.events import CheckpointSaved, Event, Failed, Finished, Preview, PreviewsRendered, Progress, Status
 from trainer.lora import add_lora, save_lora
 from trainer.runs import RunFolder
@@ -59,17 +60,25 @@ def training_step(transformer, example: EncodedExample, cfg: TrainingConfig, gen
 
 
 def train_lora(parts, example: EncodedExample, cfg: TrainingConfig, run: RunFolder, renderer: PreviewRenderer,
-               should_stop: Callable[[], bool], resume: "training_state.ResumePoint | None" = None) -> Iterator[Event]:
-    """Train, yielding events. ``resume`` (from ``trainer.resume.prepare_resume``) continues a saved run exactly."""
+               should_stop: Callable[[], bool], resume: "training_state.ResumePoint | None" = None,
+               dist: DistributedContext | None = None) -> Iterator[Event]:
+    """Train, yielding events. ``resume`` (from ``trainer.resume.prepare_resume``) continues a saved run exactly.
+
+    With ``dist`` (several GPUs, data parallel) every process runs this loop in lockstep; only the main process
+    saves checkpoints and renders previews, and stop / non-finite decisions are agreed by all processes.
+    """
+    dist = dist or DistributedContext()
     transformer = parts.transformer
     params = add_lora(transformer, cfg.rank, cfg.alpha, cfg.seed)
+    dist.broadcast_parameters(params)
     if cfg.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     transformer.train()
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
-                                  fused=parts.device.type == "cuda")
-    generator = torch.Generator(device=parts.device).manual_seed(cfg.seed)
-    mask_generator = torch.Generator().manual_seed(cfg.seed + 1)  # separate stream: unmasked_probability can't shift the noise
+    optimizer = torch.optim.AdamW(params, lr=scaled_learning_rate(cfg.learning_rate, dist.world_size),
+                                  weight_decay=cfg.weight_decay, fused=parts.device.type == "cuda")
+    generator = torch.Generator(device=parts.device).manual_seed(dist.noise_seed(cfg.seed))
+    # separate stream: unmasked_probability can't shift the noise
+    mask_generator = torch.Generator().manual_seed(dist.noise_seed(cfg.seed) + 1)
     h, w = example.latent_size
     mu = flow.resolution_shift((h // 2) * (w // 2), **_shift_settings(parts.scheduler))
     checkpoint_steps = set(cfg.checkpoint_steps)
@@ -93,17 +102,18 @@ def train_lora(parts, example: EncodedExample, cfg: TrainingConfig, run: RunFold
             yield Status(warning)
         yield Status(f"Resumed from the checkpoint at step {start}")
 
-    if cfg.preview_at_start and start == 0:
+    if cfg.preview_at_start and start == 0 and dist.is_main:
         yield Status("Rendering base-model previews (step 0)")
         event = _render_previews(0, cfg, run, renderer, should_stop)
-        if event is None:
+        if event is not None:
+            yield event
+        elif not dist.enabled:  # with several processes the stop is agreed at the first step's check
             yield Finished(run_dir=run.path, last_step=0, stopped=True)
             return
-        yield event
 
     step = start
     for step in range(start + 1, cfg.steps + 1):
-        if should_stop():
+        if dist.any(should_stop()):
             yield Finished(run_dir=run.path, last_step=step - 1, stopped=True)
             return
         started = time.perf_counter()
@@ -113,7 +123,7 @@ def train_lora(parts, example: EncodedExample, cfg: TrainingConfig, run: RunFold
         if augmented_step(example, cfg, mask_generator):  # the subject on another background, whole image trained
             step_example, use_mask = pick_augmented(example, mask_generator), False
         loss = training_step(transformer, step_example, cfg, generator, mu, use_mask)
-        loss_value = loss.item()
+        loss_value = dist.average(loss.item())
         if not math.isfinite(loss_value):
             # Stop before the optimizer touches the weights: nothing non-finite is ever saved.
             optimizer.zero_grad(set_to_none=True)
@@ -121,6 +131,7 @@ def train_lora(parts, example: EncodedExample, cfg: TrainingConfig, run: RunFold
                          "Lower the learning rate; the checkpoints saved so far are intact.", "not_finite", step - 1)
             return
         loss.backward()
+        dist.average_gradients(params)  # every process then applies the same update: the LoRA stays identical
         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -135,6 +146,13 @@ def train_lora(parts, example: EncodedExample, cfg: TrainingConfig, run: RunFold
                 yield Failed(f"The LoRA weights became non-finite at step {step}, so they were not saved. Lower the "
                              "learning rate; the checkpoints saved so far are intact.", "not_finite", step - 1)
                 return
+            if dist.enabled:
+                same, checksum = dist.identical_everywhere(params)
+                if not same:
+                    raise RuntimeError(f"the LoRA differs between GPUs at step {step}; data-parallel sync failed")
+                yield Status(f"LoRA identical in all {dist.world_size} processes at step {step} (checksum {checksum:.6f})")
+            if not dist.is_main:  # the main process saves and renders; the others wait for it at the next step
+                continue
             diskspace.check_before_save(run.path, save_size, step)  # DiskFullError: stop before writing anything
             path = run.checkpoint_path(step)
             size = save_lora(transformer, path, dtype=save_dtype, extra_metadata=_checkpoint_metadata(cfg, run, step))
@@ -143,10 +161,11 @@ def train_lora(parts, example: EncodedExample, cfg: TrainingConfig, run: RunFold
             yield CheckpointSaved(step=step, path=path, size_bytes=size)
             yield Status(f"Rendering previews for step {step}")
             event = _render_previews(step, cfg, run, renderer, should_stop)
-            if event is None:
+            if event is not None:
+                yield event
+            elif not dist.enabled:  # with several processes the stop is agreed at the next step's check
                 yield Finished(run_dir=run.path, last_step=step, stopped=True)
                 return
-            yield event
     yield Finished(run_dir=run.path, last_step=step, stopped=False)
 
 

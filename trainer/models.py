@@ -155,7 +155,8 @@ def load_parts(folder: Path, device: torch.device | None = None, dtype: torch.dt
     from diffusers import FluxPipeline
 
     if device is None or dtype is None:
-        device, dtype = pick_device()
+        picked_device, picked_dtype = pick_device()
+        device, dtype = device or picked_device, dtype or picked_dtype
     check_diffusers_folder(folder)
     pipe = FluxPipeline.from_pretrained(folder, torch_dtype=dtype, use_safetensors=True)
     parts = FluxParts(

@@ -38,6 +38,8 @@ class RunFolder:
     checkpoints: list[dict[str, Any]] = field(default_factory=list)
     base_previews: list[dict[str, Any]] = field(default_factory=list)
     message: str = ""
+    gpus: int = 1  # data-parallel processes that trained it (the learning rate was scaled by sqrt(gpus))
+    writable: bool = field(default=True, repr=False)  # False in the non-main processes of a multi-GPU run
 
     # ---- creating and opening
     @classmethod
@@ -68,7 +70,7 @@ class RunFolder:
                    model_path=data.get("model_path", ""), status=data.get("status", ""),
                    train_size=tuple(data["train_size"]) if data.get("train_size") else None,
                    checkpoints=data.get("checkpoints", []), base_previews=data.get("base_previews", []),
-                   message=data.get("message", ""))
+                   message=data.get("message", ""), gpus=int(data.get("gpus", 1)))
 
     # ---- the dataset
     def load_dataset(self) -> tuple[Image.Image, Image.Image | None]:
@@ -116,6 +118,7 @@ class RunFolder:
             "config": self.config.to_dict(),
             "model": self.model,
             "model_path": self.model_path,
+            "gpus": self.gpus,
             "train_size": list(self.train_size) if self.train_size else None,
             "dataset": {"image": IMAGE_FILE, "mask": MASK_FILE if (self.path / MASK_FILE).is_file() else None},
             "base_previews": self.base_previews,
@@ -123,7 +126,8 @@ class RunFolder:
         }
 
     def save(self) -> None:
-        atomic_write_json(self.path / MANIFEST, self.to_dict())
+        if self.writable:
+            atomic_write_json(self.path / MANIFEST, self.to_dict())
 
 
 def _png_bytes(image: Image.Image) -> bytes:

@@ -17,6 +17,7 @@ from trainer import diskspace
 from trainer import resume as training_state
 from trainer.config import list_presets
 from trainer.augment import with_background_bank
+from trainer.distributed import DistributedContext
 from trainer.data import encode_example, encode_prompts, free_encoders, prepare_image
 from trainer.errors import UserError
 from trainer.events import CheckpointSaved, Event, Failed, Finished, Preview, PreviewsRendered, Started, Status
@@ -58,15 +59,21 @@ def oom_advice(cfg) -> str:
 
 
 def run_training(run: RunFolder, should_stop: Callable[[], bool] = lambda: False,
-                 token: str | None = None, resume: bool = False) -> Iterator[Event]:
-    """One job, start to end. ``resume=True`` continues the run from its newest intact training state."""
+                 token: str | None = None, resume: bool = False,
+                 dist: DistributedContext | None = None) -> Iterator[Event]:
+    """One job, start to end. ``resume=True`` continues the run from its newest intact training state.
+
+    ``dist``: this process's place in a multi-GPU run (every process calls this; only the main one writes).
+    """
+    dist = dist or DistributedContext()
     cfg = run.config
     last_step = 0
     parts = example = renderer = prompts = None
     lock = training_state.RunLock(run.path)
     failure: Failed | None = None
     try:
-        lock.acquire()  # one process per run folder: a second resume of the same run is refused
+        if dist.is_main:
+            lock.acquire()  # one job per run folder: a second resume of the same run is refused
         point = None
         if resume:
             point = training_state.prepare_resume(run)
@@ -81,7 +88,7 @@ def run_training(run: RunFolder, should_stop: Callable[[], bool] = lambda: False
         run.model_path = str(folder)
         run.set_status("loading")
         yield Status("Loading model")
-        parts = load_parts(folder)
+        parts = load_parts(folder, device=dist.device if dist.enabled else None)
         image, mask = run.load_dataset()
         train_image = prepare_image(image, mask if cfg.masked else None, cfg.resolution)
         run.train_size = train_image.size
@@ -95,7 +102,7 @@ def run_training(run: RunFolder, should_stop: Callable[[], bool] = lambda: False
         run.set_status("running")
         yield Started(run_dir=run.path, total_steps=cfg.steps, checkpoint_steps=tuple(cfg.checkpoint_steps),
                       train_width=train_image.size[0], train_height=train_image.size[1])
-        for event in train_lora(parts, example, cfg, run, renderer, should_stop, resume=point):
+        for event in train_lora(parts, example, cfg, run, renderer, should_stop, resume=point, dist=dist):
             if isinstance(event, Finished):
                 run.set_status("stopped" if event.stopped else "finished")
             elif isinstance(event, Failed):
@@ -122,7 +129,8 @@ def run_training(run: RunFolder, should_stop: Callable[[], bool] = lambda: False
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        lock.release()
+        if dist.is_main:
+            lock.release()
     if failure is not None:
         try:
             run.set_status("failed", failure.message)
