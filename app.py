@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.cli import _quiet_libraries
     from trainer.errors import UserError
     from trainer.images import MAX_FILE_BYTES
-    from trainer.jobs import JobManager
+    from trainer.jobs import JobManager, gpu_devices
     from trainer.paths import data_dir, runs_dir
     from ui.app import build_app
     from ui.launch import exposure, state_secret
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     runs = runs_dir()
     runs.mkdir(parents=True, exist_ok=True)
-    manager = JobManager()
+    manager = JobManager(devices=gpu_devices())  # several GPUs: queued jobs of different visitors run side by side
     demo = build_app(manager, runs, state_secret=state_secret(data_dir()))
     demo.queue(default_concurrency_limit=4).launch(
         server_name=exposed.host, server_port=exposed.port, share=exposed.share, auth=exposed.auth,

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from trainer.errors import UserError
-from trainer.events import TERMINAL_EVENTS, Event, Failed, Finished
+from trainer.events import TERMINAL_EVENTS, Event, Failed, Finished, Status
 from trainer.runs import RunFolder
 from trainer.train import run_training
 
@@ -37,6 +37,7 @@ class Job:
     events: list[Event] = field(default_factory=list)
     created: float = field(default_factory=time.time)
     resume: bool = False  # continue the run from its newest training state
+    device: str | None = None  # the GPU a worker gave it ("cuda:1"); None when there is one device
 
     def __post_init__(self) -> None:
         self._stop = threading.Event()
@@ -86,15 +87,25 @@ class Job:
                 return
 
 
+def gpu_devices() -> list[str]:
+    """One worker per CUDA GPU when there are several: different visitors' jobs then run side by side."""
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return [f"cuda:{i}" for i in range(count)] if count > 1 else []
+
+
 class JobManager:
-    def __init__(self, runner: Runner = run_training, workers: int = 1):
+    def __init__(self, runner: Runner = run_training, workers: int = 1, devices: list[str] | None = None):
+        """``devices``: one worker pinned to each (e.g. ``gpu_devices()``); otherwise ``workers`` unpinned workers."""
         self._runner = runner
         self._jobs: dict[str, Job] = {}
         self._queue: "queue.Queue[Job | None]" = queue.Queue()
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
-        self._threads = [threading.Thread(target=self._work, name=f"train-worker-{i}", daemon=True)
-                         for i in range(workers)]
+        slots = list(devices) if devices else [None] * workers
+        self._threads = [threading.Thread(target=self._work, args=(device,), name=f"train-worker-{i}", daemon=True)
+                         for i, device in enumerate(slots)]
         for t in self._threads:
             t.start()
 
@@ -191,16 +202,20 @@ class JobManager:
             t.join(timeout)
 
     # ---- the worker
-    def _work(self) -> None:
+    def _work(self, device: str | None = None) -> None:
         while True:
             job = self._queue.get()
             if job is None:
                 return
             if job.state != "queued":  # stopped while waiting
                 continue
+            job.device = device
             job.set_state("running")
             try:
                 extra = {"resume": True} if job.resume else {}
+                if device is not None:
+                    extra["device"] = device
+                    job.publish(Status(f"Running on GPU {device.split(':')[-1]}"))
                 for event in self._runner(job.run, should_stop=lambda: job.stop_requested, token=job.token, **extra):
                     job.publish(event)
                     if isinstance(event, TERMINAL_EVENTS):

@@ -60,10 +60,11 @@ def oom_advice(cfg) -> str:
 
 def run_training(run: RunFolder, should_stop: Callable[[], bool] = lambda: False,
                  token: str | None = None, resume: bool = False,
-                 dist: DistributedContext | None = None) -> Iterator[Event]:
+                 dist: DistributedContext | None = None, device: str | None = None) -> Iterator[Event]:
     """One job, start to end. ``resume=True`` continues the run from its newest intact training state.
 
     ``dist``: this process's place in a multi-GPU run (every process calls this; only the main one writes).
+    ``device``: the GPU a job manager's worker pinned this job to (several jobs on one box).
     """
     dist = dist or DistributedContext()
     cfg = run.config
@@ -88,7 +89,7 @@ def run_training(run: RunFolder, should_stop: Callable[[], bool] = lambda: False
         run.model_path = str(folder)
         run.set_status("loading")
         yield Status("Loading model")
-        parts = load_parts(folder, device=dist.device if dist.enabled else None)
+        parts = load_parts(folder, device=torch.device(device) if device else dist.device if dist.enabled else None)
         image, mask = run.load_dataset()
         train_image = prepare_image(image, mask if cfg.masked else None, cfg.resolution)
         run.train_size = train_image.size

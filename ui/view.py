@@ -26,11 +26,14 @@ class RunView:
     running: bool = False
     error: str = ""
     queue_position: int = 0
+    gpu: str = ""  # "GPU 1" when the box has several GPUs and the job was given one
 
     def apply(self, event: Event) -> None:
         if isinstance(event, Status):
             self.running = True
             self.status = event.message
+            if event.message.startswith("Running on GPU"):
+                self.gpu = event.message.removeprefix("Running on ")
         elif isinstance(event, Started):
             self.running = True
             self.total_steps = event.total_steps
@@ -63,7 +66,7 @@ class RunView:
     def progress_markdown(self) -> str:
         if self.queue_position > 0:
             return f"**Queued**: position {self.queue_position}. It starts when the jobs ahead of it finish."
-        lines = [f"**{self.status}**" if self.status else ""]
+        lines = [f"**{self.status}**" + (f" · on {self.gpu}" if self.gpu else "") if self.status else ""]
         if self.total_steps:
             pct = 100 * self.step / self.total_steps
             lines.append(f"Step **{self.step} / {self.total_steps}** ({pct:.0f}%)")
