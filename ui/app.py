@@ -65,7 +65,7 @@ def build_app(manager: JobManager, runs_root: Path, state_secret: str | None = N
                     image_file = gr.File(label="Upload one image (PNG, JPEG, WEBP)", file_types=IMAGE_TYPES,
                                          type="filepath", elem_id="image-upload")
                     preview = gr.Image(label="What will be trained (dimmed = masked out)", interactive=False,
-                                       type="pil", elem_id="mask-preview")
+                                       type="pil", elem_id="mask-preview", height=360, buttons=["download"])
                 image_info = gr.Markdown("Upload one image. A transparent PNG's transparency is used as its mask.",
                                          elem_id="image-info")
 
@@ -139,8 +139,9 @@ def build_app(manager: JobManager, runs_root: Path, state_secret: str | None = N
                     resume_btn = gr.Button("Resume interrupted run", visible=False, elem_id="resume")
                 progress = gr.Markdown("", elem_id="progress")
                 loss_plot = gr.LinePlot(x="step", y="loss", title="Loss", height=220)
-                gallery = gr.Gallery(label="Previews (same seed at every checkpoint; step 0 is the base model)", columns=4,
-                                     height="auto", elem_id="previews")
+                # 3 columns: the caption + the 2 default prompts, so each row is one checkpoint.
+                gallery = gr.Gallery(label="Previews (same seed at every checkpoint; step 0 is the base model)",
+                                     columns=3, height="auto", elem_id="previews")
                 checkpoints = gr.File(label="Checkpoints (.safetensors, diffusers/peft layout)", file_count="multiple",
                                       interactive=False, elem_id="checkpoints")
             compare = compare_tab.build(runs_root, inference, owner_state)
