@@ -51,6 +51,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--mode", choices=("ddp", "ddp-bf16", "flat"), default="ddp",
+                        help="ddp: the trainer's bucketed all-reduce during backward; flat: one all-reduce after")
     args = parser.parse_args()
 
     torch.backends.cuda.enable_cudnn_sdp(False)  # cuDNN attention backward failed at Flux size (shared/OFFLINE.md)
@@ -69,6 +71,7 @@ def main() -> None:
     params = add_lora(transformer, cfg.rank, cfg.alpha, cfg.seed)
     ctx.broadcast_parameters(params)
     transformer.train()
+    model = transformer if args.mode == "flat" else ctx.data_parallel(transformer, compress_bf16=args.mode == "ddp-bf16")
     optimizer = torch.optim.AdamW(params, lr=distributed.scaled_learning_rate(cfg.learning_rate, ctx.world_size),
                                   weight_decay=cfg.weight_decay, fused=True)
     generator = torch.Generator(device=device).manual_seed(ctx.noise_seed(cfg.seed))
@@ -76,10 +79,11 @@ def main() -> None:
     mu = resolution_shift(1024)
 
     def step():
-        loss = training_step(transformer, example, cfg, generator, mu, True)
+        loss = training_step(model, example, cfg, generator, mu, True)
         ctx.average(loss.item())
         loss.backward()
-        ctx.average_gradients(params)
+        if args.mode == "flat":
+            ctx.average_gradients(params)
         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -96,7 +100,7 @@ def main() -> None:
         times.append(time.perf_counter() - t)
     same, checksum = ctx.identical_everywhere(params)
     median = statistics.median(times)
-    row = dict(impl="project", processes=ctx.world_size, rank=args.rank, resolution=512, checkpointing=False,
+    row = dict(impl="project", mode=args.mode, processes=ctx.world_size, rank=args.rank, resolution=512, checkpointing=False,
                s_per_step=round(median, 4), images_per_s=round(ctx.world_size / median, 3),
                peak_gib=round(torch.cuda.max_memory_allocated() / 2 ** 30, 2), lora_identical=same,
                lora_checksum=checksum, gpu=torch.cuda.get_device_name(device), steps_timed=len(times))

@@ -1,9 +1,10 @@
 """One job on several GPUs: data parallel, batch 1 on each GPU (what practitioners recommend over larger batches).
 
 Every process holds the whole model and the same cached image; each draws its own noise and noise level, so
-N GPUs see N noised copies per step. After ``backward`` the LoRA gradients are averaged across processes
-(one flattened all-reduce), so every process applies the identical update and the LoRA stays identical
-everywhere. The learning rate is scaled by sqrt(N) (PRACTICE.md: lr = sqrt(batch) x lr at batch 1). Only the
+N GPUs see N noised copies per step. The LoRA gradients are averaged across processes by PyTorch's
+DistributedDataParallel, in buckets that are sent while backward is still running (a single all-reduce after
+backward measured 1.43x on 2 GPUs: bench/RESULTS.md), so every process applies the identical update and the
+LoRA stays identical everywhere. The learning rate is scaled by sqrt(N) (PRACTICE.md: lr = sqrt(batch) x lr at batch 1). Only the
 main process writes checkpoints, previews and run.json.
 
 Processes are started by ``torchrun``/``accelerate launch`` (RANK, WORLD_SIZE, LOCAL_RANK in the
@@ -42,8 +43,27 @@ class DistributedContext:
         """Rank 0 keeps the run's own seed (a 1-GPU run is unchanged); the others draw different noise."""
         return seed + 1_000_003 * self.rank
 
+    def data_parallel(self, module: torch.nn.Module, compress_bf16: bool = False) -> torch.nn.Module:
+        """``module`` wrapped so backward averages its trainable (LoRA) gradients across processes.
+
+        ``init_sync=False``: the frozen 12B base is identical everywhere already (same files) and must not be
+        broadcast; the LoRA is broadcast by ``broadcast_parameters``. ``compress_bf16`` halves the bytes sent.
+        """
+        if not self.enabled:
+            return module
+        from torch.nn.parallel import DistributedDataParallel
+
+        ddp = DistributedDataParallel(module, device_ids=[self.local_rank] if self.device.type == "cuda" else None,
+                                      broadcast_buffers=False, gradient_as_bucket_view=True, init_sync=False)
+        if compress_bf16:
+            from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+            ddp.register_comm_hook(None, default_hooks.bf16_compress_hook)
+        return ddp
+
     # ---- collective operations (no-ops on one process)
     def average_gradients(self, params: list[torch.nn.Parameter]) -> None:
+        """One flattened all-reduce after backward: the simple way, kept as the benchmark's reference."""
         if not self.enabled:
             return
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]

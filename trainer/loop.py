@@ -47,7 +47,7 @@ def training_step(transformer, example: EncodedExample, cfg: TrainingConfig, gen
     noisy = flow.noisy_latents(latents, noise, sigmas)
     h, w = example.latent_size
     guidance = None
-    if transformer.config.guidance_embeds:
+    if getattr(transformer, "module", transformer).config.guidance_embeds:  # unwrap DistributedDataParallel
         guidance = torch.full((1,), cfg.guidance_scale, device=device, dtype=latents.dtype)
     with torch.autocast(device.type, dtype=latents.dtype, enabled=device.type == "cuda"):
         out = transformer(hidden_states=flow.pack_latents(noisy), timestep=sigmas.to(latents.dtype),
@@ -74,6 +74,7 @@ def train_lora(parts, example: EncodedExample, cfg: TrainingConfig, run: RunFold
     if cfg.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     transformer.train()
+    model = dist.data_parallel(transformer)  # the transformer itself on one GPU
     optimizer = torch.optim.AdamW(params, lr=scaled_learning_rate(cfg.learning_rate, dist.world_size),
                                   weight_decay=cfg.weight_decay, fused=parts.device.type == "cuda")
     generator = torch.Generator(device=parts.device).manual_seed(dist.noise_seed(cfg.seed))
@@ -122,7 +123,7 @@ def train_lora(parts, example: EncodedExample, cfg: TrainingConfig, run: RunFold
         step_example = example
         if augmented_step(example, cfg, mask_generator):  # the subject on another background, whole image trained
             step_example, use_mask = pick_augmented(example, mask_generator), False
-        loss = training_step(transformer, step_example, cfg, generator, mu, use_mask)
+        loss = training_step(model, step_example, cfg, generator, mu, use_mask)
         loss_value = dist.average(loss.item())
         if not math.isfinite(loss_value):
             # Stop before the optimizer touches the weights: nothing non-finite is ever saved.
@@ -130,8 +131,7 @@ def train_lora(parts, example: EncodedExample, cfg: TrainingConfig, run: RunFold
             yield Failed(f"The loss became {loss_value} at step {step}, so training stopped before saving it. "
                          "Lower the learning rate; the checkpoints saved so far are intact.", "not_finite", step - 1)
             return
-        loss.backward()
-        dist.average_gradients(params)  # every process then applies the same update: the LoRA stays identical
+        loss.backward()  # with several GPUs, DDP averages the LoRA gradients in buckets while backward runs
         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
