@@ -21,7 +21,7 @@ Each figure is the median of several CUDA-synchronised steps after warm-up. Rows
 after every case (a run cut short keeps what it measured); a short table is printed last.
 
 GPU:  python bench/flux_bench.py --out-dir bench/results --commit $(git rev-parse HEAD)
-CPU smoke test (tiny model, seconds):  python bench/flux_bench.py --tiny --out-dir /tmp/bench
+CPU smoke test (tiny model, a few minutes on 2 cores):  python bench/flux_bench.py --tiny --out-dir /tmp/bench
 """
 from __future__ import annotations
 
@@ -72,6 +72,7 @@ GIB = 2 ** 30
 TIERS_GB = (24, 16, 12)
 DEFAULT_PLAN = ("baseline,none,preview,graph@r16@nockpt,compile@nockpt,compile@ckpt,compile+graph,"
                 "preview-compile,run:500:50,tiers")
+TINY_PLAN = "baseline@r4,none@r4,step@r4@nockpt,preview,compile@r4@nockpt,preview-compile,run:4:2"
 
 
 class Bench:
@@ -975,6 +976,8 @@ def main(argv=None):
     p.add_argument("--compile-mode", default=None)
     p.add_argument("--tiny-backend", default="aot_eager", help="torch.compile backend for the CPU smoke test")
     args = p.parse_args(argv)
+    if args.tiny and args.plan == DEFAULT_PLAN:
+        args.plan = TINY_PLAN
     Bench(args).run()
 
 
