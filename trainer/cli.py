@@ -174,6 +174,7 @@ def _open_run(path: Path):
 
 
 def _train(args) -> int:
+    import trainer.train  # noqa: F401  (first: it records torch's thread count before the mask model can change it)
     from trainer import distributed
 
     context = distributed.context_from_environment()

@@ -47,7 +47,8 @@ INTERRUPTED_MESSAGE = "The server stopped while this run was training. Resume co
 # The settings that shape the training math: a state only resumes a run with exactly these.
 TRAINING_FIELDS = ("model", "name", "caption", "trigger", "rank", "learning_rate", "weight_decay", "max_grad_norm",
                    "seed", "resolution", "max_text_tokens", "guidance_scale", "logit_mean", "logit_std",
-                   "gradient_checkpointing", "masked", "background_weight", "normalize_mask", "unmasked_probability")
+                   "gradient_checkpointing", "masked", "background_weight", "normalize_mask", "unmasked_probability",
+                   "augment_probability")
 _STATE_NAME = re.compile(r"^state-(\d{6,})\.json$")
 _TMP_NAME = re.compile(r"^\..+\.tmp$")  # fsutil.atomic_write_bytes' temporary files
 

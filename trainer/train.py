@@ -27,6 +27,10 @@ from trainer.runs import RunFolder
 from trainer.sampling import PreviewRenderer
 
 log = logging.getLogger(__name__)
+# torch's CPU thread count as the process started, read before anything can change it: running the
+# background-removal model (onnxruntime) resets OpenMP's thread count for the whole process, and a different
+# count sums in a different order — a resumed run would then drift from an uninterrupted one by an ulp.
+TRAINING_THREADS = torch.get_num_threads()
 
 OOM_ADVICE = ("The GPU ran out of memory. Pick a smaller-memory setup: a lower rank (character-rank4-400), "
               "gradient checkpointing on, or close other programs using the GPU. The checkpoints saved so far are kept.")
@@ -73,6 +77,8 @@ def run_training(run: RunFolder, should_stop: Callable[[], bool] = lambda: False
     lock = training_state.RunLock(run.path)
     failure: Failed | None = None
     try:
+        if torch.get_num_threads() != TRAINING_THREADS:
+            torch.set_num_threads(TRAINING_THREADS)
         if dist.is_main:
             lock.acquire()  # one job per run folder: a second resume of the same run is refused
         point = None
