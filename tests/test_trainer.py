@@ -168,3 +168,16 @@ def test_masked_run_weights_the_background_out(tmp_path):
     assert w.min() == 0.0 and w.max() == 1.0
     h, wd = w.shape
     assert w[0, 0] == 0.0 and w[h // 2, wd // 2] == 1.0  # corner = background, centre = subject
+
+
+def test_freeing_the_encoders_keeps_the_preview_pipeline_on_the_training_device(tmp_path):
+    """diffusers derives a pipeline's device from the VAE's first parameter (the encoder's): once the encoder is
+    freed, that must still be the training device, or previews silently run on another device."""
+    from trainer.sampling import PreviewRenderer
+
+    cfg = tiny_config()
+    _, parts, _, renderer = _prepared(tmp_path, cfg)  # _prepared frees the encoders
+    assert parts.vae.encoder is None and parts.text_encoder is None and parts.text_encoder_2 is None
+    first_param = next(parts.vae.parameters())
+    assert first_param.device == parts.device
+    assert renderer._pipe.device == parts.device

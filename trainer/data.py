@@ -128,6 +128,8 @@ def free_encoders(parts) -> None:
     """Drop the text encoders and the VAE encoder from the accelerator before training: their outputs are cached."""
     parts.text_encoder = None
     parts.text_encoder_2 = None
-    parts.vae.encoder.to("cpu")
+    # Dropped, not moved to the CPU: a diffusers pipeline takes its device from the VAE's first parameter, which
+    # is the encoder's, so an encoder left on the CPU made the previews run there (seen on an H100).
+    parts.vae.encoder = None
     if parts.device.type == "cuda":
         torch.cuda.empty_cache()
