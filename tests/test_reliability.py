@@ -182,8 +182,8 @@ def test_cuda_oom_at_step_k_names_a_smaller_preset_keeps_checkpoints_frees_memor
     transformers = []
     real_load = train.load_parts
 
-    def load_parts(folder):
-        parts = real_load(folder)
+    def load_parts(folder, *args, **kwargs):
+        parts = real_load(folder, *args, **kwargs)
         transformers.append(weakref.ref(parts.transformer))
         return parts
 

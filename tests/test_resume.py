@@ -1,4 +1,4 @@
-"""Resume (RELIABILITY.md plan points 1, 3, 11): kill -9 then --resume is bit-identical; damaged saves are skipped.
+"""Resume (RELIABILITY.md plan points 1, 3, 11, 19): kill -9 then --resume is bit-identical; damaged saves are skipped.
 
 The expensive end-to-end check runs the real CLI in subprocesses (an uninterrupted reference and a run that is
 SIGKILLed mid-run, at the same time, then the resume). The rest runs in-process on the CPU tiny model.
@@ -66,15 +66,16 @@ def cli(*args, env=None, timeout=300) -> subprocess.CompletedProcess:
 
 def test_sigkill_mid_run_then_resume_gives_bit_identical_lora(tmp_path):
     image, _ = subject_image((96, 112))
-    image.save(tmp_path / "subject.png")
-    train = ["train", "--image", tmp_path / "subject.png", "--caption", "a photo of [trigger]", "--trigger", "ohwx",
+    image.save(tmp_path / "subject ü.png")  # spaces and non-ASCII in every path (plan point 19)
+    train = ["train", "--image", tmp_path / "subject ü.png", "--caption", "a photo of [trigger]", "--trigger", "ohwx",
              "--model", "tiny-demo", "--steps", 6, "--save-every", 3, "--resolution", 64, "--seed", 5]
     command = lambda out: [sys.executable, "-m", "trainer", *map(str, train), "--output", str(out)]
     env = cli_env(OMP_NUM_THREADS="1")  # the same for all three processes; one thread each, as they run side by side
     # The reference and the victim run side by side (same code, same thread settings).
+    victim_dir = tmp_path / "victim run é"
     reference = subprocess.Popen(command(tmp_path / "reference"), cwd=ROOT, env=env,
                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    victim = subprocess.Popen(command(tmp_path / "victim"), cwd=ROOT, env=env,
+    victim = subprocess.Popen(command(victim_dir), cwd=ROOT, env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     seen = []
     try:
@@ -90,23 +91,23 @@ def test_sigkill_mid_run_then_resume_gives_bit_identical_lora(tmp_path):
     _, ref_err = reference.communicate(timeout=300)
     assert reference.returncode == 0, ref_err
 
-    killed = json.loads((tmp_path / "victim" / "run.json").read_text())
+    killed = json.loads((victim_dir / "run.json").read_text())
     assert killed["status"] == "running"  # what a crash leaves behind
-    assert not (tmp_path / "victim" / "lora-000006.safetensors").exists()
+    assert not (victim_dir / "lora-000006.safetensors").exists()
 
-    resumed = cli("train", "--output", tmp_path / "victim", "--resume", env=env)
+    resumed = cli("train", "--output", victim_dir, "--resume", env=env)
     assert resumed.returncode == 0, resumed.stderr
     assert "Traceback" not in resumed.stderr
     assert "Resumed from the checkpoint at step" in resumed.stderr
     assert " 1/6 " not in resumed.stderr and " 4/6 " in resumed.stderr  # it did not start over
-    manifest = json.loads((tmp_path / "victim" / "run.json").read_text())
+    manifest = json.loads((victim_dir / "run.json").read_text())
     assert manifest["status"] == "finished"
     assert [c["step"] for c in manifest["checkpoints"]] == [3, 6]
     for step in (3, 6):
         name = f"lora-{step:06d}.safetensors"
-        assert_same_lora(tmp_path / "reference" / name, tmp_path / "victim" / name)
+        assert_same_lora(tmp_path / "reference" / name, victim_dir / name)
     # nothing half-written was left behind
-    assert not [p for p in (tmp_path / "victim").rglob("*.tmp")]
+    assert not [p for p in (victim_dir).rglob("*.tmp")]
 
 
 # ---- plan point 3: damaged newest save is skipped with a warning -----------------------------------------------
