@@ -339,11 +339,11 @@ def test_resume_through_the_app_api(finished_run, tmp_path):
     """The page's Resume button is the /resume endpoint; /follow then streams the resumed job."""
     from gradio_client import Client
 
-    from tests.test_soak import running_app
+    from tests.helpers_app import launched_app
     from ui.training_step import owner_folder
 
-    runs_root = tmp_path / "runs"
-    with running_app(runs_root) as (url, manager):
+    with launched_app(tmp_path) as app:
+        runs_root, url = app.runs_root, app.url
         client = Client(url, verbose=False, download_files=str(tmp_path / "downloads"))
         other = Client(url, verbose=False, download_files=str(tmp_path / "downloads-other"))
         crashed = copy_as_crashed(finished_run, runs_root / owner_folder(client.session_hash) / "20260101-lora-ffff",

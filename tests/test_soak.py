@@ -9,10 +9,8 @@ To stay within about a minute on two shared cores, the trainings run at 64 px (t
 from __future__ import annotations
 
 import gc
-import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +18,7 @@ import psutil
 import pytest
 from PIL import Image
 
+from tests.helpers_app import launched_app
 from tests.test_security import CANARY, files_containing
 
 SESSIONS = 8
@@ -27,33 +26,6 @@ TRAINERS = 2
 ROUNDS = 4
 TIME_BUDGET_S = 30  # soak rounds stop early once this is spent (the training still finishes)
 MEMORY_SLACK_MB = 120
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def running_app(runs_root: Path):
-    """The app as ``app.py`` builds it (queue, upload cap, only the runs folder served), on a free port."""
-    from trainer.images import MAX_FILE_BYTES
-    from trainer.jobs import JobManager
-    from ui.app import build_app
-
-    runs_root.mkdir(parents=True, exist_ok=True)
-    manager = JobManager()
-    demo = build_app(manager, runs_root, state_secret="soak-test-secret")
-    try:
-        demo.queue(default_concurrency_limit=4)
-        _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(),
-                                max_file_size=MAX_FILE_BYTES, allowed_paths=[str(runs_root)], show_error=False,
-                                quiet=True)
-        yield url, manager
-    finally:
-        demo.close()
-        manager.shutdown()
 
 
 def session_image(folder: Path, index: int) -> tuple[Path, tuple[int, int, int]]:
@@ -107,7 +79,8 @@ def test_concurrent_sessions_memory_flat_cache_bounded_each_sees_only_its_own(tm
     monkeypatch.setenv("HF_TOKEN", CANARY)
     runs_root = tmp_path / "runs"
     images = [session_image(tmp_path, i) for i in range(SESSIONS)]
-    with running_app(runs_root) as (url, manager):
+    with launched_app(tmp_path) as app:
+        url = app.url
         clients = [Client(url, verbose=False, download_files=str(tmp_path / "downloads" / str(i)))
                    for i in range(SESSIONS)]
 
