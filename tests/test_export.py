@@ -273,3 +273,22 @@ def test_partial_fused_group_is_refused_for_kohya(tmp_path):
              "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(8, 2)}
     with pytest.raises(UserError, match="fuses them"):
         to_kohya(lora_from_state_dict(state))
+
+
+def test_export_refuses_files_that_are_not_sane_lora_safetensors(tmp_path):
+    """A path from the user goes through trainer.weights: no pickles, no oversized headers, LoRA keys only."""
+    import struct
+
+    from trainer.errors import UserError
+    from trainer.export import read_lora
+
+    pickle_file = tmp_path / "model.safetensors"
+    pickle_file.write_bytes(b"\x80\x04\x95" + b"\x00" * 64)  # a pickle renamed .safetensors
+    huge_header = tmp_path / "huge.safetensors"
+    huge_header.write_bytes(struct.pack("<Q", 1 << 40) + b"{}")
+    not_lora = tmp_path / "base.safetensors"
+    safetensors.torch.save_file({"transformer.proj_out.weight": torch.zeros(2, 2)}, not_lora)
+    for bad, expected in ((pickle_file, r"safetensors|damaged|header"), (huge_header, r"header"),
+                          (not_lora, r"not a Flux LoRA")):
+        with pytest.raises(UserError, match=expected):
+            read_lora(bad)

@@ -25,11 +25,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import safetensors
 import safetensors.torch
 import torch
 
 from trainer.errors import UserError
+from trainer.weights import load_lora
 from trainer.fsutil import atomic_write_bytes
 from trainer.lora import LORA_METADATA_KEY
 
@@ -107,12 +107,8 @@ def read_lora(path: Path) -> LoraWeights:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"No checkpoint file at '{path}'.")
-    try:
-        with safetensors.safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (OSError, safetensors.SafetensorError) as err:
-        raise UserError(f"'{path}' is not a readable .safetensors LoRA ({err}).") from None
+    # A path from the user: .safetensors only, header size capped, LoRA keys only, finite values (trainer.weights).
+    tensors, metadata = load_lora(path)
     return lora_from_state_dict(tensors, metadata, source=str(path))
 
 

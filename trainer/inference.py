@@ -23,6 +23,7 @@ from PIL import Image
 
 from trainer.data import PromptEmbedding, encode_prompts
 from trainer.errors import UserError
+from trainer.weights import load_lora
 from trainer.models import FluxParts, load_parts, resolve_model
 
 log = logging.getLogger(__name__)
@@ -108,6 +109,7 @@ class LoraPipeline:
                 return self._adapters[key]
             self._counter += 1
             name = f"lora_{self._counter}"
+            load_lora(lora)  # refuse anything but a sane LoRA .safetensors before diffusers opens it
             try:
                 self.pipe.load_lora_weights(str(lora), adapter_name=name)
             except (ValueError, KeyError, RuntimeError, OSError) as err:
