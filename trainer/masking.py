@@ -134,7 +134,7 @@ def _resize_max(arr: np.ndarray, side: int, interp=cv2.INTER_AREA) -> np.ndarray
     return cv2.resize(arr, (max(1, round(w * s)), max(1, round(h * s))), interpolation=interp)
 
 
-def network_mask(rgb: np.ndarray, model: str = DEFAULT_MODEL, *, flip_tta: bool = True) -> np.ndarray:
+def network_mask(rgb: np.ndarray, model: str = DEFAULT_MODEL, *, flip_tta: bool = False) -> np.ndarray:
     """The network's soft mask of ``rgb`` (HxWx3 uint8), float32 in [0, 1], at the working resolution
     (longest side <= 512, aspect kept). With ``flip_tta`` it is the mean of the image's and its mirror
     image's predictions."""
@@ -275,7 +275,7 @@ _P = dict(
     r_in=0.015,  # erosion of the confident mask for sure-subject seeds
     r_out=0.04,  # beyond this distance from the mask, background-consistent pixels are sure background
     r_add=0.06,  # clearly-not-background pixels this close to the mask may join the subject
-    iters=4,
+    iters=3,
     r_sliver=0.004,  # GrabCut removals thinner than ~2x this (x longest side) are ignored
     hole_resid=4.0,  # a background hole's mean unexplained colour (RGB units) is below this ...
     hole_lighter=0.05,  # ... it is at most this much lighter (fraction) ...
@@ -381,6 +381,7 @@ def _grabcut(rgb_small: np.ndarray, cleaned: np.ndarray, holes: np.ndarray, P=_P
     bgd = np.zeros((1, 65), np.float64)
     fgd = np.zeros((1, 65), np.float64)
     try:
+        cv2.setRNGSeed(0)  # GrabCut's GMM initialisation (k-means) draws from this thread's RNG
         cv2.grabCut(np.ascontiguousarray(rgb_small[..., ::-1]), gc, None, bgd, fgd, P["iters"],
                     cv2.GC_INIT_WITH_MASK)
     except cv2.error:
