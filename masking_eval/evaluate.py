@@ -571,6 +571,52 @@ def summarize(rows, models):
     return table, timing
 
 
+def paired_stats(rows, models):
+    """Per model: the per-image comparison of refined against plain."""
+    out = {}
+    for model in models:
+        per = {}
+        for r in rows:
+            if r[0] == model:
+                per.setdefault(r[2], {})[r[1]] = r[4]
+        names = sorted(per)
+        p = np.array([per[n]["plain"] for n in names])
+        q = np.array([per[n]["refined"] for n in names])
+        diff = q - p
+        found = p >= 0.5
+        out[model] = dict(
+            n=len(names),
+            better=int((diff > 0.005).sum()),
+            worse=int((diff < -0.005).sum()),
+            max_loss=(float(diff.min()), names[int(diff.argmin())]),
+            max_gain=(float(diff.max()), names[int(diff.argmax())]),
+            p10=(float(np.percentile(p, 10)), float(np.percentile(q, 10))),
+            median=(float(np.median(p)), float(np.median(q))),
+            misses=(int((p < 0.2).sum()), int((q < 0.2).sum())),
+            found=int(found.sum()),
+            worst_found=(float(p[found].min()) if found.any() else float("nan"),
+                         float(q[found].min()) if found.any() else float("nan")),
+        )
+    return out
+
+
+def format_paired(stats) -> str:
+    lines = []
+    for model, st in stats.items():
+        lines += [
+            f"{model}, per image ({st['n']} images), plain rembg -> refined:",
+            f"- refined better on {st['better']}, worse on {st['worse']} (by more than 0.005 IoU); largest gain "
+            f"{st['max_gain'][0]:+.3f} (`{st['max_gain'][1]}`), largest loss {st['max_loss'][0]:+.3f} "
+            f"(`{st['max_loss'][1]}`)",
+            f"- median {st['median'][0]:.3f} -> {st['median'][1]:.3f}; 10th percentile {st['p10'][0]:.3f} -> "
+            f"{st['p10'][1]:.3f}",
+            f"- network misses (IoU < 0.2): {st['misses'][0]} -> {st['misses'][1]}",
+            f"- worst over the {st['found']} images where plain rembg found the subject (IoU >= 0.5): "
+            f"{st['worst_found'][0]:.3f} -> {st['worst_found'][1]:.3f}",
+        ]
+    return "\n".join(lines)
+
+
 def format_table(table, timing, models) -> str:
     lines = ["| model | method | " + " | ".join(f"{c} mean / worst" for c in CLASSES + ("all",)) + " | s / image (mean, max) |",
              "| --- | --- | " + " | ".join("---" for _ in CLASSES + ("all",)) + " | --- |"]
@@ -619,53 +665,69 @@ def main(argv=None) -> int:
     rows = evaluate(samples, models, save)
     table, timing = summarize(rows, models)
     text = format_table(table, timing, models)
+    paired = format_paired(paired_stats(rows, models))
     print(text)
+    print(paired)
     for model in models:
         for method in ("plain", "refined"):
             d = table[(model, method)]
             print(f"worst {model} {method}: " + ", ".join(f"{c}={d[c][2]} ({d[c][1]:.3f})" for c in d))
     if args.write:
-        write_results(text, table, rows, models, missing, args)
+        write_results(text, paired, table, rows, models, missing, args)
     return 0
 
 
-def write_results(text, table, rows, models, missing, args):
+def write_results(text, paired, table, rows, models, missing, args):
+    """Write RESULTS.md; a hand-written ``## Notes`` section already in the file is kept."""
     from trainer import masking
 
+    out = Path(__file__).resolve().parent / "RESULTS.md"
+    notes = ""
+    if out.exists():
+        old = out.read_text()
+        if "\n## Notes" in old:
+            notes = old[old.index("\n## Notes") + 1:]
     worst_lines = []
     for model in models:
         for method in ("plain", "refined"):
             d = table[(model, method)]
             worst_lines.append(f"- {model}, {method}: " + "; ".join(f"{c}: `{d[c][2]}` {d[c][1]:.3f}" for c in CLASSES))
-    per_image = {}
-    for r in rows:
-        per_image.setdefault((r[0], r[2]), {})[r[1]] = r[4]
-    better = sum(1 for v in per_image.values() if v.get("refined", 0) > v.get("plain", 0) + 0.005)
-    worse = sum(1 for v in per_image.values() if v.get("refined", 0) < v.get("plain", 0) - 0.005)
-    n = len(per_image)
+    n = len({r[2] for r in rows})
+    try:
+        load = "load average %.1f / %.1f / %.1f at the end (other work shared the machine)" % os.getloadavg()
+    except OSError:
+        load = ""
+    missing_text = "none"
+    if missing:
+        missing_text = (", ".join(missing) + ": not on this machine and cannot be downloaded here (no network; "
+                        "rembg fetches them from GitHub on first use). The script evaluates every model present: "
+                        "on a connected machine, call `auto_mask(image, model=...)` once per model to download "
+                        "it, then run the script again.")
     body = f"""# Automatic mask evaluation
 
 - Date: {args.date}
-- Machine: {args.machine}, onnxruntime CPU
+- Machine: {args.machine}, onnxruntime CPU; {load}
 - Commit: `{_git_commit()}` (the code measured; RESULTS.md itself is committed after it)
 - Command: `python masking_eval/evaluate.py --split test --write`
-- Set: held-out test split (seed {SPLITS['test'][0]}), {n // max(1, len(models))} synthetic images
-  ({args.per_class} per class), sizes 1024x1024, 768x1024, 1024x768. Tuning used only the dev split (seeds
-  {', '.join(map(str, SPLITS['dev']))}), never this one.
+- Set: held-out test split (seed {SPLITS['test'][0]}), {n} synthetic images ({args.per_class} per class), sizes
+  1024x1024, 768x1024, 1024x768. All tuning used the dev split (seeds {', '.join(map(str, SPLITS['dev']))}, {len(SPLITS['dev']) * len(CLASSES) * PER_CLASS} images);
+  this split was run once, for this report.
 - Metric: IoU of (mask >= 128) against the exact ground truth (composite alpha >= 0.5). "worst" = the lowest
   single image.
 - "plain rembg" = `rembg.remove(image, session=new_session(model), only_mask=True)` with rembg's defaults.
   "refined (ours)" = `trainer.masking.auto_mask(image, model, refine=True)`.
 - Timing: wall-clock seconds per image including the network, sessions already loaded.
 
+## Results
+
 {text}
 
-Per image: refined better than plain on {better} of {n}, worse on {worse} (by more than 0.005 IoU).
+{paired}
 
 Worst images:
 {chr(10).join(worst_lines)}
 
-Models not evaluated: {', '.join(missing) if missing else 'none'}{' — they are not on this machine and cannot be downloaded here (no network; rembg fetches them from GitHub on first use). The script evaluates every model present, so on a connected machine run it again after one `auto_mask(..., model=...)` call per model has downloaded them.' if missing else ''}
+Models not evaluated: {missing_text}
 
 ## The set
 
@@ -676,8 +738,7 @@ Images can be written out with `--save-images` (under `masking_eval/_data/`, not
 
 {masking.__doc__.split(chr(10) + chr(10), 1)[1].split(chr(10) + chr(10) + 'Models:')[0]}
 """
-    out = Path(__file__).resolve().parent / "RESULTS.md"
-    out.write_text(body)
+    out.write_text(body + ("\n" + notes if notes else ""))
     print(f"wrote {out}")
 
 
