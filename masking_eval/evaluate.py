@@ -14,8 +14,9 @@ sample images), shaded, given a drop shadow sometimes, and pasted onto backgroun
 The ground truth is the composite's alpha thresholded at 0.5. Each method's mask is thresholded at 0.5 (mask
 values are 0..255, so >= 128) and compared by IoU.
 
-Seeds: the ``dev`` split (seeds 101, 102) is for tuning; the ``test`` split (seed 7) is held out and only used
-for the reported numbers. ``--write`` writes ``masking_eval/RESULTS.md`` from the test split.
+Seeds: the ``dev`` split (seeds 101, 102) is for tuning; the ``test`` split (seed 8) is held out and only used
+for the reported numbers (seed 7, ``test7``, was the first held-out split; see RESULTS.md). ``--write`` writes
+``masking_eval/RESULTS.md`` from the test split.
 
 Usage:
     python masking_eval/evaluate.py --split dev
@@ -47,7 +48,10 @@ if str(ROOT) not in sys.path:
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 CLASSES = ("plain", "busy", "distractor", "thin")
-SPLITS = {"dev": (101, 102), "test": (7,)}
+# "test" is the held-out split of the report. Seed 7 was the first held-out split: its run exposed a
+# difference between the code path tuned on dev and the shipped one (see RESULTS.md), so after the fix the
+# report moved to the fresh seed 8; seed 7 stays available as "test7".
+SPLITS = {"dev": (101, 102), "test": (8,), "test7": (7,)}
 PER_CLASS = 12
 SIZES = ((1024, 1024), (768, 1024), (1024, 768))  # (width, height)
 DATA_DIR = Path(__file__).resolve().parent / "_data"
