@@ -32,9 +32,6 @@ log = logging.getLogger(__name__)
 # count sums in a different order — a resumed run would then drift from an uninterrupted one by an ulp.
 TRAINING_THREADS = torch.get_num_threads()
 
-OOM_ADVICE = ("The GPU ran out of memory. Pick a smaller-memory setup: a lower rank (character-rank4-400), "
-              "gradient checkpointing on, or close other programs using the GPU. The checkpoints saved so far are kept.")
-
 
 def _memory_key(settings) -> tuple:
     """Orders setups by training memory: gradient checkpointing matters most, then resolution, then rank."""
