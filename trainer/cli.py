@@ -211,10 +211,9 @@ def _prepare_new_run(args):
         caption=args.caption, trigger=args.trigger, sample_prompts=tuple(args.sample_prompt),
         model=args.model or default_model(), masked=not args.no_mask, **overrides)
     config, notice = adjust_for_model(config)
+    image = load_image(args.image)  # a bad image is the one line the user sees, before any note
     if notice:
         print(f"note: {notice}", file=sys.stderr)
-
-    image = load_image(args.image)
     mask = None
     if not args.no_mask:
         given = load_mask(args.mask, size=image.size) if args.mask else None
