@@ -575,6 +575,35 @@ def summarize(rows, models):
     return table, timing
 
 
+def stage_timing(samples, model: str, repeats: int = 3) -> str:
+    """Seconds per 1024x1024 image by stage (median over images of the fastest of ``repeats`` runs, which
+    discounts other load on the machine; and the slowest single run)."""
+    from trainer import masking
+
+    sq = [s for s in samples if s.rgb.shape[:2] == (1024, 1024)]
+    if not sq:
+        return ""
+    net, ref, tot, worst = [], [], [], 0.0
+    for s in sq:
+        tn, tr, tt = [], [], []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            prob = masking.network_mask(s.rgb, model)
+            t1 = time.perf_counter()
+            masking.refine_mask(s.rgb, prob)
+            t2 = time.perf_counter()
+            tn.append(t1 - t0)
+            tr.append(t2 - t1)
+            tt.append(t2 - t0)
+        net.append(min(tn))
+        ref.append(min(tr))
+        tot.append(min(tt))
+        worst = max(worst, max(tt))
+    return (f"{model}, {len(sq)} images of 1024x1024, refined pipeline by stage (median over images of the best of "
+            f"{repeats} runs): network {np.median(net):.2f} s + refinement {np.median(ref):.2f} s = "
+            f"{np.median(tot):.2f} s; slowest single run {worst:.2f} s.")
+
+
 def paired_stats(rows, models):
     """Per model: the per-image comparison of refined against plain."""
     out = {}
@@ -670,14 +699,16 @@ def main(argv=None) -> int:
     table, timing = summarize(rows, models)
     text = format_table(table, timing, models)
     paired = format_paired(paired_stats(rows, models))
+    timing_text = "\n".join(stage_timing(samples, m) for m in models)
     print(text)
     print(paired)
+    print(timing_text)
     for model in models:
         for method in ("plain", "refined"):
             d = table[(model, method)]
             print(f"worst {model} {method}: " + ", ".join(f"{c}={d[c][2]} ({d[c][1]:.3f})" for c in d))
     if args.write:
-        write_results(text, paired, table, rows, models, missing, args)
+        write_results(text, paired + "\n\nTiming: " + timing_text, table, rows, models, missing, args)
     return 0
 
 
