@@ -4,11 +4,13 @@
 The evaluation set is synthesized here, with no downloads: subject silhouettes (figures with thin limbs, a horse,
 a bicycle, a tree, mugs and rings with holes, text-like strokes, the Hugging Face logo's alpha) are filled with
 textures (procedural noise, crops of sample photos shipped inside installed packages: scikit-image's and gradio's
-sample images), shaded, given a drop shadow sometimes, and pasted onto backgrounds of four difficulty classes:
+sample images; the photos and textures used for subjects are never used for backgrounds), shaded, given a drop
+shadow sometimes, rotated/scaled/offset a little, and pasted onto backgrounds of four difficulty classes:
 
 * ``plain``      flat colours and gradients;
-* ``busy``       high-frequency textures (brick, gravel, grass, star fields, micrographs, noise);
-* ``distractor`` a second, smaller object behind/next to the subject, text, photos with their own objects;
+* ``busy``       high-frequency textures (grass, moon, text pages, star fields, a cluttered garage, noise);
+* ``distractor`` a second, smaller object behind/next to the subject, text, photos with their own objects
+                 (mostly defocused, as behind a photographed subject);
 * ``thin``       thin-limbed / holed subjects (figures, bicycle, tree, horse, strokes) on mixed backgrounds.
 
 The ground truth is the composite's alpha thresholded at 0.5. Each method's mask is thresholded at 0.5 (mask
@@ -746,7 +748,7 @@ def write_results(text, paired, table, rows, models, missing, args):
 - Command: `python masking_eval/evaluate.py --split test --write`
 - Set: held-out test split (seed {SPLITS['test'][0]}), {n} synthetic images ({args.per_class} per class), sizes
   1024x1024, 768x1024, 1024x768. All tuning used the dev split (seeds {', '.join(map(str, SPLITS['dev']))}, {len(SPLITS['dev']) * len(CLASSES) * PER_CLASS} images);
-  this split was run once, for this report.
+  nothing was tuned after its first run.
 - Metric: IoU of (mask >= 128) against the exact ground truth (composite alpha >= 0.5). "worst" = the lowest
   single image.
 - "plain rembg" = `rembg.remove(image, session=new_session(model), only_mask=True)` with rembg's defaults.
@@ -766,7 +768,8 @@ Models not evaluated: {missing_text}
 
 ## The set
 
-{__doc__.split(chr(10) + chr(10), 2)[1]}
+{__doc__[__doc__.index("The evaluation set"):__doc__.index("Seeds:")].strip()}
+
 Images can be written out with `--save-images` (under `masking_eval/_data/`, not committed).
 
 ## What the refinement does
