@@ -299,10 +299,10 @@ _P = dict(
     t_lo=2.0,  # below: pixel looks like the local background
     t_hi=6.0,  # above: pixel is clearly not the local background (colour no shading explains)
     k_min=0.35,  # a background pixel may be down to this fraction of the local background's brightness
-    r_in=0.015,  # erosion of the confident mask for sure-subject seeds
+    r_in=0.015,  # sure-subject seeds lie this deep inside the confident mask (at most half its thickness)
     r_out=0.04,  # beyond this distance from the mask, background-consistent pixels are sure background
     r_add=0.06,  # clearly-not-background pixels this close to the mask may join the subject
-    iters=3,
+    iters=3,  # GrabCut iterations
     r_sliver=0.004,  # GrabCut removals thinner than ~2x this (x longest side) are ignored
     hole_resid=4.0,  # a background hole's mean unexplained colour (RGB units) is below this ...
     hole_lighter=0.05,  # ... it is at most this much lighter (fraction) ...
@@ -311,8 +311,7 @@ _P = dict(
     grow_max=0.5,  # GrabCut may add at most this fraction of the network's area ...
     shrink_max=0.4,  # ... and remove at most this fraction where the background model does not support it
     gf_r=0.004,  # guided filter radius (x longest side of the guide)
-    gf_eps=1e-3,
-    combine="hard",
+    gf_eps=1e-3,  # guided filter regularisation (guide in [0, 1])
 )
 
 
@@ -449,22 +448,11 @@ def refine_mask(rgb: np.ndarray, prob: np.ndarray, P=_P) -> np.ndarray:
     h, w = rgb_small.shape[:2]
     prob_s = cv2.resize(prob.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
     cleaned, holes = cleanup_mask(prob_s, secondary_frac=P["secondary_frac"], near_frac=P["near_frac"])
-    hard = _grabcut(rgb_small, cleaned, holes, P)
-    if P["combine"] == "delta":
-        # Keep the network's own soft edges where GrabCut agrees with it; take GrabCut's decision elsewhere.
-        fg0 = cleaned > 0.5
-        src = cleaned.copy()
-        src[hard & ~fg0] = 1.0
-        src[~hard & fg0] = 0.0
-    elif P["combine"] == "net":
-        src = cleaned
-    else:
-        src = hard.astype(np.float32)
+    hard = _grabcut(rgb_small, cleaned, holes, P).astype(np.float32)
     # Soft edges snapped to image edges: guided-filter coefficients at the working resolution, applied to
     # the full-resolution image (fast guided filter).
     radius = max(1, round(P["gf_r"] * max(h, w)))
-    a, b = guided_filter_coeffs(rgb_small.astype(np.float32) / 255.0, src, radius,
-                                P["gf_eps"])
+    a, b = guided_filter_coeffs(rgb_small.astype(np.float32) / 255.0, hard, radius, P["gf_eps"])
     if (h, w) != (H, W):
         a = cv2.resize(a, (W, H), interpolation=cv2.INTER_LINEAR)
         b = cv2.resize(b, (W, H), interpolation=cv2.INTER_LINEAR)
