@@ -171,6 +171,48 @@ def full_page_screenshot(driver, path: Path, width: int = 1280) -> None:
 # ---- tests ----------------------------------------------------------------------------------------------------
 
 
+# Runs before the full-run test on purpose: in the other order, the fresh page's upload in this test sometimes
+# never got its mask preview (seen twice on 2026-11-22, in the suite and with this file alone; not reproduced
+# through gradio_client or direct calls). An open bug, reported in the closing note; not a fix.
+def test_reloading_mid_run_reattaches_to_the_running_job(app, browser, tmp_path):
+    open_page(browser, app.url)
+    wait_until(browser, owner_in_storage, 30, "the (encrypted) owner id in localStorage")
+
+    upload_image(browser, write_subject_png(tmp_path))
+    configure_run(browser, steps=40, save_every=20)
+    browser.find_element(By.ID, "train").click()
+    wait_until(browser, lambda d: current_step(d) >= 1, RUN_TIMEOUT, "the first training step")
+    assert button_enabled(browser, "stop") and not button_enabled(browser, "train")
+    assert len(app.jobs) == 1
+    job = app.jobs[0]
+    assert job.active
+
+    browser.refresh()
+    wait_until(browser, lambda d: d.find_elements(By.ID, "progress"), 60, "the reloaded page")
+    # the reloaded tab streams the same job: its progress comes back and keeps moving
+    wait_until(browser, lambda d: "/ 40" in text_of(d, "#progress"), 60, "the running job after the reload")
+    seen = current_step(browser)
+    wait_until(browser, lambda d: current_step(d) > seen, 120, "the step to advance after the reload")
+    assert "Training" in text_of(browser, "#progress")
+    assert button_enabled(browser, "stop") and not button_enabled(browser, "train")
+    assert app.jobs == [job] and job.active  # re-attached, not restarted
+    assert owner_in_storage(browser)
+
+    # Stop works from the reloaded tab: it still owns the job
+    browser.find_element(By.ID, "stop").click()
+    wait_until(browser, lambda d: "Stopped at step" in text_of(d, "#progress"), 120, "the run to stop")
+    assert not job.active and job.state == "stopped"
+    assert button_enabled(browser, "train") and not button_enabled(browser, "stop")
+
+    # Control: it is the id in localStorage that ties the tab to its job. Without it, a reload is a stranger.
+    browser.execute_script("window.localStorage.removeItem(arguments[0]);", OWNER_KEY)
+    browser.refresh()
+    wait_until(browser, owner_in_storage, 30, "a new owner id in localStorage")
+    time.sleep(2)  # give the page's follow call time to (wrongly) show the old job
+    assert text_of(browser, "#progress") == ""
+    assert button_enabled(browser, "train") and not button_enabled(browser, "stop")
+
+
 def test_a_full_run_in_the_browser_and_the_readme_screenshot(app, browser, tmp_path):
     open_page(browser, app.url)
     assert browser.title == "One-image Flux LoRA"
@@ -211,42 +253,3 @@ def test_a_full_run_in_the_browser_and_the_readme_screenshot(app, browser, tmp_p
     with Image.open(SCREENSHOT) as shot:
         width, height = shot.size
     assert width == 1280 and height >= 2400, shot.size
-
-
-def test_reloading_mid_run_reattaches_to_the_running_job(app, browser, tmp_path):
-    open_page(browser, app.url)
-    wait_until(browser, owner_in_storage, 30, "the (encrypted) owner id in localStorage")
-
-    upload_image(browser, write_subject_png(tmp_path))
-    configure_run(browser, steps=40, save_every=20)
-    browser.find_element(By.ID, "train").click()
-    wait_until(browser, lambda d: current_step(d) >= 1, RUN_TIMEOUT, "the first training step")
-    assert button_enabled(browser, "stop") and not button_enabled(browser, "train")
-    assert len(app.jobs) == 1
-    job = app.jobs[0]
-    assert job.active
-
-    browser.refresh()
-    wait_until(browser, lambda d: d.find_elements(By.ID, "progress"), 60, "the reloaded page")
-    # the reloaded tab streams the same job: its progress comes back and keeps moving
-    wait_until(browser, lambda d: "/ 40" in text_of(d, "#progress"), 60, "the running job after the reload")
-    seen = current_step(browser)
-    wait_until(browser, lambda d: current_step(d) > seen, 120, "the step to advance after the reload")
-    assert "Training" in text_of(browser, "#progress")
-    assert button_enabled(browser, "stop") and not button_enabled(browser, "train")
-    assert app.jobs == [job] and job.active  # re-attached, not restarted
-    assert owner_in_storage(browser)
-
-    # Stop works from the reloaded tab: it still owns the job
-    browser.find_element(By.ID, "stop").click()
-    wait_until(browser, lambda d: "Stopped at step" in text_of(d, "#progress"), 120, "the run to stop")
-    assert not job.active and job.state == "stopped"
-    assert button_enabled(browser, "train") and not button_enabled(browser, "stop")
-
-    # Control: it is the id in localStorage that ties the tab to its job. Without it, a reload is a stranger.
-    browser.execute_script("window.localStorage.removeItem(arguments[0]);", OWNER_KEY)
-    browser.refresh()
-    wait_until(browser, owner_in_storage, 30, "a new owner id in localStorage")
-    time.sleep(2)  # give the page's follow call time to (wrongly) show the old job
-    assert text_of(browser, "#progress") == ""
-    assert button_enabled(browser, "train") and not button_enabled(browser, "stop")
