@@ -140,6 +140,21 @@ class Bench:
         self.info.setdefault("transformer_params_B", round(n / 1e9, 3))
         return model
 
+    def preview_parts(self):
+        """What PreviewRenderer needs: the transformer in hand plus a VAE of the real config (random weights)."""
+        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
+
+        torch.manual_seed(0)
+        torch.set_default_dtype(self.dtype)
+        try:
+            with torch.device(self.device):
+                vae = AutoencoderKL(**(TINY_VAE if self.tiny else FLUX_VAE))
+        finally:
+            torch.set_default_dtype(torch.float32)
+        vae.requires_grad_(False).eval()
+        return SimpleNamespace(scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER), vae=vae,
+                               transformer=self.transformer, device=self.device, dtype=self.dtype)
+
     def resolution_list(self):
         return [64, 128] if self.tiny else self.args.resolutions
 
@@ -499,9 +514,6 @@ class Bench:
 
     # ---------------------------------------------------------------- preview
     def run_preview(self, accel: str, n: int = 3):
-        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
-
-        from trainer.data import PromptEmbedding
         from trainer.sampling import PreviewRenderer
 
         if self.transformer is None:
@@ -513,16 +525,7 @@ class Bench:
 
         def measure():
             s = self.project_setup(base["rank"], res, False)  # the LoRA is attached during previews
-            torch.manual_seed(0)
-            torch.set_default_dtype(self.dtype)
-            try:
-                with torch.device(self.device):
-                    vae = AutoencoderKL(**(TINY_VAE if self.tiny else FLUX_VAE))
-            finally:
-                torch.set_default_dtype(torch.float32)
-            vae.requires_grad_(False).eval()
-            parts = SimpleNamespace(scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER), vae=vae,
-                                    transformer=self.transformer, device=self.device, dtype=self.dtype)
+            parts = self.preview_parts()
             prompt = s.example.caption
             renderer = PreviewRenderer(parts, {prompt.prompt: prompt})
             times = []
@@ -536,12 +539,12 @@ class Bench:
                 self.sync()
                 times.append(time.perf_counter() - t)
             # The VAE decode alone (part of each preview above).
-            lat = torch.randn(1, vae.config.latent_channels, res // 8, res // 8, device=self.device, dtype=self.dtype)
+            lat = torch.randn(1, parts.vae.config.latent_channels, res // 8, res // 8, device=self.device, dtype=self.dtype)
             with torch.no_grad():
-                vae.decode(lat).sample
+                parts.vae.decode(lat).sample
                 self.sync()
                 t = time.perf_counter()
-                vae.decode(lat).sample
+                parts.vae.decode(lat).sample
                 self.sync()
                 decode = time.perf_counter() - t
             assert img is not None and img.size == (res, res), img
@@ -550,7 +553,7 @@ class Bench:
                               inference_graph_error=wrapper.error if wrapper else None)
             self.transformer.train()
             self.project_teardown(s)
-            del vae, renderer, parts
+            del renderer, parts
             return dict(s_per_image=round(statistics.median(times), 3), first_image_s=round(first, 2),
                         vae_decode_s=round(decode, 3), n_images=len(times), **graph_info)
 
@@ -681,8 +684,6 @@ class Bench:
         checkpoint (each ``every`` steps), LoRA saved at each checkpoint; wall-clock from a cold compile."""
         import tempfile
 
-        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
-
         from trainer.data import PromptEmbedding
         from trainer.lora import save_lora
         from trainer.sampling import PreviewRenderer
@@ -697,16 +698,7 @@ class Bench:
             self.ensure_compiled()
             s = self.project_setup(rank, res, ckpt)
             cfg = s.cfg.replace(steps=steps, save_every=every)
-            torch.manual_seed(0)
-            torch.set_default_dtype(self.dtype)
-            try:
-                with torch.device(self.device):
-                    vae = AutoencoderKL(**(TINY_VAE if self.tiny else FLUX_VAE))
-            finally:
-                torch.set_default_dtype(torch.float32)
-            vae.requires_grad_(False).eval()
-            parts = SimpleNamespace(scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER), vae=vae,
-                                    transformer=self.transformer, device=self.device, dtype=self.dtype)
+            parts = self.preview_parts()
             g = torch.Generator().manual_seed(7)
             c = s.example.caption
             prompts = {f"prompt {i}": PromptEmbedding(f"prompt {i}", torch.randn(c.embeds.shape, generator=g).to(c.embeds),
@@ -763,7 +755,7 @@ class Bench:
             s.__dict__.pop("opt", None)
             self.transformer.train()
             self.project_teardown(s)
-            del vae, renderer, parts, opt, runner
+            del renderer, parts, opt, runner
             return out
 
         self.case(measure, base, est_s=60 if self.tiny else 200)
