@@ -2,6 +2,8 @@
 
     python -m trainer train --image PATH --caption TEXT --output DIR [options]
     python -m trainer train --output DIR --resume      (continue a stopped or killed run)
+    python -m trainer train --output DIR --prepared --events-jsonl FILE --stop-file FILE   (how the app runs a
+                                                       multi-GPU job: a run folder it created, events as JSON lines)
     python -m trainer mask IMAGE --output OUT.png
     python -m trainer presets
     python -m trainer export CHECKPOINT --format kohya|diffusers --output FILE
@@ -48,6 +50,15 @@ def _parser() -> argparse.ArgumentParser:
                        help="data-parallel GPUs (batch 1 on each; learning rate x sqrt(N)); runs itself under torchrun")
     train.add_argument("--resume", action="store_true",
                        help="continue the run in --output from its newest checkpoint, with the settings in its run.json")
+    train.add_argument("--prepared", action="store_true",
+                       help="train the run folder in --output that is prepared but not started (its run.json and "
+                            "dataset/, as the app creates them), with the settings in its run.json")
+    train.add_argument("--events-jsonl", type=Path, metavar="FILE",
+                       help="append every training event to FILE as one JSON line, flushed (main process only)")
+    train.add_argument("--stop-file", type=Path, metavar="FILE",
+                       help="stop after the current step (keeping what was saved) once FILE exists")
+    train.add_argument("--parent-pid", type=int, metavar="PID",
+                       help="stop as with --stop-file when process PID has ended (the app that started the job)")
 
     mask = sub.add_parser("mask", help="cut out the subject: write an RGBA PNG whose alpha is the mask")
     mask.add_argument("image", type=Path)
@@ -180,17 +191,74 @@ def _train(args) -> int:
     context = distributed.context_from_environment()
     if args.gpus > 1 and not context.enabled:
         return _relaunch_on_gpus(args.gpus)
-    if context.enabled:
+    sink = _EventSink(args.events_jsonl) if args.events_jsonl and context.is_main else None
+    stop = _stop_check(args.stop_file, args.parent_pid)
+    try:
+        if args.resume and args.prepared:
+            raise UserError("--resume continues a run that has started; --prepared starts a prepared one: pick one.")
+        if context.enabled:
+            if args.resume:
+                raise UserError("--resume continues a run on one GPU: drop --gpus (and don't launch it with torchrun).")
+            distributed.initialise(context)
+            try:
+                return _train_distributed(args, context, stop, sink)
+            finally:
+                distributed.shutdown(context)
         if args.resume:
-            raise UserError("--resume continues a run on one GPU: drop --gpus (and don't launch it with torchrun).")
-        distributed.initialise(context)
-        try:
-            return _train_distributed(args, context)
-        finally:
-            distributed.shutdown(context)
-    if args.resume:
-        return _follow(_resumed_run(args), resume=True)
-    return _follow(_prepare_new_run(args))
+            return _follow(_resumed_run(args), resume=True, should_stop=stop, sink=sink)
+        run = _prepared_run(args) if args.prepared else _prepare_new_run(args)
+        return _follow(run, should_stop=stop, sink=sink)
+    except UserError as err:
+        if sink is not None:  # the app reading the events learns why, in the same words
+            from trainer.events import Failed
+
+            sink.write(Failed(str(err), "user"))
+        raise
+    finally:
+        if sink is not None:
+            sink.close()
+
+
+class _EventSink:
+    """Every event as one JSON line, flushed at once, so a reader tailing the file sees it as it happens."""
+
+    def __init__(self, path: Path) -> None:
+        self._file = open(path, "a", encoding="utf-8")
+
+    def write(self, event) -> None:
+        from trainer.events import to_json_line
+
+        self._file.write(to_json_line(event))
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _stop_check(stop_file: Path | None, parent_pid: int | None):
+    """``should_stop`` for this process: the stop file exists, or the app that started the job has ended."""
+    def should_stop() -> bool:
+        if stop_file is not None and stop_file.exists():
+            return True
+        if parent_pid:
+            try:
+                os.kill(parent_pid, 0)
+            except ProcessLookupError:
+                return True
+            except PermissionError:  # alive, someone else's
+                pass
+        return False
+    return should_stop
+
+
+def _prepared_run(args):
+    """The run folder the app created (run.json with the config, dataset/), not yet trained."""
+    _refuse_settings(args, "--prepared")
+    run = _open_run(args.output)
+    if run.status != "created" or run.checkpoints:
+        raise UserError(f"The run in '{args.output}' has already started (status: {run.status}); --prepared only "
+                        "starts a new one. Use --resume to continue it.")
+    return run
 
 
 def _prepare_new_run(args):
@@ -235,17 +303,24 @@ def _relaunch_on_gpus(gpus: int) -> int:
     available = torch.cuda.device_count()
     if available < gpus:
         raise UserError(f"--gpus {gpus} asks for more GPUs than this machine has ({available}).")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",
-               "-m", "trainer", *sys.argv[1:]]
-    return subprocess.call(command)
+    return subprocess.call(torchrun_command(gpus, sys.argv[1:]))
 
 
-def _train_distributed(args, context) -> int:
-    """One process of a data-parallel run: the main one creates the run folder, the others read it."""
+def torchrun_command(processes: int, trainer_args: list[str]) -> list[str]:
+    """``python -m trainer <trainer_args>`` once per process under torchrun (which sets RANK / WORLD_SIZE / LOCAL_RANK)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+            "-m", "trainer", *trainer_args]
+
+
+def _train_distributed(args, context, should_stop, sink) -> int:
+    """One process of a data-parallel run: the main one creates (or, --prepared, opens) the run folder, the others
+    read it."""
     from trainer.distributed import scaled_learning_rate
     from trainer.runs import RunFolder
 
-    run = _prepare_new_run(args) if context.is_main else None
+    run = None
+    if context.is_main:
+        run = _prepared_run(args) if args.prepared else _prepare_new_run(args)
     context.barrier()  # the run folder exists before any other process opens it
     if run is None:
         run = RunFolder.open(args.output)
@@ -257,12 +332,18 @@ def _train_distributed(args, context) -> int:
         unit = "GPUs" if context.device.type == "cuda" else "processes"
         print(f"{context.world_size} {unit}, batch 1 on each: learning rate {lr:g} x sqrt({context.world_size}) = "
               f"{scaled_learning_rate(lr, context.world_size):.3g}", file=sys.stderr)
-    return _follow(run, dist=context)
+    return _follow(run, dist=context, should_stop=should_stop, sink=sink)
 
 
 def _resumed_run(args):
     from trainer.resume import open_for_resume
 
+    _refuse_settings(args, "--resume")
+    return open_for_resume(args.output)
+
+
+def _refuse_settings(args, mode: str) -> None:
+    """``mode`` trains with the settings saved in the run's run.json: any setting given on the command line is an error."""
     given = [flag for flag, value in (
         ("--image", args.image), ("--mask", args.mask), ("--caption", args.caption), ("--model", args.model),
         ("--steps", args.steps), ("--save-every", args.save_every), ("--rank", args.rank), ("--lr", args.lr),
@@ -270,17 +351,19 @@ def _resumed_run(args):
         ("--sample-prompt", args.sample_prompt or None), ("--no-mask", args.no_mask or None),
         ("--trigger", args.trigger or None)) if value is not None]
     if given:
-        raise UserError(f"--resume continues with the settings saved in the run's run.json; drop {', '.join(given)}.")
-    return open_for_resume(args.output)
+        raise UserError(f"{mode} trains with the settings saved in the run's run.json; drop {', '.join(given)}.")
 
 
-def _follow(run, resume: bool = False, dist=None) -> int:
+def _follow(run, resume: bool = False, dist=None, should_stop=lambda: False, sink=None) -> int:
     from trainer.events import CheckpointSaved, Failed, Finished, PreviewsRendered, Progress, Started, Status
     from trainer.train import run_training
 
     progress = _ProgressLine(quiet=dist is not None and not dist.is_main)  # one progress line for N processes
     code = 0
-    for event in run_training(run, token=os.environ.get("HF_TOKEN"), resume=resume, dist=dist):
+    for event in run_training(run, should_stop=should_stop, token=os.environ.get("HF_TOKEN"), resume=resume,
+                              dist=dist):
+        if sink is not None:
+            sink.write(event)
         if isinstance(event, Status):
             progress.message(event.message)
         elif isinstance(event, Started):
