@@ -2,12 +2,16 @@
 
 Frozen dataclasses, one per kind of news, in the order a run produces them:
 Status* → Started → (Progress | CheckpointSaved | PreviewsRendered)* → Finished | Failed.
+
+``to_json_line`` / ``from_json_line`` carry them across a process boundary (a multi-GPU job's main process
+writes one JSON object per line; the app reads them back into the same typed events).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
-from typing import Literal, Union
+from typing import Any, Literal, Union
 
 
 @dataclass(frozen=True)
@@ -74,3 +78,57 @@ class Failed:
 
 Event = Union[Status, Started, Progress, CheckpointSaved, PreviewsRendered, Finished, Failed]
 TERMINAL_EVENTS = (Finished, Failed)
+
+
+# ---- one event as one line of JSON (a multi-GPU job's processes → the app)
+_TYPES = {cls.__name__: cls for cls in (Status, Started, Progress, CheckpointSaved, PreviewsRendered, Finished, Failed)}
+_PATH_FIELDS = {"run_dir", "path"}
+
+
+def event_to_dict(event: Event) -> dict[str, Any]:
+    """``{"type": "Progress", "step": 3, ...}``: paths as strings, tuples as lists, previews as objects."""
+    if type(event) not in _TYPES.values():
+        raise TypeError(f"not a training event: {event!r}")
+    data: dict[str, Any] = {"type": type(event).__name__}
+    for f in fields(event):
+        value = getattr(event, f.name)
+        if isinstance(value, Path):
+            value = str(value)
+        elif f.name == "previews":
+            value = [{"path": str(p.path), "prompt": p.prompt, "seed": p.seed} for p in value]
+        elif isinstance(value, tuple):
+            value = list(value)
+        data[f.name] = value
+    return data
+
+
+def event_from_dict(data: dict[str, Any]) -> Event:
+    """The inverse of ``event_to_dict``; an unknown type or a missing/extra field is a ``ValueError``."""
+    if not isinstance(data, dict) or data.get("type") not in _TYPES:
+        raise ValueError(f"not a training event: {data!r}")
+    cls = _TYPES[data["type"]]
+    names = {f.name for f in fields(cls)}
+    given = set(data) - {"type"}
+    required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
+    if not given <= names or not required <= given:
+        raise ValueError(f"a {cls.__name__} event with fields {sorted(given)}; expected {sorted(names)}")
+    values = {}
+    for name in given:
+        value = data[name]
+        if name in _PATH_FIELDS:
+            value = Path(value)
+        elif name == "previews":
+            value = tuple(Preview(path=Path(p["path"]), prompt=p["prompt"], seed=p["seed"]) for p in value)
+        elif name == "checkpoint_steps":
+            value = tuple(value)
+        values[name] = value
+    return cls(**values)
+
+
+def to_json_line(event: Event) -> str:
+    """One line (no newline inside it), newline-terminated."""
+    return json.dumps(event_to_dict(event), ensure_ascii=False) + "\n"
+
+
+def from_json_line(line: str) -> Event:
+    return event_from_dict(json.loads(line))

@@ -1,0 +1,240 @@
+"""One app job on several GPUs: the CLI's data-parallel path in a subprocess, followed through its events.
+
+A worker thread of the app cannot drive N GPUs in one process, so a job that asks for N > 1 GPUs runs
+
+    python -m torch.distributed.run --standalone --nproc_per_node=N -m trainer train --output RUN --prepared \\
+        --events-jsonl CONTROL/events.jsonl --stop-file CONTROL/stop --parent-pid APP_PID
+
+which is what ``python -m trainer train --gpus N`` runs too (``trainer.cli.torchrun_command``), on the run folder
+the app already created (``--prepared``: its run.json and dataset/, settings from its run.json).
+
+- **Events**: the main process appends every event to ``events.jsonl`` as one JSON line, flushed
+  (``trainer.events.to_json_line``); ``run_on_gpus`` tails that file and yields the same typed events, so the
+  page, re-attach, stop, checkpoints and previews work exactly as for a one-GPU job. The terminal event
+  (Finished / Failed) is passed on only once the processes have exited, so the GPUs are free when the job manager
+  hands them to the next job.
+- **Stop**: ``should_stop()`` → the stop file is created; every process checks it before each step and they agree
+  through ``dist.any`` (``trainer.loop.train_lora``), so all stop at the same step and the run ends
+  ``Finished(stopped=True)`` with what was saved. The processes also stop if the app's process disappears.
+- **Crash**: processes that exit without a terminal event (a process killed, out of host memory, a bug) become a
+  ``Failed`` event with the exit status and the last error line; run.json says "failed"; checkpoints are kept.
+- **Token**: only as ``HF_TOKEN`` in the child processes' environment: never on the command line, never in a file.
+- **Control folder**: a private temporary folder per job (mode 0700, outside the run folder, which the app serves),
+  removed when the job ends.
+- **Devices**: ``cuda:i`` labels become ``CUDA_VISIBLE_DEVICES`` (process k uses the job's k-th GPU). ``cpu:i``
+  labels run the processes on the CPU with the gloo backend (how the tests run it): they share the CPU's cores.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from collections import deque
+from pathlib import Path
+from typing import Callable, Iterator, Mapping, Sequence
+
+from trainer.events import TERMINAL_EVENTS, Event, Failed, from_json_line
+from trainer.runs import RunFolder
+
+log = logging.getLogger(__name__)
+ROOT = Path(__file__).resolve().parent.parent  # the folder holding the trainer package (for the child's PYTHONPATH)
+TOKEN_VARIABLES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+POLL_SECONDS = 0.2
+EXIT_GRACE_SECONDS = 120.0  # after the terminal event, how long the processes get to exit on their own
+STOP_GRACE_SECONDS = 60.0  # when the reader goes away (app shutdown): how long a stop may take before they are ended
+FINISHED_STATUSES = ("finished", "stopped", "failed")
+
+
+def describe_devices(devices: Sequence[str]) -> str:
+    """``GPUs 0, 1`` for CUDA devices; ``2 CPU processes`` for the CPU (tests, gloo)."""
+    if devices and all(d.startswith("cuda") for d in devices):
+        ids = [d.split(":")[-1] if ":" in d else "0" for d in devices]
+        return f"GPU {ids[0]}" if len(ids) == 1 else f"GPUs {', '.join(ids)}"
+    return f"{len(devices)} CPU processes (gloo; they share the CPU)"
+
+
+def child_environment(devices: Sequence[str], token: str | None, environ: Mapping[str, str] = os.environ) -> dict:
+    """The training processes' environment: the job's token (or none), the job's GPUs, the trainer importable."""
+    env = {k: v for k, v in environ.items() if k not in TOKEN_VARIABLES}
+    if token:
+        env["HF_TOKEN"] = token
+    if all(d.startswith("cuda") for d in devices):
+        ids = [int(d.split(":")[1]) if ":" in d else 0 for d in devices]
+        parent = [v.strip() for v in environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+        # cuda:i in this process is the i-th of our own visible devices
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(parent[i] if parent else str(i) for i in ids)
+    elif all(d.startswith("cpu") for d in devices):
+        env["CUDA_VISIBLE_DEVICES"] = ""  # processes on the CPU, gloo
+    else:
+        raise ValueError(f"one job's devices must all be GPUs or all CPU: {list(devices)}")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *([environ["PYTHONPATH"]] if environ.get("PYTHONPATH") else [])])
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // len(devices))))
+    return env
+
+
+def run_on_gpus(run: RunFolder, should_stop: Callable[[], bool] = lambda: False, token: str | None = None,
+                devices: Sequence[str] = ("cuda:0", "cuda:1")) -> Iterator[Event]:
+    """Train the prepared ``run`` data-parallel on ``devices`` (one process each); yields its events, ends with
+    exactly one Finished or Failed."""
+    from trainer.cli import torchrun_command
+
+    devices = list(devices)
+    if len(devices) < 2:
+        raise ValueError("run_on_gpus needs two devices or more; one-device jobs run in process (run_training)")
+    control = Path(tempfile.mkdtemp(prefix="lora-job-"))  # 0700
+    events_path, stop_path = control / "events.jsonl", control / "stop"
+    args = ["train", "--output", str(run.path), "--prepared", "--events-jsonl", str(events_path),
+            "--stop-file", str(stop_path), "--parent-pid", str(os.getpid())]
+    output: deque[str] = deque(maxlen=60)
+    proc: subprocess.Popen | None = None
+    try:
+        try:
+            proc = subprocess.Popen(torchrun_command(len(devices), args), env=child_environment(devices, token),
+                                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    text=True, errors="replace")
+        except OSError as err:
+            log.error("could not start the training processes: %s", err)
+            yield Failed(f"The training processes could not be started ({err.strerror or err}).", "internal")
+            return
+        reader = threading.Thread(target=_collect, args=(proc.stdout, output), name="multigpu-output", daemon=True)
+        reader.start()
+        tail = _JsonlTail(events_path)
+        terminal: Event | None = None
+        terminal_at = 0.0
+        last_step = 0
+        while True:
+            exited = proc.poll() is not None
+            for event in tail.read():  # read after poll: whatever was written before the exit is seen
+                last_step = getattr(event, "step", last_step)
+                if terminal is not None:
+                    continue
+                if isinstance(event, TERMINAL_EVENTS):
+                    terminal, terminal_at = event, time.monotonic()  # held back until the processes have exited
+                else:
+                    yield event
+            if exited:
+                break
+            if should_stop() and not stop_path.exists():
+                stop_path.touch()
+            if terminal is not None and time.monotonic() - terminal_at > EXIT_GRACE_SECONDS:
+                log.warning("the training processes did not exit %.0f s after the run ended; ending them",
+                            EXIT_GRACE_SECONDS)
+                _end(proc)
+            time.sleep(POLL_SECONDS)
+        reader.join(10)
+        if terminal is None:
+            terminal = _crash_event(run, proc.returncode, list(output), describe_devices(devices), last_step)
+        elif proc.returncode != 0:
+            log.info("training processes exited with status %s after %s", proc.returncode, type(terminal).__name__)
+        _reload(run)
+        yield terminal
+    finally:
+        if proc is not None and proc.poll() is None:  # the reader went away (app shutdown): stop them, then end them
+            stop_path.touch()
+            try:
+                proc.wait(STOP_GRACE_SECONDS)
+            except subprocess.TimeoutExpired:
+                _end(proc)
+        shutil.rmtree(control, ignore_errors=True)
+
+
+class _JsonlTail:
+    """Complete lines appended to a file since the last read (a half-written last line waits for its newline)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file = None
+        self._partial = b""
+
+    def read(self) -> list[Event]:
+        if self._file is None:
+            try:
+                self._file = open(self.path, "rb")
+            except FileNotFoundError:
+                return []
+        data = self._partial + self._file.read()
+        *lines, self._partial = data.split(b"\n")
+        events = []
+        for line in lines:
+            if not line.strip():
+                continue
+            try:
+                events.append(from_json_line(line.decode("utf-8")))
+            except ValueError:  # JSONDecodeError and unknown events are ValueErrors
+                log.warning("skipped an unreadable event line: %r", line[:200])
+        return events
+
+    def __del__(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
+def _collect(stream, lines: deque) -> None:
+    """The processes' output: kept (the last lines) for a crash message, and in the server log."""
+    for line in stream:
+        line = line.rstrip("\n")
+        lines.append(line)
+        log.debug("[training processes] %s", line)
+    stream.close()
+
+
+def _crash_event(run: RunFolder, returncode: int, output: list[str], where: str, last_step: int) -> Failed:
+    log.error("training processes exited with status %s without finishing; their last output:\n%s",
+              returncode, "\n".join(output))
+    saved = _saved_checkpoints(run)
+    message = (f"Training on {where} ended unexpectedly (exit status {returncode}) before it finished"
+               f"{_reason(output)}. The {saved} checkpoint(s) saved so far are kept; the server log has the details.")
+    try:
+        on_disk = RunFolder.open(run.path)
+        if on_disk.status not in FINISHED_STATUSES:
+            on_disk.set_status("failed", message)
+    except Exception:  # a damaged run.json is often why it crashed
+        log.warning("could not record the failure in run.json", exc_info=True)
+    return Failed(message, "internal", last_step)
+
+
+def _reason(output: list[str]) -> str:
+    """The most telling line of the processes' output: the CLI's ``error:`` line, a signal, or an exception."""
+    for pattern in (r"^error: (.+)$", r"\b(Signal \d+ \(SIG\w+\)) received", r"exitcode\s*:\s*(-\d+)",
+                    r"^(\w+(?:Error|Exception): .+)$"):
+        for line in reversed(output):
+            match = re.search(pattern, line.strip())
+            if match:
+                reason = match.group(1)
+                if reason.startswith("-"):
+                    reason = f"a process was killed by signal {reason[1:]}"
+                return f": {reason[:300]}"
+    return ""
+
+
+def _saved_checkpoints(run: RunFolder) -> int:
+    try:
+        return sum(1 for c in RunFolder.open(run.path).checkpoints if (run.path / c["path"]).is_file())
+    except Exception:
+        return len(list(run.path.glob(f"{run.config.name}-*.safetensors")))
+
+
+def _reload(run: RunFolder) -> None:
+    """The job's RunFolder object catches up with what the training processes wrote into run.json."""
+    try:
+        fresh = RunFolder.open(run.path)
+    except Exception:
+        log.warning("could not re-read %s after training", run.path, exc_info=True)
+        return
+    for name in ("model", "model_path", "status", "train_size", "checkpoints", "base_previews", "message", "gpus"):
+        setattr(run, name, getattr(fresh, name))
+
+
+def _end(proc: subprocess.Popen) -> None:
+    """torchrun passes SIGTERM on to its processes; SIGKILL only if that is ignored."""
+    proc.terminate()
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
