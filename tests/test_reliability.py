@@ -201,7 +201,7 @@ def test_cuda_oom_at_step_k_names_a_smaller_preset_keeps_checkpoints_frees_memor
         events = list(first.follow(poll=0.1))
         failed = events[-1]
         assert isinstance(failed, Failed) and failed.kind == "out_of_memory"
-        assert failed.message == train.oom_advice(big.config) and "GPU ran out of memory" in failed.message
+        assert failed.message == train.oom_advice(big.config, "full") and "GPU ran out of memory" in failed.message
         assert transformers[0]() is None, "the model was still referenced when the failure was announced"
         assert [e.step for e in events if isinstance(e, CheckpointSaved)] == [1, 2]
         assert big.checkpoint_path(1).is_file() and big.checkpoint_path(2).is_file()

@@ -46,6 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int)
     train.add_argument("--name", help="checkpoint file prefix (default: lora)")
     train.add_argument("--output", required=True, type=Path, help="run folder (created; must be new or empty)")
+    train.add_argument("--memory-tier", help="GPU memory tier: auto (default: picked from the GPU), full, 24gb, 16gb or "
+                                              "12gb (presets/memory/: fp8/NF4 weights, gradient checkpointing)")
     train.add_argument("--gpus", type=int, default=1,
                        help="data-parallel GPUs (batch 1 on each; learning rate x sqrt(N)); runs itself under torchrun")
     train.add_argument("--resume", action="store_true",
@@ -274,7 +276,8 @@ def _prepare_new_run(args):
         raise UserError(f"train needs {' and '.join(missing)} (or --resume to continue the run in --output).")
     overrides = {k: v for k, v in {
         "steps": args.steps, "save_every": args.save_every, "rank": args.rank, "learning_rate": args.lr,
-        "resolution": args.resolution, "seed": args.seed, "name": args.name}.items() if v is not None}
+        "resolution": args.resolution, "seed": args.seed, "name": args.name,
+        "memory_tier": args.memory_tier}.items() if v is not None}
     config = load_preset(args.preset).config(
         caption=args.caption, trigger=args.trigger, sample_prompts=tuple(args.sample_prompt),
         model=args.model or default_model(), masked=not args.no_mask, **overrides)

@@ -47,6 +47,9 @@ class TrainingConfig:
     logit_mean: float = 0.0
     logit_std: float = 1.0
     gradient_checkpointing: bool = False
+    # GPU memory tier (presets/memory/*.toml: full, 24gb, 16gb, 12gb): "auto" picks it from the detected GPU. A tier can
+    # turn gradient checkpointing on and store the frozen base weights in fp8 or NF4; it never changes the LoRA's shape.
+    memory_tier: str = "auto"
 
     # --- masked loss
     masked: bool = True
@@ -82,6 +85,10 @@ class TrainingConfig:
             problems.append("augment_probability must be between 0 and 1")
         if self.preview_steps < 1:
             problems.append("preview_steps must be at least 1")
+        from trainer.memory import tier_names
+
+        if self.memory_tier not in tier_names():
+            problems.append(f"memory_tier must be one of {', '.join(tier_names())}")
         if not self.name or any(c in self.name for c in '/\\:*?"<>|') or self.name.startswith("."):
             problems.append("name must be a plain file name (no slashes or special characters)")
         if problems:

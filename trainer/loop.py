@@ -72,7 +72,7 @@ def train_lora(parts, example: EncodedExample, cfg: TrainingConfig, run: RunFold
     transformer = parts.transformer
     params = add_lora(transformer, cfg.rank, cfg.alpha, cfg.seed)
     dist.broadcast_parameters(params)
-    if cfg.gradient_checkpointing:
+    if cfg.gradient_checkpointing or getattr(parts, "gradient_checkpointing", False):  # asked for, or the memory tier's
         transformer.enable_gradient_checkpointing()
     transformer.train()
     # On CUDA: compile each block (quietly skipped on the CPU or without Triton): bench/RESULTS.md has the gain.

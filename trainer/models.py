@@ -44,10 +44,18 @@ class FluxParts:
     device: torch.device
     dtype: torch.dtype
     model_path: Path
+    # How the transformer sits on ``device`` (set by ``place_transformer``; a memory tier decides): the storage of
+    # its frozen weights, and whether training must recompute activations to fit.
+    weights: str = "bf16"
+    gradient_checkpointing: bool = False
 
     @property
     def is_tiny_demo(self) -> bool:
-        return (self.model_path / "tiny_demo.json").is_file()
+        return is_tiny_demo(self.model_path)
+
+
+def is_tiny_demo(folder: Path) -> bool:
+    return (Path(folder) / "tiny_demo.json").is_file()
 
 
 def default_model() -> str:
@@ -150,8 +158,13 @@ def pick_device() -> tuple[torch.device, torch.dtype]:
     return torch.device("cpu"), torch.float32
 
 
-def load_parts(folder: Path, device: torch.device | None = None, dtype: torch.dtype | None = None) -> FluxParts:
-    """Load every component of the diffusers folder onto ``device`` (text encoders stay until freed)."""
+def load_parts(folder: Path, device: torch.device | None = None, dtype: torch.dtype | None = None,
+               transformer_on_device: bool = True) -> FluxParts:
+    """Load every component of the diffusers folder onto ``device`` (text encoders stay until freed).
+
+    ``transformer_on_device=False`` leaves the transformer in host memory for ``place_transformer``: a training job
+    encodes its prompts first and frees the text encoders, so T5 (8.9 GiB) and the transformer never share the GPU.
+    """
     from diffusers import FluxPipeline
 
     if device is None or dtype is None:
@@ -166,5 +179,22 @@ def load_parts(folder: Path, device: torch.device | None = None, dtype: torch.dt
     for module in (parts.transformer, parts.vae, parts.text_encoder, parts.text_encoder_2):
         module.requires_grad_(False)
         module.eval()
-        module.to(device)
+        if module is not parts.transformer or transformer_on_device:
+            module.to(device)
     return parts
+
+
+def place_transformer(parts: FluxParts, weights: str = "bf16", gradient_checkpointing: bool = False) -> dict:
+    """Move the transformer to ``parts.device``, its frozen Linear weights stored as ``weights`` (a memory tier's).
+
+    ``bf16`` moves it as loaded. ``fp8``/``nf4`` quantize it layer by layer on the device (``trainer.quantize``), so the
+    GPU never holds the full-precision model. Returns what was done (layers quantized, bytes) for the job's log.
+    """
+    parts.weights, parts.gradient_checkpointing = weights, gradient_checkpointing
+    if weights == "bf16":
+        parts.transformer.to(parts.device)
+        return {"weights": weights, "quantized_layers": 0}
+    from trainer.quantize import quantize_linears
+
+    report = quantize_linears(parts.transformer, weights, parts.device)
+    return {"weights": weights, **report}

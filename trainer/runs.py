@@ -39,6 +39,7 @@ class RunFolder:
     base_previews: list[dict[str, Any]] = field(default_factory=list)
     message: str = ""
     gpus: int = 1  # data-parallel processes that trained it (the learning rate was scaled by sqrt(gpus))
+    memory_tier: str = ""  # the tier the job ran with (presets/memory/): config.memory_tier may say "auto"
     writable: bool = field(default=True, repr=False)  # False in the non-main processes of a multi-GPU run
 
     # ---- creating and opening
@@ -70,7 +71,8 @@ class RunFolder:
                    model_path=data.get("model_path", ""), status=data.get("status", ""),
                    train_size=tuple(data["train_size"]) if data.get("train_size") else None,
                    checkpoints=data.get("checkpoints", []), base_previews=data.get("base_previews", []),
-                   message=data.get("message", ""), gpus=int(data.get("gpus", 1)))
+                   message=data.get("message", ""), gpus=int(data.get("gpus", 1)),
+                   memory_tier=str(data.get("memory_tier", "")))
 
     # ---- the dataset
     def load_dataset(self) -> tuple[Image.Image, Image.Image | None]:
@@ -119,6 +121,7 @@ class RunFolder:
             "model": self.model,
             "model_path": self.model_path,
             "gpus": self.gpus,
+            "memory_tier": self.memory_tier,
             "train_size": list(self.train_size) if self.train_size else None,
             "dataset": {"image": IMAGE_FILE, "mask": MASK_FILE if (self.path / MASK_FILE).is_file() else None},
             "base_previews": self.base_previews,

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from trainer.data import PromptEmbedding
+from trainer.speed import preview_autocast
 
 
 class PreviewRenderer:
@@ -23,6 +24,7 @@ class PreviewRenderer:
                                   text_encoder_2=None, tokenizer_2=None, transformer=parts.transformer)
         self._pipe.set_progress_bar_config(disable=True)
         self._device = parts.device
+        self._dtype = parts.dtype
 
     def render(self, prompt: str, seed: int, width: int, height: int, steps: int, guidance: float,
                should_stop: Callable[[], bool] = lambda: False) -> Image.Image | None:
@@ -41,9 +43,10 @@ class PreviewRenderer:
         was_training = self._pipe.transformer.training
         self._pipe.transformer.eval()
         try:
-            image = self._pipe(prompt_embeds=embedding.embeds, pooled_prompt_embeds=embedding.pooled,
-                               width=width, height=height, num_inference_steps=steps, guidance_scale=guidance,
-                               generator=generator, callback_on_step_end=check_stop).images[0]
+            with preview_autocast(self._pipe.transformer, self._device, self._dtype):
+                image = self._pipe(prompt_embeds=embedding.embeds, pooled_prompt_embeds=embedding.pooled,
+                                   width=width, height=height, num_inference_steps=steps, guidance_scale=guidance,
+                                   generator=generator, callback_on_step_end=check_stop).images[0]
         finally:
             self._pipe.transformer.train(was_training)
             self._pipe._interrupt = False

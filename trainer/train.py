@@ -22,7 +22,8 @@ from trainer.data import encode_example, encode_prompts, free_encoders, prepare_
 from trainer.errors import UserError
 from trainer.events import CheckpointSaved, Event, Failed, Finished, Preview, PreviewsRendered, Started, Status
 from trainer.loop import train_lora
-from trainer.models import load_parts, resolve_model
+from trainer.memory import choose_tier
+from trainer.models import is_tiny_demo, load_parts, pick_device, place_transformer, resolve_model
 from trainer.runs import RunFolder
 from trainer.sampling import PreviewRenderer
 
@@ -39,8 +40,21 @@ def _memory_key(settings) -> tuple:
     return (not get("gradient_checkpointing", False), get("resolution", 512), get("rank", 4))
 
 
-def oom_advice(cfg) -> str:
-    """The out-of-memory message, naming a preset that needs less memory than ``cfg`` where one exists."""
+def oom_advice(cfg, tier: str | None = None) -> str:
+    """The out-of-memory message: the next smaller memory tier than ``tier`` where there is one, else a smaller preset."""
+    from trainer.memory import list_tiers
+
+    try:
+        tiers = list_tiers()  # largest card first
+        names = [t.name for t in tiers]
+        smaller_tiers = tiers[names.index(tier) + 1:] if tier in names else []
+    except Exception:  # a broken tiers folder must not hide the real failure
+        smaller_tiers = []
+    if smaller_tiers:
+        pick = smaller_tiers[0]
+        return (f"The GPU ran out of memory with the '{tier}' memory tier. Pick the '{pick.name}' tier in the settings "
+                f"({pick.description}), or close other programs using the GPU. The checkpoints saved so far are kept, "
+                "and the GPU memory was released.")
     try:
         presets = sorted(list_presets(), key=lambda p: _memory_key(p.settings))
     except Exception:  # a broken presets folder must not hide the real failure
@@ -70,7 +84,7 @@ def run_training(run: RunFolder, should_stop: Callable[[], bool] = lambda: False
     dist = dist or DistributedContext()
     cfg = run.config
     last_step = 0
-    parts = example = renderer = prompts = None
+    parts = example = renderer = prompts = tier = None
     lock = training_state.RunLock(run.path)
     failure: Failed | None = None
     try:
@@ -90,9 +104,15 @@ def run_training(run: RunFolder, should_stop: Callable[[], bool] = lambda: False
         remaining = [s for s in cfg.checkpoint_steps if s > last_step]
         diskspace.check_before_start(run.path, _save_bytes_estimate(cfg, str(folder)), len(remaining))
         run.model_path = str(folder)
+        target = torch.device(device) if device else dist.device if dist.enabled else pick_device()[0]
+        choice = choose_tier(cfg.memory_tier, target, tiny_model=is_tiny_demo(folder))  # a GPU too small stops here
+        tier = choice.tier
+        run.memory_tier = tier.name
+        yield Status(choice.reason)
         run.set_status("loading")
         yield Status("Loading model")
-        parts = load_parts(folder, device=torch.device(device) if device else dist.device if dist.enabled else None)
+        # The transformer stays in host memory until the text encoders have run and left the GPU (memory tiers).
+        parts = load_parts(folder, device=target, transformer_on_device=False)
         image, mask = run.load_dataset()
         train_image = prepare_image(image, mask if cfg.masked else None, cfg.resolution)
         run.train_size = train_image.size
@@ -101,6 +121,9 @@ def run_training(run: RunFolder, should_stop: Callable[[], bool] = lambda: False
         example = encode_example(parts, train_image, cfg.training_caption, prompts, cfg.masked, cfg.background_weight)
         example = with_background_bank(parts, example, train_image, cfg, run.path)
         free_encoders(parts)
+        gc.collect()
+        yield Status(_placing_message(tier.weights))
+        place_transformer(parts, tier.weights, tier.gradient_checkpointing)
         gc.collect()
         renderer = PreviewRenderer(parts, prompts)
         run.set_status("running")
@@ -118,7 +141,7 @@ def run_training(run: RunFolder, should_stop: Callable[[], bool] = lambda: False
     except UserError as err:
         failure = Failed(str(err), "user", last_step)
     except torch.OutOfMemoryError:
-        failure = Failed(oom_advice(cfg), "out_of_memory", last_step)
+        failure = Failed(oom_advice(cfg, tier.name if tier else None), "out_of_memory", last_step)
     except Exception as err:
         if diskspace.is_disk_full(err):
             failure = Failed(diskspace.disk_full_message(last_step), "user", last_step)
@@ -141,6 +164,13 @@ def run_training(run: RunFolder, should_stop: Callable[[], bool] = lambda: False
         except OSError:  # a full disk can refuse run.json too; the event still tells the user
             log.warning("could not record the failure in run.json", exc_info=True)
         yield failure
+
+
+def _placing_message(weights: str) -> str:
+    if weights == "bf16":
+        return "Moving the transformer to the training device"
+    return (f"Storing the transformer's frozen weights as {weights.upper()} on the GPU, layer by layer (the memory "
+            "tier's saving; the LoRA still trains in float32)")
 
 
 def _saved_so_far(run: RunFolder) -> Iterator[Event]:

@@ -131,6 +131,11 @@ def build_app(manager: JobManager, runs_root: Path, state_secret: str | None = N
                                     label="Model: FLUX.1-dev, another Hub id, a local diffusers folder, or tiny-demo",
                                     elem_id="model")
                 notice = gr.Markdown(settings_step.model_notice(model0), elem_id="model-notice")
+                memory_tier = gr.Dropdown(choices=settings_step.memory_tier_choices(), value="auto",
+                                          label="GPU memory tier", elem_id="memory-tier",
+                                          info="Smaller tiers store the frozen model in 8 or 4 bits and recompute "
+                                               "activations: they fit smaller cards and train slower")
+                tier_notice = gr.Markdown(settings_step.memory_tier_notice("auto", model0), elem_id="tier-notice")
 
                 gr.Markdown("## 6. Train")
                 with gr.Row():
@@ -174,11 +179,13 @@ def build_app(manager: JobManager, runs_root: Path, state_secret: str | None = N
         for box in (rank, steps, save_every, model):
             box.change(settings_step.on_plan_change, [model, rank, steps, save_every], plan, api_name=False)
         model.change(settings_step.model_notice, model, notice, api_name=False)
+        for box in (memory_tier, model):
+            box.change(settings_step.memory_tier_notice, [memory_tier, model], tier_notice, api_name=False)
 
         stream_outputs = [progress, loss_plot, gallery, checkpoints, train_btn, stop_btn]
 
         def start(stored, dataset, caption_, trigger_, prompts_, preset_, rank_, steps_, lr_, every_, model_,
-                  background_weight_, normalize_, unmasked_, augment_,
+                  background_weight_, normalize_, unmasked_, augment_, memory_tier_="auto",
                   request: gr.Request, profile: gr.OAuthProfile | None = None,
                   oauth_token: gr.OAuthToken | None = None):
             owner, token = owner_and_token(owner_id(stored, request), profile, oauth_token)
@@ -186,7 +193,8 @@ def build_app(manager: JobManager, runs_root: Path, state_secret: str | None = N
                 message = controller.start(owner, dataset, caption_, trigger_, prompts_, preset_, rank_, steps_,
                                            lr_, every_, model_, token=token,
                                            loss_settings=dataset_step.loss_settings(
-                                               background_weight_, normalize_, unmasked_, augment_))
+                                               background_weight_, normalize_, unmasked_, augment_),
+                                           memory_tier=memory_tier_)
             except UserError as err:
                 raise gr.Error(str(err), print_exception=False) from None
             return message, gr.update(interactive=False), gr.update(interactive=True)
@@ -217,7 +225,8 @@ def build_app(manager: JobManager, runs_root: Path, state_secret: str | None = N
 
         train_btn.click(
             start, [owner_state, dataset_state, caption, trigger, prompts, preset, rank, steps, learning_rate,
-                    save_every, model, background_weight, normalize_mask, unmasked_probability, augment_probability],
+                    save_every, model, background_weight, normalize_mask, unmasked_probability, augment_probability,
+                    memory_tier],
             [progress, train_btn, stop_btn], api_name="train", concurrency_limit=None,
         ).success(follow, owner_state, stream_outputs, api_name="follow", concurrency_limit=None)
         stop_btn.click(stop, owner_state, progress, api_name="stop", concurrency_limit=None)

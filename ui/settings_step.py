@@ -56,6 +56,27 @@ def model_notice(choice: str) -> str:
     return "  \n".join(lines)
 
 
+def memory_tier_choices() -> list[tuple[str, str]]:
+    from trainer.memory import AUTO, list_tiers
+
+    return [("auto — picked from the detected GPU", AUTO),
+            *((f"{t.name} — {t.description}", t.name) for t in list_tiers())]
+
+
+def memory_tier_notice(choice: str, model: str = "") -> str:
+    """What the job will do about GPU memory, and why: the detected GPU and the tier it gets."""
+    import torch
+
+    from trainer.memory import AUTO, choose_tier
+
+    try:
+        picked = choose_tier(choice or AUTO, torch.device("cuda" if torch.cuda.is_available() else "cpu"),
+                             tiny_model=model_spec(model) == TINY_DEMO)
+    except UserError as err:
+        return f"⚠️ {err}"
+    return f"ℹ️ {picked.reason}"
+
+
 def model_choices() -> list[str]:
     return [FLUX_DEV, TINY_DEMO]
 

@@ -37,7 +37,7 @@ class TrainingController:
 
     def start(self, owner: str, dataset, caption: str, trigger: str, prompts: str, preset: str, rank, steps,
               learning_rate, save_every, model: str, token: str | None = None,
-              loss_settings: dict | None = None) -> str:
+              loss_settings: dict | None = None, memory_tier: str = "auto") -> str:
         """Create the run folder and queue the job. Returns a message for the page."""
         if dataset is None:
             raise UserError("Upload an image first (step 1).")
@@ -49,6 +49,7 @@ class TrainingController:
             caption=caption.strip(), trigger=(trigger or "").strip(), sample_prompts=prompt_lines(prompts),
             rank=_whole(rank, "Rank"), steps=_whole(steps, "Steps"), save_every=_whole(save_every, "Save every"),
             learning_rate=float(learning_rate), model=model_spec(model), masked=dataset.mask is not None,
+            memory_tier=memory_tier or "auto",
             **(loss_settings or {}))  # the mask step's background weight / normalise / unmasked / augmentation
         config, _ = adjust_for_model(config)
         run = RunFolder.create(self.runs_root / owner_folder(owner), config, dataset.image, dataset.mask)

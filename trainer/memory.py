@@ -1,0 +1,116 @@
+"""Memory tiers: how a job fits a GPU of 40+, 24, 16 or 12 GB, and which tier a detected GPU gets.
+
+A tier is a commented file in ``presets/memory/``: how the frozen base weights are stored (``bf16``, ``fp8``
+or ``nf4``: ``trainer.quantize``) and whether activations are recomputed (gradient checkpointing). The job
+runs in the same order on every tier — text encoders on the GPU, prompts encoded once, encoders freed, then
+the transformer placed (quantized layer by layer from the CPU copy) — so the T5 encoder (8.9 GiB) and the
+transformer are never on the GPU together. ``bench/tier_bench.py`` runs a whole job under each tier's cap.
+"""
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from trainer.errors import UserError
+
+TIERS_DIR = Path(__file__).resolve().parent.parent / "presets" / "memory"
+AUTO = "auto"
+WEIGHT_STORAGES = ("bf16", "fp8", "nf4")
+# What a card of N GB leaves to one process: the CUDA context (~0.5 GiB) and, on a desktop, the display take
+# the rest. The benchmark caps each tier at this much, not at the card's full size.
+RESERVED_GIB = 1.0
+
+
+@dataclass(frozen=True)
+class MemoryTier:
+    name: str
+    description: str
+    min_card_gib: float  # the smallest GPU (total memory, GiB) this tier is picked for
+    weights: str  # "bf16" | "fp8" | "nf4": storage of the frozen transformer weights
+    gradient_checkpointing: bool
+
+    @property
+    def card_gib(self) -> float | None:
+        """The card size the tier is made for (the ``24`` of ``24gb``); None for ``full``."""
+        return float(self.name[:-2]) if self.name.endswith("gb") and self.name[:-2].isdigit() else None
+
+    @property
+    def cap_gib(self) -> float | None:
+        """GPU memory the whole job must fit in on such a card (what the benchmark caps the process to)."""
+        return None if self.card_gib is None else self.card_gib - RESERVED_GIB
+
+
+def list_tiers(directory: Path = TIERS_DIR) -> list[MemoryTier]:
+    """Every tier, largest card first."""
+    tiers = [load_tier(p.stem, directory) for p in directory.glob("*.toml")]
+    return sorted(tiers, key=lambda t: -t.min_card_gib)
+
+
+def load_tier(name: str, directory: Path = TIERS_DIR) -> MemoryTier:
+    path = directory / f"{name}.toml"
+    if "/" in name or "\\" in name or not path.is_file():
+        known = ", ".join(sorted(p.stem for p in directory.glob("*.toml")))
+        raise UserError(f"Unknown memory tier '{name}'. Known tiers: {AUTO}, {known}.")
+    with path.open("rb") as f:
+        data = tomllib.load(f)
+    try:
+        tier = MemoryTier(name=name, description=str(data["description"]), min_card_gib=float(data["min_card_gib"]),
+                          weights=str(data["weights"]), gradient_checkpointing=bool(data["gradient_checkpointing"]))
+    except KeyError as missing:
+        raise UserError(f"Memory tier file '{path}' lacks {missing}.") from None
+    if tier.weights not in WEIGHT_STORAGES:
+        raise UserError(f"Memory tier '{name}': weights must be one of {', '.join(WEIGHT_STORAGES)}.")
+    return tier
+
+
+def tier_names() -> list[str]:
+    return [AUTO, *(t.name for t in list_tiers())]
+
+
+@dataclass(frozen=True)
+class TierChoice:
+    tier: MemoryTier
+    reason: str  # one sentence for the user: which GPU, how much memory, why this tier
+
+
+def gpu_memory_gib(device: torch.device) -> tuple[str, float] | None:
+    """(name, total GiB) of a CUDA device, None off CUDA."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    props = torch.cuda.get_device_properties(device)
+    return props.name, props.total_memory / 2 ** 30
+
+
+def tier_for_card(total_gib: float, tiers: list[MemoryTier] | None = None) -> MemoryTier | None:
+    """The fastest tier a card of ``total_gib`` fits, or None when it is smaller than every tier."""
+    for tier in tiers or list_tiers():  # largest first, so the first that fits is the fastest
+        if total_gib >= tier.min_card_gib:
+            return tier
+    return None
+
+
+def choose_tier(requested: str, device: torch.device, tiny_model: bool = False,
+                gpu: tuple[str, float] | None = None) -> TierChoice:
+    """The tier a job runs with. ``requested``: ``auto`` or a tier name. ``gpu`` overrides detection (tests)."""
+    tiers = list_tiers()
+    full = next(t for t in tiers if t.weights == "bf16")
+    gpu = gpu if gpu is not None else gpu_memory_gib(device)
+    if requested != AUTO:
+        tier = load_tier(requested)
+        where = f" on {gpu[0]} ({gpu[1]:.1f} GiB)" if gpu else ""
+        return TierChoice(tier, f"Memory tier '{tier.name}' as chosen{where}: {tier.description}.")
+    if tiny_model:
+        return TierChoice(full, "Memory tier 'full': the tiny demo model needs no memory savings.")
+    if gpu is None:
+        return TierChoice(full, "Memory tier 'full': no CUDA GPU, so nothing is traded for GPU memory.")
+    name, total = gpu
+    tier = tier_for_card(total, tiers)
+    if tier is None:
+        smallest = tiers[-1]
+        raise UserError(f"{name} has {total:.1f} GiB of memory; training FLUX.1 needs a GPU with at least "
+                        f"{smallest.card_gib or smallest.min_card_gib:.0f} GB (the '{smallest.name}' tier). Use a larger "
+                        "GPU, or the tiny-demo model to try the workflow.")
+    return TierChoice(tier, f"Memory tier '{tier.name}' picked for {name} ({total:.1f} GiB): {tier.description}.")
