@@ -79,3 +79,36 @@ def test_the_page_explains_the_tier_it_will_use():
     assert [value for _, value in memory_tier_choices()] == tier_names()
     assert "tiny demo" in memory_tier_notice(AUTO, "tiny-demo")
     assert "'12gb' as chosen" in memory_tier_notice("12gb", "tiny-demo")
+
+
+# ---- a whole job on a tier (CPU, tiny-demo, the real run_training) ------------------------------------------
+
+def _train(folder, tier: str):
+    from tests.test_resume import lora_of, new_run
+    from trainer.events import Failed, Finished, Status
+    from trainer.runs import RunFolder
+    from trainer.train import run_training
+
+    run = new_run(folder, steps=3, save_every=3, memory_tier=tier)
+    events = list(run_training(run))
+    assert isinstance(events[-1], Finished) and not events[-1].stopped, [e for e in events if isinstance(e, Failed)]
+    statuses = [e.message for e in events if isinstance(e, Status)]
+    return lora_of(run.checkpoint_path(3)), statuses, RunFolder.open(run.path)
+
+
+def test_a_quantized_tier_trains_the_same_lora_shape_close_to_the_full_tier(tmp_path):
+    """The 12gb tier's job really runs on NF4 weights (its LoRA differs from the full tier's) and learns the same
+    thing (same keys and shapes, strongly correlated updates)."""
+    full, _, _ = _train(tmp_path / "full", "full")
+    nf4, statuses, run = _train(tmp_path / "nf4", "12gb")
+    assert run.memory_tier == "12gb" and run.config.memory_tier == "12gb"
+    assert any("'12gb' as chosen" in s for s in statuses)
+    assert any("NF4" in s and "layer by layer" in s for s in statuses)
+    assert full.keys() == nf4.keys() and all(full[k].shape == nf4[k].shape for k in full)
+    trained = [k for k in full if "lora_B" in k]  # B starts at zero: after 3 steps it is the learned update
+    assert any(not torch.equal(full[k], nf4[k]) for k in trained), "the 12gb tier trained on unquantized weights"
+    a = torch.cat([full[k].flatten().float() for k in trained])
+    b = torch.cat([nf4[k].flatten().float() for k in trained])
+    cosine = torch.nn.functional.cosine_similarity(a, b, dim=0).item()
+    print(f"LoRA B after 3 steps, 12gb (nf4) vs full: cosine {cosine:.4f}")
+    assert cosine > 0.9
