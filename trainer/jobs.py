@@ -5,12 +5,21 @@ browser tab, the CLI) follow that history from any index, so a reloaded page re-
 from the start. Jobs belong to an owner (a browser's id, or the logged-in user): every lookup takes the
 owner, and another owner's job is simply not found. There are as many workers as devices; extra jobs
 wait in a queue and know their position.
+
+Several GPUs for one job: a job asks for ``gpus`` devices (its run folder's ``gpus``, 1 by default). The
+manager's devices are a pool, and the rule is strict first-come, first-served: the oldest queued job starts
+as soon as as many devices as it asks for are free, and the jobs behind it wait until it has started (so a
+2-GPU job is never starved by a stream of 1-GPU jobs; the price is that a free GPU can idle while the job at
+the head waits for a second one). A job holds its devices until its runner has ended, so no other job is given
+them meanwhile. A job with N > 1 devices runs through ``multi_runner`` (``trainer.multigpu.run_on_gpus``: N
+data-parallel processes under torchrun) instead of ``runner``; it needs a manager with N devices or more
+(``devices=gpu_devices()``; on the CPU, tests pass ``["cpu:0", "cpu:1"]``: two gloo processes sharing the CPU).
+A resumed job always runs on one device, as ``python -m trainer train --resume`` does.
 """
 from __future__ import annotations
 
 import itertools
 import logging
-import queue
 import threading
 import time
 from dataclasses import dataclass, field
@@ -37,7 +46,9 @@ class Job:
     events: list[Event] = field(default_factory=list)
     created: float = field(default_factory=time.time)
     resume: bool = False  # continue the run from its newest training state
-    device: str | None = None  # the GPU a worker gave it ("cuda:1"); None when there is one device
+    device: str | None = None  # the GPU a worker gave a one-GPU job ("cuda:1"); None when there is one device
+    gpus: int = 1  # devices it asks for; more than one runs it data-parallel in that many processes
+    devices: tuple[str, ...] = ()  # every device it holds while it runs: ("cuda:0", "cuda:2"), or (device,)
 
     def __post_init__(self) -> None:
         self._stop = threading.Event()
@@ -96,30 +107,58 @@ def gpu_devices() -> list[str]:
 
 
 class JobManager:
-    def __init__(self, runner: Runner = run_training, workers: int = 1, devices: list[str] | None = None):
-        """``devices``: one worker pinned to each (e.g. ``gpu_devices()``); otherwise ``workers`` unpinned workers."""
+    def __init__(self, runner: Runner = run_training, workers: int = 1, devices: list[str] | None = None,
+                 multi_runner: Runner | None = None):
+        """``devices``: a pool of devices, one worker each (e.g. ``gpu_devices()``); otherwise ``workers`` unpinned
+        workers. ``multi_runner`` runs a job that holds several devices (default ``trainer.multigpu.run_on_gpus``)."""
+        if multi_runner is None:
+            from trainer.multigpu import run_on_gpus as multi_runner
         self._runner = runner
+        self._multi_runner = multi_runner
         self._jobs: dict[str, Job] = {}
-        self._queue: "queue.Queue[Job | None]" = queue.Queue()
+        self._waiting: list[Job] = []  # queued jobs, oldest first
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)  # a job queued or stopped, devices freed, shutdown
+        self._closing = False
         self._ids = itertools.count(1)
-        slots = list(devices) if devices else [None] * workers
-        self._threads = [threading.Thread(target=self._work, args=(device,), name=f"train-worker-{i}", daemon=True)
-                         for i, device in enumerate(slots)]
+        self._slots: list[str | None] = list(devices) if devices else [None] * workers
+        self._free = list(range(len(self._slots)))  # indices into _slots
+        self._threads = [threading.Thread(target=self._work, name=f"train-worker-{i}", daemon=True)
+                         for i in range(len(self._slots))]
         for t in self._threads:
             t.start()
 
+    @property
+    def devices(self) -> list[str]:
+        """The devices jobs are pinned to ([] when the workers are unpinned: one device)."""
+        return [d for d in self._slots if d is not None]
+
+    @property
+    def max_gpus(self) -> int:
+        """The most devices one job can ask for."""
+        return len(self.devices) if self.devices else 1
+
     # ---- submitting and finding
-    def submit(self, owner: str, run: RunFolder, token: str | None = None) -> Job:
-        """Queue a job. One active job per owner: a second Train click is refused, not queued twice."""
+    def submit(self, owner: str, run: RunFolder, token: str | None = None, gpus: int | None = None) -> Job:
+        """Queue a job on ``gpus`` devices (default: the run folder's ``gpus``). One active job per owner: a second
+        Train click is refused, not queued twice."""
+        gpus = run.gpus if gpus is None else gpus
+        if not isinstance(gpus, int) or gpus < 1:
+            raise UserError(f"The number of GPUs must be a whole number of 1 or more, got {gpus!r}.")
+        if gpus > self.max_gpus:
+            raise UserError(f"This server can give a job at most {self.max_gpus} GPU(s); {gpus} were asked for.")
         with self._lock:
             if self._active_for(owner) is not None:
                 raise UserError("You already have a training job running or queued. Stop it first, or wait for it "
                                 "to finish.")
-            job = Job(id=f"job-{next(self._ids)}-{run.path.name}", owner=owner, run=run, token=token)
+            job = Job(id=f"job-{next(self._ids)}-{run.path.name}", owner=owner, run=run, token=token, gpus=gpus)
             self._jobs[job.id] = job
-            self._queue.put(job)
+            self._enqueue(job)
         return job
+
+    def _enqueue(self, job: Job) -> None:  # holding the lock
+        self._waiting.append(job)
+        self._changed.notify_all()
 
     def resume(self, owner: str, run_dir: Path, token: str | None = None,
                allowed_root: Path | None = None) -> Job:
@@ -150,7 +189,7 @@ class JobManager:
             run = open_for_resume(run_dir)
             job = Job(id=f"job-{next(self._ids)}-{run.path.name}", owner=owner, run=run, token=token, resume=True)
             self._jobs[job.id] = job
-            self._queue.put(job)
+            self._enqueue(job)
         return job
 
     def known_run_paths(self) -> list[Path]:
@@ -189,40 +228,71 @@ class JobManager:
         if job is None or not job.active:
             return False
         job.request_stop()
-        if job.state == "queued":  # never started: nothing to wind down
-            job.publish(Finished(run_dir=job.run.path, last_step=0, stopped=True))
+        with self._lock:
+            if job.state == "queued":  # never started: nothing to wind down
+                job.publish(Finished(run_dir=job.run.path, last_step=0, stopped=True))
+                self._changed.notify_all()  # the jobs behind it may start now
         return True
 
     def shutdown(self, timeout: float = 10.0) -> None:
+        with self._lock:
+            self._closing = True
+            for job in self._waiting:
+                if job.state == "queued":
+                    job.publish(Finished(run_dir=job.run.path, last_step=0, stopped=True))
+            self._waiting.clear()
+            self._changed.notify_all()
         for job in list(self._jobs.values()):
             job.request_stop()
-        for _ in self._threads:
-            self._queue.put(None)
         for t in self._threads:
             t.join(timeout)
 
-    # ---- the worker
-    def _work(self, device: str | None = None) -> None:
+    # ---- the workers
+    def _work(self) -> None:
         while True:
-            job = self._queue.get()
-            if job is None:
-                return
-            if job.state != "queued":  # stopped while waiting
-                continue
-            job.device = device
-            job.set_state("running")
+            with self._lock:
+                while True:
+                    if self._closing:
+                        return
+                    self._waiting = [j for j in self._waiting if j.state == "queued"]  # drop jobs stopped while queued
+                    if self._waiting and len(self._free) >= self._waiting[0].gpus:
+                        job = self._waiting.pop(0)
+                        taken, self._free = self._free[:job.gpus], self._free[job.gpus:]
+                        job.devices = tuple(d for d in (self._slots[i] for i in taken) if d is not None)
+                        job.device = job.devices[0] if job.gpus == 1 and job.devices else None
+                        job.set_state("running")  # under the lock: queue positions never see it half-started
+                        break
+                    self._changed.wait()
             try:
-                extra = {"resume": True} if job.resume else {}
-                if device is not None:
-                    extra["device"] = device
-                    job.publish(Status(f"Running on GPU {device.split(':')[-1]}"))
-                for event in self._runner(job.run, should_stop=lambda: job.stop_requested, token=job.token, **extra):
+                self._run(job)
+            finally:
+                with self._lock:
+                    self._free = sorted(self._free + taken)
+                    self._changed.notify_all()
+
+    def _run(self, job: Job) -> None:
+        try:
+            extra: dict = {"resume": True} if job.resume else {}
+            runner = self._runner
+            if job.gpus > 1:
+                runner, extra["devices"] = self._multi_runner, job.devices
+            elif job.device is not None:
+                extra["device"] = job.device
+            if job.devices:
+                from trainer.multigpu import describe_devices
+
+                job.publish(Status(f"Running on {describe_devices(job.devices)}"))
+            events = runner(job.run, should_stop=lambda: job.stop_requested, token=job.token, **extra)
+            try:
+                for event in events:
                     job.publish(event)
                     if isinstance(event, TERMINAL_EVENTS):
                         break
-            except Exception:  # the runner turns failures into events; this is a last line of defence
-                log.exception("job %s crashed", job.id)
-                job.publish(Failed("The training worker crashed; the server log has the details. Saved "
-                                   "checkpoints are kept.", "internal"))
-            if job.active:  # the runner ended without a terminal event
-                job.publish(Finished(run_dir=job.run.path, last_step=0, stopped=job.stop_requested))
+            finally:
+                getattr(events, "close", lambda: None)()  # a runner's clean-up runs before the devices are freed
+        except Exception:  # the runner turns failures into events; this is a last line of defence
+            log.exception("job %s crashed", job.id)
+            job.publish(Failed("The training worker crashed; the server log has the details. Saved "
+                               "checkpoints are kept.", "internal"))
+        if job.active:  # the runner ended without a terminal event
+            job.publish(Finished(run_dir=job.run.path, last_step=0, stopped=job.stop_requested))

@@ -55,7 +55,7 @@ def describe_devices(devices: Sequence[str]) -> str:
     if devices and all(d.startswith("cuda") for d in devices):
         ids = [d.split(":")[-1] if ":" in d else "0" for d in devices]
         return f"GPU {ids[0]}" if len(ids) == 1 else f"GPUs {', '.join(ids)}"
-    return f"{len(devices)} CPU processes (gloo; they share the CPU)"
+    return "the CPU" if len(devices) == 1 else f"{len(devices)} CPU processes (gloo; they share the CPU)"
 
 
 def child_environment(devices: Sequence[str], token: str | None, environ: Mapping[str, str] = os.environ) -> dict:
@@ -132,6 +132,7 @@ def run_on_gpus(run: RunFolder, should_stop: Callable[[], bool] = lambda: False,
         elif proc.returncode != 0:
             log.info("training processes exited with status %s after %s", proc.returncode, type(terminal).__name__)
         _reload(run)
+        shutil.rmtree(control, ignore_errors=True)  # before the job ends: nothing of it is left behind
         yield terminal
     finally:
         if proc is not None and proc.poll() is None:  # the reader went away (app shutdown): stop them, then end them
@@ -208,6 +209,8 @@ def _reason(output: list[str]) -> str:
                 reason = match.group(1)
                 if reason.startswith("-"):
                     reason = f"a process was killed by signal {reason[1:]}"
+                elif reason.startswith("Signal "):
+                    reason = f"a process received s{reason[1:]}"
                 return f": {reason[:300]}"
     return ""
 

@@ -72,16 +72,19 @@ def build_tiny_pipeline(seed: int = 0):
                         text_encoder_2=text_encoder_2, tokenizer_2=_tokenizer(512), transformer=transformer)
 
 
+def _current(directory: Path) -> bool:
+    """``directory`` holds a complete tiny model of this version."""
+    try:
+        return json.loads((directory / "tiny_demo.json").read_text()).get("version") == TINY_DEMO_VERSION
+    except (OSError, ValueError):
+        return False
+
+
 def ensure_tiny_demo(directory: Path) -> Path:
     """Build the tiny pipeline into ``directory`` once; later calls reuse it. Returns the folder."""
     directory = Path(directory)
-    stamp = directory / "tiny_demo.json"
-    if stamp.is_file():
-        try:
-            if json.loads(stamp.read_text()).get("version") == TINY_DEMO_VERSION:
-                return directory
-        except (OSError, ValueError):
-            pass
+    if _current(directory):
+        return directory
     directory.parent.mkdir(parents=True, exist_ok=True)
     # Build into a temporary sibling and rename: two processes starting at once never see half a model.
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-demo-", dir=directory.parent))
@@ -90,9 +93,15 @@ def ensure_tiny_demo(directory: Path) -> Path:
         (tmp / "tiny_demo.json").write_text(json.dumps({
             "version": TINY_DEMO_VERSION,
             "note": "Random weights: for trying the workflow and for tests. Its samples are noise."}))
+        if _current(directory):  # another process (a multi-GPU run's other rank) finished first and may be
+            return directory      # loading it already: keep its copy
         if directory.exists():
             shutil.rmtree(directory)
-        os.replace(tmp, directory)
+        try:
+            os.rename(tmp, directory)  # refuses a non-empty target: never replaces a copy someone just put there
+        except OSError:
+            if not _current(directory):
+                raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

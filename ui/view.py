@@ -26,13 +26,13 @@ class RunView:
     running: bool = False
     error: str = ""
     queue_position: int = 0
-    gpu: str = ""  # "GPU 1" when the box has several GPUs and the job was given one
+    gpu: str = ""  # "GPU 1" / "GPUs 0, 1" when the box has several GPUs: the ones the job was given
 
     def apply(self, event: Event) -> None:
         if isinstance(event, Status):
             self.running = True
             self.status = event.message
-            if event.message.startswith("Running on GPU"):
+            if event.message.startswith("Running on "):  # the job manager's note of the devices it gave the job
                 self.gpu = event.message.removeprefix("Running on ")
         elif isinstance(event, Started):
             self.running = True
