@@ -84,7 +84,7 @@ def run_training(run: RunFolder, should_stop: Callable[[], bool] = lambda: False
     dist = dist or DistributedContext()
     cfg = run.config
     last_step = 0
-    parts = example = renderer = prompts = tier = None
+    parts = tier = None
     lock = training_state.RunLock(run.path)
     failure: Failed | None = None
     try:
@@ -113,23 +113,7 @@ def run_training(run: RunFolder, should_stop: Callable[[], bool] = lambda: False
         yield Status("Loading model")
         # The transformer stays in host memory until the text encoders have run and left the GPU (memory tiers).
         parts = load_parts(folder, device=target, transformer_on_device=False)
-        image, mask = run.load_dataset()
-        train_image = prepare_image(image, mask if cfg.masked else None, cfg.resolution)
-        run.train_size = train_image.size
-        yield Status("Encoding the image and prompts (once; cached for the whole run)")
-        prompts = encode_prompts(parts, [cfg.training_caption, *cfg.preview_prompts], cfg.max_text_tokens)
-        example = encode_example(parts, train_image, cfg.training_caption, prompts, cfg.masked, cfg.background_weight)
-        example = with_background_bank(parts, example, train_image, cfg, run.path)
-        free_encoders(parts)
-        gc.collect()
-        yield Status(_placing_message(tier.weights))
-        place_transformer(parts, tier.weights, tier.gradient_checkpointing)
-        gc.collect()
-        renderer = PreviewRenderer(parts, prompts)
-        run.set_status("running")
-        yield Started(run_dir=run.path, total_steps=cfg.steps, checkpoint_steps=tuple(cfg.checkpoint_steps),
-                      train_width=train_image.size[0], train_height=train_image.size[1])
-        for event in train_lora(parts, example, cfg, run, renderer, should_stop, resume=point, dist=dist):
+        for event in train_with_parts(parts, run, tier, should_stop, resume=point, dist=dist):
             if isinstance(event, Finished):
                 run.set_status("stopped" if event.stopped else "finished")
             elif isinstance(event, Failed):
@@ -152,7 +136,7 @@ def run_training(run: RunFolder, should_stop: Callable[[], bool] = lambda: False
             failure = Failed(message, "internal", last_step)
     finally:
         # Give the accelerator back whatever happened, so the next job starts from a clean slate.
-        parts = example = renderer = prompts = None
+        parts = None
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -164,6 +148,32 @@ def run_training(run: RunFolder, should_stop: Callable[[], bool] = lambda: False
         except OSError:  # a full disk can refuse run.json too; the event still tells the user
             log.warning("could not record the failure in run.json", exc_info=True)
         yield failure
+
+
+def train_with_parts(parts, run: RunFolder, tier, should_stop: Callable[[], bool] = lambda: False,
+                     resume: "training_state.ResumePoint | None" = None,
+                     dist: DistributedContext | None = None) -> Iterator[Event]:
+    """The job once the parts are loaded (transformer still in host memory): encode the image and prompts once,
+    free the encoders, place the transformer as ``tier`` says, train. ``bench/tier_bench.py`` runs this same code on
+    full-size parts built in code, under each tier's memory cap."""
+    cfg = run.config
+    image, mask = run.load_dataset()
+    train_image = prepare_image(image, mask if cfg.masked else None, cfg.resolution)
+    run.train_size = train_image.size
+    yield Status("Encoding the image and prompts (once; cached for the whole run)")
+    prompts = encode_prompts(parts, [cfg.training_caption, *cfg.preview_prompts], cfg.max_text_tokens)
+    example = encode_example(parts, train_image, cfg.training_caption, prompts, cfg.masked, cfg.background_weight)
+    example = with_background_bank(parts, example, train_image, cfg, run.path)
+    free_encoders(parts)
+    gc.collect()
+    yield Status(_placing_message(tier.weights))
+    place_transformer(parts, tier.weights, tier.gradient_checkpointing)
+    gc.collect()
+    renderer = PreviewRenderer(parts, prompts)
+    run.set_status("running")
+    yield Started(run_dir=run.path, total_steps=cfg.steps, checkpoint_steps=tuple(cfg.checkpoint_steps),
+                  train_width=train_image.size[0], train_height=train_image.size[1])
+    yield from train_lora(parts, example, cfg, run, renderer, should_stop, resume=resume, dist=dist)
 
 
 def _placing_message(weights: str) -> str:

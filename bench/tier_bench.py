@@ -1,0 +1,226 @@
+"""A whole training job under each memory tier's cap, at full FLUX.1-dev size, on one GPU (issue 4).
+
+For each tier (presets/memory/) a fresh process caps itself to the tier's memory with
+``torch.cuda.set_per_process_memory_fraction`` *before anything touches the GPU*, then runs the job's own code
+(``trainer.train.train_with_parts``): full-size T5-XXL and CLIP-L encode the prompts on the GPU and are freed,
+the VAE encodes the image, the transformer — in host memory, as ``load_parts`` leaves it — is placed as the tier
+says (bf16, or quantized layer by layer to fp8 / NF4), then ``train_lora`` trains with preview rounds and
+checkpoint saves. Nothing can be downloaded: every part is built in code with the real configs and random weights
+(same FLOPs and bytes). Prints one ``ROW {json}`` per tier; with ``--out`` writes them as a results file.
+
+    python bench/tier_bench.py --tiers full,24gb,16gb,12gb --steps 40 --save-every 20 --out bench/results/X.json
+    python bench/tier_bench.py --tiny   # CPU smoke test of the same code path (no cap)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.flux_bench import DEV, FLUX_SCHEDULER, FLUX_VAE, TINY, TINY_VAE  # noqa: E402
+
+GIB = 2 ** 30
+# The released text encoders' configs (google/t5-v1_1-xxl as FLUX.1-dev's text_encoder_2, openai CLIP ViT-L/14).
+T5_XXL = dict(d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24, vocab_size=32128,
+              feed_forward_proj="gated-gelu", relative_attention_num_buckets=32, pad_token_id=0, eos_token_id=1)
+CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+              projection_dim=768, vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu",
+              bos_token_id=0, eos_token_id=2, pad_token_id=1)
+
+
+@torch.no_grad()
+def random_fill(module: torch.nn.Module, fill_device: torch.device, seed: int = 0) -> None:
+    """Random weights for a module built on the meta device, materialised in host memory: matrices ~N(0, 0.02)
+    (drawn on ``fill_device`` in slices of ~64 MB, so filling respects a memory cap), vectors 1 (norm scales) or 0."""
+    module.to_empty(device="cpu")
+    generator = torch.Generator(device=fill_device).manual_seed(seed)
+    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+        if not tensor.is_floating_point():
+            continue
+        if tensor.ndim >= 2:
+            rows = max(1, (1 << 25) // max(1, tensor[0].numel()))
+            for r in range(0, tensor.shape[0], rows):
+                part = tensor[r:r + rows]
+                part.copy_(torch.randn(part.shape, generator=generator, device=fill_device, dtype=torch.float32)
+                           .mul_(0.02).to(tensor.dtype))
+        else:
+            tensor.fill_(0.0 if name.endswith("bias") else 1.0)
+
+
+def build_parts(device: torch.device, dtype: torch.dtype, tiny: bool):
+    """FluxParts as ``load_parts(..., transformer_on_device=False)`` returns them: encoders and VAE on ``device``,
+    the transformer in host memory."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from trainer.models import FluxParts
+    from trainer.tiny import _tokenizer
+
+    t5_config = dict(T5_XXL, d_model=32, d_ff=64, num_layers=1, num_heads=2, d_kv=16) if tiny else T5_XXL
+    clip_config = dict(CLIP_L, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                       projection_dim=32) if tiny else CLIP_L
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            transformer = FluxTransformer2DModel(**(TINY if tiny else DEV))
+            t5 = T5EncoderModel(T5Config(**t5_config))
+        clip = CLIPTextModel(CLIPTextConfig(**clip_config))  # small: built normally (it has integer buffers)
+        vae = AutoencoderKL(**(TINY_VAE if tiny else FLUX_VAE))
+    finally:
+        torch.set_default_dtype(torch.float32)
+    random_fill(transformer, device, seed=1)
+    random_fill(t5, device, seed=2)
+    for module in (transformer, t5, clip, vae):
+        module.requires_grad_(False).eval()
+    for module in (t5, clip, vae):
+        module.to(device)
+    return FluxParts(transformer=transformer, vae=vae, text_encoder=clip, text_encoder_2=t5,
+                     tokenizer=_tokenizer(77), tokenizer_2=_tokenizer(512),
+                     scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER), device=device, dtype=dtype,
+                     model_path=Path("random-weights"))
+
+
+def run_tier(tier_name: str, steps: int, save_every: int, rank: int, resolution: int, tiny: bool) -> dict:
+    from trainer.config import TrainingConfig
+    from trainer.events import CheckpointSaved, Failed, Finished, PreviewsRendered, Progress, Started, Status
+    from trainer.memory import load_tier
+    from trainer.runs import RunFolder
+    from trainer.train import train_with_parts
+
+    tier = load_tier(tier_name)
+    cuda = torch.cuda.is_available() and not tiny
+    device, dtype = (torch.device("cuda"), torch.bfloat16) if cuda else (torch.device("cpu"), torch.float32)
+    row = dict(impl="project", kind="tier_job", tier=tier.name, weights=tier.weights, rank=rank,
+               resolution=resolution, checkpointing=tier.gradient_checkpointing, cap_gib=tier.cap_gib)
+    if cuda:
+        torch.backends.cuda.enable_cudnn_sdp(False)  # cuDNN attention backward failed at Flux size (bench/RESULTS.md)
+        total = torch.cuda.get_device_properties(0).total_memory
+        if tier.cap_gib is not None:  # first thing: the whole job, loading included, runs under the cap
+            torch.cuda.set_per_process_memory_fraction(tier.cap_gib * GIB / total)
+        row["gpu"] = torch.cuda.get_device_name()
+
+    def peak(reset: bool = True) -> tuple[float, float]:
+        if not cuda:
+            return 0.0, 0.0
+        values = torch.cuda.max_memory_allocated() / GIB, torch.cuda.max_memory_reserved() / GIB
+        if reset:
+            torch.cuda.reset_peak_memory_stats()
+        return round(values[0], 2), round(values[1], 2)
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    t0 = time.perf_counter()
+    parts = build_parts(device, dtype, tiny)
+    row["build_s"] = round(time.perf_counter() - t0, 1)
+    row["build_peak_gib"] = peak()[0]
+    image = Image.new("RGB", (1024, 1024), (40, 110, 190))
+    ImageDraw.Draw(image).ellipse((250, 200, 780, 900), fill=(230, 60, 50))
+    mask = Image.new("L", image.size, 0)
+    ImageDraw.Draw(mask).ellipse((250, 200, 780, 900), fill=255)
+    cfg = TrainingConfig(rank=rank, steps=steps, save_every=save_every, learning_rate=1e-4, resolution=resolution,
+                         trigger="ohwx", caption="a photo of [trigger], a red ball", memory_tier=tier.name,
+                         sample_prompts=("[trigger] as a watercolor", "[trigger] on a beach"), model="random-weights",
+                         preview_steps=4 if tiny else 20)
+    run = RunFolder.create(Path(tempfile.mkdtemp()), cfg, image, mask)
+
+    phase, phase_start = "encode", time.perf_counter()
+    phases: dict[str, dict] = {}
+    step_times, preview_rounds, saves = [], [], []
+    last = time.perf_counter()
+    try:
+        for event in train_with_parts(parts, run, tier, lambda: False):
+            sync()
+            now = time.perf_counter()
+            if isinstance(event, Status) and event.message.startswith(("Storing", "Moving")):
+                phases["encode"] = dict(s=round(now - phase_start, 1), peak_gib=peak())
+                phase, phase_start = "place", now
+            elif isinstance(event, Started):
+                phases["place"] = dict(s=round(now - phase_start, 1), peak_gib=peak())
+                phase = "train"
+            elif isinstance(event, Progress):
+                step_times.append(now - last)
+            elif isinstance(event, CheckpointSaved):
+                saves.append(round(now - last, 2))
+            elif isinstance(event, PreviewsRendered):
+                preview_rounds.append(dict(step=event.step, s=round(now - last, 2), images=len(event.previews)))
+            elif isinstance(event, Failed):
+                row["error"] = event.message
+                break
+            elif isinstance(event, Finished):
+                break
+            last = now
+    except torch.OutOfMemoryError as err:
+        row["error"] = f"OutOfMemoryError in phase {phase}: {str(err).splitlines()[0]}"
+    row["phases"] = phases
+    row["train_peak_gib"] = peak(reset=False)  # allocated, reserved: training + previews + saves
+    steady = step_times[10:] or step_times
+    if step_times:
+        row.update(steps=len(step_times), first_step_s=round(step_times[0], 2),
+                   s_per_step=round(statistics.median(steady), 4))
+    per_image = [r["s"] / r["images"] for r in preview_rounds[1:]] or [r["s"] / r["images"] for r in preview_rounds]
+    row.update(preview_rounds=preview_rounds, preview_s_per_image=round(statistics.median(per_image), 3)
+               if per_image else None, save_s=saves,
+               peak_gib=max([phases.get(p, {}).get("peak_gib", (0, 0))[0] for p in ("encode", "place")]
+                            + [row["train_peak_gib"][0]]),
+               checkpoint_files=sorted(p.name for p in run.path.glob("*.safetensors")))
+    return row
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiers", default="full,24gb,16gb,12gb")
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--save-every", type=int, default=20)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--resolution", type=int, default=512)
+    parser.add_argument("--tiny", action="store_true", help="CPU smoke test with the tiny model")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run this tier in this process
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    common = dict(steps=args.steps, save_every=args.save_every, rank=args.rank, resolution=args.resolution,
+                  tiny=args.tiny)
+    if args.one:
+        print("ROW " + json.dumps(run_tier(args.one, **common)), flush=True)
+        return 0
+    rows = []
+    for name in args.tiers.split(","):
+        # One process per tier: a cap can only be set before the allocator has grown, and nothing of one tier's
+        # job (compiled code, cached blocks) may help the next one.
+        command = [sys.executable, __file__, "--one", name, "--steps", str(args.steps), "--save-every",
+                   str(args.save_every), "--rank", str(args.rank), "--resolution", str(args.resolution)]
+        if args.tiny:
+            command.append("--tiny")
+        started = time.perf_counter()
+        proc = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        found = [line[4:] for line in proc.stdout.splitlines() if line.startswith("ROW ")]
+        row = json.loads(found[-1]) if found else dict(tier=name, error=f"exit {proc.returncode}: "
+                                                                      f"{(proc.stderr or '').strip()[-1500:]}")
+        row["process_s"] = round(time.perf_counter() - started, 1)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    if args.out:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=ROOT).stdout.strip() or None
+        gpu = next((r.get("gpu") for r in rows if r.get("gpu")), "cpu")
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(dict(gpu=gpu, commit=commit, date=time.strftime("%Y-%m-%d"),
+                                            torch=torch.__version__, rows=rows), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
