@@ -77,6 +77,27 @@ def memory_tier_notice(choice: str, model: str = "") -> str:
     return f"ℹ️ {picked.reason}"
 
 
+def gpus_choices(max_gpus: int) -> list[int]:
+    """1 .. the most GPUs one job can have (the job manager's devices: one per CUDA GPU when there are several)."""
+    return list(range(1, max(1, int(max_gpus)) + 1))
+
+
+def gpus_note(gpus, learning_rate) -> str:
+    """What N GPUs do to one job: N data-parallel processes, batch 1 on each, the learning rate x sqrt(N)."""
+    from trainer.distributed import scaled_learning_rate
+
+    try:
+        n, lr = int(gpus or 1), float(learning_rate)
+    except (TypeError, ValueError):
+        return "❌ The learning rate must be a number."
+    if n <= 1:
+        return ("One GPU, batch 1. With several GPUs one job trains data-parallel: batch 1 on each GPU, learning "
+                "rate scaled by √N.")
+    return (f"{n} GPUs, **batch 1 on each GPU** (each sees its own noised copy of the image every step). The "
+            f"learning rate is scaled by √{n}: {lr:g} × √{n} = **{scaled_learning_rate(lr, n):.3g}**. The job "
+            f"waits until {n} GPUs are free; each holds the whole model.")
+
+
 def model_choices() -> list[str]:
     return [FLUX_DEV, TINY_DEMO]
 
