@@ -14,6 +14,7 @@ checkpoint saves. Nothing can be downloaded: every part is built in code with th
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -92,7 +93,8 @@ def build_parts(device: torch.device, dtype: torch.dtype, tiny: bool):
                      model_path=Path("random-weights"))
 
 
-def run_tier(tier_name: str, steps: int, save_every: int, rank: int, resolution: int, tiny: bool) -> dict:
+def run_tier(tier_name: str, steps: int, save_every: int, rank: int, resolution: int, tiny: bool,
+             checkpointing: bool | None = None) -> dict:
     from trainer.config import TrainingConfig
     from trainer.events import CheckpointSaved, Failed, Finished, PreviewsRendered, Progress, Started, Status
     from trainer.memory import load_tier
@@ -100,6 +102,8 @@ def run_tier(tier_name: str, steps: int, save_every: int, rank: int, resolution:
     from trainer.train import train_with_parts
 
     tier = load_tier(tier_name)
+    if checkpointing is not None:  # a variant: the tier's weights with checkpointing forced on/off
+        tier = dataclasses.replace(tier, gradient_checkpointing=checkpointing)
     cuda = torch.cuda.is_available() and not tiny
     device, dtype = (torch.device("cuda"), torch.bfloat16) if cuda else (torch.device("cpu"), torch.float32)
     row = dict(impl="project", kind="tier_job", tier=tier.name, weights=tier.weights, rank=rank,
@@ -188,11 +192,12 @@ def main(argv=None) -> int:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--resolution", type=int, default=512)
     parser.add_argument("--tiny", action="store_true", help="CPU smoke test with the tiny model")
+    parser.add_argument("--checkpointing", choices=("on", "off"), help="override the tiers' gradient checkpointing")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run this tier in this process
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     common = dict(steps=args.steps, save_every=args.save_every, rank=args.rank, resolution=args.resolution,
-                  tiny=args.tiny)
+                  tiny=args.tiny, checkpointing=None if args.checkpointing is None else args.checkpointing == "on")
     if args.one:
         print("ROW " + json.dumps(run_tier(args.one, **common)), flush=True)
         return 0
@@ -204,6 +209,8 @@ def main(argv=None) -> int:
                    str(args.save_every), "--rank", str(args.rank), "--resolution", str(args.resolution)]
         if args.tiny:
             command.append("--tiny")
+        if args.checkpointing:
+            command += ["--checkpointing", args.checkpointing]
         started = time.perf_counter()
         proc = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         found = [line[4:] for line in proc.stdout.splitlines() if line.startswith("ROW ")]
