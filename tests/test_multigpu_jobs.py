@@ -287,3 +287,48 @@ def test_a_rank_that_builds_tiny_demo_second_keeps_the_first_copy(tmp_path, monk
     assert tiny.ensure_tiny_demo(target) == target
     assert (target / "tiny_demo.json").stat().st_ino == first["inode"]  # the first copy stayed in place
     assert not [p for p in target.parent.iterdir() if p.name.startswith(".tiny-demo-")]  # our copy was cleaned up
+
+
+# ---- the page: the control, and Train with N GPUs -------------------------------------------------------------
+
+def test_the_page_offers_gpus_only_with_several_devices_and_train_passes_them_on(tmp_path):
+    import gradio as gr
+
+    from ui.app import build_app
+    from ui.dataset_step import Dataset
+    from ui.settings_step import gpus_note
+    from ui.training_step import TrainingController
+
+    got: dict[str, tuple] = {}
+
+    def several(run, should_stop, token=None, devices=()):
+        got[run.path.name] = tuple(devices)
+        yield Finished(run_dir=run.path, last_step=0, stopped=False)
+
+    def control(demo):
+        return next(b for b in demo.blocks.values() if isinstance(b, gr.Dropdown) and b.label == "GPUs for this job")
+
+    one = JobManager(runner=lambda run, should_stop, token=None: iter(()))
+    pool = JobManager(runner=lambda run, should_stop, token=None, device=None: iter(()), multi_runner=several,
+                      devices=CPU_DEVICES)
+    try:
+        assert control(build_app(one, tmp_path / "a")).visible is False  # one device: nothing to choose
+        offered = control(build_app(pool, tmp_path / "b"))
+        assert offered.visible is True and [v for _, v in offered.choices] == [1, 2] and offered.value == 1
+        assert "0.0004 × √2 = **0.000566**" in gpus_note(2, 4e-4) and "batch 1 on each GPU" in gpus_note(2, 4e-4)
+
+        image, mask = subject_image()
+        controller = TrainingController(pool, tmp_path / "runs")
+        args = ("alice", Dataset(image, mask, "uploaded mask"), "a photo of [trigger]", "ohwx", "", "quick-test-250",
+                4, 4, 4e-4, 2, "tiny-demo")
+        with pytest.raises(UserError, match="1 to 2 GPU"):
+            controller.start(*args, gpus=3)
+        assert not list((tmp_path / "runs").rglob("run.json"))  # refused before any folder was made
+        controller.start(*args, gpus=2)
+        job = pool.latest_for("alice")
+        list(job.follow())
+        assert job.gpus == 2 and got[job.run.path.name] == ("cpu:0", "cpu:1")
+        assert json.loads((job.run.path / "run.json").read_text())["gpus"] == 2
+    finally:
+        one.shutdown()
+        pool.shutdown()
