@@ -136,6 +136,12 @@ def build_app(manager: JobManager, runs_root: Path, state_secret: str | None = N
                                           info="Smaller tiers store the frozen model in 8 or 4 bits and recompute "
                                                "activations: they fit smaller cards and train slower")
                 tier_notice = gr.Markdown(settings_step.memory_tier_notice("auto", model0), elem_id="tier-notice")
+                # One job on several GPUs: only offered when the job manager has several (one per CUDA GPU).
+                several = manager.max_gpus > 1
+                gpus = gr.Dropdown(choices=settings_step.gpus_choices(manager.max_gpus), value=1, visible=several,
+                                   label="GPUs for this job", elem_id="gpus",
+                                   info="Data parallel: batch 1 on each GPU, learning rate scaled by √N")
+                gpus_info = gr.Markdown(settings_step.gpus_note(1, lr0), visible=several, elem_id="gpus-note")
 
                 gr.Markdown("## 6. Train")
                 with gr.Row():
@@ -181,20 +187,23 @@ def build_app(manager: JobManager, runs_root: Path, state_secret: str | None = N
         model.change(settings_step.model_notice, model, notice, api_name=False)
         for box in (memory_tier, model):
             box.change(settings_step.memory_tier_notice, [memory_tier, model], tier_notice, api_name=False)
+        for box in (gpus, learning_rate):
+            box.change(settings_step.gpus_note, [gpus, learning_rate], gpus_info, api_name=False)
 
         stream_outputs = [progress, loss_plot, gallery, checkpoints, train_btn, stop_btn]
 
         def start(stored, dataset, caption_, trigger_, prompts_, preset_, rank_, steps_, lr_, every_, model_,
                   background_weight_, normalize_, unmasked_, augment_, memory_tier_="auto",
                   request: gr.Request, profile: gr.OAuthProfile | None = None,
-                  oauth_token: gr.OAuthToken | None = None):
+                  oauth_token: gr.OAuthToken | None = None,
+                  gpus_=1):  # the input after memory_tier (gradio slots request/profile/token in by their type)
             owner, token = owner_and_token(owner_id(stored, request), profile, oauth_token)
             try:
                 message = controller.start(owner, dataset, caption_, trigger_, prompts_, preset_, rank_, steps_,
                                            lr_, every_, model_, token=token,
                                            loss_settings=dataset_step.loss_settings(
                                                background_weight_, normalize_, unmasked_, augment_),
-                                           memory_tier=memory_tier_)
+                                           memory_tier=memory_tier_, gpus=gpus_)
             except UserError as err:
                 raise gr.Error(str(err), print_exception=False) from None
             return message, gr.update(interactive=False), gr.update(interactive=True)
@@ -226,7 +235,7 @@ def build_app(manager: JobManager, runs_root: Path, state_secret: str | None = N
         train_btn.click(
             start, [owner_state, dataset_state, caption, trigger, prompts, preset, rank, steps, learning_rate,
                     save_every, model, background_weight, normalize_mask, unmasked_probability, augment_probability,
-                    memory_tier],
+                    memory_tier, gpus],
             [progress, train_btn, stop_btn], api_name="train", concurrency_limit=None,
         ).success(follow, owner_state, stream_outputs, api_name="follow", concurrency_limit=None)
         stop_btn.click(stop, owner_state, progress, api_name="stop", concurrency_limit=None)

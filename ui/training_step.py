@@ -37,7 +37,8 @@ class TrainingController:
 
     def start(self, owner: str, dataset, caption: str, trigger: str, prompts: str, preset: str, rank, steps,
               learning_rate, save_every, model: str, token: str | None = None,
-              loss_settings: dict | None = None, memory_tier: str = "auto") -> str:
+              loss_settings: dict | None = None, memory_tier: str = "auto",
+              gpus: int = 1) -> str:
         """Create the run folder and queue the job. Returns a message for the page."""
         if dataset is None:
             raise UserError("Upload an image first (step 1).")
@@ -52,7 +53,13 @@ class TrainingController:
             memory_tier=memory_tier or "auto",
             **(loss_settings or {}))  # the mask step's background weight / normalise / unmasked / augmentation
         config, _ = adjust_for_model(config)
+        gpus = _whole(1 if gpus is None else gpus, "GPUs")  # N > 1: data parallel, batch 1 each, lr x sqrt(N)
+        if gpus != 1 and not 1 <= gpus <= self.manager.max_gpus:
+            raise UserError(f"This server can give a job 1 to {self.manager.max_gpus} GPU(s), not {gpus}.")
         run = RunFolder.create(self.runs_root / owner_folder(owner), config, dataset.image, dataset.mask)
+        if gpus > 1:
+            run.gpus = gpus  # the job manager gives the job this many devices
+            run.save()
         try:
             self.manager.submit(owner, run, token=token)
         except UserError:
