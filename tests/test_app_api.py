@@ -287,3 +287,42 @@ def test_two_sessions_do_not_see_each_others_job(app, tmp_path):
     stream.result(timeout=120)
     assert stream.outputs()[-1][0].startswith("**Stopped at step ")
     assert [j.owner for j in app.manager.jobs_for(alice.session_hash)] == [alice.session_hash]
+
+
+
+
+def test_train_api_takes_left_out_settings_from_the_named_preset(app, tmp_path):
+    # gradio_client fills a left-out input with its component's initial value; the page's controls start at the
+    # first preset's values, so /train used to train a style preset with the character preset's background
+    # augmentation (and, left out by keyword, its rank and learning rate).
+    from trainer.config import load_preset
+
+    style, first = load_preset("style-rank16-2000").config(), load_preset("character-rank4-400").config()
+    loss = ("background_weight", "normalize_mask", "unmasked_probability", "augment_probability")
+    assert style.augment_probability != first.augment_probability, "the presets must differ for this test"
+    assert (style.rank, style.learning_rate) != (first.rank, first.learning_rate)
+    given = dict(background_weight=0.1, normalize_mask=False, unmasked_probability=0.2, augment_probability=0.5)
+    calls = {  # two sessions, one job each (the second is queued behind the first)
+        "positional": lambda c: c.predict(None, CAPTION, TRIGGER, "", "style-rank16-2000", 4, 2, 4e-4, 1,
+                                          "tiny-demo", api_name="/train"),
+        "keywords": lambda c: c.predict(None, caption=CAPTION, trigger=TRIGGER, prompts="", preset="style-rank16-2000",
+                                        steps=2, save_every=1, model="tiny-demo", api_name="/train", **given),
+    }
+    clients = []
+    for name, call in calls.items():
+        client = new_client(app, tmp_path, name)
+        prepare(client, write_subject_png(tmp_path))
+        try:
+            assert call(client) == "Starting…"
+            config = app.manager.jobs_for(client.session_hash)[-1].run.config
+        finally:
+            clients.append(client)
+        if name == "positional":  # loss settings left out: the named preset's
+            assert {f: getattr(config, f) for f in loss} == {f: getattr(style, f) for f in loss}
+            assert (config.rank, config.steps, config.learning_rate, config.save_every) == (4, 2, 4e-4, 1)
+        else:  # rank and learning rate left out: the named preset's; given loss settings win over the preset's
+            assert (config.rank, config.learning_rate, config.steps) == (style.rank, style.learning_rate, 2)
+            assert {f: getattr(config, f) for f in loss} == given
+    for client in clients:
+        client.predict(None, api_name="/stop")
+        follow_to_end(client)

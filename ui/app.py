@@ -149,6 +149,12 @@ def build_app(manager: JobManager, runs_root: Path, state_secret: str | None = N
                     stop_btn = gr.Button("Stop", variant="stop", interactive=False, elem_id="stop")
                     resume_btn = gr.Button("Resume interrupted run", visible=False, elem_id="resume")
                 progress = gr.Markdown("", elem_id="progress")
+                # The /train API's own inputs for the settings a preset fills in (no value: a call that leaves one
+                # out gets the named preset's, not the first preset's that the page's controls start with).
+                api_train = gr.Button(visible=False)
+                api_rank, api_steps, api_lr, api_every, api_background_weight, api_unmasked, api_augment = (
+                    gr.Number(value=None, visible=False) for _ in range(7))
+                api_normalize = gr.Dropdown(choices=[True, False], value=None, visible=False)
                 loss_plot = gr.LinePlot(x="step", y="loss", title="Loss", height=220)
                 # 3 columns: the caption + the 2 default prompts, so each row is one checkpoint.
                 gallery = gr.Gallery(label="Previews (same seed at every checkpoint; step 0 is the base model)",
@@ -193,7 +199,7 @@ def build_app(manager: JobManager, runs_root: Path, state_secret: str | None = N
         stream_outputs = [progress, loss_plot, gallery, checkpoints, train_btn, stop_btn]
 
         def start(stored, dataset, caption_, trigger_, prompts_, preset_, rank_, steps_, lr_, every_, model_,
-                  background_weight_, normalize_, unmasked_, augment_, memory_tier_="auto",
+                  background_weight_, normalize_, unmasked_, augment_, memory_tier_,
                   request: gr.Request, profile: gr.OAuthProfile | None = None,
                   oauth_token: gr.OAuthToken | None = None,
                   gpus_=1):  # the input after memory_tier (gradio slots request/profile/token in by their type)
@@ -236,8 +242,26 @@ def build_app(manager: JobManager, runs_root: Path, state_secret: str | None = N
             start, [owner_state, dataset_state, caption, trigger, prompts, preset, rank, steps, learning_rate,
                     save_every, model, background_weight, normalize_mask, unmasked_probability, augment_probability,
                     memory_tier, gpus],
-            [progress, train_btn, stop_btn], api_name="train", concurrency_limit=None,
+            [progress, train_btn, stop_btn], api_name=False, concurrency_limit=None,
         ).success(follow, owner_state, stream_outputs, api_name="follow", concurrency_limit=None)
+
+        def start_api(stored, dataset, caption, trigger, prompts, preset, rank=None, steps=None, learning_rate=None,
+                      save_every=None, model=None, background_weight=None, normalize_mask=None,
+                      unmasked_probability=None, augment_probability=None, memory_tier="auto",
+                      request: gr.Request = None, profile: gr.OAuthProfile | None = None,
+                      oauth_token: gr.OAuthToken | None = None):
+            # The page's inputs in the page's order; a preset setting left out (None) is the named preset's.
+            return start(stored, dataset, caption, trigger, prompts, preset, rank, steps, learning_rate, save_every,
+                         model, background_weight, normalize_mask, unmasked_probability, augment_probability,
+                         memory_tier, request, profile, oauth_token)
+
+        # /train for API clients: gradio_client fills a left-out input with its component's initial value, which
+        # for the page's controls is the first preset's; these inputs have none.
+        api_train.click(
+            start_api, [owner_state, dataset_state, caption, trigger, prompts, preset, api_rank, api_steps, api_lr,
+                        api_every, model, api_background_weight, api_normalize, api_unmasked, api_augment,
+                        memory_tier],
+            [progress, train_btn, stop_btn], api_name="train", concurrency_limit=None)
         stop_btn.click(stop, owner_state, progress, api_name="stop", concurrency_limit=None)
         resume_btn.click(resume, owner_state, [progress, train_btn, stop_btn, resume_btn], api_name="resume",
                          concurrency_limit=None,

@@ -215,6 +215,9 @@ def mask_defaults(preset: str):
 
 
 def loss_settings(background_weight, normalize_mask, unmasked_probability, augment_probability) -> dict:
-    """The mask controls as TrainingConfig fields (the page → config direction only)."""
-    return {"background_weight": float(background_weight), "normalize_mask": bool(normalize_mask),
-            "unmasked_probability": float(unmasked_probability), "augment_probability": float(augment_probability)}
+    """The mask controls as TrainingConfig fields (the page → config direction only). A None (an API call that
+    left the setting out) is not set, so the preset's value stands."""
+    given = {"background_weight": (background_weight, float), "normalize_mask": (normalize_mask, bool),
+             "unmasked_probability": (unmasked_probability, float),
+             "augment_probability": (augment_probability, float)}
+    return {name: kind(value) for name, (value, kind) in given.items() if value is not None}

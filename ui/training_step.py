@@ -39,17 +39,22 @@ class TrainingController:
               learning_rate, save_every, model: str, token: str | None = None,
               loss_settings: dict | None = None, memory_tier: str = "auto",
               gpus: int = 1) -> str:
-        """Create the run folder and queue the job. Returns a message for the page."""
+        """Create the run folder and queue the job. Returns a message for the page. ``rank``, ``steps``,
+        ``learning_rate`` and ``save_every`` override the preset's; None keeps the preset's value."""
         if dataset is None:
             raise UserError("Upload an image first (step 1).")
         if not (caption or "").strip():
             raise UserError("Write a caption first (step 3): describe everything in the image.")
         if self.manager.active_for(owner) is not None:
             raise UserError("A training job of yours is already running. Stop it first, or wait for it to finish.")
+        overrides = {name: _whole(value, label) for name, value, label in (
+            ("rank", rank, "Rank"), ("steps", steps, "Steps"), ("save_every", save_every, "Save every"))
+            if value is not None}
+        if learning_rate is not None:
+            overrides["learning_rate"] = float(learning_rate)
         config = load_preset(preset).config(
             caption=caption.strip(), trigger=(trigger or "").strip(), sample_prompts=prompt_lines(prompts),
-            rank=_whole(rank, "Rank"), steps=_whole(steps, "Steps"), save_every=_whole(save_every, "Save every"),
-            learning_rate=float(learning_rate), model=model_spec(model), masked=dataset.mask is not None,
+            model=model_spec(model), masked=dataset.mask is not None, **overrides,
             memory_tier=memory_tier or "auto",
             **(loss_settings or {}))  # the mask step's background weight / normalise / unmasked / augmentation
         config, _ = adjust_for_model(config)
