@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import math
+import shutil
 
 import pytest
 import safetensors.torch
@@ -193,24 +194,37 @@ def saved_bytes(fn, own: set[int]) -> tuple[int, int, torch.Tensor]:
     return total, sum(b for p, b in seen.items() if p not in own), out
 
 
+@pytest.mark.parametrize("backend", ["eager", "aot_eager", "inductor"])
 @pytest.mark.parametrize("storage", QUANTIZED)
-def test_autograd_never_saves_the_dequantized_weight(storage):
+def test_autograd_never_saves_the_dequantized_weight(storage, backend):
+    if backend == "inductor" and not (shutil.which("c++") or shutil.which("g++")):
+        pytest.skip("inductor on the CPU needs a C++ compiler")
     layer = linear_with(realistic_weight(2048, 1024))
     full = layer.weight.nbytes  # 8 MiB in float32
     q = QuantizedLinear.from_linear(layer, storage)
     own = {t.untyped_storage().data_ptr() for t in (q.weight, q.scale, q.table) if t is not None}
+    run = q if backend == "eager" else torch.compile(q, backend=backend, fullgraph=True)
     x = torch.randn(4, 1024, requires_grad=True)
+    run(x)  # compile first
 
-    total, extra, y = saved_bytes(lambda: q(x), own)
+    total, extra, y = saved_bytes(lambda: run(x), own)
     # control: the plain way (dequantize, then F.linear) keeps the whole full-precision weight for backward
     naive_total, _, _ = saved_bytes(lambda: F.linear(x, dequantize(q), q.bias), set())
-    print(f"\n{storage}: autograd saves {total} bytes (of which not the layer's own buffers: {extra}); "
+    print(f"\n{storage} {backend}: autograd saves {total} bytes (of which not the layer's own buffers: {extra}); "
           f"F.linear on the dequantized weight saves {naive_total}; full-precision weight {full}")
     assert naive_total >= full  # the hooks do see a saved weight
-    assert extra == 0  # neither the dequantized weight nor x
+    assert extra == 0  # neither the dequantized weight nor x (compiled: before the fix, all 8 MiB of it)
     assert total <= weight_bytes(q) + 4096 and total < full / 3
     y.sum().backward()  # and backward still works from what was saved
     assert x.grad is not None
+    torch.testing.assert_close(x.grad, dequantize(q).sum(0).expand(4, -1))
+
+
+def test_the_backward_op_passes_opcheck():
+    q = QuantizedLinear.from_linear(linear_with(realistic_weight(64, 128)), "nf4")
+    grad = torch.randn(3, 64)
+    torch.library.opcheck(torch.ops.one_image_lora.quantized_linear_grad_input.default,
+                          (grad, q.weight, q.scale, q.table, "nf4", 64, 128))
 
 
 # --- 4.-6. on the tiny Flux transformer, with peft's LoRA ---------------------------------------------------
@@ -447,19 +461,22 @@ def compare(figures: dict, ref: dict) -> dict:
         final=rel(figures["final"], ref["final"]))
 
 
-# Thresholds: the figures measured on this CPU (printed by pytest -s; quoted in the comments) with margin.
-# "flux-magnitude" has the magnitude of real weights; "tiny-demo" is the model exactly as the app builds it;
-# "flux-gain" is the harsh case that bounds how far agreement can degrade: a random net in which every layer
-# amplifies (even rounding its weights to bf16 moves its loss by 1e-3, 50x more than in "flux-magnitude").
+# Thresholds: the figures measured on this CPU (printed by pytest -s, quoted below as loss | grad, per-parameter
+# 5th percentile / median | update) with a margin of 2x on 1 - cosine and ~3x on the loss difference; a
+# quantizer bug (swapped nibbles, one scale for all blocks) fails them. "flux-magnitude" has the magnitude of
+# real weights but at width 64 its blocks add little to the residual stream, so errors barely propagate;
+# "tiny-demo" is the model as the app builds it; "flux-gain" is the harsh case that bounds how far agreement can
+# degrade: a random net in which every layer amplifies (even rounding its weights to bf16 moves its loss by 1e-3).
 THRESHOLDS = {
-    # measured: fp8 1.5e-05 | 0.99976, 0.9986 / 0.99965 | 0.9961   nf4 2.6e-05 | 0.99752, 0.9801 / 0.99540 | 0.9766
-    "flux-magnitude": {"fp8": dict(loss=1e-3, grad=0.999, param_p05=0.99, param_median=0.999, update=0.99),
-                       "nf4": dict(loss=1e-3, grad=0.99, param_p05=0.95, param_median=0.99, update=0.95)},
-    "tiny-demo": {"fp8": dict(loss=5e-3, grad=0.998, param_p05=0.98, param_median=0.998, update=0.98),
-                  "nf4": dict(loss=5e-3, grad=0.98, param_p05=0.9, param_median=0.97, update=0.9)},
-    # measured: fp8 1.9e-02 | 0.99423, 0.9828 / 0.99540 | 0.9621   nf4 3.5e-02 | 0.89124, 0.7833 / 0.94290 | 0.7924
-    "flux-gain": {"fp8": dict(loss=0.04, grad=0.98, param_p05=0.95, param_median=0.98, update=0.9),
-                  "nf4": dict(loss=0.07, grad=0.85, param_p05=0.7, param_median=0.9, update=0.7)},
+    # fp8 1.5e-05 | 0.99976, 0.9986 / 0.99965 | 0.9961    nf4 2.6e-05 | 0.99752, 0.9801 / 0.99540 | 0.9766
+    "flux-magnitude": {"fp8": dict(loss=5e-5, grad=0.9995, param_p05=0.997, param_median=0.9993, update=0.992),
+                       "nf4": dict(loss=1e-4, grad=0.995, param_p05=0.96, param_median=0.99, update=0.95)},
+    # fp8 4.0e-04 | 0.99940, 0.9977 / 0.99913 | 0.9937    nf4 5.5e-04 | 0.99117, 0.9702 / 0.98842 | 0.9619
+    "tiny-demo": {"fp8": dict(loss=1.2e-3, grad=0.9988, param_p05=0.995, param_median=0.998, update=0.987),
+                  "nf4": dict(loss=1.6e-3, grad=0.982, param_p05=0.94, param_median=0.977, update=0.92)},
+    # fp8 1.9e-02 | 0.99423, 0.9828 / 0.99540 | 0.9621    nf4 3.5e-02 | 0.89124, 0.7833 / 0.94290 | 0.7924
+    "flux-gain": {"fp8": dict(loss=0.05, grad=0.988, param_p05=0.965, param_median=0.99, update=0.92),
+                  "nf4": dict(loss=0.07, grad=0.78, param_p05=0.55, param_median=0.88, update=0.58)},
 }
 
 

@@ -24,7 +24,11 @@ that dequantizes the weight to the activations' dtype for ``F.linear`` and dequa
 to compute ``grad_input``. It saves only the packed codes and scales (which are alive anyway), never the
 dequantized weight nor the input (the base weight gets no gradient): with a plain ``F.linear(x, dequantize(w))``
 autograd would keep every layer's full-precision weight alive from forward to backward and the saving would
-vanish exactly when it is needed.
+vanish exactly when it is needed. Under torch.compile the same trap reappears one level down: AOTAutograd
+merges the forward's and the backward's (identical) dequantization and its partitioner then saves the
+dequantized weight. So the backward's dequantize-and-matmul is an opaque custom op (``_grad_input``) the
+compiler cannot look into; the forward's dequantization stays traceable and inductor fuses it into one kernel
+before the matmul. (The backward's runs as plain torch ops: 3-4 passes over the weight instead of one.)
 
 Which layers: ``quantize_linears`` quantizes the Linear layers inside the transformer blocks
 (``transformer_blocks.N.`` / ``single_transformer_blocks.N.``: on FLUX.1-dev every one of them has at least
@@ -132,11 +136,27 @@ def _dequantize(storage: str, data: torch.Tensor, scale: torch.Tensor, table: to
     return _dequantize_nf4(data, scale, table, out_f, in_f, dtype)
 
 
+@torch.library.custom_op("one_image_lora::quantized_linear_grad_input", mutates_args=())
+def _grad_input(grad_out: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, table: torch.Tensor | None,
+                storage: str, out_f: int, in_f: int) -> torch.Tensor:
+    """``grad_out @ dequantize(W)``, re-dequantizing W. An opaque op, so that under torch.compile the backward
+    visibly depends only on the packed W: the compiler's partitioner then has no reason to keep the forward's
+    dequantized weight (with the dequantization traced in both passes it merges the two and saves the full
+    weight -- measured: every byte of it, with inductor and with aot_eager)."""
+    return grad_out.matmul(_dequantize(storage, data, scale, table, out_f, in_f, grad_out.dtype))
+
+
+@_grad_input.register_fake
+def _(grad_out, data, scale, table, storage, out_f, in_f):
+    return grad_out.new_empty(*grad_out.shape[:-1], in_f)
+
+
 class _QuantizedMatmul(torch.autograd.Function):
     """``F.linear(x, dequantize(W), bias)`` that keeps only the packed W for backward (see the module docstring).
 
-    ``x`` and ``bias`` arrive already in the compute dtype. Gradients: ``x`` (re-dequantizing W) and ``bias`` if
-    it requires one (it is frozen in this project); never ``W`` or its scales.
+    ``x`` and ``bias`` arrive already in the compute dtype. Gradients: ``x`` (re-dequantizing W, in the opaque
+    ``_grad_input`` op) and ``bias`` if it requires one (it is frozen in this project); never ``W`` or its
+    scales. The forward's dequantization stays traceable, so inductor fuses it into one kernel.
     """
 
     @staticmethod
@@ -151,8 +171,7 @@ class _QuantizedMatmul(torch.autograd.Function):
         data, scale, table = ctx.saved_tensors
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
-            weight = _dequantize(ctx.storage, data, scale, table, ctx.out_f, ctx.in_f, grad_out.dtype)
-            grad_x = grad_out.matmul(weight)
+            grad_x = _grad_input(grad_out, data, scale, table, ctx.storage, ctx.out_f, ctx.in_f)
         if ctx.needs_input_grad[4]:
             grad_bias = grad_out.reshape(-1, ctx.out_f).sum(0)
         return grad_x, None, None, None, grad_bias, None, None, None
