@@ -142,6 +142,7 @@ def run_tier(tier_name: str, steps: int, save_every: int, rank: int, resolution:
     run = RunFolder.create(Path(tempfile.mkdtemp()), cfg, image, mask)
 
     phase, phase_start = "encode", time.perf_counter()
+    job_start = phase_start
     phases: dict[str, dict] = {}
     step_times, preview_rounds, saves = [], [], []
     last = time.perf_counter()
@@ -154,7 +155,7 @@ def run_tier(tier_name: str, steps: int, save_every: int, rank: int, resolution:
                 phase, phase_start = "place", now
             elif isinstance(event, Started):
                 phases["place"] = dict(s=round(now - phase_start, 1), peak_gib=peak())
-                phase = "train"
+                phase, loop_start = "train", now
             elif isinstance(event, Progress):
                 step_times.append(now - last)
             elif isinstance(event, CheckpointSaved):
@@ -165,6 +166,8 @@ def run_tier(tier_name: str, steps: int, save_every: int, rank: int, resolution:
                 row["error"] = event.message
                 break
             elif isinstance(event, Finished):
+                # after the weights are loaded (built, here): encode + place + the training loop with its previews
+                row.update(job_s=round(now - job_start, 1), loop_s=round(now - loop_start, 1))
                 break
             last = now
     except torch.OutOfMemoryError as err:

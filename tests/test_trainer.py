@@ -181,3 +181,22 @@ def test_freeing_the_encoders_keeps_the_preview_pipeline_on_the_training_device(
     first_param = next(parts.vae.parameters())
     assert first_param.device == parts.device
     assert renderer._pipe.device == parts.device
+
+
+def test_a_preview_round_rendered_as_one_batch_matches_one_image_renders(tmp_path):
+    """Each image of the batch starts from its own generator seeded with the preview seed: the same noise as a
+    one-image render of its prompt, so batching changes no preview (a shared generator would)."""
+    import numpy as np
+
+    cfg = tiny_config(sample_prompts=("[trigger] in the snow", "[trigger] on a beach"))
+    run, parts, example, renderer = _prepared(tmp_path, cfg)
+    w, h = run.train_size
+    prompts = list(cfg.preview_prompts)
+    batch = renderer.render_batch(prompts, 7, w, h, 2, 3.5)
+    singles = [renderer.render(p, 7, w, h, 2, 3.5) for p in prompts]
+    assert len(batch) == len(prompts) == 3
+    for one, many in zip(singles, batch):
+        diff = np.abs(np.asarray(one, dtype=np.int16) - np.asarray(many, dtype=np.int16))
+        assert diff.max() <= 2, diff.max()  # uint8 rounding of float32 batched arithmetic
+    assert np.asarray(batch[0]).tobytes() != np.asarray(batch[1]).tobytes(), "different prompts gave one image"
+    assert renderer.render_batch(prompts, 7, w, h, 2, 3.5, should_stop=lambda: True) is None

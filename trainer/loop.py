@@ -1,7 +1,7 @@
 """The training loop: ``train_lora(...)`` yields typed events; the caller decides what to show.
 
 One image, batch 1. Each step draws fresh noise and a fresh noise level from one seeded generator, so a
-run is reproducible on the CPU. Stop is checked before every step and between preview images.
+run is reproducible on the CPU. Stop is checked before every step and at every denoising step of a preview round.
 """
 from __future__ import annotations
 
@@ -179,12 +179,12 @@ def train_lora(parts, example: EncodedExample, cfg: TrainingConfig, run: RunFold
 def _render_previews(step: int, cfg: TrainingConfig, run: RunFolder, renderer: PreviewRenderer,
                      should_stop: Callable[[], bool]) -> PreviewsRendered | None:
     width, height = run.train_size
+    images = renderer.render_batch(list(cfg.preview_prompts), cfg.preview_seed, width, height, cfg.preview_steps,
+                                   cfg.preview_guidance, should_stop)
+    if images is None:
+        return None
     previews = []
-    for index, prompt in enumerate(cfg.preview_prompts):
-        image = renderer.render(prompt, cfg.preview_seed, width, height, cfg.preview_steps, cfg.preview_guidance,
-                                should_stop)
-        if image is None:
-            return None
+    for index, (prompt, image) in enumerate(zip(cfg.preview_prompts, images)):
         path = run.preview_path(step, index)
         path.parent.mkdir(parents=True, exist_ok=True)
         image.save(path)
