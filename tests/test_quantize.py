@@ -231,11 +231,12 @@ def test_the_backward_op_passes_opcheck():
 
 def tiny_transformer(weights: str | None = None, seed: int = 0):
     """The tiny-demo transformer (trainer.tiny's config). ``weights``: None keeps diffusers' init;
-    "flux-magnitude" redraws every Linear weight from N(0, 0.02), the magnitude of real Flux weights (the default
-    init is uniform +-1/sqrt(fan_in): std 0.03-0.14 here, 2-7x larger and not bell-shaped, while NF4's levels are
-    normal quantiles); "flux-gain" from N(0, 0.02 * sqrt(3072 / fan_in)), so each layer amplifies its input as
-    much as a 3072-wide layer of N(0, 0.02) weights does in FLUX.1 (at width 64, N(0, 0.02) shrinks each
-    block's contribution ~40x, which makes quantization errors look smaller than they would be)."""
+    "flux-magnitude" redraws every Linear weight from N(0, 0.02), about the magnitude of trained Flux weights
+    (assumed, not measured here; the default init is uniform +-1/sqrt(fan_in): std 0.03-0.14 here, 2-7x larger
+    and not bell-shaped, while NF4's levels are normal quantiles); "flux-gain" from N(0, 0.02*sqrt(3072/fan_in)),
+    so each layer amplifies its input as much as a 3072-wide layer of N(0, 0.02) weights would in FLUX.1 (at
+    width 64, N(0, 0.02) gives a per-layer gain fan_in * std**2 48x smaller, so the blocks add little to the
+    residual stream and quantization errors barely propagate)."""
     from diffusers import FluxTransformer2DModel
 
     from trainer.tiny import TINY_TRANSFORMER_CONFIG
@@ -298,7 +299,8 @@ def test_peft_lora_wraps_quantized_layers_trains_and_saves_the_same_keys(storage
     assert len(wrappers) == 34 and all(isinstance(m.base_layer, QuantizedLinear) for m in wrappers)
     assert all(m.base_layer.storage == storage for m in wrappers)
     assert params and all(p.dtype == torch.float32 and p.requires_grad for p in params)
-    for m in wrappers:  # peft moved A/B to compute_dtype (float32), not to the packed weight's dtype
+    for m in wrappers:  # what peft reads to place A/B: the layer's device and compute_dtype, not the packed dtype
+        assert m._get_base_layer_device_and_dtype(m.base_layer) == (torch.device("cpu"), torch.float32)
         assert m.lora_A["default"].weight.dtype == torch.float32 and m.lora_B["default"].weight.dtype == torch.float32
     trainable = {n for n, p in transformer.named_parameters() if p.requires_grad}
     assert trainable == set(lora_names(transformer))
@@ -329,6 +331,26 @@ def test_peft_lora_wraps_quantized_layers_trains_and_saves_the_same_keys(storage
     with safetensors.safe_open(tmp_path / "quantized.safetensors", "pt") as a, \
             safetensors.safe_open(tmp_path / "reference.safetensors", "pt") as b:
         assert a.metadata() == b.metadata()
+
+
+def test_gradient_checkpointing_gives_the_same_lora_gradients():
+    from trainer.lora import add_lora
+
+    grads = []
+    for checkpointing in (False, True):
+        transformer = tiny_transformer("flux-magnitude")
+        quantize_linears(transformer, "nf4", "cpu")
+        params = add_lora(transformer, rank=4, alpha=4.0, seed=0)
+        with torch.no_grad():
+            for p in params:
+                p.add_(0.01)
+        if checkpointing:
+            transformer.enable_gradient_checkpointing()
+        transformer.train()
+        flux_loss(transformer, 0).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in params]))
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)
 
 
 def test_quantizing_after_add_lora_leaves_the_lora_alone():
@@ -494,8 +516,9 @@ def test_quantized_base_trains_the_same_lora_as_full_precision(weights):
     for storage in QUANTIZED:
         c = compare(lora_figures(base, storage), ref)
         ratio = (1 - c["grad"]) / (1 - sampling)
-        print(f"  {storage}     | {c['loss']:.2e}      | {c['grad']:.5f}, {c['param_min']:.4f} / {c['param_p05']:.4f} / "
-              f"{c['param_median']:.5f} | {c['update']:.4f}, {c['final']:.2e} | vs sampling noise {ratio:.3f}")
+        print(f"  {storage}     | {c['loss']:.2e}      | {c['grad']:.5f}, {c['param_min']:.4f} / "
+              f"{c['param_p05']:.4f} / {c['param_median']:.5f} | {c['update']:.4f}, {c['final']:.2e} | "
+              f"vs sampling noise {ratio:.3f}")
         limits = THRESHOLDS[weights][storage]
         assert c["loss"] < limits["loss"]
         assert c["grad"] > limits["grad"] and c["param_p05"] > limits["param_p05"]

@@ -1,16 +1,18 @@
 """Frozen base weights of the Flux transformer stored in 8-bit float or 4-bit NF4 while the LoRA trains on top.
 
-Memory tiers: the bf16 transformer alone is 23.8 GB; with its block Linear layers stored as ``fp8`` it is about
-12 GB, as ``nf4`` about 6.7 GB, so training fits a 24 / 16 / 12 GB GPU. The LoRA itself is unchanged (peft's
-``lora.Linear`` wraps a :class:`QuantizedLinear` exactly as it wraps an ``nn.Linear``; its A/B weights stay
-float32 and trainable) and saved checkpoints have the same keys as on a bf16 model.
+Memory tiers: the bf16 transformer alone is 23.8 GB; with its block Linear layers stored as ``fp8`` it is
+12.0 GB, as ``nf4`` 6.4 GB (computed from FLUX.1-dev's layer shapes), for training on 24 / 16 / 12 GB GPUs.
+The LoRA itself is unchanged (peft's ``lora.Linear`` wraps a :class:`QuantizedLinear` exactly as it wraps an
+``nn.Linear``; its A/B weights stay float32 and trainable) and saved checkpoints have the same keys as on a
+bf16 model.
 
 Storages (``STORAGES``):
 
 * ``bf16`` -- no quantization: the model's own dtype.
 * ``fp8`` -- ``float8_e4m3fn`` codes with one float32 scale per output row (row absmax / 448, the largest e4m3
-  value), so every row uses the whole fp8 range. A plain cast would flush the many weights below 2**-9 (fp8's
-  smallest subnormal; Flux weights are ~0.02) to zero or to one or two bits. 1 byte per weight.
+  value), so every row uses the whole fp8 range. A plain cast would keep only a bit or two of weights near
+  2**-9 (fp8's smallest subnormal) and flush smaller ones to zero: a row of ~1e-4 is lost entirely (tested).
+  1 byte per weight.
 * ``nf4`` -- 4-bit NormalFloat codes (the 16 levels of QLoRA, Dettmers et al. 2023: quantiles of a normal
   distribution, as in bitsandbytes) in blocks of 64 consecutive weights, each block with its absmax as a bf16
   scale; two codes per byte. 4.25 bits per weight. (bf16 scales instead of float32: 0.37 GB less on FLUX.1-dev,
@@ -32,9 +34,9 @@ before the matmul. (The backward's runs as plain torch ops: 3-4 passes over the 
 
 Which layers: ``quantize_linears`` quantizes the Linear layers inside the transformer blocks
 (``transformer_blocks.N.`` / ``single_transformer_blocks.N.``: on FLUX.1-dev every one of them has at least
-9.4 M weights, 99.5 % of the model). The ten layers outside the blocks -- the x / context / timestep /
-guidance / pooled-text embedders, ``norm_out.linear`` and the final ``proj_out``, 64 M weights, 128 MB in
-bf16 -- stay in full precision: they are the network's input and output and the conditioning path every block
+9.4 M weights; together 11.83 of its 11.90 billion). The ten layers outside the blocks -- the x / context /
+timestep / guidance / pooled-text embedders, ``norm_out.linear`` and the final ``proj_out``, 64 M weights,
+128 MB in bf16 -- stay in full precision: they are the network's input and output and the conditioning path every block
 reads, where an error is not averaged over 57 blocks, and quantizing them would save under 0.1 GB. The rule is
 by position rather than by size so that the tiny test model (every layer small) is treated like the real one.
 LoRA's own ``lora_A`` / ``lora_B`` layers are never quantized.
