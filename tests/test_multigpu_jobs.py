@@ -321,7 +321,7 @@ def test_the_page_offers_gpus_only_with_several_devices_and_train_passes_them_on
         controller = TrainingController(pool, tmp_path / "runs")
         args = ("alice", Dataset(image, mask, "uploaded mask"), "a photo of [trigger]", "ohwx", "", "quick-test-250",
                 4, 4, 4e-4, 2, "tiny-demo")
-        with pytest.raises(UserError, match="1 to 2 GPU"):
+        with pytest.raises(UserError, match="at most 2 GPU"):
             controller.start(*args, gpus=3)
         assert not list((tmp_path / "runs").rglob("run.json"))  # refused before any folder was made
         controller.start(*args, gpus=2)
@@ -332,3 +332,19 @@ def test_the_page_offers_gpus_only_with_several_devices_and_train_passes_them_on
     finally:
         one.shutdown()
         pool.shutdown()
+
+
+def test_the_train_api_takes_a_gpu_count_and_a_one_gpu_server_refuses_two(tmp_path):
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    from tests.helpers_app import launched_app, write_subject_png
+    from tests.test_app_api import prepare
+
+    with launched_app(tmp_path) as app:  # JobManager(): one device
+        client = Client(app.url, verbose=False, download_files=str(tmp_path / "downloads"))
+        prepare(client, write_subject_png(tmp_path))
+        with pytest.raises(AppError, match="at most 1 GPU"):
+            client.predict(None, "a photo of [trigger]", "ohwx", "", "character-rank4-400", 4, 4, 4e-4, 2,
+                           "tiny-demo", gpus=2, api_name="/train")
+        assert not app.jobs

@@ -142,6 +142,7 @@ def build_app(manager: JobManager, runs_root: Path, state_secret: str | None = N
                                    label="GPUs for this job", elem_id="gpus",
                                    info="Data parallel: batch 1 on each GPU, learning rate scaled by √N")
                 gpus_info = gr.Markdown(settings_step.gpus_note(1, lr0), visible=several, elem_id="gpus-note")
+                api_gpus = gr.Number(value=1, precision=0, visible=False)  # /train: any number, checked by the controller
 
                 gr.Markdown("## 6. Train")
                 with gr.Row():
@@ -247,20 +248,20 @@ def build_app(manager: JobManager, runs_root: Path, state_secret: str | None = N
 
         def start_api(stored, dataset, caption, trigger, prompts, preset, rank=None, steps=None, learning_rate=None,
                       save_every=None, model=None, background_weight=None, normalize_mask=None,
-                      unmasked_probability=None, augment_probability=None, memory_tier="auto",
+                      unmasked_probability=None, augment_probability=None, memory_tier="auto", gpus=1,
                       request: gr.Request = None, profile: gr.OAuthProfile | None = None,
                       oauth_token: gr.OAuthToken | None = None):
             # The page's inputs in the page's order; a preset setting left out (None) is the named preset's.
             return start(stored, dataset, caption, trigger, prompts, preset, rank, steps, learning_rate, save_every,
                          model, background_weight, normalize_mask, unmasked_probability, augment_probability,
-                         memory_tier, request, profile, oauth_token)
+                         memory_tier, request, profile, oauth_token, gpus)
 
         # /train for API clients: gradio_client fills a left-out input with its component's initial value, which
         # for the page's controls is the first preset's; these inputs have none.
         api_train.click(
             start_api, [owner_state, dataset_state, caption, trigger, prompts, preset, api_rank, api_steps, api_lr,
                         api_every, model, api_background_weight, api_normalize, api_unmasked, api_augment,
-                        memory_tier],
+                        memory_tier, api_gpus],
             [progress, train_btn, stop_btn], api_name="train", concurrency_limit=None)
         stop_btn.click(stop, owner_state, progress, api_name="stop", concurrency_limit=None)
         resume_btn.click(resume, owner_state, [progress, train_btn, stop_btn, resume_btn], api_name="resume",

@@ -60,7 +60,7 @@ class TrainingController:
         config, _ = adjust_for_model(config)
         gpus = _whole(1 if gpus is None else gpus, "GPUs")  # N > 1: data parallel, batch 1 each, lr x sqrt(N)
         if gpus != 1 and not 1 <= gpus <= self.manager.max_gpus:
-            raise UserError(f"This server can give a job 1 to {self.manager.max_gpus} GPU(s), not {gpus}.")
+            raise UserError(f"This server can give a job at most {self.manager.max_gpus} GPU(s); {gpus} were asked for.")
         run = RunFolder.create(self.runs_root / owner_folder(owner), config, dataset.image, dataset.mask)
         if gpus > 1:
             run.gpus = gpus  # the job manager gives the job this many devices
