@@ -35,6 +35,7 @@ import tempfile
 import threading
 import time
 from collections import deque
+from dataclasses import fields
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Sequence
 
@@ -132,11 +133,15 @@ def run_on_gpus(run: RunFolder, should_stop: Callable[[], bool] = lambda: False,
         elif proc.returncode != 0:
             log.info("training processes exited with status %s after %s", proc.returncode, type(terminal).__name__)
         _reload(run)
+        tail.close()
         shutil.rmtree(control, ignore_errors=True)  # before the job ends: nothing of it is left behind
         yield terminal
     finally:
         if proc is not None and proc.poll() is None:  # the reader went away (app shutdown): stop them, then end them
-            stop_path.touch()
+            try:
+                stop_path.touch()
+            except OSError:
+                pass
             try:
                 proc.wait(STOP_GRACE_SECONDS)
             except subprocess.TimeoutExpired:
@@ -170,9 +175,12 @@ class _JsonlTail:
                 log.warning("skipped an unreadable event line: %r", line[:200])
         return events
 
-    def __del__(self) -> None:
+    def close(self) -> None:
         if self._file is not None:
             self._file.close()
+            self._file = None
+
+    __del__ = close
 
 
 def _collect(stream, lines: deque) -> None:
@@ -229,8 +237,9 @@ def _reload(run: RunFolder) -> None:
     except Exception:
         log.warning("could not re-read %s after training", run.path, exc_info=True)
         return
-    for name in ("model", "model_path", "status", "train_size", "checkpoints", "base_previews", "message", "gpus"):
-        setattr(run, name, getattr(fresh, name))
+    for f in fields(RunFolder):
+        if f.name not in ("path", "writable"):
+            setattr(run, f.name, getattr(fresh, f.name))
 
 
 def _end(proc: subprocess.Popen) -> None:
