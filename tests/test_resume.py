@@ -363,3 +363,34 @@ def test_resume_through_the_app_api(finished_run, tmp_path):
         files = final[3]["value"] if isinstance(final[3], dict) and "__type__" in final[3] else final[3]
         assert len(files) == 4  # the checkpoints from before the interruption are shown again, plus the new one
     assert_same_lora(finished_run / crashed.checkpoint_path(4).name, crashed.checkpoint_path(4))
+
+
+def test_the_background_state_writer_snapshots_at_save_time_and_reports_write_errors(tmp_path):
+    """Training goes on while a state is written: what lands on disk is the state as of ``save``, and a write
+    that fails is raised to the training thread."""
+    from trainer.lora import add_lora
+    from trainer.models import load_parts, resolve_model
+
+    parts = load_parts(resolve_model("tiny-demo"))
+    params = add_lora(parts.transformer, 4, 4.0, seed=0)
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    generator, mask_generator = torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)
+    cfg = tiny_config()
+    run = new_run(tmp_path / "run")
+    before = params[0].detach().clone()
+    writer = training_state.StateWriter()
+    writer.save(run.path, 1, parts.transformer, optimizer, generator, mask_generator, cfg)
+    with torch.no_grad():
+        params[0].add_(1.0)  # the next training step changes the weights while the write may still be running
+    writer.wait()
+    state_file, json_file = training_state.state_files(run.path, 1)
+    saved = safetensors.torch.load_file(state_file)
+    name = training_state.lora_named_parameters(parts.transformer)[0][0]
+    assert torch.equal(saved[f"lora.{name}"], before.float()) and json_file.is_file()
+
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the run folder should be")
+    writer.save(blocked, 2, parts.transformer, optimizer, generator, mask_generator, cfg)
+    with pytest.raises(OSError):
+        writer.wait()
+    writer.wait()  # the error is raised once

@@ -67,7 +67,22 @@ def train_lora(parts, example: EncodedExample, cfg: TrainingConfig, run: RunFold
 
     With ``dist`` (several GPUs, data parallel) every process runs this loop in lockstep; only the main process
     saves checkpoints and renders previews, and stop / non-finite decisions are agreed by all processes.
+    Training states are written in the background (``StateWriter``); the last one is on disk before the run's
+    end (Finished / Failed) is announced.
     """
+    writer = training_state.StateWriter()
+    try:
+        for event in _train_lora(parts, example, cfg, run, renderer, should_stop, resume, dist, writer):
+            if isinstance(event, (Finished, Failed)):
+                writer.wait()  # a write error (disk full) surfaces here, as the job's failure
+            yield event
+    finally:
+        writer.close()
+
+
+def _train_lora(parts, example: EncodedExample, cfg: TrainingConfig, run: RunFolder, renderer: PreviewRenderer,
+                should_stop: Callable[[], bool], resume, dist: DistributedContext | None,
+                writer: "training_state.StateWriter") -> Iterator[Event]:
     dist = dist or DistributedContext()
     transformer = parts.transformer
     params = add_lora(transformer, cfg.rank, cfg.alpha, cfg.seed)
@@ -162,7 +177,7 @@ def train_lora(parts, example: EncodedExample, cfg: TrainingConfig, run: RunFold
             diskspace.check_before_save(run.path, save_size, step)  # DiskFullError: stop before writing anything
             path = run.checkpoint_path(step)
             size = save_lora(transformer, path, dtype=save_dtype, extra_metadata=_checkpoint_metadata(cfg, run, step))
-            training_state.save_state(run.path, step, transformer, optimizer, generator, mask_generator, cfg)
+            writer.save(run.path, step, transformer, optimizer, generator, mask_generator, cfg)
             run.record_checkpoint(step, path)
             yield CheckpointSaved(step=step, path=path, size_bytes=size)
             yield Status(f"Rendering previews for step {step}")

@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import re
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,6 +98,12 @@ def lora_named_parameters(transformer) -> list[tuple[str, torch.nn.Parameter]]:
 def save_state(run_dir: Path, step: int, transformer, optimizer: torch.optim.Optimizer, generator: torch.Generator,
                mask_generator: torch.Generator, config) -> int:
     """Write the training state for ``step`` (tensors, then the JSON commit mark). Returns bytes written."""
+    return write_state(run_dir, step, *snapshot_state(transformer, optimizer, generator, mask_generator, config))
+
+
+def snapshot_state(transformer, optimizer: torch.optim.Optimizer, generator: torch.Generator,
+                   mask_generator: torch.Generator, config) -> tuple[dict[str, torch.Tensor], dict]:
+    """Copies (on the CPU) of everything a resume needs, as of now: training may go on while they are written."""
     named = lora_named_parameters(transformer)
     tensors: dict[str, torch.Tensor] = {}
     for name, param in named:
@@ -118,28 +125,78 @@ def save_state(run_dir: Path, step: int, transformer, optimizer: torch.optim.Opt
             tensors[f"rng.cuda.{i}"] = s
     tensors["rng.noise"] = generator.get_state()
     tensors["rng.mask"] = mask_generator.get_state()
+    meta = {
+        "config_fingerprint": config_fingerprint(config),
+        "params": [[name, list(param.shape)] for name, param in named],
+        "optimizer": {"class": type(optimizer).__name__, "param_groups": groups, "plain_state": plain_state},
+        "noise_device": str(generator.device.type),
+    }
+    return tensors, meta
 
+
+def write_state(run_dir: Path, step: int, tensors: dict[str, torch.Tensor], meta: dict) -> int:
+    """Serialise, hash and write a snapshot: the tensors file first, then the JSON that marks it complete."""
     import safetensors.torch
 
     data = safetensors.torch.save(tensors, metadata={"writer": WRITER, "format": str(STATE_FORMAT), "step": str(step)})
     tensor_path, json_path = state_files(run_dir, step)
     atomic_write_bytes(tensor_path, data)
-    meta = {
+    atomic_write_json(json_path, {
         "writer": WRITER,
         "format": STATE_FORMAT,
         "step": step,
         "tensors": tensor_path.name,
         "tensors_bytes": len(data),
         "tensors_sha256": hashlib.sha256(data).hexdigest(),
-        "config_fingerprint": config_fingerprint(config),
-        "params": [[name, list(param.shape)] for name, param in named],
-        "optimizer": {"class": type(optimizer).__name__, "param_groups": groups, "plain_state": plain_state},
-        "noise_device": str(generator.device.type),
+        **meta,
         "torch": torch.__version__,
         "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }
-    atomic_write_json(json_path, meta)
+    })
     return len(data)
+
+
+class StateWriter:
+    """Training states written on a background thread, one at a time and in order.
+
+    ``save`` takes the snapshot at once (CPU copies: training may change the weights right after) and leaves
+    serialising, hashing and the fsync'd writes — ~3-4 s per checkpoint for a rank-16 FLUX.1 LoRA on the benchmark
+    machine, 10 checkpoints in a 500-step run — to overlap the next training steps. A state is complete or absent
+    at any instant (tensors first, JSON commit mark last), as with ``save_state``. A write's error is raised by the
+    next ``save`` or by ``wait``, which the loop calls before it ends.
+    """
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def save(self, run_dir: Path, step: int, transformer, optimizer, generator, mask_generator, config) -> None:
+        self.wait()
+        tensors, meta = snapshot_state(transformer, optimizer, generator, mask_generator, config)
+        self._thread = threading.Thread(target=self._write, args=(Path(run_dir), step, tensors, meta),
+                                        name=f"state-writer-{step}", daemon=True)
+        self._thread.start()
+
+    def _write(self, run_dir: Path, step: int, tensors, meta) -> None:
+        try:
+            write_state(run_dir, step, tensors, meta)
+        except BaseException as err:  # handed to the training thread by wait()
+            self._error = err
+
+    def close(self) -> None:
+        """Wait for the last write without raising (the run is ending for another reason): its error is logged."""
+        try:
+            self.wait()
+        except Exception:
+            log.warning("writing the last training state failed", exc_info=True)
+
+    def wait(self) -> None:
+        """Block until the last state is on disk; raise its write error, if any."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
 
 
 def _not_json(value):
