@@ -592,7 +592,7 @@ def stage_timing(samples, model: str, repeats: int = 3) -> str:
             t0 = time.perf_counter()
             prob = masking.network_mask(s.rgb, model)
             t1 = time.perf_counter()
-            masking.refine_mask(s.rgb, prob)
+            masking.refine_mask(s.rgb, masking.widen_if_empty(prob)[0])
             t2 = time.perf_counter()
             tn.append(t1 - t0)
             tr.append(t2 - t1)

@@ -157,6 +157,131 @@ def test_sessions_are_cached_and_thread_safe(u2netp):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Test-time augmentation, confidence and the fallback
+
+
+def test_free_image_size_model_matches_rembg_and_takes_other_sizes(u2netp):
+    import onnxruntime as ort
+
+    original = masking.model_file("u2netp").read_bytes()
+    free = masking.free_image_size(original)
+    assert len(free) == len(original) and free != original
+    sess = ort.InferenceSession(free, providers=["CPUExecutionProvider"])
+    fixed = ort.InferenceSession(original, providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).standard_normal((1, 3, 320, 320)).astype(np.float32)
+    name = sess.get_inputs()[0].name
+    assert np.array_equal(sess.run(None, {name: x})[0], fixed.run(None, {name: x})[0])  # same weights
+    assert sess.run(None, {name: np.zeros((1, 3, 512, 384), np.float32)})[0].shape == (1, 1, 512, 384)
+    with pytest.raises(Exception):
+        fixed.run(None, {name: np.zeros((1, 3, 512, 384), np.float32)})
+    with pytest.raises(ValueError):
+        masking.free_image_size(free)  # nothing fixed left to free
+
+
+def test_tta_members_shape_range_and_weights(u2netp):
+    rgb, gt = _scene(_figure_alpha(600, 450), seed=2)
+    maps = masking.network_maps(rgb)
+    sides = [side for side, _ in masking._TTA["u2netp"]]
+    assert len(maps) == 2 * len(sides) == 4  # each size, and its mirror image
+    assert abs(sum(w for _, w in maps) - 1.0) < 1e-6
+    for m, _ in maps:
+        assert m.shape == (512, 384) and m.dtype == np.float32  # the working resolution, aspect kept
+        assert 0.0 <= m.min() and m.max() <= 1.0
+    fused = masking.network_mask(rgb)
+    assert fused.shape == (512, 384) and 0.0 <= fused.min() and fused.max() <= 1.0
+    single = masking.network_mask(rgb, tta=False)
+    assert not np.allclose(fused, single, atol=0.02), "TTA must not be the single prediction"
+    small_gt = cv2.resize(gt.astype(np.uint8), (384, 512), interpolation=cv2.INTER_NEAREST).astype(bool)
+    assert iou((fused * 255).astype(np.uint8), small_gt) > 0.8
+    # the members differ (mirror image and size), and the mirror member is mirrored back
+    assert iou((maps[1][0] * 255).astype(np.uint8), small_gt) > 0.8
+
+
+def test_widen_if_empty():
+    sure = np.zeros((100, 100), np.float32)
+    sure[30:70, 30:70] = 0.95
+    out, widened = masking.widen_if_empty(sure)
+    assert not widened and np.array_equal(out, sure)  # a clear answer is left alone
+    weak = sure * (0.45 / 0.95)  # the network saw the subject, but under 0.5 everywhere
+    out, widened = masking.widen_if_empty(weak)
+    assert widened and (out[30:70, 30:70] > 0.5).all() and (out[:20] < 0.5).all()
+    faint = np.zeros((200, 200), np.float32)
+    faint[100:110, 100:108] = 1.0  # peak 1, but a speck: a thin subject seen at 0.3 around it
+    faint[90:120, 95:115] = np.maximum(faint[90:120, 95:115], 0.3)
+    out, widened = masking.widen_if_empty(faint)
+    assert widened and (out[90:120, 95:115] > 0.5).all()
+    empty, widened = masking.widen_if_empty(np.zeros((50, 50), np.float32))
+    assert not widened and not empty.any()
+
+
+def _busy_scene(seed=0, size=(448, 576)):
+    """A flat-coloured disc on a busy, high-frequency background."""
+    rng = np.random.default_rng(seed)
+    h, w = size
+    noise = cv2.resize(rng.random((h // 8, w // 8, 3)).astype(np.float32), (w, h), interpolation=cv2.INTER_NEAREST)
+    bg = (noise * 200 + rng.normal(0, 20, (h, w, 3))).clip(0, 255)
+    gt = np.zeros((h, w), np.uint8)
+    cv2.circle(gt, (w // 2, h // 2), int(min(h, w) * 0.28), 1, -1)
+    gt = gt.astype(bool)
+    img = np.where(gt[..., None], np.array([230, 40, 40], np.float32), bg)
+    return np.clip(img + rng.normal(0, 3, img.shape), 0, 255).astype(np.uint8), gt
+
+
+def test_fallback_finds_a_clear_subject_the_network_scores_low(u2netp, monkeypatch):
+    # The network sees the subject but scores it under 0.5 everywhere (as u2netp does for some thin or
+    # camouflaged subjects): the mask must not come back empty, and it must say it is unsure.
+    rgb, gt = _busy_scene()
+    h, w = masking._work_size(rgb)
+    weak = cv2.resize(gt.astype(np.float32), (w, h), interpolation=cv2.INTER_AREA) * 0.4
+    monkeypatch.setattr(masking, "network_mask", lambda rgb, model="u2netp", tta=True: weak)
+    result = masking.auto_mask_result(Image.fromarray(rgb))
+    assert iou(np.asarray(result.mask), gt) > 0.85
+    assert result.widened and result.warning and "unsure" in result.warning
+    assert masking.mask_warning(result.mask) == result.warning
+
+
+def test_clear_subject_on_a_busy_background_is_found_without_a_warning(u2netp):
+    rgb, gt = _busy_scene(seed=1)
+    result = masking.auto_mask_result(Image.fromarray(rgb))
+    assert iou(np.asarray(result.mask), gt) > 0.9
+    assert not result.widened and result.warning is None and result.confidence > 0.9
+    assert masking.mask_warning(result.mask) is None
+
+
+@pytest.mark.parametrize("kind", ["flat", "noise"])
+def test_no_salient_subject_gives_the_unsure_warning(u2netp, kind):
+    rng = np.random.default_rng(0)
+    rgb = (np.full((384, 512, 3), 128, np.uint8) if kind == "flat"
+           else rng.integers(0, 256, (384, 512, 3), dtype=np.uint8))
+    result = masking.auto_mask_result(Image.fromarray(rgb))
+    assert result.warning and result.warning.startswith("The automatic mask is unsure")
+    assert masking.mask_warning(result.mask) == result.warning  # what auto_mask returns carries it
+    # a clear subject: no warning
+    clear = auto_mask(Image.fromarray(_scene(_figure_alpha(384, 512))[0]))
+    assert masking.mask_warning(clear) is None
+
+
+def test_the_warning_reaches_the_page_and_the_cli(u2netp, tmp_path, capsys):
+    from trainer import cli
+    from ui.dataset_step import build_dataset, describe, mask_summary
+
+    flat = tmp_path / "flat.png"
+    Image.new("RGB", (320, 240), (128, 128, 128)).save(flat)
+    clear = tmp_path / "clear.png"
+    Image.fromarray(_scene(_figure_alpha(240, 320))[0]).save(clear)
+    dataset = build_dataset(str(flat), None, True, "u2netp")
+    if dataset.mask is not None:  # an (almost) empty mask still trains; a full-frame one is dropped
+        assert "unsure" in mask_summary(dataset, 512, 0.0)
+    assert dataset.mask_warning and f"⚠️ {dataset.mask_warning}" in describe(dataset)
+    sure = build_dataset(str(clear), None, True, "u2netp")
+    assert sure.mask_warning is None and "unsure" not in describe(sure)
+    assert cli.main(["mask", str(flat), "--output", str(tmp_path / "out.png")]) == 0
+    assert "warning: the automatic mask is unsure" in capsys.readouterr().err
+    assert cli.main(["mask", str(clear), "--output", str(tmp_path / "out2.png")]) == 0
+    assert "unsure" not in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Cleanup and refinement without the network
 
 
@@ -185,6 +310,18 @@ def test_cleanup_keeps_large_holes_open():
     _disk(prob, 200, 200, 90, 0.0)  # a ring: the hole is ~36% of the ring's area
     cleaned, holes = cleanup_mask(prob)
     assert cleaned[200, 200] == 0.0 and not holes.any()
+
+
+def test_cleanup_keeps_a_hole_the_network_is_sure_of_and_fills_an_unsure_one():
+    prob = np.zeros((400, 400), np.float32)
+    _disk(prob, 200, 200, 150)
+    _disk(prob, 150, 200, 12, 0.02)  # a real hole (a ring's small hole): the network is sure
+    _disk(prob, 250, 200, 12, 0.4)  # a dip the network is unsure of
+    cleaned, holes = cleanup_mask(prob, hole_min_p=0.3)
+    assert cleaned[200, 150] < 0.1 and not holes[200, 150]
+    assert cleaned[200, 250] == 1.0 and holes[200, 250]
+    cleaned, holes = cleanup_mask(prob)  # without the rule both are filled
+    assert holes[200, 150] and holes[200, 250]
 
 
 def test_cleanup_of_empty_mask_is_empty():

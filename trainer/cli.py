@@ -125,11 +125,15 @@ def _presets() -> int:
 def _mask(args) -> int:
     from trainer.dataset import cut_out
     from trainer.images import load_image
+    from trainer.masking import WARNING_KEY
 
     image = load_image(args.image)
     out = cut_out(image, model=args.model)
     _write_png(out, args.output)
     print(args.output)
+    if out.info.get(WARNING_KEY):
+        print(f"warning: the automatic mask is unsure: check {args.output} (its alpha is the mask), or paint a "
+              "black/white mask (white = subject) and train with --mask.", file=sys.stderr)
     return 0
 
 
@@ -289,6 +293,12 @@ def _prepare_new_run(args):
     if not args.no_mask:
         given = load_mask(args.mask, size=image.size) if args.mask else None
         mask = training_mask(image, given)
+        if given is None:
+            from trainer.masking import mask_warning
+
+            if mask_warning(mask):
+                print(f"warning: the automatic mask is unsure: check {Path(args.output) / 'dataset' / 'mask.png'}, "
+                      "or give your own with --mask (white = subject).", file=sys.stderr)
     try:
         run = RunFolder.create_at(args.output, config, image, mask)
     except FileExistsError:

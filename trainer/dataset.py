@@ -35,9 +35,12 @@ def mask_coverage(mask: Image.Image) -> float:
 
 
 def cut_out(image: Image.Image, model: str = "u2netp") -> Image.Image:
-    """The image as RGBA with the automatic mask as its alpha."""
-    from trainer.masking import auto_mask
+    """The image as RGBA with the automatic mask as its alpha (and the mask's warning, if any, in its info)."""
+    from trainer.masking import WARNING_KEY, auto_mask, mask_warning
 
     out = image.convert("RGB").convert("RGBA")
-    out.putalpha(auto_mask(image, model=model))
+    mask = auto_mask(image, model=model)
+    out.putalpha(mask)
+    if mask_warning(mask):
+        out.info[WARNING_KEY] = mask_warning(mask)
     return out

@@ -1,12 +1,18 @@
 """Automatic subject masks (background removal) for masked training.
 
 ``auto_mask(image)`` returns a mode "L" mask the size of the image: 255 = subject (trained on), 0 = background,
-gray = partial (proportional loss weight). A rembg network gives a coarse saliency map (run at a working
-resolution of 512 px on the longest side); with ``refine=True`` (the default) we clean it up at that resolution:
+gray = partial (proportional loss weight). A rembg network gives a coarse saliency map; for the U2-Net family
+(u2netp, u2net) it is the weighted mean of test-time augmentations: the image and its mirror image at 320 px
+(the training size, weight 0.6) and at 512 px (finer detail, weight 0.4). With ``refine=True`` (the default)
+we clean it up at a working resolution of 512 px on the longest side:
 
+0. **Fallback**: when the network finds almost nothing (its map peaks under 0.8, or under 1% of the frame is
+   above 0.5) the search is widened (threshold relative to the peak, then halved) rather than an empty mask
+   returned, and the mask carries a warning.
 1. **Components**: threshold the network map at 0.5, keep the largest connected component, any part at least
    a quarter of its size, and smaller parts close to it; drop small islands far from the subject.
-2. **Small holes** enclosed by the mask (up to 5% of its area) are filled as *probable* subject.
+2. **Small holes** enclosed by the mask (up to 5% of its area) are filled as *probable* subject, unless the
+   network is sure they are background (mean probability under 0.3: a real hole).
 3. **Background colour model**: the local background colour and its noise are estimated around the subject
    (normalized convolution of confidently-background pixels). Pixels inside the mask are compared with it
    under a shadow model (pixel = k x background + unexplained colour). Connected regions inside the mask whose
@@ -22,7 +28,11 @@ resolution of 512 px on the longest side); with ``refine=True`` (the default) we
    to the full-resolution image), which snaps the edge to image edges and keeps it soft: the inside is 255,
    the background 0, gray only along the outline.
 
-About 0.5 s of refinement plus the network (0.2-0.5 s for u2netp) for a 1024x1024 image on 2 CPU cores.
+**Confidence**: ``auto_mask_result`` also returns how decisive the network's map is (mean ``|2p - 1|``);
+under 0.85, or when the search was widened, the mask carries the warning "The automatic mask is unsure: check
+it and paint corrections ..." (in ``mask.info``, read with ``mask_warning``), which the page and the CLI show.
+
+About 1.2 s for the network's four passes plus 0.35 s of refinement for a 1024x1024 image on 2 CPU cores.
 Measured against plain rembg in ``masking_eval/`` (see RESULTS.md there).
 
 Models: ``u2netp`` always works offline (``python scripts/fetch_offline_mask_model.py`` installs it); the others
@@ -32,6 +42,7 @@ download on first use from rembg's GitHub releases, which needs network access.
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -150,6 +161,18 @@ def _resize_max(arr: np.ndarray, side: int, interp=cv2.INTER_AREA) -> np.ndarray
 # full-resolution image, avoids a second resampling that measurably changes u2netp's answer on thin strokes).
 _NET_INPUT = {"u2netp": 320, "u2net": 320, "isnet-anime": 1024, "birefnet-general": 1024}
 
+# Test-time augmentation (TTA) for the U2-Net family: its saliency map is the weighted mean of the network run
+# on the image and its mirror image at 320 px (the training size) and at 512 px (finer detail), all resized
+# straight from the full-resolution image to the square input. Weights tuned on the dev split of masking_eval
+# (see RESULTS.md there for the variants tried). The ONNX files fix the input at 320x320, so the larger input
+# runs on an in-memory copy of the graph with free height and width (the same weights; U2-Net is fully
+# convolutional and its upsampling takes its sizes from the tensors).
+_TTA = {"u2netp": ((320, 0.6), (512, 0.4)), "u2net": ((320, 0.6), (512, 0.4))}
+_TTA_FLIP = True
+_MEAN = np.array((0.485, 0.456, 0.406), np.float32)
+_STD = np.array((0.229, 0.224, 0.225), np.float32)
+_FREE_SESSIONS: dict[str, Any] = {}
+
 
 def _predict(sess, model: str, rgb: np.ndarray) -> np.ndarray:
     n = _NET_INPUT.get(model, 1024)
@@ -157,16 +180,120 @@ def _predict(sess, model: str, rgb: np.ndarray) -> np.ndarray:
     return np.asarray(sess.predict(square)[0].convert("L"), dtype=np.float32) / 255.0
 
 
-def network_mask(rgb: np.ndarray, model: str = DEFAULT_MODEL, *, flip_tta: bool = False) -> np.ndarray:
-    """The network's soft mask of ``rgb`` (HxWx3 uint8), float32 in [0, 1], at the working resolution
-    (longest side <= 512, aspect kept). With ``flip_tta`` it is the mean of the image's and its mirror
-    image's predictions."""
+def _varint(buf: bytes, i: int) -> tuple[int, int]:
+    shift = value = 0
+    while True:
+        b = buf[i]
+        i += 1
+        value |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return value, i
+        shift += 7
+
+
+def _submessages(buf: bytes, start: int, end: int, field: int) -> list[tuple[int, int]]:
+    """(start, end) of each length-delimited ``field`` of the protobuf message in ``buf[start:end]``."""
+    out, i = [], start
+    while i < end:
+        key, i = _varint(buf, i)
+        num, wire = key >> 3, key & 7
+        if wire == 0:
+            _, i = _varint(buf, i)
+        elif wire == 1:
+            i += 8
+        elif wire == 5:
+            i += 4
+        elif wire == 2:
+            n, i = _varint(buf, i)
+            if num == field:
+                out.append((i, i + n))
+            i += n
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire}")
+    return out
+
+
+def free_image_size(onnx_model: bytes) -> bytes:
+    """The ONNX model with the height and width of its 4-D inputs and outputs made free (symbolic).
+
+    Each fixed size is a protobuf ``Dimension {dim_value: N}`` (key 0x08 + varint); it is rewritten in place as
+    ``Dimension {dim_param: "hh.."}`` of exactly the same byte length, so no enclosing length changes. Only
+    the graph's declared input/output shapes change: the weights and operators are untouched."""
+    buf = bytearray(onnx_model)
+    changed = 0
+    for gs, ge in _submessages(buf, 0, len(buf), 7):  # ModelProto.graph
+        for field in (11, 12):  # GraphProto.input, GraphProto.output
+            for vs, ve in _submessages(buf, gs, ge, field):
+                for ts, te in _submessages(buf, vs, ve, 2):  # ValueInfoProto.type
+                    for tts, tte in _submessages(buf, ts, te, 1):  # TypeProto.tensor_type
+                        for ss, se in _submessages(buf, tts, tte, 2):  # TypeProto.Tensor.shape
+                            dims = _submessages(buf, ss, se, 1)  # TensorShapeProto.dim
+                            if len(dims) != 4:
+                                continue
+                            for name, (ds, de) in zip("hw", dims[2:]):
+                                if buf[ds] == 0x08 and de - ds >= 3:
+                                    buf[ds:de] = bytes([0x12, de - ds - 2]) + name.encode() * (de - ds - 2)
+                                    changed += 1
+    if not changed:
+        raise ValueError("no fixed image size found in the model's inputs")
+    return bytes(buf)
+
+
+def _free_session(model: str):
+    """An onnxruntime session of ``model`` that takes any input size (None when that cannot be made)."""
+    providers = _get_session(model).inner_session.get_providers()  # (takes _LOCK itself)
+    with _LOCK:
+        if model in _FREE_SESSIONS:
+            return _FREE_SESSIONS[model]
+        sess = None
+        path = model_file(model)
+        if path is not None:
+            import onnxruntime as ort
+
+            try:
+                sess = ort.InferenceSession(free_image_size(path.read_bytes()), providers=providers)
+            except Exception:  # an unexpected file layout: fall back to the fixed-size network only
+                sess = None
+        _FREE_SESSIONS[model] = sess
+        return sess
+
+
+def _run_u2net(sess, rgb: np.ndarray, side: int, flip: bool) -> np.ndarray:
+    """The raw saliency (the network's sigmoid output, not rescaled) of ``rgb`` resized to side x side, with
+    rembg's input normalisation."""
+    x = np.asarray(Image.fromarray(rgb).resize((side, side), Image.Resampling.LANCZOS), dtype=np.float32)
+    if flip:
+        x = x[:, ::-1]
+    x = x / max(float(x.max()), 1e-6)
+    x = ((x - _MEAN) / _STD).transpose(2, 0, 1)[None]
+    out = sess.run(None, {sess.get_inputs()[0].name: np.ascontiguousarray(x, dtype=np.float32)})[0][0, 0]
+    return np.ascontiguousarray(out[:, ::-1] if flip else out)
+
+
+def network_maps(rgb: np.ndarray, model: str = DEFAULT_MODEL, *, tta: bool = True) -> list[tuple[np.ndarray, float]]:
+    """The network's soft masks of ``rgb`` (HxWx3 uint8) at the working resolution, float32 in [0, 1], each
+    with its weight: one per TTA member (for models with TTA and ``tta``), else the single rembg prediction."""
     sess = _get_session(model)
-    out = _predict(sess, model, rgb)
-    if flip_tta:
-        out = 0.5 * (out + _predict(sess, model, np.ascontiguousarray(rgb[:, ::-1]))[:, ::-1])
     h, w = _work_size(rgb)
-    return cv2.resize(out, (w, h), interpolation=cv2.INTER_LINEAR)
+    members = _TTA.get(model) if tta else None
+    free = _free_session(model) if members else None
+    if free is None:
+        return [(cv2.resize(_predict(sess, model, rgb), (w, h), interpolation=cv2.INTER_LINEAR), 1.0)]
+    out = []
+    for side, weight in members:
+        flips = (False, True) if _TTA_FLIP else (False,)
+        for flip in flips:
+            m = np.clip(_run_u2net(free, rgb, side, flip), 0.0, 1.0)
+            out.append((cv2.resize(m, (w, h), interpolation=cv2.INTER_LINEAR), weight / len(flips)))
+    return out
+
+
+def network_mask(rgb: np.ndarray, model: str = DEFAULT_MODEL, *, tta: bool = True) -> np.ndarray:
+    """The network's soft mask of ``rgb`` (HxWx3 uint8), float32 in [0, 1], at the working resolution
+    (longest side <= 512, aspect kept): the weighted mean of the TTA members (see ``network_maps``)."""
+    maps = network_maps(rgb, model, tta=tta)
+    total = sum(wt for _, wt in maps)
+    return (sum(m * wt for m, wt in maps) / total).astype(np.float32)
 
 
 def _work_size(rgb: np.ndarray) -> tuple[int, int]:
@@ -229,11 +356,12 @@ def enclosed_holes(binary: np.ndarray, *, max_frac: float = 0.05) -> np.ndarray:
 
 
 def cleanup_mask(prob: np.ndarray, *, threshold: float = 0.5, secondary_frac: float = 0.25,
-                 near_frac: float = 0.08) -> tuple[np.ndarray, np.ndarray]:
+                 near_frac: float = 0.08, hole_min_p: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """Component and hole cleanup of a soft network mask (float in [0, 1]).
 
     Returns ``(cleaned, holes)``: ``cleaned`` is the soft mask with dropped islands zeroed and enclosed small
-    holes filled (set to 1); ``holes`` marks the filled pixels (bool).
+    holes filled (set to 1); ``holes`` marks the filled pixels (bool). A hole whose mean network probability is
+    under ``hole_min_p`` (the network is sure it is background: a real hole) stays open.
     """
     prob = np.clip(prob.astype(np.float32), 0.0, 1.0)
     binary = prob > threshold
@@ -249,6 +377,10 @@ def cleanup_mask(prob: np.ndarray, *, threshold: float = 0.5, secondary_frac: fl
         keep_zone = cv2.dilate(kept.astype(np.uint8), _disk(r)).astype(bool)
         cleaned[halo & ~keep_zone] = 0.0
     holes = enclosed_holes(kept)
+    if hole_min_p > 0 and holes.any():
+        n, labels = cv2.connectedComponents(holes.astype(np.uint8), connectivity=4)
+        mean_p = np.bincount(labels.ravel(), prob.ravel(), n) / np.maximum(np.bincount(labels.ravel(), minlength=n), 1)
+        holes &= (mean_p >= hole_min_p)[labels]
     cleaned[holes] = 1.0
     return cleaned, holes
 
@@ -291,6 +423,7 @@ def guided_filter(guide: np.ndarray, src: np.ndarray, radius: int, eps: float) -
 _P = dict(
     secondary_frac=0.25,  # a detached part at least this fraction of the main one's area is kept ...
     near_frac=0.04,  # ... and so is a smaller one within this distance (x image diagonal)
+    hole_min_p=0.3,  # an enclosed hole is filled unless its mean network probability is under this
     gap=0.015,  # gap between the subject and the pixels that teach the background model (x longest side)
     sigma=0.06,  # reach of the local background colour model (x longest side)
     floor=6.0,  # noise floor (RGB units) of the background-distance normalisation
@@ -447,7 +580,8 @@ def refine_mask(rgb: np.ndarray, prob: np.ndarray, P=_P) -> np.ndarray:
     rgb_small = _resize_max(rgb, _GC_SIDE)
     h, w = rgb_small.shape[:2]
     prob_s = cv2.resize(prob.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
-    cleaned, holes = cleanup_mask(prob_s, secondary_frac=P["secondary_frac"], near_frac=P["near_frac"])
+    cleaned, holes = cleanup_mask(prob_s, secondary_frac=P["secondary_frac"], near_frac=P["near_frac"],
+                                  hole_min_p=P["hole_min_p"])
     hard = _grabcut(rgb_small, cleaned, holes, P).astype(np.float32)
     # Soft edges snapped to image edges: guided-filter coefficients at the working resolution, applied to
     # the full-resolution image (fast guided filter).
@@ -461,7 +595,82 @@ def refine_mask(rgb: np.ndarray, prob: np.ndarray, P=_P) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Confidence and the fallback when the network finds almost nothing
+
+UNSURE = "The automatic mask is unsure: check it and paint corrections in step 2, or upload your own mask."
+WARNING_KEY = "auto_mask_warning"  # the mask image's ``info`` entry that carries the warning
+
+# Tuned on the dev split of masking_eval (seeds 101, 102), never on the reported test split.
+_FALLBACK_PEAK = 0.8  # a network map whose peak is under this is rescaled to peak 1 (relative threshold)
+_FALLBACK_AREA = 0.01  # if then under this fraction of the frame is subject, the threshold is halved
+_UNSURE_CRISP = 0.85  # the mask is "unsure" when the map's mean decisiveness |2p - 1| is under this
+
+
+@dataclass(frozen=True)
+class MaskResult:
+    """``auto_mask_result``'s answer: the mask, how decisive the network was, and a warning for the user."""
+
+    mask: Image.Image  # mode "L", the image's size
+    confidence: float  # mean |2p - 1| of the network's (TTA) map: 1 = every pixel decided, 0 = all at 0.5
+    widened: bool  # the network found almost nothing, so the search was widened (lower threshold)
+    warning: str | None  # for the user, when the mask needs checking; None when it looks sure
+
+
+def widen_if_empty(prob: np.ndarray) -> tuple[np.ndarray, bool]:
+    """When the network finds almost nothing, widen the search rather than return an empty mask: a map
+    whose peak is low is rescaled to peak 1 (a threshold relative to the peak), and if under 1% of the frame
+    is then above 0.5, the threshold is halved. Returns ``(prob, widened)``."""
+    prob = np.clip(prob.astype(np.float32), 0.0, 1.0)
+    widened = False
+    peak = float(prob.max()) if prob.size else 0.0
+    if 1e-3 < peak < _FALLBACK_PEAK:
+        prob = prob / peak
+        widened = True
+    if peak > 1e-3 and float((prob > 0.5).mean()) < _FALLBACK_AREA:
+        prob = np.clip(2.0 * prob, 0.0, 1.0)
+        widened = True
+    return prob, widened
+
+
+def decisiveness(prob: np.ndarray) -> float:
+    """Mean ``|2p - 1|`` of a soft map: how far from undecided (0.5) the network's answer is on average."""
+    return float(np.abs(2.0 * np.clip(prob, 0.0, 1.0) - 1.0).mean()) if prob.size else 0.0
+
+
+def mask_warning(mask: Image.Image | None) -> str | None:
+    """The warning ``auto_mask`` attached to ``mask`` (None for a confident mask or any other image)."""
+    if mask is None:
+        return None
+    return mask.info.get(WARNING_KEY) or None
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Public entry point
+
+
+def auto_mask_result(image: Image.Image, model: str = DEFAULT_MODEL, refine: bool = True) -> MaskResult:
+    """``auto_mask`` with its confidence: see ``MaskResult``. With ``refine=False`` (plain rembg) the
+    confidence is that of rembg's map and nothing is widened."""
+    if model not in MASK_MODELS:
+        _get_session(model)  # raises the UserError naming the valid models
+    rgb = _to_rgb_array(image)
+    if not refine:
+        out = _get_session(model).predict(Image.fromarray(rgb))[0].convert("L")
+        out = out if out.size == image.size else out.resize(image.size, Image.Resampling.BILINEAR)
+        conf = decisiveness(np.asarray(out, dtype=np.float32) / 255.0)
+        return MaskResult(out, conf, False, UNSURE if conf < _UNSURE_CRISP else None)
+    prob, widened = widen_if_empty(network_mask(rgb, model))
+    conf = decisiveness(prob)
+    mask = Image.fromarray(refine_mask(rgb, prob), mode="L")
+    warning = None
+    if widened:
+        warning = ("The automatic mask is unsure: the background-removal model found no clear subject, so the "
+                   "search was widened. Check the mask and paint corrections in step 2, or upload your own mask.")
+    elif conf < _UNSURE_CRISP:
+        warning = UNSURE
+    if warning:
+        mask.info[WARNING_KEY] = warning
+    return MaskResult(mask, conf, widened, warning)
 
 
 def auto_mask(image: Image.Image, model: str = DEFAULT_MODEL, refine: bool = True) -> Image.Image:
@@ -469,16 +678,10 @@ def auto_mask(image: Image.Image, model: str = DEFAULT_MODEL, refine: bool = Tru
     255 = subject (trained on), 0 = background, gray = partial (proportional loss weight).
 
     ``refine=False`` returns the network's mask as rembg gives it (``rembg.remove(..., only_mask=True)``).
-    Sessions are created once per model and cached.
+    Sessions are created once per model and cached. When the mask is unsure (see ``auto_mask_result``), its
+    ``info[WARNING_KEY]`` holds a warning for the user (``mask_warning(mask)`` reads it).
 
     Raises ``UserError`` for an unknown model, a missing offline model, or a model that needs a download
     with no network reachable.
     """
-    if model not in MASK_MODELS:
-        _get_session(model)  # raises the UserError naming the valid models
-    rgb = _to_rgb_array(image)
-    if not refine:
-        out = _get_session(model).predict(Image.fromarray(rgb))[0].convert("L")
-        return out if out.size == image.size else out.resize(image.size, Image.Resampling.BILINEAR)
-    prob = network_mask(rgb, model)
-    return Image.fromarray(refine_mask(rgb, prob), mode="L")
+    return auto_mask_result(image, model, refine).mask

@@ -23,6 +23,7 @@ class Dataset:
     mask: Image.Image | None
     mask_source: str  # "uploaded mask", "transparency", "automatic", "none"
     raw_mask: Image.Image | None = None  # the mask before the user's adjustments (None: ``mask`` is unadjusted)
+    mask_warning: str | None = None  # the automatic mask's own warning (it is unsure), shown with the mask
 
 
 def build_dataset(image_file: str | None, mask_file: str | None, use_mask: bool, mask_model: str) -> Dataset | None:
@@ -40,7 +41,10 @@ def build_dataset(image_file: str | None, mask_file: str | None, use_mask: bool,
         source = "transparency"
     else:
         source = "automatic"
-    return Dataset(image, mask, source if mask is not None else "none")
+    from trainer.masking import mask_warning
+
+    warning = mask_warning(mask) if source == "automatic" else None
+    return Dataset(image, mask, source if mask is not None else "none", mask_warning=warning)
 
 
 def overlay(dataset: Dataset) -> Image.Image:
@@ -63,6 +67,8 @@ def describe(dataset: Dataset) -> str:
         "none": "Mask: **none**, the whole image is trained (the background will be learned too).",
     }[dataset.mask_source]
     lines.append(source)
+    if dataset.mask_warning:
+        lines.append(f"⚠️ {dataset.mask_warning}")
     for advice in image_advice(dataset.image, dataset.mask):
         lines.append(f"⚠️ {advice.message}")
     return "  \n".join(lines)
@@ -174,6 +180,8 @@ def mask_summary(dataset: Dataset, resolution: int, background_weight: float) ->
     w, h = train_size_for(dataset.image.size, resolution)
     lines = [f"The subject covers **{100 * mask_coverage(dataset.mask):.0f} %** of the frame. Training size "
              f"{w}×{h} px = {w // TOKEN_PX}×{h // TOKEN_PX} tokens of {TOKEN_PX}×{TOKEN_PX} px."]
+    if dataset.mask_warning:
+        lines.append(f"⚠️ {dataset.mask_warning}")
     thin = thin_share(dataset.mask, (w, h))
     if thin > 0.25:
         lines.append(f"⚠️ {100 * thin:.0f} % of the subject lies in tokens it covers less than half: thin parts (hair, "
