@@ -107,7 +107,8 @@ def run_tier(tier_name: str, steps: int, save_every: int, rank: int, resolution:
     cuda = torch.cuda.is_available() and not tiny
     device, dtype = (torch.device("cuda"), torch.bfloat16) if cuda else (torch.device("cpu"), torch.float32)
     row = dict(impl="project", kind="tier_job", tier=tier.name, weights=tier.weights, rank=rank,
-               resolution=resolution, checkpointing=tier.gradient_checkpointing, cap_gib=tier.cap_gib)
+               resolution=resolution, checkpointing=tier.gradient_checkpointing, cap_gib=tier.cap_gib,
+               lean_previews=tier.lean_previews)
     if cuda:
         torch.backends.cuda.enable_cudnn_sdp(False)  # cuDNN attention backward failed at Flux size (bench/RESULTS.md)
         total = torch.cuda.get_device_properties(0).total_memory
@@ -198,6 +199,7 @@ def main(argv=None) -> int:
     parser.add_argument("--checkpointing", choices=("on", "off"), help="override the tiers' gradient checkpointing")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run this tier in this process
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--commit", help="the commit measured, when the copy's .git is not the working tree's")
     args = parser.parse_args(argv)
     common = dict(steps=args.steps, save_every=args.save_every, rank=args.rank, resolution=args.resolution,
                   tiny=args.tiny, checkpointing=None if args.checkpointing is None else args.checkpointing == "on")
@@ -223,8 +225,8 @@ def main(argv=None) -> int:
         rows.append(row)
         print(json.dumps(row), flush=True)
     if args.out:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=ROOT).stdout.strip() or None
+        commit = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                               text=True, cwd=ROOT).stdout.strip() or None
         gpu = next((r.get("gpu") for r in rows if r.get("gpu")), "cpu")
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(dict(gpu=gpu, commit=commit, date=time.strftime("%Y-%m-%d"),

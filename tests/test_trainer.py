@@ -200,3 +200,29 @@ def test_a_preview_round_rendered_as_one_batch_matches_one_image_renders(tmp_pat
         assert diff.max() <= 2, diff.max()  # uint8 rounding of float32 batched arithmetic
     assert np.asarray(batch[0]).tobytes() != np.asarray(batch[1]).tobytes(), "different prompts gave one image"
     assert renderer.render_batch(prompts, 7, w, h, 2, 3.5, should_stop=lambda: True) is None
+
+
+def test_lean_previews_render_a_round_one_image_at_a_time(tmp_path):
+    """A small-card tier (``lean_previews``) renders a round image by image: the transformer never sees a batch
+    larger than one, and the round is exactly the one-image renders. Otherwise the round is one batch."""
+    import numpy as np
+
+    cfg = tiny_config(sample_prompts=("[trigger] in the snow", "[trigger] on a beach"))
+    run, parts, example, renderer = _prepared(tmp_path, cfg)
+    w, h = run.train_size
+    prompts = list(cfg.preview_prompts)
+    batch_sizes = []
+    hook = parts.transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: batch_sizes.append(kwargs["hidden_states"].shape[0]), with_kwargs=True)
+    try:
+        assert len(renderer.render_round(prompts, 7, w, h, 2, 3.5)) == 3
+        assert set(batch_sizes) == {3}
+        batch_sizes.clear()
+        parts.lean_previews = True
+        lean = renderer.render_round(prompts, 7, w, h, 2, 3.5)
+        assert set(batch_sizes) == {1}
+    finally:
+        hook.remove()
+    singles = [renderer.render(p, 7, w, h, 2, 3.5) for p in prompts]
+    assert [np.asarray(i).tobytes() for i in lean] == [np.asarray(i).tobytes() for i in singles]
+    assert renderer.render_round(prompts, 7, w, h, 2, 3.5, should_stop=lambda: True) is None

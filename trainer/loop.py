@@ -91,7 +91,9 @@ def _train_lora(parts, example: EncodedExample, cfg: TrainingConfig, run: RunFol
         transformer.enable_gradient_checkpointing()
     transformer.train()
     # On CUDA: compile each block (quietly skipped on the CPU or without Triton): bench/RESULTS.md has the gain.
-    accelerate_transformer(transformer, parts.device)
+    # A small-card tier's lean previews go without the preview CUDA graph (its memory pool would stay reserved).
+    lean_previews = getattr(parts, "lean_previews", False)
+    accelerate_transformer(transformer, parts.device, inference_graphs=False if lean_previews else None)
     # On CUDA the LoRA gradients are all-reduced in bf16: half the bytes (1.80x vs 1.71x on 2 H200s, bench/RESULTS.md).
     model = dist.data_parallel(transformer, compress_bf16=parts.device.type == "cuda")
     optimizer = torch.optim.AdamW(params, lr=scaled_learning_rate(cfg.learning_rate, dist.world_size),
@@ -194,7 +196,7 @@ def _train_lora(parts, example: EncodedExample, cfg: TrainingConfig, run: RunFol
 def _render_previews(step: int, cfg: TrainingConfig, run: RunFolder, renderer: PreviewRenderer,
                      should_stop: Callable[[], bool]) -> PreviewsRendered | None:
     width, height = run.train_size
-    images = renderer.render_batch(list(cfg.preview_prompts), cfg.preview_seed, width, height, cfg.preview_steps,
+    images = renderer.render_round(list(cfg.preview_prompts), cfg.preview_seed, width, height, cfg.preview_steps,
                                    cfg.preview_guidance, should_stop)
     if images is None:
         return None

@@ -31,6 +31,10 @@ class MemoryTier:
     min_card_gib: float  # the smallest GPU (total memory, GiB) this tier is picked for
     weights: str  # "bf16" | "fp8" | "nf4": storage of the frozen transformer weights
     gradient_checkpointing: bool
+    # Previews on small cards: one image at a time and no CUDA graph for the preview forward. A captured graph keeps
+    # its own memory pool for the whole run (0.9-1.9 GiB measured at 512 px with a batch of 3), which pushed the
+    # 16 and 12 GB tiers over their cap on an H100 (bench/RESULTS.md); the lean way renders previews more slowly.
+    lean_previews: bool = False
 
     @property
     def card_gib(self) -> float | None:
@@ -58,7 +62,8 @@ def load_tier(name: str, directory: Path = TIERS_DIR) -> MemoryTier:
         data = tomllib.load(f)
     try:
         tier = MemoryTier(name=name, description=str(data["description"]), min_card_gib=float(data["min_card_gib"]),
-                          weights=str(data["weights"]), gradient_checkpointing=bool(data["gradient_checkpointing"]))
+                          weights=str(data["weights"]), gradient_checkpointing=bool(data["gradient_checkpointing"]),
+                          lean_previews=bool(data.get("lean_previews", False)))
     except KeyError as missing:
         raise UserError(f"Memory tier file '{path}' lacks {missing}.") from None
     if tier.weights not in WEIGHT_STORAGES:

@@ -48,6 +48,8 @@ class FluxParts:
     # its frozen weights, and whether training must recompute activations to fit.
     weights: str = "bf16"
     gradient_checkpointing: bool = False
+    # Previews one image at a time and without a CUDA graph (small-card tiers: ``MemoryTier.lean_previews``).
+    lean_previews: bool = False
 
     @property
     def is_tiny_demo(self) -> bool:
@@ -184,13 +186,14 @@ def load_parts(folder: Path, device: torch.device | None = None, dtype: torch.dt
     return parts
 
 
-def place_transformer(parts: FluxParts, weights: str = "bf16", gradient_checkpointing: bool = False) -> dict:
+def place_transformer(parts: FluxParts, weights: str = "bf16", gradient_checkpointing: bool = False,
+                      lean_previews: bool = False) -> dict:
     """Move the transformer to ``parts.device``, its frozen Linear weights stored as ``weights`` (a memory tier's).
 
     ``bf16`` moves it as loaded. ``fp8``/``nf4`` quantize it layer by layer on the device (``trainer.quantize``), so the
     GPU never holds the full-precision model. Returns what was done (layers quantized, bytes) for the job's log.
     """
-    parts.weights, parts.gradient_checkpointing = weights, gradient_checkpointing
+    parts.weights, parts.gradient_checkpointing, parts.lean_previews = weights, gradient_checkpointing, lean_previews
     if weights == "bf16":
         parts.transformer.to(parts.device)
         return {"weights": weights, "quantized_layers": 0}

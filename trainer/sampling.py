@@ -23,6 +23,7 @@ class PreviewRenderer:
         self._pipe = FluxPipeline(scheduler=parts.scheduler, vae=parts.vae, text_encoder=None, tokenizer=None,
                                   text_encoder_2=None, tokenizer_2=None, transformer=parts.transformer)
         self._pipe.set_progress_bar_config(disable=True)
+        self._parts = parts
         self._device = parts.device
         self._dtype = parts.dtype
 
@@ -31,6 +32,20 @@ class PreviewRenderer:
         """One image; ``None`` when ``should_stop`` turned true while it was being denoised."""
         images = self.render_batch([prompt], seed, width, height, steps, guidance, should_stop)
         return None if images is None else images[0]
+
+    def render_round(self, prompts: list[str], seed: int, width: int, height: int, steps: int, guidance: float,
+                     should_stop: Callable[[], bool] = lambda: False) -> list[Image.Image] | None:
+        """A checkpoint's previews: one batch, or one image at a time where the memory tier asks for lean previews
+        (read at render time: the tier is applied to the parts after this renderer may have been built)."""
+        if not getattr(self._parts, "lean_previews", False):
+            return self.render_batch(prompts, seed, width, height, steps, guidance, should_stop)
+        images = []
+        for prompt in prompts:
+            image = self.render(prompt, seed, width, height, steps, guidance, should_stop)
+            if image is None:
+                return None
+            images.append(image)
+        return images
 
     def render_batch(self, prompts: list[str], seed: int, width: int, height: int, steps: int, guidance: float,
                      should_stop: Callable[[], bool] = lambda: False) -> list[Image.Image] | None:

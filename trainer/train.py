@@ -167,7 +167,7 @@ def train_with_parts(parts, run: RunFolder, tier, should_stop: Callable[[], bool
     free_encoders(parts)
     gc.collect()
     yield Status(_placing_message(tier.weights))
-    place_transformer(parts, tier.weights, tier.gradient_checkpointing)
+    place_transformer(parts, tier.weights, tier.gradient_checkpointing, tier.lean_previews)
     gc.collect()
     renderer = PreviewRenderer(parts, prompts)
     run.set_status("running")
