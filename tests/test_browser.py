@@ -61,6 +61,7 @@ def browser():
     options.binary_location = chromium
     for flag in HEADLESS_FLAGS:
         options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # the page's console, shown when a wait fails
     driver = webdriver.Chrome(service=Service(driver_path), options=options)
     driver.set_page_load_timeout(60)
     try:
@@ -83,7 +84,15 @@ def wait_until(driver, condition, timeout: float, what: str):
         return WebDriverWait(driver, timeout, poll_frequency=0.3).until(check)
     except Exception as err:
         progress = text_of(driver, "#progress")
-        raise AssertionError(f"timed out after {timeout} s waiting for {what}; #progress says {progress!r}") from err
+        raise AssertionError(f"timed out after {timeout} s waiting for {what}; #progress says {progress!r}; "
+                             f"the page's console:\n{console_log(driver)}") from err
+
+
+def console_log(driver) -> str:
+    try:
+        return "\n".join(f"{e.get('level')} {e.get('message')}" for e in driver.get_log("browser"))[-6000:]
+    except Exception as err:  # a driver without log access: say so instead of hiding the real failure
+        return f"(unavailable: {err})"
 
 
 def text_of(driver, selector: str) -> str:
