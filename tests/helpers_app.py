@@ -6,6 +6,7 @@ mirror ``app.py`` (queue, ``max_file_size``, ``allowed_paths``) so the tests exe
 """
 from __future__ import annotations
 
+import os
 import secrets
 import socket
 from contextlib import contextmanager
@@ -48,6 +49,12 @@ def launched_app(tmp_path: Path) -> Iterator[RunningApp]:
 
     runs_root = Path(tmp_path) / "runs"
     runs_root.mkdir(parents=True, exist_ok=True)
+    # Each app gets its own Gradio cache. Gradio names cached files by their content and, when a server shuts down,
+    # deletes every file it created; the shutdown finishes on the server's thread, which can outlive close()'s
+    # 5 s wait. With one shared cache a closed app then deleted the next app's copy of the same upload or mask
+    # preview (same image, same path): the browser's mask preview never loaded (CI, 2026-11-22 and later).
+    previous_cache = os.environ.get("GRADIO_TEMP_DIR")
+    os.environ["GRADIO_TEMP_DIR"] = str(Path(tmp_path) / "gradio-cache")
     class RecordingJobManager(JobManager):
         """A plain ``JobManager`` that also remembers what was submitted, for the tests to inspect."""
 
@@ -70,7 +77,14 @@ def launched_app(tmp_path: Path) -> Iterator[RunningApp]:
         yield RunningApp(url=local_url, manager=manager, runs_root=runs_root)
     finally:
         demo.close()
+        server_thread = getattr(getattr(demo, "server", None), "thread", None)
+        if server_thread is not None:
+            server_thread.join(60)  # the lifespan shutdown (cache deletion) is over before the next test starts
         manager.shutdown()
+        if previous_cache is None:
+            os.environ.pop("GRADIO_TEMP_DIR", None)
+        else:
+            os.environ["GRADIO_TEMP_DIR"] = previous_cache
 
 
 def write_subject_png(folder: Path, name: str = "subject.png", size: tuple[int, int] = (160, 200)) -> Path:

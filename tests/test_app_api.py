@@ -326,3 +326,32 @@ def test_train_api_takes_left_out_settings_from_the_named_preset(app, tmp_path):
     for client in clients:
         client.predict(None, api_name="/stop")
         follow_to_end(client)
+
+
+def test_own_backgrounds_go_into_the_run_and_a_bad_one_is_refused(app, tmp_path):
+    """/train with the user's own background photos (the page's "Your own backgrounds" upload): they are stored
+    in the run's dataset/backgrounds/, where the job's augmentation bank reads them. A file that is not an image
+    is refused with its name, and no run is created."""
+    client = new_client(app, tmp_path, "backgrounds")
+    prepare(client, write_subject_png(tmp_path))
+    photo = tmp_path / "beach photo.jpg"
+    Image.new("RGB", (320, 240), (30, 160, 220)).save(photo)
+    not_an_image = tmp_path / "notes.png"
+    not_an_image.write_text("this is text, not a picture")
+
+    with pytest.raises(AppError) as refused:
+        client.predict(None, caption=CAPTION, trigger=TRIGGER, prompts="", preset="character-rank4-400", steps=2,
+                       save_every=2, model="tiny-demo", backgrounds=[handle_file(str(not_an_image))],
+                       api_name="/train")
+    assert "notes.png" in str(refused.value) and "Traceback" not in str(refused.value)
+    assert app.manager.jobs_for(client.session_hash) == []
+
+    assert client.predict(None, caption=CAPTION, trigger=TRIGGER, prompts="", preset="character-rank4-400", steps=2,
+                          save_every=2, model="tiny-demo", backgrounds=[handle_file(str(photo))],
+                          api_name="/train") == "Starting…"
+    run = app.manager.jobs_for(client.session_hash)[-1].run
+    stored = sorted((run.path / "dataset" / "backgrounds").iterdir())
+    assert [p.name for p in stored] == ["00.png"]
+    with Image.open(stored[0]) as kept:
+        assert kept.size == (320, 240) and kept.getpixel((5, 5)) == (30, 160, 220)
+    follow_to_end(client)

@@ -180,9 +180,10 @@ def full_page_screenshot(driver, path: Path, width: int = 1280) -> None:
 # ---- tests ----------------------------------------------------------------------------------------------------
 
 
-# Runs before the full-run test on purpose: in the other order, the fresh page's upload in this test sometimes
-# never got its mask preview (seen twice on 2026-11-22, in the suite and with this file alone; not reproduced
-# through gradio_client or direct calls). An open bug, reported in the closing note; not a fix.
+# Once, a fresh page's mask preview here sometimes never loaded (CI and local, 2026-11-22). The cause was the test
+# harness: every app shared one Gradio cache, whose files are named by content, and a closed app's late shutdown
+# deleted the next app's copy of the same upload and preview. tests/helpers_app.py now gives each app its own cache
+# and waits for the shutdown; this file then passed in both orders (2026-12-01).
 def test_reloading_mid_run_reattaches_to_the_running_job(app, browser, tmp_path):
     open_page(browser, app.url)
     wait_until(browser, owner_in_storage, 30, "the (encrypted) owner id in localStorage")

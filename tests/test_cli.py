@@ -34,10 +34,15 @@ def test_train_writes_a_complete_run_folder(tmp_path):
     image_path = tmp_path / "my image ü.png"  # spaces and non-ASCII in the path
     image.save(image_path)
     out_dir = tmp_path / "run out"
+    photo = tmp_path / "my beach.jpg"
+    Image.new("RGB", (120, 90), (30, 160, 220)).save(photo)
     result = cli("train", "--image", image_path, "--caption", "a photo of [trigger], a red ball", "--trigger", "ohwx",
                  "--preset", "quick-test-250", "--model", "tiny-demo", "--steps", 4, "--save-every", 2,
-                 "--resolution", 64, "--sample-prompt", "[trigger] on a beach", "--seed", 3, "--output", out_dir)
+                 "--resolution", 64, "--sample-prompt", "[trigger] on a beach", "--seed", 3, "--output", out_dir,
+                 "--background", photo)
     assert result.returncode == 0, result.stderr
+    # the user's own background is stored with the dataset, where the augmentation bank reads it
+    assert [p.name for p in (out_dir / "dataset" / "backgrounds").iterdir()] == ["00.png"]
     assert "Traceback" not in result.stderr
     assert "4/4" in result.stderr  # the progress bar reached the end
     manifest = json.loads((out_dir / "run.json").read_text())
@@ -79,6 +84,13 @@ def test_bad_image_is_one_clear_line_and_nonzero_exit(tmp_path):
         assert len(lines) == 1 and "PNG, JPEG or WEBP" in lines[0]
         assert "Traceback" not in result.stderr
     assert not (tmp_path / "r").exists()  # nothing created for a refused run
+    image, _ = subject_image()
+    image.save(tmp_path / "good.png")
+    result = cli("train", "--image", tmp_path / "good.png", "--caption", "x", "--model", "tiny-demo",
+                 "--background", bad, "--output", tmp_path / "r")
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2 and len(errors) == 1 and "background 'notes.png'" in errors[0], result.stderr
+    assert not (tmp_path / "r").exists()
 
 
 def test_bad_arguments_are_one_line(tmp_path):

@@ -204,6 +204,41 @@ def test_augmented_run_is_deterministic_and_picks_from_a_cached_bank(tmp_path, m
     assert all(torch.equal(a[k], b[k]) for k in a), "an augmented run is not reproducible"
 
 
+def test_a_runs_own_backgrounds_reach_the_bank(tmp_path, monkeypatch):
+    """Photos stored with the run (page upload or --background) are what the job's bank pastes the subject onto."""
+    seen = []
+    original = augment.augmented_pixels
+
+    def recording(image, count=augment.BANK_SIZE, seed=0, backgrounds=()):
+        backgrounds = list(backgrounds)
+        seen.append([b.getpixel((0, 0)) for b in backgrounds])
+        return original(image, count, seed, backgrounds)
+
+    monkeypatch.setattr(augment, "augmented_pixels", recording)
+    cfg = config(steps=2, save_every=2, resolution=64, augment_probability=0.5)
+    image, mask = striped_subject()
+    photos = [Image.new("RGB", (96, 72), (255, 128, 0)), Image.new("RGB", (64, 100), (0, 90, 200))]
+    run = RunFolder.create(tmp_path, cfg, image, mask, backgrounds=photos)
+    assert sorted(p.name for p in (run.path / "dataset" / "backgrounds").iterdir()) == ["00.png", "01.png"]
+    events = list(run_training(run))
+    assert isinstance(events[-1], Finished) and not events[-1].stopped
+    assert seen == [[(255, 128, 0), (0, 90, 200)]]
+
+
+def test_own_backgrounds_are_checked_and_limited(tmp_path):
+    from trainer.errors import UserError
+
+    good = tmp_path / "good.jpg"
+    Image.new("RGBA", (80, 64), (10, 20, 30, 128)).convert("RGB").save(good)
+    assert [b.mode for b in augment.load_user_backgrounds([good])] == ["RGB"]
+    bad = tmp_path / "holiday.png"
+    bad.write_bytes(b"%PDF-1.4 not an image")
+    with pytest.raises(UserError, match="holiday.png"):
+        augment.load_user_backgrounds([good, bad])
+    with pytest.raises(UserError, match=f"at most {augment.MAX_USER_BACKGROUNDS}"):
+        augment.load_user_backgrounds([good] * (augment.MAX_USER_BACKGROUNDS + 1))
+
+
 def test_no_bank_without_a_mask_or_with_augmentation_off():
     parts = load_parts(resolve_model("tiny-demo"))
     image, mask = striped_subject()

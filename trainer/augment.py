@@ -24,11 +24,14 @@ from PIL import Image
 
 from trainer.config import TrainingConfig
 from trainer.data import EncodedExample, TrainingImage, _fit, encode_image
+from trainer.errors import UserError
+from trainer.runs import BACKGROUNDS_DIR
 
 BANK_SIZE = 12  # 12 latents: varied enough that no background is seen in more than ~1 step in 50 at p=0.25
 ENCODE_BATCH = 4
 BUILTIN_KINDS = ("solid", "gradient", "noise", "own_colours")
-BACKGROUNDS_DIR = "dataset/backgrounds"  # optional user backgrounds inside a run folder (PNG/JPEG/WEBP)
+# Every other bank entry is a user photo when there are any: more photos than that would never be used.
+MAX_USER_BACKGROUNDS = BANK_SIZE // 2
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
 
 
@@ -144,6 +147,18 @@ def augmented_pixels(image: TrainingImage, count: int = BANK_SIZE, seed: int = 0
 
 
 # ---- the bank, and using it in the loop -------------------------------------------------------------
+
+def load_user_backgrounds(paths: Iterable[str | Path]) -> list[Image.Image]:
+    """The user's own background photos (upload or ``--background``), decoded by the safe image loader; a bad file
+    or too many files is a ``UserError`` that names the problem."""
+    from trainer.images import load_image
+
+    paths = [Path(p) for p in paths]
+    if len(paths) > MAX_USER_BACKGROUNDS:
+        raise UserError(f"{len(paths)} backgrounds of your own were given; at most {MAX_USER_BACKGROUNDS} are used (every "
+                        f"other one of the {BANK_SIZE} augmented versions). Keep the most varied ones.")
+    return [load_image(p, what=f"background '{p.name}'").convert("RGB") for p in paths]
+
 
 def user_backgrounds(run_path: Path | str) -> list[Image.Image]:
     """Backgrounds the user supplied for this run (``dataset/backgrounds/*`` in the run folder), if any."""

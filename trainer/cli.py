@@ -32,6 +32,9 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--image", type=Path, help="PNG, JPEG or WEBP; a transparent PNG's alpha is its mask")
     train.add_argument("--mask", type=Path, help="black/white mask image (white = subject, trained)")
     train.add_argument("--no-mask", action="store_true", help="train on the whole image (no masked loss)")
+    train.add_argument("--background", type=Path, action="append", default=[], metavar="IMAGE",
+                       help="a photo of your own for background augmentation: the subject is pasted onto it in some "
+                            "steps (repeatable, at most 6)")
     train.add_argument("--caption", help="caption; [trigger] is replaced by the trigger word")
     train.add_argument("--trigger", default="", help="trigger word, e.g. ohwx")
     train.add_argument("--preset", default="character-rank4-400", help="preset name (see: python -m trainer presets)")
@@ -269,6 +272,7 @@ def _prepared_run(args):
 
 def _prepare_new_run(args):
     """Validate the inputs, decide the mask, and create the run folder (config, image, mask, run.json)."""
+    from trainer.augment import load_user_backgrounds
     from trainer.config import load_preset
     from trainer.dataset import training_mask
     from trainer.images import load_image, load_mask
@@ -287,8 +291,12 @@ def _prepare_new_run(args):
         model=args.model or default_model(), masked=not args.no_mask, **overrides)
     config, notice = adjust_for_model(config)
     image = load_image(args.image)  # a bad image is the one line the user sees, before any note
+    backgrounds = load_user_backgrounds(args.background)
     if notice:
         print(f"note: {notice}", file=sys.stderr)
+    if backgrounds and not (config.masked and config.augment_probability > 0):
+        print("note: --background is used only by background augmentation, which needs the mask and an augmentation "
+              "probability above 0 (this preset's is 0, or --no-mask was given).", file=sys.stderr)
     mask = None
     if not args.no_mask:
         given = load_mask(args.mask, size=image.size) if args.mask else None
@@ -300,7 +308,7 @@ def _prepare_new_run(args):
                 print(f"warning: the automatic mask is unsure: check {Path(args.output) / 'dataset' / 'mask.png'}, "
                       "or give your own with --mask (white = subject).", file=sys.stderr)
     try:
-        run = RunFolder.create_at(args.output, config, image, mask)
+        run = RunFolder.create_at(args.output, config, image, mask, backgrounds)
     except FileExistsError:
         raise UserError(f"The output folder '{args.output}' already exists and is not empty. Choose a new folder, "
                         "or add --resume to continue the run in it.") from None

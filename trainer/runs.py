@@ -11,7 +11,7 @@ import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from PIL import Image
 
@@ -21,6 +21,7 @@ from trainer.fsutil import atomic_write_bytes, atomic_write_json
 MANIFEST = "run.json"
 IMAGE_FILE = "dataset/image.png"
 MASK_FILE = "dataset/mask.png"
+BACKGROUNDS_DIR = "dataset/backgrounds"  # the user's own photos for background augmentation (trainer.augment)
 
 
 def new_run_id(name: str) -> str:
@@ -45,14 +46,15 @@ class RunFolder:
     # ---- creating and opening
     @classmethod
     def create(cls, root: Path, config: TrainingConfig, image: Image.Image, mask: Image.Image | None,
-               run_id: str | None = None) -> "RunFolder":
+               run_id: str | None = None, backgrounds: Sequence[Image.Image] = ()) -> "RunFolder":
         """A new run in a fresh folder under ``root``."""
-        return cls.create_at(Path(root) / (run_id or new_run_id(config.name)), config, image, mask)
+        return cls.create_at(Path(root) / (run_id or new_run_id(config.name)), config, image, mask, backgrounds)
 
     @classmethod
     def create_at(cls, path: Path, config: TrainingConfig, image: Image.Image,
-                  mask: Image.Image | None) -> "RunFolder":
-        """Write the dataset (image + mask as PNG) and a first ``run.json`` into ``path`` (new or empty)."""
+                  mask: Image.Image | None, backgrounds: Sequence[Image.Image] = ()) -> "RunFolder":
+        """Write the dataset (image + mask as PNG, the user's own backgrounds if any) and a first ``run.json`` into
+        ``path`` (new or empty)."""
         path = Path(path)
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
             raise FileExistsError(path)
@@ -61,6 +63,8 @@ class RunFolder:
         atomic_write_bytes(path / IMAGE_FILE, _png_bytes(image))
         if mask is not None:
             atomic_write_bytes(path / MASK_FILE, _png_bytes(mask.convert("L")))
+        for index, background in enumerate(backgrounds):
+            atomic_write_bytes(path / BACKGROUNDS_DIR / f"{index:02d}.png", _png_bytes(background.convert("RGB")))
         run.save()
         return run
 

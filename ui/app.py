@@ -9,6 +9,7 @@ from pathlib import Path
 
 import gradio as gr
 
+from trainer.augment import MAX_USER_BACKGROUNDS
 from trainer.errors import UserError
 from trainer.images import MAX_FILE_BYTES
 from trainer.inference import InferenceService
@@ -95,6 +96,9 @@ def build_app(manager: JobManager, runs_root: Path, state_secret: str | None = N
                                                          label="Unmasked probability (share of whole-image steps)")
                         augment_probability = gr.Slider(0.0, 1.0, value=augment0, step=0.05,
                                                         label="Background augmentation (share of steps on other backgrounds)")
+                        own_backgrounds = gr.File(
+                            label=f"Your own backgrounds for augmentation (optional, up to {MAX_USER_BACKGROUNDS} photos)",
+                            file_count="multiple", file_types=["image"], type="filepath", elem_id="own-backgrounds")
                 gr.Markdown(dataset_step.LOSS_HELP)
                 mask_editor = gr.ImageEditor(
                     label="Paint corrections: green adds to the subject, red removes", type="pil", image_mode="RGBA",
@@ -203,14 +207,15 @@ def build_app(manager: JobManager, runs_root: Path, state_secret: str | None = N
                   background_weight_, normalize_, unmasked_, augment_, memory_tier_,
                   request: gr.Request, profile: gr.OAuthProfile | None = None,
                   oauth_token: gr.OAuthToken | None = None,
-                  gpus_=1):  # the input after memory_tier (gradio slots request/profile/token in by their type)
+                  gpus_=1, backgrounds_=None):  # the inputs after memory_tier (gradio slots request/profile/token in
+                                                 # by their type)
             owner, token = owner_and_token(owner_id(stored, request), profile, oauth_token)
             try:
                 message = controller.start(owner, dataset, caption_, trigger_, prompts_, preset_, rank_, steps_,
                                            lr_, every_, model_, token=token,
                                            loss_settings=dataset_step.loss_settings(
                                                background_weight_, normalize_, unmasked_, augment_),
-                                           memory_tier=memory_tier_, gpus=gpus_)
+                                           memory_tier=memory_tier_, gpus=gpus_, backgrounds=backgrounds_)
             except UserError as err:
                 raise gr.Error(str(err), print_exception=False) from None
             return message, gr.update(interactive=False), gr.update(interactive=True)
@@ -242,26 +247,26 @@ def build_app(manager: JobManager, runs_root: Path, state_secret: str | None = N
         train_btn.click(
             start, [owner_state, dataset_state, caption, trigger, prompts, preset, rank, steps, learning_rate,
                     save_every, model, background_weight, normalize_mask, unmasked_probability, augment_probability,
-                    memory_tier, gpus],
+                    memory_tier, gpus, own_backgrounds],
             [progress, train_btn, stop_btn], api_name=False, concurrency_limit=None,
         ).success(follow, owner_state, stream_outputs, api_name="follow", concurrency_limit=None)
 
         def start_api(stored, dataset, caption, trigger, prompts, preset, rank=None, steps=None, learning_rate=None,
                       save_every=None, model=None, background_weight=None, normalize_mask=None,
                       unmasked_probability=None, augment_probability=None, memory_tier="auto", gpus=1,
-                      request: gr.Request = None, profile: gr.OAuthProfile | None = None,
+                      backgrounds=None, request: gr.Request = None, profile: gr.OAuthProfile | None = None,
                       oauth_token: gr.OAuthToken | None = None):
             # The page's inputs in the page's order; a preset setting left out (None) is the named preset's.
             return start(stored, dataset, caption, trigger, prompts, preset, rank, steps, learning_rate, save_every,
                          model, background_weight, normalize_mask, unmasked_probability, augment_probability,
-                         memory_tier, request, profile, oauth_token, gpus)
+                         memory_tier, request, profile, oauth_token, gpus, backgrounds)
 
         # /train for API clients: gradio_client fills a left-out input with its component's initial value, which
         # for the page's controls is the first preset's; these inputs have none.
         api_train.click(
             start_api, [owner_state, dataset_state, caption, trigger, prompts, preset, api_rank, api_steps, api_lr,
                         api_every, model, api_background_weight, api_normalize, api_unmasked, api_augment,
-                        memory_tier, api_gpus],
+                        memory_tier, api_gpus, own_backgrounds],
             [progress, train_btn, stop_btn], api_name="train", concurrency_limit=None)
         stop_btn.click(stop, owner_state, progress, api_name="stop", concurrency_limit=None)
         resume_btn.click(resume, owner_state, [progress, train_btn, stop_btn, resume_btn], api_name="resume",

@@ -102,8 +102,8 @@ repeated in every output). Small values such as 0.1 keep some context, as ai-too
 of learning the background a little. **Normalise by mask area** keeps the step size the same for a small or a large
 subject. **Unmasked probability**: the share of steps trained on the whole image (OneTrainer's option). **Background
 augmentation**: the share of steps trained on the subject pasted onto other backgrounds (colours, gradients, noise,
-its own colours blurred), so the subject is never tied to one background; the variations are encoded once before
-training, so it costs no speed."""
+its own colours blurred, and your own photos if you add some), so the subject is never tied to one background;
+the variations are encoded once before training, so it costs no speed."""
 
 
 def base_mask(dataset: Dataset) -> Image.Image | None:

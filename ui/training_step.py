@@ -14,6 +14,7 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
+from trainer.augment import load_user_backgrounds
 from trainer.config import load_preset
 from trainer.errors import UserError
 from trainer.jobs import JobManager
@@ -23,6 +24,14 @@ from ui.settings_step import model_spec, prompt_lines
 from ui.view import RunView
 
 MIN_UPDATE_INTERVAL = 0.4  # seconds between page updates while streaming; a 16 it/s CPU run would flood the socket
+
+
+def _file_paths(files) -> list[str]:
+    """Paths from a gr.File value (None, a path, or a list of paths / file dicts from the API)."""
+    if not files:
+        return []
+    files = files if isinstance(files, (list, tuple)) else [files]
+    return [f.get("path") if isinstance(f, dict) else str(f) for f in files if f]
 
 
 def owner_folder(owner: str) -> str:
@@ -38,9 +47,10 @@ class TrainingController:
     def start(self, owner: str, dataset, caption: str, trigger: str, prompts: str, preset: str, rank, steps,
               learning_rate, save_every, model: str, token: str | None = None,
               loss_settings: dict | None = None, memory_tier: str = "auto",
-              gpus: int = 1) -> str:
+              gpus: int = 1, backgrounds=()) -> str:
         """Create the run folder and queue the job. Returns a message for the page. ``rank``, ``steps``,
-        ``learning_rate`` and ``save_every`` override the preset's; None keeps the preset's value."""
+        ``learning_rate`` and ``save_every`` override the preset's; None keeps the preset's value. ``backgrounds``:
+        paths of the user's own photos for background augmentation."""
         if dataset is None:
             raise UserError("Upload an image first (step 1).")
         if not (caption or "").strip():
@@ -61,7 +71,9 @@ class TrainingController:
         gpus = _whole(1 if gpus is None else gpus, "GPUs")  # N > 1: data parallel, batch 1 each, lr x sqrt(N)
         if gpus != 1 and not 1 <= gpus <= self.manager.max_gpus:
             raise UserError(f"This server can give a job at most {self.manager.max_gpus} GPU(s); {gpus} were asked for.")
-        run = RunFolder.create(self.runs_root / owner_folder(owner), config, dataset.image, dataset.mask)
+        own_backgrounds = load_user_backgrounds(_file_paths(backgrounds))
+        run = RunFolder.create(self.runs_root / owner_folder(owner), config, dataset.image, dataset.mask,
+                               backgrounds=own_backgrounds)
         if gpus > 1:
             run.gpus = gpus  # the job manager gives the job this many devices
             run.save()
