@@ -531,19 +531,36 @@ def plain_rembg(img: Image.Image, model: str) -> np.ndarray:
 _PLAIN_SESSIONS: dict = {}
 
 
-def evaluate(samples: list[Sample], models: list[str], save: Path | None = None, log=print):
+METHODS = ("plain", "refined", "clicked")
+METHOD_LABELS = {"plain": "plain rembg", "refined": "refined (ours)", "clicked": "ours + one click on the subject"}
+PAIRS = (("plain", "refined"), ("refined", "clicked"))  # per-image comparisons reported
+
+
+def click_point(gt: np.ndarray) -> tuple[int, int]:
+    """Where a user clicks on the subject: its deepest inside point (farthest from the outline), as (x, y)."""
+    depth = cv2.distanceTransform(gt.astype(np.uint8), cv2.DIST_L2, 5)
+    y, x = np.unravel_index(int(np.argmax(depth)), depth.shape)
+    return int(x), int(y)
+
+
+def _run_method(method: str, img: Image.Image, model: str, gt: np.ndarray) -> np.ndarray:
     from trainer.masking import auto_mask
 
+    if method == "plain":
+        return plain_rembg(img, model)
+    return np.asarray(auto_mask(img, model, point=click_point(gt) if method == "clicked" else None))
+
+
+def evaluate(samples: list[Sample], models: list[str], save: Path | None = None, log=print):
     rows = []  # (model, method, sample name, cls, iou, seconds)
     for model in models:
-        for method in ("plain", "refined"):
+        for method in METHODS:
             # warm-up (session creation) outside the timings
-            img0 = Image.fromarray(samples[0].rgb)
-            plain_rembg(img0, model) if method == "plain" else auto_mask(img0, model)
+            _run_method(method, Image.fromarray(samples[0].rgb), model, samples[0].gt)
             for s in samples:
                 img = Image.fromarray(s.rgb)
                 t0 = time.perf_counter()
-                m = plain_rembg(img, model) if method == "plain" else np.asarray(auto_mask(img, model))
+                m = _run_method(method, img, model, s.gt)
                 dt = time.perf_counter() - t0
                 rows.append((model, method, s.name, s.cls, iou(m, s.gt), dt))
                 if save is not None:
@@ -561,7 +578,7 @@ def summarize(rows, models):
     """{(model, method): {cls or 'all': (mean, worst, worst_name)}} and timing {(model, method): (mean, max)}."""
     table, timing = {}, {}
     for model in models:
-        for method in ("plain", "refined"):
+        for method in METHODS:
             rs = [r for r in rows if r[0] == model and r[1] == method]
             d = {}
             for cls in CLASSES + ("all",):
@@ -607,7 +624,7 @@ def stage_timing(samples, model: str, repeats: int = 3) -> str:
 
 
 def paired_stats(rows, models):
-    """Per model: the per-image comparison of refined against plain."""
+    """Per model and pair of methods (``PAIRS``): the per-image comparison of the second against the first."""
     out = {}
     for model in models:
         per = {}
@@ -615,38 +632,42 @@ def paired_stats(rows, models):
             if r[0] == model:
                 per.setdefault(r[2], {})[r[1]] = r[4]
         names = sorted(per)
-        p = np.array([per[n]["plain"] for n in names])
-        q = np.array([per[n]["refined"] for n in names])
-        diff = q - p
-        found = p >= 0.5
-        out[model] = dict(
-            n=len(names),
-            better=int((diff > 0.005).sum()),
-            worse=int((diff < -0.005).sum()),
-            max_loss=(float(diff.min()), names[int(diff.argmin())]),
-            max_gain=(float(diff.max()), names[int(diff.argmax())]),
-            p10=(float(np.percentile(p, 10)), float(np.percentile(q, 10))),
-            median=(float(np.median(p)), float(np.median(q))),
-            misses=(int((p < 0.2).sum()), int((q < 0.2).sum())),
-            found=int(found.sum()),
-            worst_found=(float(p[found].min()) if found.any() else float("nan"),
-                         float(q[found].min()) if found.any() else float("nan")),
-        )
+        for first, second in PAIRS:
+            out[(model, first, second)] = _paired(names, np.array([per[n][first] for n in names]),
+                                                  np.array([per[n][second] for n in names]))
     return out
+
+
+def _paired(names, p, q) -> dict:
+    diff = q - p
+    found = p >= 0.5
+    return dict(
+        n=len(names),
+        better=int((diff > 0.005).sum()),
+        worse=int((diff < -0.005).sum()),
+        max_loss=(float(diff.min()), names[int(diff.argmin())]),
+        max_gain=(float(diff.max()), names[int(diff.argmax())]),
+        p10=(float(np.percentile(p, 10)), float(np.percentile(q, 10))),
+        median=(float(np.median(p)), float(np.median(q))),
+        misses=(int((p < 0.2).sum()), int((q < 0.2).sum())),
+        found=int(found.sum()),
+        worst_found=(float(p[found].min()) if found.any() else float("nan"),
+                     float(q[found].min()) if found.any() else float("nan")),
+    )
 
 
 def format_paired(stats) -> str:
     lines = []
-    for model, st in stats.items():
+    for (model, first, second), st in stats.items():
         lines += [
-            f"{model}, per image ({st['n']} images), plain rembg -> refined:",
-            f"- refined better on {st['better']}, worse on {st['worse']} (by more than 0.005 IoU); largest gain "
+            f"{model}, per image ({st['n']} images), {METHOD_LABELS[first]} -> {METHOD_LABELS[second]}:",
+            f"- better on {st['better']}, worse on {st['worse']} (by more than 0.005 IoU); largest gain "
             f"{st['max_gain'][0]:+.3f} (`{st['max_gain'][1]}`), largest loss {st['max_loss'][0]:+.3f} "
             f"(`{st['max_loss'][1]}`)",
             f"- median {st['median'][0]:.3f} -> {st['median'][1]:.3f}; 10th percentile {st['p10'][0]:.3f} -> "
             f"{st['p10'][1]:.3f}",
             f"- network misses (IoU < 0.2): {st['misses'][0]} -> {st['misses'][1]}",
-            f"- worst over the {st['found']} images where plain rembg found the subject (IoU >= 0.5): "
+            f"- worst over the {st['found']} images where {METHOD_LABELS[first]} found the subject (IoU >= 0.5): "
             f"{st['worst_found'][0]:.3f} -> {st['worst_found'][1]:.3f}",
         ]
     return "\n".join(lines)
@@ -656,11 +677,11 @@ def format_table(table, timing, models) -> str:
     lines = ["| model | method | " + " | ".join(f"{c} mean / worst" for c in CLASSES + ("all",)) + " | s / image (mean, max) |",
              "| --- | --- | " + " | ".join("---" for _ in CLASSES + ("all",)) + " | --- |"]
     for model in models:
-        for method in ("plain", "refined"):
+        for method in METHODS:
             d = table[(model, method)]
             cells = [f"{d[c][0]:.3f} / {d[c][1]:.3f}" if c in d else "-" for c in CLASSES + ("all",)]
             t = timing[(model, method)]
-            label = "plain rembg" if method == "plain" else "refined (ours)"
+            label = METHOD_LABELS[method]
             lines.append(f"| {model} | {label} | " + " | ".join(cells) + f" | {t[0]:.2f}, {t[1]:.2f} |")
     return "\n".join(lines)
 
@@ -706,7 +727,7 @@ def main(argv=None) -> int:
     print(paired)
     print(timing_text)
     for model in models:
-        for method in ("plain", "refined"):
+        for method in METHODS:
             d = table[(model, method)]
             print(f"worst {model} {method}: " + ", ".join(f"{c}={d[c][2]} ({d[c][1]:.3f})" for c in d))
     if args.write:
@@ -726,7 +747,7 @@ def write_results(text, paired, table, rows, models, missing, args):
             notes = old[old.index("\n## Notes") + 1:]
     worst_lines = []
     for model in models:
-        for method in ("plain", "refined"):
+        for method in METHODS:
             d = table[(model, method)]
             worst_lines.append(f"- {model}, {method}: " + "; ".join(f"{c}: `{d[c][2]}` {d[c][1]:.3f}" for c in CLASSES))
     n = len({r[2] for r in rows})
@@ -752,7 +773,9 @@ def write_results(text, paired, table, rows, models, missing, args):
 - Metric: IoU of (mask >= 128) against the exact ground truth (composite alpha >= 0.5). "worst" = the lowest
   single image.
 - "plain rembg" = `rembg.remove(image, session=new_session(model), only_mask=True)` with rembg's defaults.
-  "refined (ours)" = `trainer.masking.auto_mask(image, model, refine=True)`.
+  "refined (ours)" = `trainer.masking.auto_mask(image, model, refine=True)`. "ours + one click on the subject" =
+  `auto_mask(image, model, point=(x, y))` with (x, y) the subject's deepest inside point, as a user's click on the
+  preview when the mask missed the subject (a click on a subject already in the mask changes nothing).
 - Timing: wall-clock seconds per image including the network, sessions already loaded.
 
 ## Results

@@ -355,3 +355,27 @@ def test_own_backgrounds_go_into_the_run_and_a_bad_one_is_refused(app, tmp_path)
     with Image.open(stored[0]) as kept:
         assert kept.size == (320, 240) and kept.getpixel((5, 5)) == (30, 160, 220)
     follow_to_end(client)
+
+
+def test_a_click_on_the_subject_redoes_the_automatic_mask_and_not_a_given_one(app, tmp_path):
+    """/subject_point is the page's click on the preview (x, y in the image's pixels). On the subject the automatic
+    mask already covers, nothing changes; with the user's own mask there is no automatic mask to redo."""
+    import numpy as np
+
+    client = new_client(app, tmp_path, "point")
+    image, mask = subject_image((160, 200))
+    path = tmp_path / "subject.png"
+    image.save(path)
+    overlay_before, info = prepare(client, path)
+    assert "Click the subject" in info
+    ys, xs = np.nonzero(np.asarray(mask) > 127)
+    overlay_after, info_after = client.predict("u2netp", float(xs.mean()), float(ys.mean()), api_name="/subject_point")
+    assert np.array_equal(np.asarray(Image.open(overlay_after)), np.asarray(Image.open(overlay_before)))
+    assert "automatic background removal" in info_after
+
+    own_mask = tmp_path / "own mask.png"
+    mask.save(own_mask)
+    client.predict(handle_file(str(path)), handle_file(str(own_mask)), True, "u2netp", api_name="/prepare_dataset")
+    with pytest.raises(AppError) as refused:
+        client.predict("u2netp", 10.0, 10.0, api_name="/subject_point")
+    assert "redoes the automatic mask" in str(refused.value) and "your own mask" in str(refused.value)

@@ -32,6 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--image", type=Path, help="PNG, JPEG or WEBP; a transparent PNG's alpha is its mask")
     train.add_argument("--mask", type=Path, help="black/white mask image (white = subject, trained)")
     train.add_argument("--no-mask", action="store_true", help="train on the whole image (no masked loss)")
+    train.add_argument("--subject-point", type=_point, metavar="X,Y",
+                       help="a pixel on the subject, for the automatic mask (see: mask --point)")
     train.add_argument("--background", type=Path, action="append", default=[], metavar="IMAGE",
                        help="a photo of your own for background augmentation: the subject is pasted onto it in some "
                             "steps (repeatable, at most 6)")
@@ -69,6 +71,8 @@ def _parser() -> argparse.ArgumentParser:
     mask.add_argument("image", type=Path)
     mask.add_argument("--output", required=True, type=Path)
     mask.add_argument("--model", default="u2netp", help="background-removal model (u2netp works offline)")
+    mask.add_argument("--point", type=_point, metavar="X,Y",
+                      help="a pixel on the subject, for when the automatic mask picks something else or nothing")
 
     sub.add_parser("presets", help="list presets and their settings")
 
@@ -125,16 +129,30 @@ def _presets() -> int:
     return 0
 
 
+def _point(text: str) -> tuple[float, float]:
+    """``X,Y`` (pixels of the image, from its top left corner) for --point / --subject-point."""
+    try:
+        x, y = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected X,Y in pixels, such as 512,300; got '{text}'") from None
+    return x, y
+
+
 def _mask(args) -> int:
     from trainer.dataset import cut_out
     from trainer.images import load_image
-    from trainer.masking import WARNING_KEY
+    from trainer.masking import POINT_NOT_FOUND, WARNING_KEY
 
     image = load_image(args.image)
-    out = cut_out(image, model=args.model)
+    out = cut_out(image, model=args.model, point=args.point)
     _write_png(out, args.output)
     print(args.output)
-    if out.info.get(WARNING_KEY):
+    warning = out.info.get(WARNING_KEY)
+    if warning == POINT_NOT_FOUND:
+        print(f"warning: nothing stands out at --point {args.point[0]:g},{args.point[1]:g}; the mask in {args.output} "
+              "is the automatic one. Paint a black/white mask (white = subject) and train with --mask.",
+              file=sys.stderr)
+    elif warning:
         print(f"warning: the automatic mask is unsure: check {args.output} (its alpha is the mask), or paint a "
               "black/white mask (white = subject) and train with --mask.", file=sys.stderr)
     return 0
@@ -300,11 +318,14 @@ def _prepare_new_run(args):
     mask = None
     if not args.no_mask:
         given = load_mask(args.mask, size=image.size) if args.mask else None
-        mask = training_mask(image, given)
+        mask = training_mask(image, given, point=args.subject_point)
         if given is None:
-            from trainer.masking import mask_warning
+            from trainer.masking import POINT_NOT_FOUND, mask_warning
 
-            if mask_warning(mask):
+            if mask_warning(mask) == POINT_NOT_FOUND:
+                print(f"warning: nothing stands out at --subject-point; the automatic mask is used: check "
+                      f"{Path(args.output) / 'dataset' / 'mask.png'}, or give your own with --mask.", file=sys.stderr)
+            elif mask_warning(mask):
                 print(f"warning: the automatic mask is unsure: check {Path(args.output) / 'dataset' / 'mask.png'}, "
                       "or give your own with --mask (white = subject).", file=sys.stderr)
     try:

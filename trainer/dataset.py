@@ -15,8 +15,9 @@ FULL_FRAME = 0.995  # mean coverage above which a mask masks nothing
 
 
 def training_mask(image: Image.Image, given: Image.Image | None = None, auto: bool = True,
-                  model: str = "u2netp") -> Image.Image | None:
-    """The "L" mask to train with (white = subject), or None for an unmasked run."""
+                  model: str = "u2netp", point: tuple[float, float] | None = None) -> Image.Image | None:
+    """The "L" mask to train with (white = subject), or None for an unmasked run. ``point`` (x, y): a pixel on the
+    subject, for the automatic mask (``trainer.masking.auto_mask``)."""
     if given is not None:
         mask = given.convert("L")
     else:
@@ -24,7 +25,7 @@ def training_mask(image: Image.Image, given: Image.Image | None = None, auto: bo
         if mask is None and auto:
             from trainer.masking import auto_mask
 
-            mask = auto_mask(image, model=model)
+            mask = auto_mask(image, model=model, point=point)
     if mask is None or mask_coverage(mask) >= FULL_FRAME:
         return None
     return mask
@@ -34,12 +35,12 @@ def mask_coverage(mask: Image.Image) -> float:
     return float(np.asarray(mask.convert("L"), dtype=np.float32).mean() / 255.0)
 
 
-def cut_out(image: Image.Image, model: str = "u2netp") -> Image.Image:
+def cut_out(image: Image.Image, model: str = "u2netp", point: tuple[float, float] | None = None) -> Image.Image:
     """The image as RGBA with the automatic mask as its alpha (and the mask's warning, if any, in its info)."""
     from trainer.masking import WARNING_KEY, auto_mask, mask_warning
 
     out = image.convert("RGB").convert("RGBA")
-    mask = auto_mask(image, model=model)
+    mask = auto_mask(image, model=model, point=point)
     out.putalpha(mask)
     if mask_warning(mask):
         out.info[WARNING_KEY] = mask_warning(mask)

@@ -38,6 +38,14 @@ def owner_id(stored: str | None, request: gr.Request | None) -> str:
     return getattr(request, "session_hash", None) or "anonymous"
 
 
+def _page_errors(handler, *args, **kwargs):
+    """Call a step's handler; its ``UserError`` becomes the page's error message (no traceback)."""
+    try:
+        return handler(*args, **kwargs)
+    except UserError as err:
+        raise gr.Error(str(err), print_exception=False) from None
+
+
 def build_app(manager: JobManager, runs_root: Path, state_secret: str | None = None) -> gr.Blocks:
     controller = TrainingController(manager, runs_root)
     inference = InferenceService()  # one loaded base model, shared by Compare and Try it
@@ -157,6 +165,8 @@ def build_app(manager: JobManager, runs_root: Path, state_secret: str | None = N
                 # The /train API's own inputs for the settings a preset fills in (no value: a call that leaves one
                 # out gets the named preset's, not the first preset's that the page's controls start with).
                 api_train = gr.Button(visible=False)
+                api_point = gr.Button(visible=False)  # /subject_point: the API's click on the subject
+                api_point_x, api_point_y = (gr.Number(value=None, visible=False) for _ in range(2))
                 api_rank, api_steps, api_lr, api_every, api_background_weight, api_unmasked, api_augment = (
                     gr.Number(value=None, visible=False) for _ in range(7))
                 api_normalize = gr.Dropdown(choices=[True, False], value=None, visible=False)
@@ -183,6 +193,17 @@ def build_app(manager: JobManager, runs_root: Path, state_secret: str | None = N
         for trigger_event in (mask_file.change, use_mask.change, mask_model.change):
             trigger_event(dataset_step.on_dataset_change, dataset_inputs, dataset_outputs,
                           api_name=False, concurrency_limit=2).then(**new_mask)
+        # A click on the preview says where the subject is: the automatic mask looks for it there.
+        def on_preview_click(dataset, mask_model_, evt: gr.SelectData):
+            return _page_errors(dataset_step.on_subject_point, dataset, mask_model_, *evt.index[:2])
+
+        def on_api_point(dataset, mask_model_, x, y):  # /subject_point: x, y in the image's own pixels
+            return _page_errors(dataset_step.on_subject_point, dataset, mask_model_, x, y, display_pixels=False)
+
+        preview.select(on_preview_click, [dataset_state, mask_model], dataset_outputs, api_name=False,
+                       concurrency_limit=2).then(**new_mask)
+        api_point.click(on_api_point, [dataset_state, mask_model, api_point_x, api_point_y], dataset_outputs,
+                        api_name="subject_point", concurrency_limit=2).then(**new_mask)
         mask_view_inputs = [dataset_state, mask_threshold, mask_softness, mask_grow, mask_editor, preset,
                             background_weight]
         mask_view_outputs = [dataset_state, preview, mask_full, mask_tokens, mask_info]

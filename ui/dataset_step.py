@@ -47,6 +47,25 @@ def build_dataset(image_file: str | None, mask_file: str | None, use_mask: bool,
     return Dataset(image, mask, source if mask is not None else "none", mask_warning=warning)
 
 
+def on_subject_point(dataset: Dataset | None, mask_model: str, x: float, y: float, *, display_pixels: bool = True):
+    """Gradio handler: the user pointed at the subject at (x, y) — a click on the preview (display pixels), or image
+    pixels from the API. The automatic mask is made again, looking for the subject there when it had missed it.
+    (dataset state, overlay image, description markdown); ``UserError`` when there is no automatic mask to redo."""
+    if dataset is None:
+        raise UserError("Upload an image first (step 1).")
+    if dataset.mask_source != "automatic":
+        given = {"uploaded mask": "your own mask", "transparency": "the image's transparency as its mask",
+                 "none": "no mask"}[dataset.mask_source]
+        raise UserError(f"Clicking the subject redoes the automatic mask, but this image uses {given}. Paint "
+                        "corrections in step 2 instead.")
+    from trainer.masking import auto_mask_result
+
+    scale = dataset.image.width / _display_size(dataset.image.size)[0] if display_pixels else 1.0
+    result = auto_mask_result(dataset.image, mask_model, point=(float(x) * scale, float(y) * scale))
+    updated = Dataset(dataset.image, result.mask, "automatic", mask_warning=result.warning)
+    return updated, overlay(updated), describe(updated)
+
+
 def overlay(dataset: Dataset) -> Image.Image:
     """The image with the background dimmed and tinted, so what will be trained stands out."""
     rgb = np.asarray(dataset.image.convert("RGB"), dtype=np.float32)
@@ -67,6 +86,8 @@ def describe(dataset: Dataset) -> str:
         "none": "Mask: **none**, the whole image is trained (the background will be learned too).",
     }[dataset.mask_source]
     lines.append(source)
+    if dataset.mask_source == "automatic":
+        lines.append("Wrong subject, or none? **Click the subject** in this picture to look for it there.")
     if dataset.mask_warning:
         lines.append(f"⚠️ {dataset.mask_warning}")
     for advice in image_advice(dataset.image, dataset.mask):
@@ -136,12 +157,17 @@ def refine(dataset: Dataset, threshold: float | None, softness_px: float, grow_p
     return replace(dataset, mask=mask, raw_mask=base)
 
 
-def _display(image: Image.Image, side: int = DISPLAY_SIDE) -> Image.Image:
-    scale = side / max(image.size)
+def _display_size(size: tuple[int, int], side: int = DISPLAY_SIDE) -> tuple[int, int]:
+    """The size an image of ``size`` is shown at in the page (longest side at most ``side``)."""
+    scale = side / max(size)
     if scale >= 1:
-        return image
-    return image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
-                        Image.Resampling.LANCZOS)
+        return size
+    return max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
+
+
+def _display(image: Image.Image, side: int = DISPLAY_SIDE) -> Image.Image:
+    size = _display_size(image.size, side)
+    return image if size == image.size else image.resize(size, Image.Resampling.LANCZOS)
 
 
 def editor_value(dataset: Dataset | None):
