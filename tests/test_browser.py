@@ -31,6 +31,7 @@ RUN_TIMEOUT = 300
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -r requirements-dev.txt)")
 from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
+from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
@@ -263,3 +264,12 @@ def test_a_full_run_in_the_browser_and_the_readme_screenshot(app, browser, tmp_p
     with Image.open(SCREENSHOT) as shot:
         width, height = shot.size
     assert width == 1280 and height >= 2400, shot.size
+
+    # After the run (so the README screenshot shows no warning): a click on the preview says where the subject is.
+    # Near the top-left corner there is only flat background, so the page answers that nothing stands out there
+    # (the click reached the mask code, with image coordinates).
+    assert "Click the subject" in text_of(browser, "#image-info")
+    picture = browser.find_element(By.CSS_SELECTOR, "#mask-preview img")
+    ActionChains(browser).move_to_element_with_offset(picture, -picture.size["width"] // 2 + 6,
+                                                      -picture.size["height"] // 2 + 6).click().perform()
+    wait_until(browser, lambda d: "Nothing stands out" in text_of(d, "#image-info"), 120, "the answer to the click")
