@@ -17,8 +17,8 @@ import pytest
 from tests.conftest import subject_image
 from trainer.cli import main as cli_main
 from trainer.config import TrainingConfig
-from trainer.events import (CheckpointSaved, Failed, Finished, Preview, PreviewsRendered, Progress, Started, Status,
-                            event_from_dict, event_to_dict, from_json_line, to_json_line)
+from trainer.events import (CheckpointSaved, Failed, Finished, LossHistory, Preview, PreviewsRendered, Progress,
+                            Started, Status, event_from_dict, event_to_dict, from_json_line, to_json_line)
 from trainer.errors import UserError
 from trainer.jobs import JobManager
 from trainer.multigpu import child_environment, describe_devices
@@ -88,6 +88,7 @@ def test_every_event_round_trips_through_one_json_line():
         Status("Loading model — ü"),
         Started(run_dir=run_dir, total_steps=400, checkpoint_steps=(50, 100), train_width=448, train_height=576),
         Progress(step=3, total_steps=400, loss=0.123456789, steps_per_second=1.5, eta_seconds=265.3),
+        LossHistory(points=((1, 0.5), (2, 0.25))),
         CheckpointSaved(step=50, path=run_dir / "lora-000050.safetensors", size_bytes=1234),
         PreviewsRendered(step=50, previews=(Preview(path=run_dir / "samples" / "a.png", prompt="ohwx\n2", seed=1),
                                             Preview(path=run_dir / "samples" / "b.png", prompt="x", seed=2))),
@@ -103,7 +104,7 @@ def test_every_event_round_trips_through_one_json_line():
         assert back == event and type(back) is type(event)
         assert event_from_dict(json.loads(json.dumps(event_to_dict(event)))) == event
     assert isinstance(from_json_line(to_json_line(events[1])).run_dir, Path)
-    assert isinstance(from_json_line(to_json_line(events[4])).previews[0].path, Path)
+    assert isinstance(from_json_line(to_json_line(events[5])).previews[0].path, Path)
     for bad in ('{"type": "Nope"}', '{"type": "Status"}', '{"type": "Status", "message": "a", "extra": 1}', "[1]",
                 "not json"):
         with pytest.raises(ValueError):

@@ -149,6 +149,34 @@ def test_resume_from_last_state_reproduces_the_remaining_checkpoints(finished_ru
     assert [c["step"] for c in RunFolder.open(run.path).checkpoints] == [1, 2, 3, 4]
 
 
+def test_a_resumed_job_shows_the_whole_loss_curve(tmp_path):
+    """Each checkpoint keeps the losses of its steps in run.json; a resumed job's events start with them, so the
+    page's loss plot shows the steps trained before the interruption too, with the same values."""
+    from trainer.events import LossHistory
+    from ui.view import RunView
+
+    first = list(run_training(new_run(tmp_path / "run")))
+    assert isinstance(first[-1], Finished)
+    trained = [(e.step, e.loss) for e in first if isinstance(e, Progress)]
+    run = RunFolder.open(tmp_path / "run")
+    assert [s for s, _ in run.loss_history()] == [1, 2, 3, 4]
+    assert all(abs(a - b) < 1e-5 for (_, a), (_, b) in zip(run.loss_history(), trained))
+    for step in (3, 4):  # as if killed after the step-2 save
+        run.checkpoint_path(step).unlink()
+        for f in training_state.state_files(run.path, step):
+            f.unlink()
+    run.set_status("interrupted")
+    events = resume_run(run)
+    history = [e for e in events if isinstance(e, LossHistory)]
+    assert len(history) == 1 and [s for s, _ in history[0].points] == [1, 2]
+    assert events.index(history[0]) < min(i for i, e in enumerate(events) if isinstance(e, Progress))
+    view = RunView()
+    for event in events:
+        view.apply(event)
+    assert [s for s, _ in view.losses] == [1, 2, 3, 4]  # the plot: before the interruption, then after
+    assert [s for s, _ in RunFolder.open(run.path).loss_history()] == [1, 2, 3, 4]
+
+
 def damage(run: RunFolder, step: int, how: str) -> None:
     import pickle
 

@@ -60,6 +60,13 @@ class PreviewsRendered:
 
 
 @dataclass(frozen=True)
+class LossHistory:
+    """The loss curve of the steps trained before a resume, (step, loss) in order: each checkpoint keeps its part
+    in run.json, so a resumed job's page shows the whole curve, not only the steps after the resume."""
+    points: tuple[tuple[int, float], ...]
+
+
+@dataclass(frozen=True)
 class Finished:
     run_dir: Path
     last_step: int
@@ -76,12 +83,13 @@ class Failed:
     last_step: int = 0
 
 
-Event = Union[Status, Started, Progress, CheckpointSaved, PreviewsRendered, Finished, Failed]
+Event = Union[Status, Started, Progress, LossHistory, CheckpointSaved, PreviewsRendered, Finished, Failed]
 TERMINAL_EVENTS = (Finished, Failed)
 
 
 # ---- one event as one line of JSON (a multi-GPU job's processes → the app)
-_TYPES = {cls.__name__: cls for cls in (Status, Started, Progress, CheckpointSaved, PreviewsRendered, Finished, Failed)}
+_TYPES = {cls.__name__: cls for cls in (Status, Started, Progress, LossHistory, CheckpointSaved, PreviewsRendered,
+                                         Finished, Failed)}
 _PATH_FIELDS = {"run_dir", "path"}
 
 
@@ -96,6 +104,8 @@ def event_to_dict(event: Event) -> dict[str, Any]:
             value = str(value)
         elif f.name == "previews":
             value = [{"path": str(p.path), "prompt": p.prompt, "seed": p.seed} for p in value]
+        elif f.name == "points":
+            value = [[step, loss] for step, loss in value]
         elif isinstance(value, tuple):
             value = list(value)
         data[f.name] = value
@@ -121,6 +131,8 @@ def event_from_dict(data: dict[str, Any]) -> Event:
             value = tuple(Preview(path=Path(p["path"]), prompt=p["prompt"], seed=p["seed"]) for p in value)
         elif name == "checkpoint_steps":
             value = tuple(value)
+        elif name == "points":
+            value = tuple((int(step), float(loss)) for step, loss in value)
         values[name] = value
     return cls(**values)
 

@@ -106,6 +106,7 @@ def _train_lora(parts, example: EncodedExample, cfg: TrainingConfig, run: RunFol
     checkpoint_steps = set(cfg.checkpoint_steps)
     save_dtype = parts.dtype
     timer = StepTimer()
+    losses_since_save: list[tuple[int, float]] = []  # kept with the next checkpoint in run.json (resume shows them)
     save_size = diskspace.save_bytes(sum(p.numel() for p in params), torch.finfo(save_dtype).bits // 8,
                                      diskspace.preview_bytes(cfg.resolution, len(cfg.preview_prompts)))
     start = 0
@@ -163,6 +164,7 @@ def _train_lora(parts, example: EncodedExample, cfg: TrainingConfig, run: RunFol
         rate = timer.add(time.perf_counter() - started)
         yield Progress(step=step, total_steps=cfg.steps, loss=loss_value, steps_per_second=rate,
                        eta_seconds=(cfg.steps - step) / rate)
+        losses_since_save.append((step, loss_value))
 
         if step in checkpoint_steps:
             if not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
@@ -180,7 +182,8 @@ def _train_lora(parts, example: EncodedExample, cfg: TrainingConfig, run: RunFol
             path = run.checkpoint_path(step)
             size = save_lora(transformer, path, dtype=save_dtype, extra_metadata=_checkpoint_metadata(cfg, run, step))
             writer.save(run.path, step, transformer, optimizer, generator, mask_generator, cfg)
-            run.record_checkpoint(step, path)
+            run.record_checkpoint(step, path, losses_since_save)
+            losses_since_save = []
             yield CheckpointSaved(step=step, path=path, size_bytes=size)
             yield Status(f"Rendering previews for step {step}")
             event = _render_previews(step, cfg, run, renderer, should_stop)

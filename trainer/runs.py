@@ -96,11 +96,18 @@ class RunFolder:
         return self.path / "samples" / f"{self.config.name}-{step:06d}-{index:02d}.png"
 
     # ---- recording progress
-    def record_checkpoint(self, step: int, path: Path) -> None:
+    def record_checkpoint(self, step: int, path: Path, losses: Sequence[tuple[int, float]] = ()) -> None:
+        """A saved checkpoint; ``losses``: the (step, loss) of the steps trained since the previous one (a resume
+        restores the loss curve from them)."""
         self.checkpoints = [c for c in self.checkpoints if c["step"] != step]
-        self.checkpoints.append({"step": step, "path": path.name, "previews": []})
+        self.checkpoints.append({"step": step, "path": path.name, "previews": [],
+                                 "losses": [[s, round(float(loss), 6)] for s, loss in losses]})
         self.checkpoints.sort(key=lambda c: c["step"])
         self.save()
+
+    def loss_history(self) -> tuple[tuple[int, float], ...]:
+        """The (step, loss) recorded with the checkpoints, in order (older run folders have none)."""
+        return tuple((int(s), float(loss)) for c in self.checkpoints for s, loss in c.get("losses", []))
 
     def record_previews(self, step: int, previews: list[dict[str, Any]]) -> None:
         entries = [{"path": str(Path(p["path"]).relative_to(self.path)), "prompt": p["prompt"], "seed": p["seed"]}

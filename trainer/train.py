@@ -20,7 +20,8 @@ from trainer.augment import with_background_bank
 from trainer.distributed import DistributedContext
 from trainer.data import encode_example, encode_prompts, free_encoders, prepare_image
 from trainer.errors import UserError
-from trainer.events import CheckpointSaved, Event, Failed, Finished, Preview, PreviewsRendered, Started, Status
+from trainer.events import (CheckpointSaved, Event, Failed, Finished, LossHistory, Preview, PreviewsRendered, Started,
+                            Status)
 from trainer.loop import train_lora
 from trainer.memory import choose_tier
 from trainer.models import is_tiny_demo, load_parts, pick_device, place_transformer, resolve_model
@@ -184,7 +185,9 @@ def _placing_message(weights: str) -> str:
 
 
 def _saved_so_far(run: RunFolder) -> Iterator[Event]:
-    """A resumed job's history starts with the checkpoints and previews saved before the interruption."""
+    """A resumed job's history starts with the loss curve, checkpoints and previews saved before the interruption."""
+    if run.loss_history():
+        yield LossHistory(points=run.loss_history())
     if run.base_previews:
         yield PreviewsRendered(step=0, previews=_previews(run, run.base_previews))
     for c in run.checkpoints:

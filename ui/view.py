@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from trainer.events import (CheckpointSaved, Event, Failed, Finished, PreviewsRendered, Progress, Started,
+from trainer.events import (CheckpointSaved, Event, Failed, Finished, LossHistory, PreviewsRendered, Progress, Started,
                             Status)
 
 
@@ -44,6 +44,8 @@ class RunView:
             self.loss, self.steps_per_second, self.eta_seconds = event.loss, event.steps_per_second, event.eta_seconds
             self.losses.append((event.step, event.loss))
             self.status = "Training"
+        elif isinstance(event, LossHistory):  # a resumed run: the steps trained before the interruption
+            self.losses.extend(event.points)
         elif isinstance(event, CheckpointSaved):
             self.checkpoints.append((event.step, str(event.path), event.size_bytes))
         elif isinstance(event, PreviewsRendered):
