@@ -11,7 +11,10 @@ import os
 
 import re
 import shutil
+import sys
 import time
+import traceback
+import warnings
 from pathlib import Path
 from urllib.parse import urlparse
 from urllib.request import urlopen
@@ -107,14 +110,48 @@ def open_page(driver, url: str) -> None:
                "the page to load")
 
 
+def mask_preview_shown(driver) -> bool:
+    return any(img.get_attribute("src") and img.get_property("naturalWidth") > 0
+               for img in driver.find_elements(By.CSS_SELECTOR, "#mask-preview img"))
+
+
 def upload_image(driver, path: Path) -> None:
-    driver.find_element(By.CSS_SELECTOR, "#image-upload input[type=file]").send_keys(str(path))
-    # the mask preview appears once the upload is decoded and masked
-    wait_until(driver, lambda d: any(img.get_attribute("src") and img.get_property("naturalWidth") > 0
-                                     for img in d.find_elements(By.CSS_SELECTOR, "#mask-preview img")),
-               120, "the mask preview")
+    """Upload through the file input and wait for the mask preview (the upload decoded and masked).
+
+    OPEN BUG (closing note of 2026-12-01): rarely, in the first browser test after the API tests of the same pytest
+    process, the first upload never gets its mask preview (no server error, no page error). Until it is understood,
+    a missing preview after 90 s is reported as a warning with what the page and the server threads were doing, the
+    page is reloaded, and the upload is made once more; a second miss fails the test.
+    """
+    for attempt in (1, 2):
+        driver.find_element(By.CSS_SELECTOR, "#image-upload input[type=file]").send_keys(str(path))
+        try:
+            wait_until(driver, mask_preview_shown, 90 if attempt == 1 else 120, "the mask preview")
+            break
+        except AssertionError:
+            if attempt == 2:
+                raise
+            warnings.warn(f"the upload got no mask preview in 90 s; retried once after a reload. "
+                          f"{page_and_server_state(driver)}", stacklevel=2)
+            open_page(driver, driver.current_url)  # a fresh page (the owner id stays in localStorage)
     wait_until(driver, lambda d: "automatic background removal" in text_of(d, "#image-info"), 30,
                "the image description")
+
+
+def page_and_server_state(driver) -> str:
+    """What the page shows of the upload, and where this process's threads are in the project's code (the app runs
+    in the test's process), for the open bug above."""
+    page = {sel: text_of(driver, sel)[:200] for sel in ("#image-upload", "#image-info", "#progress")}
+    page["#mask-preview img src"] = [str(img.get_attribute("src"))[:120]
+                                     for img in driver.find_elements(By.CSS_SELECTOR, "#mask-preview img")]
+    ours = []
+    for thread_id, frame in sys._current_frames().items():
+        stack = [f"{Path(f.f_code.co_filename).name}:{line} {f.f_code.co_name}"
+                 for f, line in traceback.walk_stack(frame)
+                 if "/trainer/" in f.f_code.co_filename or "/ui/" in f.f_code.co_filename]
+        if stack:
+            ours.append(f"thread {thread_id}: " + " < ".join(stack[:6]))
+    return f"page: {page}; threads in trainer/ or ui/: {ours or 'none'}"
 
 
 def number_input(driver, label: str):
