@@ -186,8 +186,9 @@ def _placing_message(weights: str) -> str:
 
 def _saved_so_far(run: RunFolder) -> Iterator[Event]:
     """A resumed job's history starts with the loss curve, checkpoints and previews saved before the interruption."""
-    if run.loss_history():
-        yield LossHistory(points=run.loss_history())
+    losses = run.loss_history()
+    if losses:
+        yield LossHistory(points=losses)
     if run.base_previews:
         yield PreviewsRendered(step=0, previews=_previews(run, run.base_previews))
     for c in run.checkpoints:

@@ -20,6 +20,7 @@ from trainer.diskspace import start_temp_sweeper
 from trainer.resume import mark_interrupted
 from ui import dataset_step, settings_step
 from ui import compare_tab, tryit_tab
+from ui.compare_tab import user_errors
 from ui.hosting import hosting_notices, on_space, owner_and_token
 from ui.training_step import TrainingController
 
@@ -36,14 +37,6 @@ def owner_id(stored: str | None, request: gr.Request | None) -> str:
     if stored:
         return str(stored)
     return getattr(request, "session_hash", None) or "anonymous"
-
-
-def _page_errors(handler, *args, **kwargs):
-    """Call a step's handler; its ``UserError`` becomes the page's error message (no traceback)."""
-    try:
-        return handler(*args, **kwargs)
-    except UserError as err:
-        raise gr.Error(str(err), print_exception=False) from None
 
 
 def build_app(manager: JobManager, runs_root: Path, state_secret: str | None = None) -> gr.Blocks:
@@ -194,11 +187,13 @@ def build_app(manager: JobManager, runs_root: Path, state_secret: str | None = N
             trigger_event(dataset_step.on_dataset_change, dataset_inputs, dataset_outputs,
                           api_name=False, concurrency_limit=2).then(**new_mask)
         # A click on the preview says where the subject is: the automatic mask looks for it there.
+        @user_errors
         def on_preview_click(dataset, mask_model_, evt: gr.SelectData):
-            return _page_errors(dataset_step.on_subject_point, dataset, mask_model_, *evt.index[:2])
+            return dataset_step.on_subject_point(dataset, mask_model_, *evt.index[:2])
 
+        @user_errors
         def on_api_point(dataset, mask_model_, x, y):  # /subject_point: x, y in the image's own pixels
-            return _page_errors(dataset_step.on_subject_point, dataset, mask_model_, x, y, display_pixels=False)
+            return dataset_step.on_subject_point(dataset, mask_model_, x, y, display_pixels=False)
 
         preview.select(on_preview_click, [dataset_state, mask_model], dataset_outputs, api_name=False,
                        concurrency_limit=2).then(**new_mask)
