@@ -513,7 +513,7 @@ class Bench:
             self.project_teardown(s)
 
     # ---------------------------------------------------------------- preview
-    def run_preview(self, accel: str, n: int = 3):
+    def run_preview(self, accel: str, n: int = 3, batch: int = 1):
         from trainer.sampling import PreviewRenderer
 
         if self.transformer is None:
@@ -521,23 +521,30 @@ class Bench:
         res = 64 if self.tiny else 512
         steps = 4 if self.tiny else self.args.preview_steps
         base = dict(impl="project", accel=accel, kind="preview", rank=16 if not self.tiny else 4, resolution=res,
-                    checkpointing=False, preview_steps=steps)
+                    checkpointing=False, preview_steps=steps, batch=batch)
 
         def measure():
             s = self.project_setup(base["rank"], res, False)  # the LoRA is attached during previews
             parts = self.preview_parts()
             prompt = s.example.caption
             renderer = PreviewRenderer(parts, {prompt.prompt: prompt})
-            times = []
-            t = time.perf_counter()
-            img = renderer.render(prompt.prompt, 1, res, res, steps, 3.5)
-            self.sync()
-            first = time.perf_counter() - t
-            for _ in range(n):
+            prompts = [prompt.prompt] * batch
+            if self.cuda and "cudnn" in accel:
+                torch.backends.cuda.enable_cudnn_sdp(True)
+            try:
+                times = []
                 t = time.perf_counter()
-                img = renderer.render(prompt.prompt, 1, res, res, steps, 3.5)
+                img = renderer.render_batch(prompts, 1, res, res, steps, 3.5)[0]
                 self.sync()
-                times.append(time.perf_counter() - t)
+                first = time.perf_counter() - t
+                for _ in range(n):
+                    t = time.perf_counter()
+                    img = renderer.render_batch(prompts, 1, res, res, steps, 3.5)[0]
+                    self.sync()
+                    times.append((time.perf_counter() - t) / batch)
+            finally:
+                if self.cuda:
+                    torch.backends.cuda.enable_cudnn_sdp(False)
             # The VAE decode alone (part of each preview above).
             lat = torch.randn(1, parts.vae.config.latent_channels, res // 8, res // 8, device=self.device, dtype=self.dtype)
             with torch.no_grad():
@@ -557,7 +564,7 @@ class Bench:
             return dict(s_per_image=round(statistics.median(times), 3), first_image_s=round(first, 2),
                         vae_decode_s=round(decode, 3), n_images=len(times), **graph_info)
 
-        self.case(measure, base, est_s=15 if accel == "none" else 60)
+        self.case(measure, base, est_s=15 if accel.startswith("none") else 60)
 
     # ---------------------------------------------------------------- correctness of the graphed training step
     def run_stepcheck(self):
@@ -853,10 +860,14 @@ class Bench:
             self.log("plan item", item, "->", grid)
             if label == "baseline":
                 self.run_baseline(grid)
-            elif label in ("preview", "preview-compile"):
-                if label == "preview-compile":
+            elif label.startswith("preview"):
+                # preview | preview-compile, optionally +cudnn (cuDNN attention, forward only) and :N (a batch of N
+                # prompts per call, as a preview round renders them; the figure is per image)
+                name, _, batch = label.partition(":")
+                if "compile" in name:
                     self.ensure_compiled()
-                self.run_preview("compile" if label == "preview-compile" else "none")
+                accel = ("compile" if "compile" in name else "none") + ("+cudnn" if "cudnn" in name else "")
+                self.run_preview(accel, batch=int(batch or 1))
             elif label.startswith("profile"):
                 acc = label.split(":", 1)[1] if ":" in label else "step"
                 if "compile" in acc:
