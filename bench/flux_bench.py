@@ -470,47 +470,53 @@ class Bench:
         s = self.project_setup(16, self.resolution_list()[0], False)
         try:
             step = self.eager_step(s) if flags["loop"] else self.trainstep_step(s, False, flags["skip_cast"])
+            torch.backends.cuda.enable_cudnn_sdp(flags["cudnn"])
             for _ in range(3):
                 step()
             with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
                 for _ in range(2):
                     step()
-            cats: dict[str, float] = {}
-            lines = []
-            for e in prof.key_averages():
-                us = getattr(e, "self_device_time_total", None)
-                if us is None:
-                    us = getattr(e, "self_cuda_time_total", 0)
-                if not us or e.device_type.name != "CUDA":
-                    continue
-                n = e.key.lower()
-                if "flash" in n or "fmha" in n or "attention" in n or "cudnn" in n:
-                    c = "attention"
-                elif "gemm" in n or "xmma" in n or "cutlass" in n or "sm90" in n or "cublas" in n or "matmul" in n:
-                    c = "gemm"
-                elif n.startswith("triton"):
-                    c = "triton (fused elementwise/norm)"
-                elif "adam" in n or "foreach" in n or "multi_tensor" in n:
-                    c = "optimizer/clip"
-                elif "elementwise" in n or "vectorized" in n or "reduce" in n or "copy" in n or "cat" in n:
-                    c = "aten elementwise/copy"
-                else:
-                    c = "other"
-                cats[c] = cats.get(c, 0.0) + us / 2 / 1e3  # ms per step
-                lines.append((us / 2 / 1e3, e.count // 2, e.key[:110]))
-            lines.sort(reverse=True)
-            total = sum(cats.values())
-            self.info[f"profile_{accel}_ms_per_step"] = {k: round(v, 2) for k, v in sorted(cats.items(), key=lambda kv: -kv[1])}
-            self.info[f"profile_{accel}_kernel_ms_total"] = round(total, 2)
-            self.log(f"profile {accel}: kernel time {total:.1f} ms/step:", self.info[f"profile_{accel}_ms_per_step"])
-            out = Path(self.args.out_dir) / f"profile-{accel.replace('+', '_')}.txt"
-            out.write_text("\n".join(f"{ms:9.3f} ms {cnt:6d}x  {k}" for ms, cnt, k in lines[:60]))
+            self.report_profile(prof, accel, per=2)
         except Exception as err:
             self.log("profile failed:", repr(err)[:300])
         finally:
+            torch.backends.cuda.enable_cudnn_sdp(False)
             s.__dict__.pop("opt", None)
             s.__dict__.pop("runner", None)
             self.project_teardown(s)
+
+    def report_profile(self, prof, name: str, per: int):
+        """Kernel time by category (ms per ``per`` repetitions) into ``info`` and a top-60 kernel list on disk."""
+        cats: dict[str, float] = {}
+        lines = []
+        for e in prof.key_averages():
+            us = getattr(e, "self_device_time_total", None)
+            if us is None:
+                us = getattr(e, "self_cuda_time_total", 0)
+            if not us or e.device_type.name != "CUDA":
+                continue
+            n = e.key.lower()
+            if "flash" in n or "fmha" in n or "attention" in n or "cudnn" in n:
+                c = "attention"
+            elif "gemm" in n or "xmma" in n or "cutlass" in n or "sm90" in n or "cublas" in n or "matmul" in n:
+                c = "gemm"
+            elif n.startswith("triton"):
+                c = "triton (fused elementwise/norm)"
+            elif "adam" in n or "foreach" in n or "multi_tensor" in n:
+                c = "optimizer/clip"
+            elif "elementwise" in n or "vectorized" in n or "reduce" in n or "copy" in n or "cat" in n:
+                c = "aten elementwise/copy"
+            else:
+                c = "other"
+            cats[c] = cats.get(c, 0.0) + us / per / 1e3
+            lines.append((us / per / 1e3, e.count // per, e.key[:110]))
+        lines.sort(reverse=True)
+        total = sum(cats.values())
+        self.info[f"profile_{name}_ms_per_step"] = {k: round(v, 2) for k, v in sorted(cats.items(), key=lambda kv: -kv[1])}
+        self.info[f"profile_{name}_kernel_ms_total"] = round(total, 2)
+        self.log(f"profile {name}: kernel time {total:.1f} ms:", self.info[f"profile_{name}_ms_per_step"])
+        out = Path(self.args.out_dir) / f"profile-{name.replace('+', '_').replace(':', '_')}.txt"
+        out.write_text("\n".join(f"{ms:9.3f} ms {cnt:6d}x  {k}" for ms, cnt, k in lines[:60]))
 
     # ---------------------------------------------------------------- preview
     def run_preview(self, accel: str, n: int = 3, batch: int = 1):
@@ -542,6 +548,14 @@ class Bench:
                     img = renderer.render_batch(prompts, 1, res, res, steps, 3.5)[0]
                     self.sync()
                     times.append((time.perf_counter() - t) / batch)
+            finally:
+                if self.cuda and "profile" in accel:
+                    from torch.profiler import ProfilerActivity, profile
+
+                    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+                        renderer.render_batch(prompts, 1, res, res, steps, 3.5)
+                        self.sync()
+                    self.report_profile(prof, f"preview_{accel}_b{batch}", per=steps)
             finally:
                 if self.cuda:
                     torch.backends.cuda.enable_cudnn_sdp(False)
@@ -866,7 +880,8 @@ class Bench:
                 name, _, batch = label.partition(":")
                 if "compile" in name:
                     self.ensure_compiled()
-                accel = ("compile" if "compile" in name else "none") + ("+cudnn" if "cudnn" in name else "")
+                accel = (("compile" if "compile" in name else "none") + ("+cudnn" if "cudnn" in name else "")
+                         + ("+profile" if "profile" in name else ""))
                 self.run_preview(accel, batch=int(batch or 1))
             elif label.startswith("profile"):
                 acc = label.split(":", 1)[1] if ":" in label else "step"
