@@ -548,7 +548,6 @@ class Bench:
                     img = renderer.render_batch(prompts, 1, res, res, steps, 3.5)[0]
                     self.sync()
                     times.append((time.perf_counter() - t) / batch)
-            finally:
                 if self.cuda and "profile" in accel:
                     from torch.profiler import ProfilerActivity, profile
 
