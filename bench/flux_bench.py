@@ -11,7 +11,10 @@ pooled 768, a mask), and times:
               step           TrainStep eager (skips peft's fp32 round trip of LoRA inputs under autocast)
               graph          TrainStep replaying the step from two CUDA graphs (forward+backward | clip+AdamW)
               compile        blocks compiled by ``trainer.speed.accelerate_transformer``, loop step
-              compile+graph  both (the fast path);  suffixes: -castcopy (keep peft's cast), +cudnn (cuDNN SDPA)
+              compile+graph  both (the fast path);  suffix -castcopy (keep peft's cast)
+            The compiled variants' attention is what the trainer picks (``trainer.speed.choose_attention``: cuDNN
+            after its self-test); ONE_IMAGE_LORA_ATTENTION=flash|cudnn|auto in the environment overrides it, so
+            compare backends in separate processes. Rows say which one ran (``attention``).
             for rank 16 and 4, 512 and 1024 px, with/without checkpointing (``--plan`` picks which);
   preview   one 20-step preview through ``trainer.sampling.PreviewRenderer`` with a real-config VAE (random
             weights), eager and compiled;
@@ -405,21 +408,19 @@ class Bench:
 
     @staticmethod
     def parse_label(label: str) -> dict:
-        """none | step | graph | compile | compile+graph, with modifiers -castcopy (peft's fp32 input cast kept),
-        +cudnn (cuDNN attention enabled: on the H100 image with torch 2.11+cu130 its backward hit an illegal memory
-        access that kills the CUDA context, so run it last and alone)."""
+        """none | step | graph | compile | compile+graph, with the modifier -castcopy (peft's fp32 input cast kept)."""
         return dict(compile="compile" in label, graphs="graph" in label, skip_cast="castcopy" not in label,
-                    cudnn="cudnn" in label, loop=label in ("none", "compile"))
+                    loop=label in ("none", "compile"))
 
     def run_project(self, grid, accel: str):
         if self.transformer is None:
             self.build_transformer()
         flags = self.parse_label(accel)
-        from trainer.speed import is_accelerated
+        from trainer.speed import attention_backend, is_accelerated
 
         for rank, res, ckpt in grid:
             base = dict(impl="project", accel=accel, rank=rank, resolution=res, checkpointing=ckpt,
-                        compiled=is_accelerated(self.transformer))
+                        compiled=is_accelerated(self.transformer), attention=attention_backend(self.transformer))
             holder = {}
 
             def measure(rank=rank, res=res, ckpt=ckpt):
@@ -429,14 +430,8 @@ class Bench:
                     step = self.eager_step(s)
                 else:
                     step = self.trainstep_step(s, flags["graphs"], flags["skip_cast"])
-                if self.cuda and flags["cudnn"]:
-                    torch.backends.cuda.enable_cudnn_sdp(True)
-                try:
-                    times, first = self.timed(step, self.args.steps, max(self.args.warmup, 5 if flags["graphs"] else 0),
-                                              self.args.max_case_s)
-                finally:
-                    if self.cuda:
-                        torch.backends.cuda.enable_cudnn_sdp(False)
+                times, first = self.timed(step, self.args.steps, max(self.args.warmup, 5 if flags["graphs"] else 0),
+                                          self.args.max_case_s)
                 extra.update(self.summary(times, first), nonfinite_losses=s.nonfinite)
                 runner = getattr(s, "runner", None)
                 if runner is not None:
@@ -470,7 +465,6 @@ class Bench:
         s = self.project_setup(16, self.resolution_list()[0], False)
         try:
             step = self.eager_step(s) if flags["loop"] else self.trainstep_step(s, False, flags["skip_cast"])
-            torch.backends.cuda.enable_cudnn_sdp(flags["cudnn"])
             for _ in range(3):
                 step()
             with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
@@ -480,7 +474,6 @@ class Bench:
         except Exception as err:
             self.log("profile failed:", repr(err)[:300])
         finally:
-            torch.backends.cuda.enable_cudnn_sdp(False)
             s.__dict__.pop("opt", None)
             s.__dict__.pop("runner", None)
             self.project_teardown(s)
@@ -521,13 +514,15 @@ class Bench:
     # ---------------------------------------------------------------- preview
     def run_preview(self, accel: str, n: int = 3, batch: int = 1):
         from trainer.sampling import PreviewRenderer
+        from trainer.speed import attention_backend
 
         if self.transformer is None:
             self.build_transformer()
         res = 64 if self.tiny else 512
         steps = 4 if self.tiny else self.args.preview_steps
         base = dict(impl="project", accel=accel, kind="preview", rank=16 if not self.tiny else 4, resolution=res,
-                    checkpointing=False, preview_steps=steps, batch=batch)
+                    checkpointing=False, preview_steps=steps, batch=batch,
+                    attention=attention_backend(self.transformer))
 
         def measure():
             s = self.project_setup(base["rank"], res, False)  # the LoRA is attached during previews
@@ -535,29 +530,23 @@ class Bench:
             prompt = s.example.caption
             renderer = PreviewRenderer(parts, {prompt.prompt: prompt})
             prompts = [prompt.prompt] * batch
-            if self.cuda and "cudnn" in accel:
-                torch.backends.cuda.enable_cudnn_sdp(True)
-            try:
-                times = []
+            times = []
+            t = time.perf_counter()
+            img = renderer.render_batch(prompts, 1, res, res, steps, 3.5)[0]
+            self.sync()
+            first = time.perf_counter() - t
+            for _ in range(n):
                 t = time.perf_counter()
                 img = renderer.render_batch(prompts, 1, res, res, steps, 3.5)[0]
                 self.sync()
-                first = time.perf_counter() - t
-                for _ in range(n):
-                    t = time.perf_counter()
-                    img = renderer.render_batch(prompts, 1, res, res, steps, 3.5)[0]
-                    self.sync()
-                    times.append((time.perf_counter() - t) / batch)
-                if self.cuda and "profile" in accel:
-                    from torch.profiler import ProfilerActivity, profile
+                times.append((time.perf_counter() - t) / batch)
+            if self.cuda and "profile" in accel:
+                from torch.profiler import ProfilerActivity, profile
 
-                    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
-                        renderer.render_batch(prompts, 1, res, res, steps, 3.5)
-                        self.sync()
-                    self.report_profile(prof, f"preview_{accel}_b{batch}", per=steps)
-            finally:
-                if self.cuda:
-                    torch.backends.cuda.enable_cudnn_sdp(False)
+                with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+                    renderer.render_batch(prompts, 1, res, res, steps, 3.5)
+                    self.sync()
+                self.report_profile(prof, f"preview_{accel}_b{batch}", per=steps)
             # The VAE decode alone (part of each preview above).
             lat = torch.randn(1, parts.vae.config.latent_channels, res // 8, res // 8, device=self.device, dtype=self.dtype)
             with torch.no_grad():
@@ -826,7 +815,7 @@ class Bench:
                         self.info["compiled"] = False
 
     def ensure_compiled(self):
-        from trainer.speed import accelerate_transformer, is_accelerated
+        from trainer.speed import accelerate_transformer, attention_backend, is_accelerated
 
         if self.transformer is None:
             self.build_transformer()
@@ -837,15 +826,20 @@ class Bench:
             kwargs["backend"] = self.args.tiny_backend
         if self.args.compile_mode:
             kwargs["mode"] = self.args.compile_mode
-        done = accelerate_transformer(self.transformer, self.device, **kwargs)
+        res = self.resolution_list()[0]
+        tokens = (res // 16) ** 2 + self.txt_len  # the sequence the attention self-test runs at
+        done = accelerate_transformer(self.transformer, self.device, attention_tokens=tokens, **kwargs)
         self.info["compiled"] = done
-        self.log("accelerate_transformer ->", done)
+        self.info["attention"] = attention_backend(self.transformer)
+        self.log("accelerate_transformer ->", done, "attention:", self.info["attention"])
 
     # ---------------------------------------------------------------- driver
     def run(self):
         a = self.args
         if self.cuda:
-            torch.backends.cuda.enable_cudnn_sdp(False)  # cuDNN attention backward failed at Flux size on this image
+            # The baseline is the reference script's step: PyTorch's default attention, cuDNN off as it has it. The
+            # project's compiled blocks put cuDNN back first inside each block where its self-test passes.
+            torch.backends.cuda.enable_cudnn_sdp(False)
         import diffusers
         import peft
 
@@ -874,13 +868,12 @@ class Bench:
             if label == "baseline":
                 self.run_baseline(grid)
             elif label.startswith("preview"):
-                # preview | preview-compile, optionally +cudnn (cuDNN attention, forward only) and :N (a batch of N
-                # prompts per call, as a preview round renders them; the figure is per image)
+                # preview | preview-compile, optionally +profile and :N (a batch of N prompts per call, as a
+                # preview round renders them; the figure is per image)
                 name, _, batch = label.partition(":")
                 if "compile" in name:
                     self.ensure_compiled()
-                accel = (("compile" if "compile" in name else "none") + ("+cudnn" if "cudnn" in name else "")
-                         + ("+profile" if "profile" in name else ""))
+                accel = ("compile" if "compile" in name else "none") + ("+profile" if "profile" in name else "")
                 self.run_preview(accel, batch=int(batch or 1))
             elif label.startswith("profile"):
                 acc = label.split(":", 1)[1] if ":" in label else "step"
@@ -981,7 +974,7 @@ def main(argv=None):
     p.add_argument("--commit", default=os.environ.get("BENCH_COMMIT") or _git_head())
     p.add_argument("--plan", default=DEFAULT_PLAN,
                    help="comma list run in order: baseline | none | step | graph | compile | compile+graph "
-                        "(+ -castcopy, +cudnn) | preview | preview-compile | profile[:variant] | run[:steps:every] | tiers; "
+                        "(+ -castcopy) | preview[-compile][+profile][:batch] | profile[:variant] | run[:steps:every] | tiers; "
                         "each may be filtered with @r16 @r4 @512 @1024 @ckpt @nockpt")
     p.add_argument("--ranks", type=int, nargs="+", default=[16, 4])
     p.add_argument("--resolutions", type=int, nargs="+", default=[512, 1024])

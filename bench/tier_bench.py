@@ -110,7 +110,9 @@ def run_tier(tier_name: str, steps: int, save_every: int, rank: int, resolution:
                resolution=resolution, checkpointing=tier.gradient_checkpointing, cap_gib=tier.cap_gib,
                lean_previews=tier.lean_previews)
     if cuda:
-        torch.backends.cuda.enable_cudnn_sdp(False)  # cuDNN attention backward failed at Flux size (bench/RESULTS.md)
+        # Outside the Flux blocks, no cuDNN attention (its backward failed on one H100 image); inside them the
+        # trainer puts it first where its self-test passes (trainer.speed.choose_attention).
+        torch.backends.cuda.enable_cudnn_sdp(False)
         total = torch.cuda.get_device_properties(0).total_memory
         if tier.cap_gib is not None:  # first thing: the whole job, loading included, runs under the cap
             torch.cuda.set_per_process_memory_fraction(tier.cap_gib * GIB / total)
@@ -174,6 +176,8 @@ def run_tier(tier_name: str, steps: int, save_every: int, rank: int, resolution:
     except torch.OutOfMemoryError as err:
         row["error"] = f"OutOfMemoryError in phase {phase}: {str(err).splitlines()[0]}"
     row["phases"] = phases
+    from trainer.speed import attention_backend
+    row["attention"] = attention_backend(parts.transformer)
     row["train_peak_gib"] = peak(reset=False)  # allocated, reserved: training + previews + saves
     steady = step_times[10:] or step_times
     if step_times:

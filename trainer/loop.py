@@ -90,10 +90,13 @@ def _train_lora(parts, example: EncodedExample, cfg: TrainingConfig, run: RunFol
     if cfg.gradient_checkpointing or getattr(parts, "gradient_checkpointing", False):  # asked for, or the memory tier's
         transformer.enable_gradient_checkpointing()
     transformer.train()
-    # On CUDA: compile each block (quietly skipped on the CPU or without Triton): bench/RESULTS.md has the gain.
+    # On CUDA: compile each block (quietly skipped on the CPU or without Triton) and use cuDNN attention where it
+    # passes its self-test at this job's sequence length: bench/RESULTS.md has the gains.
     # A small-card tier's lean previews go without the preview CUDA graph (its memory pool would stay reserved).
     lean_previews = getattr(parts, "lean_previews", False)
-    accelerate_transformer(transformer, parts.device, inference_graphs=False if lean_previews else None)
+    tokens = example.image_ids.shape[0] + example.caption.text_ids.shape[0]
+    accelerate_transformer(transformer, parts.device, inference_graphs=False if lean_previews else None,
+                           attention_tokens=tokens)
     # On CUDA the LoRA gradients are all-reduced in bf16: half the bytes (1.80x vs 1.71x on 2 H200s, bench/RESULTS.md).
     model = dist.data_parallel(transformer, compress_bf16=parts.device.type == "cuda")
     optimizer = torch.optim.AdamW(params, lr=scaled_learning_rate(cfg.learning_rate, dist.world_size),

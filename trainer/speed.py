@@ -25,8 +25,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
+import subprocess
+import sys
 import weakref
 from typing import Callable
 
@@ -36,7 +39,9 @@ log = logging.getLogger(__name__)
 
 ENV_SWITCH = "ONE_IMAGE_LORA_COMPILE"  # "0" turns compilation off (debugging, or a GPU where it misbehaves)
 GRAPHS_SWITCH = "ONE_IMAGE_LORA_CUDA_GRAPHS"  # "0" turns CUDA-graph replay of the training step off
+ATTENTION_SWITCH = "ONE_IMAGE_LORA_ATTENTION"  # auto (default) | cudnn | flash: see choose_attention
 _FLAG = "_one_image_lora_compiled"
+_ATTENTION_FLAG = "_one_image_lora_attention"
 
 
 def _switched_off(name: str) -> bool:
@@ -64,17 +69,21 @@ def can_compile(device) -> bool:
 
 
 def accelerate_transformer(transformer, device, *, force: bool = False, inference_graphs: bool | None = None,
-                           **compile_kwargs) -> bool:
+                           attention_tokens: int | None = None, **compile_kwargs) -> bool:
     """Compile every Flux block in place; ``True`` if it did. Quietly ``False`` where it can't (CPU, no Triton).
 
     ``force`` compiles on any device (tests use it on the CPU with ``backend="aot_eager"``). Extra keyword
     arguments go to ``torch.compile`` (default: inductor, static shapes, graph breaks allowed). On CUDA it also
-    installs ``GraphedInference`` for the no-grad forward (previews) unless ``inference_graphs=False``.
+    installs ``GraphedInference`` for the no-grad forward (previews) unless ``inference_graphs=False``, and
+    puts cuDNN attention first where ``choose_attention`` finds it works at ``attention_tokens`` (the job's
+    sequence length: image + text tokens).
     """
     if inference_graphs is None:
         inference_graphs = can_use_cuda_graphs(device)
     if inference_graphs:
         GraphedInference.install(transformer)
+    if choose_attention(device, attention_tokens) == "cudnn":
+        prefer_cudnn_attention(transformer)
     if not (force or can_compile(device)):
         return False
     blocks = _blocks(transformer)
@@ -101,6 +110,7 @@ def is_accelerated(transformer) -> bool:
 def restore_eager(transformer) -> None:
     """Undo ``accelerate_transformer``: every block runs eagerly again (the fallback when compiling fails)."""
     GraphedInference.uninstall(transformer)
+    restore_attention(transformer)
     for block in _blocks(transformer):
         if getattr(block, "_compiled_call_impl", None) is not None:
             block._compiled_call_impl = None
@@ -110,6 +120,111 @@ def restore_eager(transformer) -> None:
         torch._dynamo.reset()
     except Exception:  # pragma: no cover - best effort
         pass
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Attention: cuDNN's fused kernel first, where it has been seen to work on this machine
+
+# cuDNN's attention is faster than flash attention at Flux's shapes on Hopper (bench/RESULTS.md: the training
+# step's attention forward + backward and the previews' batched forward), same arithmetic up to bf16 rounding.
+# PyTorch ranks it below flash by default. Its backward crashed with an illegal memory access (which kills the
+# CUDA context: no in-process fallback is possible) on one H100 image (shared/PERFORMANCE.md) and worked on
+# another machine: so it is tried once in a child process at the job's shape before a job relies on it.
+_SELF_TEST = r"""
+import sys, torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+tokens = int(sys.argv[1])
+torch.manual_seed(0)
+def run(backend, batch, backward):
+    # Flux's layout: [B, S, H, D] tensors seen through a permute, as diffusers passes them to SDPA
+    leaves = [torch.randn(batch, tokens, 24, 128, device="cuda", dtype=torch.bfloat16, requires_grad=backward)
+              for _ in range(3)]
+    q, k, v = (t.permute(0, 2, 1, 3) for t in leaves)
+    with sdpa_kernel([backend]):
+        out = F.scaled_dot_product_attention(q, k, v)
+        if backward:
+            out.float().square().mean().backward()
+    return [out] + [t.grad for t in leaves if backward]
+for batch, backward in ((1, True), (3, False)):
+    torch.manual_seed(batch)
+    got = run(SDPBackend.CUDNN_ATTENTION, batch, backward)
+    torch.manual_seed(batch)
+    ref = run(SDPBackend.FLASH_ATTENTION, batch, backward)
+    for a, b in zip(got, ref):
+        err = float((a.float() - b.float()).norm() / b.float().norm())
+        assert err < 0.02, err
+torch.cuda.synchronize()
+print("cudnn attention ok")
+"""
+_attention_verdicts: dict[int, bool] = {}
+
+
+def cudnn_attention_works(tokens: int, timeout_s: float = 180.0) -> bool:
+    """True if cuDNN attention ran forward + backward at ``tokens`` (and a 3-image forward) in a child process
+    and agreed with flash attention. Asked once per sequence length per process (~5 s)."""
+    if tokens not in _attention_verdicts:
+        try:
+            done = subprocess.run([sys.executable, "-c", _SELF_TEST, str(int(tokens))], capture_output=True,
+                                  text=True, timeout=timeout_s)
+            ok = done.returncode == 0 and "cudnn attention ok" in done.stdout
+            if not ok:
+                log.warning("cuDNN attention failed its self-test at %d tokens (exit %s); using PyTorch's default "
+                            "attention: %s", tokens, done.returncode, (done.stderr or done.stdout)[-500:])
+        except (OSError, subprocess.TimeoutExpired) as err:
+            log.warning("cuDNN attention self-test did not finish (%s); using PyTorch's default attention", err)
+            ok = False
+        _attention_verdicts[tokens] = ok
+    return _attention_verdicts[tokens]
+
+
+def choose_attention(device, tokens: int | None) -> str:
+    """``"cudnn"`` or ``"default"`` (PyTorch's own choice: flash attention on these GPUs).
+
+    ``ONE_IMAGE_LORA_ATTENTION``: ``auto`` (default) runs the self-test, ``cudnn`` skips it, ``flash`` (or
+    ``default``) keeps PyTorch's choice. Off CUDA, or without a sequence length to test, always the default."""
+    if torch.device(device).type != "cuda" or not torch.cuda.is_available():
+        return "default"
+    setting = os.environ.get(ATTENTION_SWITCH, "auto").strip().lower()
+    if setting == "cudnn":
+        return "cudnn"
+    if setting != "auto" or not tokens:
+        return "default"
+    return "cudnn" if cudnn_attention_works(tokens) else "default"
+
+
+def _cudnn_first(forward: Callable) -> Callable:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+    @functools.wraps(forward)
+    def forward_with_cudnn_attention(*args, **kwargs):
+        # Inside the block's forward, so torch.compile records it in the block's graph: the compile caches
+        # then tell a cuDNN graph from a flash one (a global setting is not part of their keys).
+        with sdpa_kernel(order, set_priority=True):
+            return forward(*args, **kwargs)
+
+    return forward_with_cudnn_attention
+
+
+def prefer_cudnn_attention(transformer) -> None:
+    """Every Flux block's attention tries cuDNN first (then flash, memory-efficient, math, as PyTorch picks)."""
+    if getattr(transformer, _ATTENTION_FLAG, None) == "cudnn":
+        return
+    for block in _blocks(transformer):
+        object.__setattr__(block, "forward", _cudnn_first(type(block).forward.__get__(block)))
+    object.__setattr__(transformer, _ATTENTION_FLAG, "cudnn")
+
+
+def attention_backend(transformer) -> str:
+    return getattr(transformer, _ATTENTION_FLAG, "default")
+
+
+def restore_attention(transformer) -> None:
+    for block in _blocks(transformer):
+        block.__dict__.pop("forward", None)
+    transformer.__dict__.pop(_ATTENTION_FLAG, None)
 
 
 # ---------------------------------------------------------------------------------------------------------

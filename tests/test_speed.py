@@ -1,0 +1,84 @@
+"""trainer.speed's attention choice on the CPU: the cuDNN-first wrapper, its compile path and the self-test's failure.
+
+cuDNN attention itself needs an NVIDIA GPU; its speed and its agreement with flash attention at Flux's shapes are
+measured by bench/kernel_probe.py and bench/flux_bench.py (bench/RESULTS.md). Here the wrapper runs on the CPU,
+where SDPA ignores the cuDNN entry and uses its own kernels: what is checked is that every block's attention runs
+under the cuDNN-first priority, that nothing else changes, and that the wrapper survives torch.compile.
+"""
+from __future__ import annotations
+
+import torch
+from torch.nn.attention import SDPBackend
+
+from tests.test_quantize import flux_inputs, flux_loss, tiny_transformer
+from trainer import speed
+
+
+def _priority_seen_by_attention(transformer) -> list[int]:
+    """The first SDPA backend in PyTorch's priority order, read as each block's attention module starts."""
+    seen = []
+    handles = [block.attn.register_forward_pre_hook(lambda *_: seen.append(torch._C._get_sdp_priority_order()[0]))
+               for block in speed._blocks(transformer)]
+    try:
+        flux_loss(transformer, seed=1)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def test_cudnn_first_wrapper_sets_the_priority_inside_every_block_and_changes_nothing_else():
+    transformer = tiny_transformer()
+    blocks = speed._blocks(transformer)
+    cudnn = SDPBackend.CUDNN_ATTENTION.value
+    outside = torch._C._get_sdp_priority_order()
+    assert outside[0] != cudnn  # PyTorch's own order puts flash first
+    assert set(_priority_seen_by_attention(transformer)) == {outside[0]}
+
+    inputs, _ = flux_inputs(3)
+    before = transformer(**inputs)[0]
+    speed.prefer_cudnn_attention(transformer)
+    assert speed.attention_backend(transformer) == "cudnn"
+    seen = _priority_seen_by_attention(transformer)
+    assert len(seen) == len(blocks) and set(seen) == {cudnn}
+    assert torch._C._get_sdp_priority_order() == outside  # restored after each block
+    torch.testing.assert_close(transformer(**inputs)[0], before, rtol=0, atol=0)
+
+    # Gradients flow through the wrapper (training, and gradient checkpointing's recomputation, call it too).
+    transformer.enable_gradient_checkpointing()
+    flux_loss(transformer, seed=2).backward()
+    assert all(p.grad is not None for p in blocks[0].parameters())
+
+    speed.restore_attention(transformer)
+    assert speed.attention_backend(transformer) == "default"
+    assert set(_priority_seen_by_attention(transformer)) == {outside[0]}
+
+
+def test_cudnn_first_wrapper_is_traced_by_torch_compile():
+    reference = tiny_transformer()
+    transformer = tiny_transformer()
+    speed.prefer_cudnn_attention(transformer)
+    assert speed.accelerate_transformer(transformer, "cpu", force=True, backend="aot_eager")
+    inputs, _ = flux_inputs(4)
+    torch.testing.assert_close(transformer(**inputs)[0], reference(**inputs)[0], rtol=1e-5, atol=1e-6)
+    speed.restore_eager(transformer)  # the compile fallback also removes the attention wrapper
+    assert speed.attention_backend(transformer) == "default"
+    assert all("forward" not in block.__dict__ for block in speed._blocks(transformer))
+
+
+def test_off_cuda_the_choice_is_always_the_default(monkeypatch):
+    for setting in ("auto", "cudnn", "flash"):
+        monkeypatch.setenv(speed.ATTENTION_SWITCH, setting)
+        assert speed.choose_attention("cpu", 1536) == "default"
+
+
+def test_a_failing_self_test_means_the_default_attention(monkeypatch):
+    # On this machine there is no CUDA: the child process fails, as it would where cuDNN's kernel crashes.
+    monkeypatch.setattr(speed, "_attention_verdicts", {})
+    assert speed.cudnn_attention_works(64, timeout_s=120) is False
+    assert speed._attention_verdicts == {64: False}  # asked once per sequence length
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # pretend, to reach the verdict
+    monkeypatch.setenv(speed.ATTENTION_SWITCH, "auto")
+    assert speed.choose_attention("cuda", 64) == "default"
+    monkeypatch.setenv(speed.ATTENTION_SWITCH, "cudnn")  # the user's override skips the test
+    assert speed.choose_attention("cuda", 64) == "cudnn"
