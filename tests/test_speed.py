@@ -75,10 +75,10 @@ def test_off_cuda_the_choice_is_always_the_default(monkeypatch):
 def test_a_failing_self_test_means_the_default_attention(monkeypatch):
     # On this machine there is no CUDA: the child process fails, as it would where cuDNN's kernel crashes.
     monkeypatch.setattr(speed, "_attention_verdicts", {})
-    assert speed.cudnn_attention_works(64, timeout_s=120) is False
-    assert speed._attention_verdicts == {64: False}  # asked once per sequence length
+    assert speed.cudnn_attention_works(64, 0, timeout_s=120) is False
+    assert speed._attention_verdicts == {(64, 0): False}  # asked once per sequence length and GPU
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # pretend, to reach the verdict
     monkeypatch.setenv(speed.ATTENTION_SWITCH, "auto")
-    assert speed.choose_attention("cuda", 64) == "default"
+    assert speed.choose_attention("cuda:0", 64) == "default"
     monkeypatch.setenv(speed.ATTENTION_SWITCH, "cudnn")  # the user's override skips the test
     assert speed.choose_attention("cuda", 64) == "cudnn"

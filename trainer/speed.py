@@ -135,6 +135,7 @@ import sys, torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 tokens = int(sys.argv[1])
+torch.cuda.set_device(int(sys.argv[2]))  # the job's own GPU (one process per GPU in a multi-GPU job)
 torch.manual_seed(0)
 def run(backend, batch, backward):
     # Flux's layout: [B, S, H, D] tensors seen through a permute, as diffusers passes them to SDPA
@@ -157,15 +158,17 @@ for batch, backward in ((1, True), (3, False)):
 torch.cuda.synchronize()
 print("cudnn attention ok")
 """
-_attention_verdicts: dict[int, bool] = {}
+_attention_verdicts: dict[tuple[int, int], bool] = {}
 
 
-def cudnn_attention_works(tokens: int, timeout_s: float = 180.0) -> bool:
-    """True if cuDNN attention ran forward + backward at ``tokens`` (and a 3-image forward) in a child process
-    and agreed with flash attention. Asked once per sequence length per process (~5 s)."""
-    if tokens not in _attention_verdicts:
+def cudnn_attention_works(tokens: int, device_index: int = 0, timeout_s: float = 180.0) -> bool:
+    """True if cuDNN attention ran forward + backward at ``tokens`` (and a 3-image forward) on GPU
+    ``device_index`` in a child process and agreed with flash attention. Asked once per sequence length and GPU
+    per process (a few seconds, most of it the child's import of torch)."""
+    key = (int(tokens), int(device_index))
+    if key not in _attention_verdicts:
         try:
-            done = subprocess.run([sys.executable, "-c", _SELF_TEST, str(int(tokens))], capture_output=True,
+            done = subprocess.run([sys.executable, "-c", _SELF_TEST, str(key[0]), str(key[1])], capture_output=True,
                                   text=True, timeout=timeout_s)
             ok = done.returncode == 0 and "cudnn attention ok" in done.stdout
             if not ok:
@@ -174,8 +177,8 @@ def cudnn_attention_works(tokens: int, timeout_s: float = 180.0) -> bool:
         except (OSError, subprocess.TimeoutExpired) as err:
             log.warning("cuDNN attention self-test did not finish (%s); using PyTorch's default attention", err)
             ok = False
-        _attention_verdicts[tokens] = ok
-    return _attention_verdicts[tokens]
+        _attention_verdicts[key] = ok
+    return _attention_verdicts[key]
 
 
 def choose_attention(device, tokens: int | None) -> str:
@@ -183,14 +186,16 @@ def choose_attention(device, tokens: int | None) -> str:
 
     ``ONE_IMAGE_LORA_ATTENTION``: ``auto`` (default) runs the self-test, ``cudnn`` skips it, ``flash`` (or
     ``default``) keeps PyTorch's choice. Off CUDA, or without a sequence length to test, always the default."""
-    if torch.device(device).type != "cuda" or not torch.cuda.is_available():
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
         return "default"
     setting = os.environ.get(ATTENTION_SWITCH, "auto").strip().lower()
     if setting == "cudnn":
         return "cudnn"
     if setting != "auto" or not tokens:
         return "default"
-    return "cudnn" if cudnn_attention_works(tokens) else "default"
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return "cudnn" if cudnn_attention_works(tokens, index) else "default"
 
 
 def _cudnn_first(forward: Callable) -> Callable:
