@@ -125,6 +125,30 @@ def test_grid_reproduces_the_training_previews(built_run, engine):
     assert half[0] is full[0]  # the base image of a seed is drawn once and reused for every weight
 
 
+def test_a_small_card_tier_renders_from_the_quantized_base_like_training(built_run, engine):
+    """Compare / Try it / the grid CLI load the base as the GPU's memory tier says: on a 16 GB card the transformer's
+    block weights are fp8 as in training (bf16 plus T5 would not fit). Here the tier is asked for by name on the CPU;
+    the text encoders' host-memory placement only differs from the device on a GPU and is not visible here."""
+    from trainer.quantize import QuantizedLinear
+
+    small = LoraPipeline.load(Path(built_run.model_path), CPU, torch.float32, memory_tier="16gb")
+    assert small.memory_tier == "16gb" and engine.memory_tier == "full"
+    quantized = [m for m in small.parts.transformer.modules() if isinstance(m, QuantizedLinear)]
+    assert quantized and {m.storage for m in quantized} == {"fp8"}
+    assert not any(isinstance(m, QuantizedLinear) for m in engine.parts.transformer.modules())
+
+    run, cfg = built_run, built_run.config
+    settings = RenderSettings(*run.train_size, cfg.preview_steps, cfg.preview_guidance)
+    lora = run.checkpoint_path(4)
+    prompt = cfg.training_caption
+    got = {w: _pixels(small.render(prompt, 3, settings, lora if w else None, w or 1.0)) for w in (0, 1.0)}
+    ref = {w: _pixels(engine.render(prompt, 3, settings, lora if w else None, w or 1.0)) for w in (0, 1.0)}
+    for w in (0, 1.0):  # fp8 weights: close to the bf16/fp32 render, not equal
+        assert np.abs(got[w] - ref[w]).mean() < 3, w  # measured 0.1 (base) and 1.0 (LoRA) of 255
+    assert np.abs(got[1.0] - got[0]).mean() > 5  # and the LoRA is applied on top of the quantized layers (27)
+    small.close()
+
+
 def test_render_grid_loads_prompts_once_and_streams_progress(built_run, engine, monkeypatch):
     calls = []
     original = engine.render
@@ -252,6 +276,8 @@ def test_grid_cli(built_run, tmp_path, capsys):
     assert "not a run folder" in capsys.readouterr().err
     assert cli.main(["grid", str(built_run.path), "--checkpoints", "9", "--output", str(out)]) == 2
     assert "No checkpoint at step 9" in capsys.readouterr().err
+    assert cli.main(["grid", str(built_run.path), "--memory-tier", "8gb", "--output", str(out)]) == 2
+    assert "Unknown memory tier '8gb'" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- the Compare and Try it tabs (handlers, no browser)

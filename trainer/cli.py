@@ -94,6 +94,8 @@ def _parser() -> argparse.ArgumentParser:
     grid.add_argument("--size", help="WIDTHxHEIGHT of each image (default: the training size)")
     grid.add_argument("--sample-steps", type=int, help="denoising steps (default: the run's preview steps)")
     grid.add_argument("--cell-size", type=int, help="scale cells in the PNG to this many pixels (default: full size)")
+    grid.add_argument("--memory-tier", default="auto", help="how the base model is held on the GPU: auto (default: "
+                                                           "picked from the GPU, as for training), full, 24gb, 16gb or 12gb")
     grid.add_argument("--output", required=True, type=Path,
                       help="grid.png; several prompts write grid-1.png, grid-2.png, ...")
     return parser
@@ -187,7 +189,7 @@ def _grid(args) -> int:
     progress = _ProgressLine()
     progress.message(f"{len(plan.prompts)} prompt(s) x {len(plan.rows)} row(s) x {len(plan.columns)} column(s) "
                      f"at {plan.settings.width}x{plan.settings.height}; loading the base model")
-    engine = LoraPipeline.load(base_model_folder(run, os.environ.get("HF_TOKEN")))
+    engine = LoraPipeline.load(base_model_folder(run, os.environ.get("HF_TOKEN")), memory_tier=args.memory_tier)
     grids = GridImages(plan, cell_size=args.cell_size)
     paths = output_paths(args.output, len(plan.prompts))
     for row in render_grid(engine, plan):

@@ -95,11 +95,15 @@ def encode_prompts(parts, prompts: list[str], max_tokens: int) -> dict[str, Prom
                            tokenizer=parts.tokenizer, text_encoder_2=parts.text_encoder_2,
                            tokenizer_2=parts.tokenizer_2, transformer=None)
     max_tokens = min(max_tokens, parts.tokenizer_2.model_max_length)
+    # Encoded where the encoders are: on the GPU in a training job, in host memory for rendering on a small card
+    # (``models.load_parts(encoders_on_device=False)``); the embeddings then go where the transformer runs.
+    encoder_device = next(parts.text_encoder_2.parameters()).device
     out = {}
     for prompt in dict.fromkeys(prompts):
-        embeds, pooled, text_ids = encoder.encode_prompt(prompt=prompt, prompt_2=None, device=parts.device,
+        embeds, pooled, text_ids = encoder.encode_prompt(prompt=prompt, prompt_2=None, device=encoder_device,
                                                          max_sequence_length=max_tokens)
-        out[prompt] = PromptEmbedding(prompt, embeds.to(parts.dtype), pooled.to(parts.dtype), text_ids)
+        out[prompt] = PromptEmbedding(prompt, embeds.to(parts.device, parts.dtype), pooled.to(parts.device, parts.dtype),
+                                      text_ids.to(parts.device))
     return out
 
 

@@ -24,7 +24,8 @@ from PIL import Image
 from trainer.data import PromptEmbedding, encode_prompts
 from trainer.errors import UserError
 from trainer.weights import load_lora
-from trainer.models import FluxParts, load_parts, resolve_model
+from trainer.memory import AUTO, choose_tier
+from trainer.models import FluxParts, is_tiny_demo, load_parts, pick_device, place_transformer, resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +74,30 @@ class LoraPipeline:
         self._counter = 0
         self._embeddings: OrderedDict[tuple[str, int], PromptEmbedding] = OrderedDict()
         self.lock = threading.RLock()  # one render at a time on this pipeline
+        self.memory_tier = "full"  # how ``load`` placed the model (``memory.choose_tier``)
 
     @classmethod
-    def load(cls, model_path: Path, device: torch.device | None = None, dtype: torch.dtype | None = None):
-        return cls(load_parts(Path(model_path), device, dtype))
+    def load(cls, model_path: Path, device: torch.device | None = None, dtype: torch.dtype | None = None,
+             memory_tier: str = AUTO) -> "LoraPipeline":
+        """Load the base model for rendering as the GPU's memory tier says (``memory.choose_tier``, as training).
+
+        The ``full`` tier keeps everything on the GPU in bf16. A smaller card's tier stores the transformer's frozen
+        weights as fp8 / NF4 exactly as in training, and keeps the text encoders in host memory: new prompts are
+        encoded there (slower, but once per prompt: embeddings are cached), so T5 never shares the GPU with the
+        transformer. Without this the bf16 model (~31 GiB with T5) could not render on a 24, 16 or 12 GB card.
+        """
+        folder = Path(model_path)
+        if device is None or dtype is None:
+            picked_device, picked_dtype = pick_device()
+            device, dtype = device or picked_device, dtype or picked_dtype
+        choice = choose_tier(memory_tier, device, tiny_model=is_tiny_demo(folder))
+        weights = choice.tier.weights
+        parts = load_parts(folder, device, dtype, transformer_on_device=False, encoders_on_device=weights == "bf16")
+        place_transformer(parts, weights)
+        log.info("rendering with %s", choice.reason)
+        pipeline = cls(parts)
+        pipeline.memory_tier = choice.tier.name
+        return pipeline
 
     # ---- prompts
     def embed(self, prompts: list[str], max_tokens: int) -> dict[str, PromptEmbedding]:

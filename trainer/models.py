@@ -161,11 +161,13 @@ def pick_device() -> tuple[torch.device, torch.dtype]:
 
 
 def load_parts(folder: Path, device: torch.device | None = None, dtype: torch.dtype | None = None,
-               transformer_on_device: bool = True) -> FluxParts:
+               transformer_on_device: bool = True, encoders_on_device: bool = True) -> FluxParts:
     """Load every component of the diffusers folder onto ``device`` (text encoders stay until freed).
 
     ``transformer_on_device=False`` leaves the transformer in host memory for ``place_transformer``: a training job
     encodes its prompts first and frees the text encoders, so T5 (8.9 GiB) and the transformer never share the GPU.
+    ``encoders_on_device=False`` keeps the text encoders in host memory for good (rendering on a small card, where
+    the encoders stay loaded for new prompts: ``encode_prompts`` runs them there).
     """
     from diffusers import FluxPipeline
 
@@ -178,11 +180,15 @@ def load_parts(folder: Path, device: torch.device | None = None, dtype: torch.dt
         transformer=pipe.transformer, vae=pipe.vae, text_encoder=pipe.text_encoder,
         text_encoder_2=pipe.text_encoder_2, tokenizer=pipe.tokenizer, tokenizer_2=pipe.tokenizer_2,
         scheduler=pipe.scheduler, device=device, dtype=dtype, model_path=Path(folder))
-    for module in (parts.transformer, parts.vae, parts.text_encoder, parts.text_encoder_2):
+    encoders = (parts.text_encoder, parts.text_encoder_2)
+    for module in (parts.transformer, parts.vae, *encoders):
         module.requires_grad_(False)
         module.eval()
-        if module is not parts.transformer or transformer_on_device:
-            module.to(device)
+        if module is parts.transformer and not transformer_on_device:
+            continue
+        if any(module is e for e in encoders) and not encoders_on_device:
+            continue
+        module.to(device)
     return parts
 
 
