@@ -108,7 +108,8 @@ def is_accelerated(transformer) -> bool:
 
 
 def restore_eager(transformer) -> None:
-    """Undo ``accelerate_transformer``: every block runs eagerly again (the fallback when compiling fails)."""
+    """Undo ``accelerate_transformer``: every block runs eagerly again, with PyTorch's default attention (the
+    fallback when compiling fails: the plainest path is the one most likely to work)."""
     GraphedInference.uninstall(transformer)
     restore_attention(transformer)
     for block in _blocks(transformer):
