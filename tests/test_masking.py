@@ -22,6 +22,16 @@ from trainer.errors import UserError
 from trainer.masking import MASK_MODELS, auto_mask, cleanup_mask, refine_mask
 
 
+
+@pytest.fixture(autouse=True)
+def _fresh_mask_memory():
+    """``auto_mask_result`` remembers recent results by image content; tests that swap the network must not get
+    a result remembered from another test."""
+    masking.forget_remembered_masks()
+    yield
+    masking.forget_remembered_masks()
+
+
 @pytest.fixture
 def u2netp():
     """Fail with the fix when the offline model is not installed."""
@@ -495,13 +505,22 @@ def test_component_at_a_point_and_crop_edges():
 def test_a_point_on_the_subject_already_masked_changes_nothing(u2netp, monkeypatch):
     rgb, gt = _busy_scene(seed=1)
     image = Image.fromarray(rgb)
+    computed = []
+    real = masking._auto_mask_result
+    monkeypatch.setattr(masking, "_auto_mask_result", lambda *a: computed.append(a) or real(*a))
     plain = masking.auto_mask_result(image)
     crops = []
     monkeypatch.setattr(masking, "_map_around_point", lambda *a: crops.append(a) or None)
     ys, xs = np.nonzero(gt)
-    pointed = masking.auto_mask_result(image, point=(float(xs.mean()), float(ys.mean())))
+    pointed = masking.auto_mask_result(image.copy(), point=(float(xs.mean()), float(ys.mean())))
     assert np.array_equal(np.asarray(pointed.mask), np.asarray(plain.mask)) and pointed.warning is None
     assert crops == [], "a point inside the mask must not search crops"
+    # The click reuses the automatic mask of the same picture (the page computed it on upload) ...
+    assert len(computed) == 1
+    # ... but not that of another picture, nor of the same one with another model setting.
+    masking.auto_mask_result(Image.fromarray(np.ascontiguousarray(rgb[:, ::-1])))
+    masking.auto_mask_result(image, refine=False)
+    assert len(computed) == 3
 
 
 def test_a_point_on_a_subject_the_mask_missed_finds_it(u2netp):
@@ -531,6 +550,10 @@ def test_a_point_where_nothing_stands_out_keeps_the_mask_and_says_so(u2netp, tmp
     pointed = masking.auto_mask_result(image, point=(20, 20))
     assert np.array_equal(np.asarray(pointed.mask), np.asarray(plain.mask))
     assert pointed.warning == masking.POINT_NOT_FOUND == masking.mask_warning(pointed.mask)
+    # The remembered automatic result is handed out as a copy: the click's warning does not stick to it.
+    again = masking.auto_mask_result(image)
+    assert again.warning == plain.warning != masking.POINT_NOT_FOUND
+    assert masking.mask_warning(again.mask) == masking.mask_warning(plain.mask)
     path = tmp_path / "scene.png"
     image.save(path)
     assert cli.main(["mask", str(path), "--output", str(tmp_path / "out.png"), "--point", "20,20"]) == 0

@@ -32,7 +32,9 @@ we clean it up at a working resolution of 512 px on the longest side:
 under 0.85, or when the search was widened, the mask carries the warning "The automatic mask is unsure: check
 it and paint corrections ..." (in ``mask.info``, read with ``mask_warning``), which the page and the CLI show.
 
-About 1.2 s for the network's four passes plus 0.35 s of refinement for a 1024x1024 image on 2 CPU cores.
+About 1.2 s for the network's four passes plus 0.35 s of refinement for a 1024x1024 image on 2 CPU cores. The
+last two automatic results are remembered by image content, so a click on the subject right after the upload
+does not pay for them again.
 Measured against plain rembg in ``masking_eval/`` (see RESULTS.md there).
 
 Models: ``u2netp`` always works offline (``python scripts/fetch_offline_mask_model.py`` installs it); the others
@@ -41,7 +43,10 @@ download on first use from rembg's GitHub releases, which needs network access.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -722,7 +727,7 @@ def auto_mask_result(image: Image.Image, model: str = DEFAULT_MODEL, refine: boo
     warning saying so."""
     if model not in MASK_MODELS:
         _get_session(model)  # raises the UserError naming the valid models
-    result = _auto_mask_result(image, model, refine)
+    result = _remembered_auto_mask(image, model, refine)
     if point is None or not refine:
         return result
     W, H = image.size
@@ -738,6 +743,37 @@ def auto_mask_result(image: Image.Image, model: str = DEFAULT_MODEL, refine: boo
             return MaskResult(mask, decisiveness(prob), widened, None)
     result.mask.info[WARNING_KEY] = POINT_NOT_FOUND
     return MaskResult(result.mask, result.confidence, result.widened, POINT_NOT_FOUND)
+
+
+# The last few automatic results, by image content: the page computes the mask on upload, and a click on the
+# subject then asks again for the same image (to see whether the automatic mask covers the click), which would
+# otherwise cost the network's passes again (~1.6 s on 2 cores). Each hit is handed out as a copy, because
+# callers set warnings in a mask's ``info``.
+_REMEMBERED = 2
+_remembered: "OrderedDict[tuple, MaskResult]" = OrderedDict()
+_REMEMBERED_LOCK = threading.Lock()
+
+
+def _remembered_auto_mask(image: Image.Image, model: str, refine: bool) -> MaskResult:
+    rgb = _to_rgb_array(image)
+    key = (hashlib.blake2b(np.ascontiguousarray(rgb).data, digest_size=16).hexdigest(), rgb.shape, model, refine)
+    with _REMEMBERED_LOCK:
+        hit = _remembered.get(key)
+        if hit is not None:
+            _remembered.move_to_end(key)
+    if hit is None:
+        hit = _auto_mask_result(image, model, refine)
+        with _REMEMBERED_LOCK:
+            _remembered[key] = hit
+            while len(_remembered) > _REMEMBERED:
+                _remembered.popitem(last=False)
+    return dataclasses.replace(hit, mask=hit.mask.copy())
+
+
+def forget_remembered_masks() -> None:
+    """Drop the remembered automatic masks (tests that swap the network use it)."""
+    with _REMEMBERED_LOCK:
+        _remembered.clear()
 
 
 def _auto_mask_result(image: Image.Image, model: str, refine: bool) -> MaskResult:
