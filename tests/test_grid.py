@@ -125,16 +125,19 @@ def test_grid_reproduces_the_training_previews(built_run, engine):
     assert half[0] is full[0]  # the base image of a seed is drawn once and reused for every weight
 
 
-def test_a_small_card_tier_renders_from_the_quantized_base_like_training(built_run, engine):
-    """Compare / Try it / the grid CLI load the base as the GPU's memory tier says: on a 16 GB card the transformer's
-    block weights are fp8 as in training (bf16 plus T5 would not fit). Here the tier is asked for by name on the CPU;
-    the text encoders' host-memory placement only differs from the device on a GPU and is not visible here."""
+@pytest.mark.parametrize("tier,storage", [("16gb", "fp8"), ("12gb", "nf4")])
+def test_a_small_card_tier_renders_from_the_quantized_base_like_training(built_run, engine, tier, storage):
+    """Compare / Try it / the grid CLI load the base as the GPU's memory tier says: on a 16 or 12 GB card the
+    transformer's block weights are fp8 / NF4 as in training (bf16 plus T5 would not fit), and a LoRA loads on top
+    (NF4 codes are packed in one dimension, which diffusers' ``load_lora_weights`` shape check could not read). Here
+    the tier is asked for by name on the CPU; the text encoders' host-memory placement only differs from the device
+    on a GPU and is not visible here."""
     from trainer.quantize import QuantizedLinear
 
-    small = LoraPipeline.load(Path(built_run.model_path), CPU, torch.float32, memory_tier="16gb")
-    assert small.memory_tier == "16gb" and engine.memory_tier == "full"
+    small = LoraPipeline.load(Path(built_run.model_path), CPU, torch.float32, memory_tier=tier)
+    assert small.memory_tier == tier and engine.memory_tier == "full"
     quantized = [m for m in small.parts.transformer.modules() if isinstance(m, QuantizedLinear)]
-    assert quantized and {m.storage for m in quantized} == {"fp8"}
+    assert quantized and {m.storage for m in quantized} == {storage}
     assert not any(isinstance(m, QuantizedLinear) for m in engine.parts.transformer.modules())
 
     run, cfg = built_run, built_run.config
@@ -144,7 +147,7 @@ def test_a_small_card_tier_renders_from_the_quantized_base_like_training(built_r
     got = {w: _pixels(small.render(prompt, 3, settings, lora if w else None, w or 1.0)) for w in (0, 1.0)}
     ref = {w: _pixels(engine.render(prompt, 3, settings, lora if w else None, w or 1.0)) for w in (0, 1.0)}
     for w in (0, 1.0):  # fp8 weights: close to the bf16/fp32 render, not equal
-        assert np.abs(got[w] - ref[w]).mean() < 3, w  # measured 0.1 (base) and 1.0 (LoRA) of 255
+        assert np.abs(got[w] - ref[w]).mean() < 4, w  # measured: fp8 0.1 (base) / 1.0 (LoRA), NF4 2.1-2.6 of 255
     assert np.abs(got[1.0] - got[0]).mean() > 5  # and the LoRA is applied on top of the quantized layers (27)
     small.close()
 

@@ -1,8 +1,8 @@
 """Render with a base model and any saved LoRA at any weight: one pipeline, LoRAs swapped, prompts encoded once.
 
 Shared by the comparison grid and the try-it tab. The base model is loaded once (``models.load_parts``, the one
-place weights are loaded); each checkpoint is loaded as a named adapter with diffusers' own
-``load_lora_weights`` (so an exported kohya file renders too) and switched with ``set_adapters(name, weight)``.
+place weights are loaded); each checkpoint is loaded as a named adapter with diffusers' own loading code
+(``lora_state_dict`` + ``load_lora_into_transformer``, so an exported kohya file renders too) and switched with ``set_adapters(name, weight)``.
 The base model's image is the same pipeline with LoRA disabled, so "with" and "without" differ by nothing else.
 Prompt embeddings are cached, like the trainer's: a grid of N checkpoints x M seeds encodes each prompt once.
 
@@ -132,7 +132,7 @@ class LoraPipeline:
             name = f"lora_{self._counter}"
             load_lora(lora)  # refuse anything but a sane LoRA .safetensors before diffusers opens it
             try:
-                self.pipe.load_lora_weights(str(lora), adapter_name=name)
+                self._load_adapter(lora, name)
             except (ValueError, KeyError, RuntimeError, OSError) as err:
                 raise UserError(f"Could not load '{lora.name}' onto {self.model_path.name}: {err}. Was it trained "
                                 "on this base model?") from None
@@ -141,6 +141,18 @@ class LoraPipeline:
                 _, old = self._adapters.popitem(last=False)
                 self.pipe.delete_adapters(old)
             return name
+
+    def _load_adapter(self, lora: Path, name: str) -> None:
+        """diffusers' ``load_lora_weights`` minus two steps that don't apply here: its check for Flux Control LoRAs
+        that widen layers reads every targeted Linear's weight as a 2-D matrix (an NF4-stored layer keeps its codes
+        packed in one dimension, so the 12 GB tier could load no LoRA), and its text-encoder part (prompts are
+        encoded without a LoRA and cached). ``lora_state_dict`` still converts kohya / other trainers' keys."""
+        state_dict, alphas, metadata = self.pipe.lora_state_dict(str(lora), return_alphas=True,
+                                                                 return_lora_metadata=True)
+        if not any("lora" in key for key in state_dict):
+            raise ValueError("the file holds no LoRA weights")
+        self.pipe.load_lora_into_transformer(state_dict, network_alphas=alphas, transformer=self.pipe.transformer,
+                                             adapter_name=name, metadata=metadata, _pipeline=self.pipe)
 
     def use(self, lora: Path | None, weight: float = 1.0) -> None:
         """Make the next render use ``lora`` at ``weight``; ``None`` renders the base model."""
