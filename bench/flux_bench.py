@@ -826,8 +826,8 @@ class Bench:
             kwargs["backend"] = self.args.tiny_backend
         if self.args.compile_mode:
             kwargs["mode"] = self.args.compile_mode
-        res = self.resolution_list()[0]
-        tokens = (res // 16) ** 2 + self.txt_len  # the sequence the attention self-test runs at
+        # The attention self-test runs at the longest sequence this bench will time (the trainer: at the job's).
+        tokens = max((res // 16) ** 2 for res in self.resolution_list()) + self.txt_len
         done = accelerate_transformer(self.transformer, self.device, attention_tokens=tokens, **kwargs)
         self.info["compiled"] = done
         self.info["attention"] = attention_backend(self.transformer)

@@ -43,8 +43,10 @@ def test_the_choice_says_which_gpu_and_why():
 
 
 def test_a_card_below_every_tier_is_refused_with_what_to_do():
-    with pytest.raises(UserError, match=r"8\.0 GiB.*at least 12 GB.*tiny-demo"):
+    with pytest.raises(UserError, match=r"8\.0 GiB.*training with FLUX.1 needs.*at least 12 GB.*tiny-demo"):
         choose_tier(AUTO, CPU, gpu=("NVIDIA GeForce RTX 3070", 8.0))
+    with pytest.raises(UserError, match=r"rendering with FLUX.1 needs"):  # Compare / Try it / grid say so
+        choose_tier(AUTO, CPU, gpu=("NVIDIA GeForce RTX 3070", 8.0), task="rendering")
 
 
 def test_auto_without_a_gpu_or_on_the_tiny_model_trades_nothing():

@@ -90,7 +90,7 @@ class LoraPipeline:
         if device is None or dtype is None:
             picked_device, picked_dtype = pick_device()
             device, dtype = device or picked_device, dtype or picked_dtype
-        choice = choose_tier(memory_tier, device, tiny_model=is_tiny_demo(folder))
+        choice = choose_tier(memory_tier, device, tiny_model=is_tiny_demo(folder), task="rendering")
         weights = choice.tier.weights
         parts = load_parts(folder, device, dtype, transformer_on_device=False, encoders_on_device=weights == "bf16")
         place_transformer(parts, weights)

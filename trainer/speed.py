@@ -4,9 +4,10 @@
 and 38 single blocks share two compiled graphs, so compiling costs seconds to a minute, not the many minutes a
 whole-model compile takes). Blocks are compiled with ``nn.Module.compile``, which keeps parameter names (and
 so saved LoRA keys) unchanged; compilation itself is lazy and happens on the first forward. On a CPU, without
-Triton, or with ``ONE_IMAGE_LORA_COMPILE=0`` it returns ``False`` and leaves the model untouched, so the CPU
-tiny-demo path and the tests never compile. ``restore_eager`` undoes it (used as the fallback when compiling
-fails at the first step).
+Triton, or with ``ONE_IMAGE_LORA_COMPILE=0`` it returns ``False`` and leaves the blocks as they are, so the CPU
+tiny-demo path and the tests never compile. Compiled blocks also put cuDNN's attention first where a self-test
+in a child process finds it works (``choose_attention``). ``restore_eager`` undoes both (used as the fallback
+when compiling fails at the first step).
 
 ``TrainStep`` is ``train_lora``'s step (forward + masked loss + backward | clip + AdamW). On a CUDA GPU, after a
 few eager warm-up steps, it captures the step as two CUDA graphs and replays them: the cached example never
@@ -82,8 +83,6 @@ def accelerate_transformer(transformer, device, *, force: bool = False, inferenc
         inference_graphs = can_use_cuda_graphs(device)
     if inference_graphs:
         GraphedInference.install(transformer)
-    if choose_attention(device, attention_tokens) == "cudnn":
-        prefer_cudnn_attention(transformer)
     if not (force or can_compile(device)):
         return False
     blocks = _blocks(transformer)
@@ -91,6 +90,12 @@ def accelerate_transformer(transformer, device, *, force: bool = False, inferenc
         return False
     if getattr(transformer, _FLAG, False):
         return True
+    # cuDNN attention only with compiled blocks: the choice is then made once, while each block is traced, and
+    # the compiled code never touches PyTorch's process-wide attention settings again (uncompiled, every call
+    # would set and restore them, racing with other threads: a second job on another GPU, a Compare render). A
+    # compile failure at the first step falls back to uncompiled blocks and PyTorch's default attention together.
+    if choose_attention(device, attention_tokens) == "cudnn":
+        prefer_cudnn_attention(transformer)
     kwargs = {"dynamic": False, **compile_kwargs}
     # Previews (eval, no grad) and training (grad) each need a graph, and 1024 px a third: stay under the limit.
     try:
@@ -171,13 +176,14 @@ def cudnn_attention_works(tokens: int, device_index: int = 0, timeout_s: float =
         try:
             done = subprocess.run([sys.executable, "-c", _SELF_TEST, str(key[0]), str(key[1])], capture_output=True,
                                   text=True, timeout=timeout_s)
-            ok = done.returncode == 0 and "cudnn attention ok" in done.stdout
-            if not ok:
-                log.warning("cuDNN attention failed its self-test at %d tokens (exit %s); using PyTorch's default "
-                            "attention: %s", tokens, done.returncode, (done.stderr or done.stdout)[-500:])
         except (OSError, subprocess.TimeoutExpired) as err:
+            # Not remembered: a GPU busy with another job can make the test slow without cuDNN being broken.
             log.warning("cuDNN attention self-test did not finish (%s); using PyTorch's default attention", err)
-            ok = False
+            return False
+        ok = done.returncode == 0 and "cudnn attention ok" in done.stdout
+        if not ok:
+            log.warning("cuDNN attention failed its self-test at %d tokens (exit %s); using PyTorch's default "
+                        "attention: %s", tokens, done.returncode, (done.stderr or done.stdout)[-500:])
         _attention_verdicts[key] = ok
     return _attention_verdicts[key]
 
