@@ -747,7 +747,7 @@ def auto_mask_result(image: Image.Image, model: str = DEFAULT_MODEL, refine: boo
 
 # The last few automatic results, by image content: the page computes the mask on upload, and a click on the
 # subject then asks again for the same image (to see whether the automatic mask covers the click), which would
-# otherwise cost the network's passes again (~1.6 s on 2 cores). Each hit is handed out as a copy, because
+# otherwise cost the network's passes again (2.7 s for 1024 px on 2 cores). Each hit is handed out as a copy, because
 # callers set warnings in a mask's ``info``.
 _REMEMBERED = 2
 _remembered: "OrderedDict[tuple, MaskResult]" = OrderedDict()
