@@ -226,3 +226,29 @@ def test_lean_previews_render_a_round_one_image_at_a_time(tmp_path):
     singles = [renderer.render(p, 7, w, h, 2, 3.5) for p in prompts]
     assert [np.asarray(i).tobytes() for i in lean] == [np.asarray(i).tobytes() for i in singles]
     assert renderer.render_round(prompts, 7, w, h, 2, 3.5, should_stop=lambda: True) is None
+
+
+def test_speed_and_eta_come_from_the_typical_step_not_one_off_slow_ones():
+    # On a GPU the first step compiles (~30 s) and a later one captures CUDA graphs; the steady step is ~0.12 s.
+    from trainer.loop import StepTimer
+
+    timer = StepTimer()
+    rates = [timer.add(s) for s in [28.0, 0.12, 0.12, 0.12, 6.0] + [0.12] * 10]
+    assert rates[0] == pytest.approx(1 / 28.0)
+    assert rates[-1] == pytest.approx(1 / 0.12)  # a mean would say 0.36 it/s: an ETA 23x too long
+    assert all(r == pytest.approx(1 / 0.12) for r in rates[5:])
+
+
+def test_a_compiled_run_says_so_before_its_slow_first_step(tmp_path, monkeypatch):
+    # Compilation only happens on a CUDA GPU; here accelerate_transformer is made to report it did, to check that
+    # the page and the CLI are told why the first step takes a minute.
+    import trainer.loop
+
+    monkeypatch.setattr(trainer.loop, "accelerate_transformer", lambda *args, **kwargs: True)
+    _, events = run_events(tmp_path, steps=2, save_every=2)
+    first_progress = next(i for i, e in enumerate(events) if isinstance(e, Progress))
+    notes = [e.message for e in events[:first_progress] if isinstance(e, Status) and "Compiling" in e.message]
+    assert notes == ["Compiling the model for this GPU (PyTorch's default attention): the first training step and "
+                     "the first previews take up to a minute or two each; the compiled code is cached on disk for "
+                     "later jobs"]
+    assert isinstance(events[-1], Finished) and not events[-1].stopped

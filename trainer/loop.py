@@ -6,6 +6,7 @@ run is reproducible on the CPU. Stop is checked before every step and at every d
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -22,12 +23,16 @@ from trainer.events import CheckpointSaved, Event, Failed, Finished, Preview, Pr
 from trainer.lora import add_lora, save_lora
 from trainer.runs import RunFolder
 from trainer.sampling import PreviewRenderer
-from trainer.speed import TrainStep, accelerate_transformer, adamw_options
+from trainer.speed import TrainStep, accelerate_transformer, adamw_options, attention_backend
 
 
 @dataclass
 class StepTimer:
-    """Steps per second over a sliding window, excluding time spent saving and rendering previews."""
+    """Steps per second over a sliding window, excluding time spent saving and rendering previews.
+
+    From the median step of the window, not the mean: on a GPU the first step compiles the blocks (~30 s against
+    ~0.12 s for the others) and a later one captures the CUDA graphs, and a mean would carry those one-off costs
+    into the speed and the ETA for the next 20 steps (an ETA of minutes for a one-minute run)."""
     window: int = 20
 
     def __post_init__(self) -> None:
@@ -35,7 +40,7 @@ class StepTimer:
 
     def add(self, seconds: float) -> float:
         self._times = (self._times + [seconds])[-self.window:]
-        return len(self._times) / max(sum(self._times), 1e-9)
+        return 1.0 / max(statistics.median(self._times), 1e-9)
 
 
 def training_step(transformer, example: EncodedExample, cfg: TrainingConfig, generator: torch.Generator,
@@ -95,8 +100,12 @@ def _train_lora(parts, example: EncodedExample, cfg: TrainingConfig, run: RunFol
     # A small-card tier's lean previews go without the preview CUDA graph (its memory pool would stay reserved).
     lean_previews = getattr(parts, "lean_previews", False)
     tokens = example.image_ids.shape[0] + example.caption.text_ids.shape[0]
-    accelerate_transformer(transformer, parts.device, inference_graphs=False if lean_previews else None,
-                           attention_tokens=tokens)
+    if accelerate_transformer(transformer, parts.device, inference_graphs=False if lean_previews else None,
+                              attention_tokens=tokens):
+        attention = "cuDNN" if attention_backend(transformer) == "cudnn" else "PyTorch's default"
+        yield Status(f"Compiling the model for this GPU ({attention} attention): the first training step and the "
+                     "first previews take up to a minute or two each; the compiled code is cached on disk for later "
+                     "jobs")
     # On CUDA the LoRA gradients are all-reduced in bf16: half the bytes (1.80x vs 1.71x on 2 H200s, bench/RESULTS.md).
     model = dist.data_parallel(transformer, compress_bf16=parts.device.type == "cuda")
     optimizer = torch.optim.AdamW(params, lr=scaled_learning_rate(cfg.learning_rate, dist.world_size),
