@@ -727,14 +727,14 @@ def auto_mask_result(image: Image.Image, model: str = DEFAULT_MODEL, refine: boo
     warning saying so."""
     if model not in MASK_MODELS:
         _get_session(model)  # raises the UserError naming the valid models
-    result = _remembered_auto_mask(image, model, refine)
+    rgb = _to_rgb_array(image)  # once: the remembered-result key, the network and the search at a point use it
+    result = _remembered_auto_mask(rgb, model, refine)
     if point is None or not refine:
         return result
     W, H = image.size
     x, y = int(np.clip(point[0], 0, W - 1)), int(np.clip(point[1], 0, H - 1))
     if result.mask.getpixel((x, y)) >= 128:
         return result
-    rgb = _to_rgb_array(image)
     pointed = _map_around_point(rgb, (x, y), model, _work_size(rgb))
     if pointed is not None:
         prob, widened = widen_if_empty(pointed)
@@ -754,15 +754,14 @@ _remembered: "OrderedDict[tuple, MaskResult]" = OrderedDict()
 _REMEMBERED_LOCK = threading.Lock()
 
 
-def _remembered_auto_mask(image: Image.Image, model: str, refine: bool) -> MaskResult:
-    rgb = _to_rgb_array(image)
+def _remembered_auto_mask(rgb: np.ndarray, model: str, refine: bool) -> MaskResult:
     key = (hashlib.blake2b(np.ascontiguousarray(rgb).data, digest_size=16).hexdigest(), rgb.shape, model, refine)
     with _REMEMBERED_LOCK:
         hit = _remembered.get(key)
         if hit is not None:
             _remembered.move_to_end(key)
     if hit is None:
-        hit = _auto_mask_result(image, model, refine)
+        hit = _auto_mask_result(rgb, model, refine)
         with _REMEMBERED_LOCK:
             _remembered[key] = hit
             while len(_remembered) > _REMEMBERED:
@@ -776,11 +775,11 @@ def forget_remembered_masks() -> None:
         _remembered.clear()
 
 
-def _auto_mask_result(image: Image.Image, model: str, refine: bool) -> MaskResult:
-    rgb = _to_rgb_array(image)
+def _auto_mask_result(rgb: np.ndarray, model: str, refine: bool) -> MaskResult:
     if not refine:
+        size = (rgb.shape[1], rgb.shape[0])
         out = _get_session(model).predict(Image.fromarray(rgb))[0].convert("L")
-        out = out if out.size == image.size else out.resize(image.size, Image.Resampling.BILINEAR)
+        out = out if out.size == size else out.resize(size, Image.Resampling.BILINEAR)
         conf = decisiveness(np.asarray(out, dtype=np.float32) / 255.0)
         return MaskResult(out, conf, False, UNSURE if conf < _UNSURE_CRISP else None)
     prob, widened = widen_if_empty(network_mask(rgb, model))
