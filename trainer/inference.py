@@ -87,9 +87,7 @@ class LoraPipeline:
         transformer. Without this the bf16 model (~31 GiB with T5) could not render on a 24, 16 or 12 GB card.
         """
         folder = Path(model_path)
-        if device is None or dtype is None:
-            picked_device, picked_dtype = pick_device()
-            device, dtype = device or picked_device, dtype or picked_dtype
+        device, dtype = pick_device(device, dtype)  # the tier is chosen for this device, before loading
         choice = choose_tier(memory_tier, device, tiny_model=is_tiny_demo(folder), task="rendering")
         weights = choice.tier.weights
         parts = load_parts(folder, device, dtype, transformer_on_device=False, encoders_on_device=weights == "bf16")

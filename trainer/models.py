@@ -150,8 +150,16 @@ def _download(repo_id: str, token: str | None) -> Path:
     return folder
 
 
-def pick_device() -> tuple[torch.device, torch.dtype]:
-    """bf16 on a CUDA GPU that supports it (fp16 overflows in Flux), fp32 on the CPU."""
+def pick_device(device: torch.device | None = None, dtype: torch.dtype | None = None) -> tuple[torch.device, torch.dtype]:
+    """bf16 on a CUDA GPU that supports it (fp16 overflows in Flux), fp32 on the CPU; ``device`` / ``dtype``, when
+    given, are kept (and nothing is checked when both are)."""
+    if device is not None and dtype is not None:
+        return device, dtype
+    picked_device, picked_dtype = _default_device()
+    return device or picked_device, dtype or picked_dtype
+
+
+def _default_device() -> tuple[torch.device, torch.dtype]:
     if torch.cuda.is_available():
         if not torch.cuda.is_bf16_supported():
             raise UserError("This GPU does not support bfloat16, which Flux needs (float16 overflows and gives "
@@ -171,9 +179,7 @@ def load_parts(folder: Path, device: torch.device | None = None, dtype: torch.dt
     """
     from diffusers import FluxPipeline
 
-    if device is None or dtype is None:
-        picked_device, picked_dtype = pick_device()
-        device, dtype = device or picked_device, dtype or picked_dtype
+    device, dtype = pick_device(device, dtype)
     check_diffusers_folder(folder)
     pipe = FluxPipeline.from_pretrained(folder, torch_dtype=dtype, use_safetensors=True)
     parts = FluxParts(
