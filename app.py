@@ -24,8 +24,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from trainer.cli import _quiet_libraries
     from trainer.errors import UserError
-    from trainer.images import MAX_FILE_BYTES
-    from trainer.jobs import JobManager, gpu_devices
+    from trainer.dataset.images import MAX_FILE_BYTES
+    from trainer.jobs.manager import JobManager, gpu_devices
     from trainer.paths import data_dir, runs_dir
     from ui.app import build_app
     from ui.launch import exposure, state_secret

@@ -6,17 +6,17 @@ as the real model; see shared/OFFLINE.md), a synthetic cached example (16-channe
 pooled 768, a mask), and times:
   baseline  the reference step (shared/reference/naive_flux_lora_step.py, LORA_FP32=1: fp32 LoRA under bf16
             autocast, fused AdamW, no compile) for rank 16 and 4, 512 and 1024 px, with/without checkpointing;
-  project   ``trainer.loop.training_step`` + loss.item() + backward + clip + AdamW, exactly as ``train_lora``
-            runs it ("none"), and ``trainer.speed.TrainStep`` (the shipped fast step) in its variants:
+  project   ``trainer.training.loop.training_step`` + loss.item() + backward + clip + AdamW, exactly as ``train_lora``
+            runs it ("none"), and ``trainer.training.speed.TrainStep`` (the shipped fast step) in its variants:
               step           TrainStep eager (skips peft's fp32 round trip of LoRA inputs under autocast)
               graph          TrainStep replaying the step from two CUDA graphs (forward+backward | clip+AdamW)
-              compile        blocks compiled by ``trainer.speed.accelerate_transformer``, loop step
+              compile        blocks compiled by ``trainer.training.speed.accelerate_transformer``, loop step
               compile+graph  both (the fast path);  suffix -castcopy (keep peft's cast)
-            The compiled variants' attention is what the trainer picks (``trainer.speed.choose_attention``: cuDNN
+            The compiled variants' attention is what the trainer picks (``trainer.training.speed.choose_attention``: cuDNN
             after its self-test); ONE_IMAGE_LORA_ATTENTION=flash|cudnn|auto in the environment overrides it, so
             compare backends in separate processes. Rows say which one ran (``attention``).
             for rank 16 and 4, 512 and 1024 px, with/without checkpointing (``--plan`` picks which);
-  preview   one 20-step preview through ``trainer.sampling.PreviewRenderer`` with a real-config VAE (random
+  preview   one 20-step preview through ``trainer.training.previews.PreviewRenderer`` with a real-config VAE (random
             weights), eager and compiled;
   profile   kernel time per step by category (torch.profiler);
   tiers     which configurations fit under 24 / 16 / 12 GB (``torch.cuda.set_per_process_memory_fraction``).
@@ -163,8 +163,9 @@ class Bench:
 
     def example(self, res: int):
         """Synthetic cached example, shaped exactly like ``encode_example``'s output."""
-        from trainer.data import EncodedExample, PromptEmbedding, latent_weights
-        from trainer.flow import latent_image_ids
+        from trainer.training.encode import EncodedExample, PromptEmbedding
+        from trainer.dataset.prepare import latent_weights
+        from trainer.training.flow import latent_image_ids
 
         g = torch.Generator().manual_seed(res)
         h = w = res // 8
@@ -327,9 +328,9 @@ class Bench:
 
     # ---------------------------------------------------------------- the project's step
     def project_setup(self, rank, res, ckpt):
-        from trainer import flow
+        from trainer.training import flow
         from trainer.config import TrainingConfig
-        from trainer.lora import add_lora
+        from trainer.model.lora import add_lora
 
         model = self.transformer
         cfg = TrainingConfig(rank=rank, resolution=res, gradient_checkpointing=ckpt, learning_rate=1e-4)
@@ -347,8 +348,8 @@ class Bench:
                                lora_params_M=round(sum(p.numel() for p in params) / 1e6, 2))
 
     def project_teardown(self, s):
-        from trainer.lora import remove_lora
-        from trainer.speed import GraphedInference
+        from trainer.model.lora import remove_lora
+        from trainer.training.speed import GraphedInference
 
         GraphedInference.reset(self.transformer)
         for p in s.params:
@@ -360,7 +361,7 @@ class Bench:
 
     def eager_step(self, s):
         """``train_lora``'s loop body, verbatim in effect (loss.item() check, clip, fused AdamW, synchronise)."""
-        from trainer.loop import training_step
+        from trainer.training.loop import training_step
 
         model, cfg = self.transformer, s.cfg
         opt = torch.optim.AdamW(s.params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=self.cuda)
@@ -383,8 +384,8 @@ class Bench:
         return step
 
     def trainstep_step(self, s, graphs: bool, skip_cast: bool):
-        """``trainer.speed.TrainStep`` (what the trainer ships): eager or CUDA-graphed, as ``train_lora`` would call it."""
-        from trainer.speed import TrainStep, adamw_options
+        """``trainer.training.speed.TrainStep`` (what the trainer ships): eager or CUDA-graphed, as ``train_lora`` would call it."""
+        from trainer.training.speed import TrainStep, adamw_options
 
         cfg = s.cfg
         opts = adamw_options(self.device)
@@ -416,7 +417,7 @@ class Bench:
         if self.transformer is None:
             self.build_transformer()
         flags = self.parse_label(accel)
-        from trainer.speed import attention_backend, is_accelerated
+        from trainer.training.speed import attention_backend, is_accelerated
 
         for rank, res, ckpt in grid:
             base = dict(impl="project", accel=accel, rank=rank, resolution=res, checkpointing=ckpt,
@@ -513,8 +514,8 @@ class Bench:
 
     # ---------------------------------------------------------------- preview
     def run_preview(self, accel: str, n: int = 3, batch: int = 1):
-        from trainer.sampling import PreviewRenderer
-        from trainer.speed import attention_backend
+        from trainer.training.previews import PreviewRenderer
+        from trainer.training.speed import attention_backend
 
         if self.transformer is None:
             self.build_transformer()
@@ -575,7 +576,7 @@ class Bench:
         graph-safe RNG matches eager, the same noise: the losses and the final LoRA should agree closely."""
         import dataclasses
 
-        from trainer.speed import TrainStep
+        from trainer.training.speed import TrainStep
 
         if not self.cuda:
             return
@@ -632,7 +633,7 @@ class Bench:
     def run_graphcheck(self):
         """GraphedInference vs the plain forward on the same inputs: fresh inputs, and after an in-place LoRA
         update (a replay must see the new weights). Relative L2 error; should be ~0 (same kernels)."""
-        from trainer.speed import GraphedInference
+        from trainer.training.speed import GraphedInference
 
         if not self.cuda:
             return
@@ -647,7 +648,7 @@ class Bench:
             for p in s.params:  # make the LoRA do something (B starts at zero)
                 p.data.add_(torch.randn_like(p) * 0.02)
             ex = s.example
-            from trainer.flow import pack_latents
+            from trainer.training.flow import pack_latents
 
             def inputs(seed):
                 g = torch.Generator(device=self.device).manual_seed(seed)
@@ -693,10 +694,10 @@ class Bench:
         checkpoint (each ``every`` steps), LoRA saved at each checkpoint; wall-clock from a cold compile."""
         import tempfile
 
-        from trainer.data import PromptEmbedding
-        from trainer.lora import save_lora
-        from trainer.sampling import PreviewRenderer
-        from trainer.speed import TrainStep, adamw_options
+        from trainer.training.encode import PromptEmbedding
+        from trainer.model.lora import save_lora
+        from trainer.training.previews import PreviewRenderer
+        from trainer.training.speed import TrainStep, adamw_options
 
         res = self.resolution_list()[0]
         base = dict(impl="project", accel="run", kind="full_run", rank=rank, resolution=res, checkpointing=ckpt,
@@ -815,7 +816,7 @@ class Bench:
                         self.info["compiled"] = False
 
     def ensure_compiled(self):
-        from trainer.speed import accelerate_transformer, attention_backend, is_accelerated
+        from trainer.training.speed import accelerate_transformer, attention_backend, is_accelerated
 
         if self.transformer is None:
             self.build_transformer()
@@ -888,7 +889,7 @@ class Bench:
                 steps, every = (int(x) for x in (label.split(":", 1)[1] if ":" in label else "500:50").split(":"))
                 self.run_full(steps, every, rank=ranks[0])
             elif label == "tiers":
-                from trainer.speed import is_accelerated
+                from trainer.training.speed import is_accelerated
 
                 tier_grid = [(4, resolutions[0], True)]
                 self.run_tiers(tier_grid, "compile" if self.transformer is not None and is_accelerated(self.transformer) else "none")

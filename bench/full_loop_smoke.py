@@ -3,7 +3,7 @@
 Nothing can be downloaded, so the parts are built in code with random weights: the real FLUX.1-dev
 transformer and VAE configs, and small text encoders with the real output widths (T5 4096, CLIP pooled 768)
 — the text encoders run once before training, so their size does not change what is measured here. Then the
-same functions as ``trainer.train.run_training`` run in the same order: prepare → encode → free encoders →
+same functions as ``trainer.training.job.run_training`` run in the same order: prepare → encode → free encoders →
 train_lora (compile + CUDA graphs on CUDA) with preview rounds and checkpoint saves.
 
     python bench/full_loop_smoke.py --steps 60 --save-every 20 --out RESULT.json
@@ -25,13 +25,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.flux_bench import DEV, FLUX_SCHEDULER, FLUX_VAE  # noqa: E402
 from trainer.config import TrainingConfig  # noqa: E402
-from trainer.data import encode_example, encode_prompts, free_encoders, prepare_image  # noqa: E402
+from trainer.training.encode import encode_example, encode_prompts, free_encoders
+from trainer.dataset.prepare import prepare_image  # noqa: E402
 from trainer.events import CheckpointSaved, Failed, Finished, PreviewsRendered, Progress  # noqa: E402
-from trainer.loop import train_lora  # noqa: E402
-from trainer.models import FluxParts  # noqa: E402
-from trainer.runs import RunFolder  # noqa: E402
-from trainer.sampling import PreviewRenderer  # noqa: E402
-from trainer.tiny import _tokenizer  # noqa: E402
+from trainer.training.loop import train_lora  # noqa: E402
+from trainer.model.loading import FluxParts  # noqa: E402
+from trainer.runs.folder import RunFolder  # noqa: E402
+from trainer.training.previews import PreviewRenderer  # noqa: E402
+from trainer.model.tiny import _tokenizer  # noqa: E402
 
 
 def full_size_parts() -> FluxParts:

@@ -24,12 +24,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.flux_bench import DEV  # noqa: E402  the FLUX.1-dev transformer config
-from trainer import distributed  # noqa: E402
+from trainer.training import distributed  # noqa: E402
 from trainer.config import TrainingConfig  # noqa: E402
-from trainer.data import EncodedExample, PromptEmbedding, latent_weights  # noqa: E402
-from trainer.flow import latent_image_ids, resolution_shift  # noqa: E402
-from trainer.lora import add_lora  # noqa: E402
-from trainer.loop import training_step  # noqa: E402
+from trainer.training.encode import EncodedExample, PromptEmbedding
+from trainer.dataset.prepare import latent_weights  # noqa: E402
+from trainer.training.flow import latent_image_ids, resolution_shift  # noqa: E402
+from trainer.model.lora import add_lora  # noqa: E402
+from trainer.training.loop import training_step  # noqa: E402
 
 
 def synthetic_example(device, res: int = 512) -> EncodedExample:

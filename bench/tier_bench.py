@@ -2,7 +2,7 @@
 
 For each tier (presets/memory/) a fresh process caps itself to the tier's memory with
 ``torch.cuda.set_per_process_memory_fraction`` *before anything touches the GPU*, then runs the job's own code
-(``trainer.train.train_with_parts``): full-size T5-XXL and CLIP-L encode the prompts on the GPU and are freed,
+(``trainer.training.job.train_with_parts``): full-size T5-XXL and CLIP-L encode the prompts on the GPU and are freed,
 the VAE encodes the image, the transformer — in host memory, as ``load_parts`` leaves it — is placed as the tier
 says (bf16, or quantized layer by layer to fp8 / NF4), then ``train_lora`` trains with preview rounds and
 checkpoint saves. Nothing can be downloaded: every part is built in code with the real configs and random weights
@@ -66,8 +66,8 @@ def build_parts(device: torch.device, dtype: torch.dtype, tiny: bool):
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-    from trainer.models import FluxParts
-    from trainer.tiny import _tokenizer
+    from trainer.model.loading import FluxParts
+    from trainer.model.tiny import _tokenizer
 
     t5_config = dict(T5_XXL, d_model=32, d_ff=64, num_layers=1, num_heads=2, d_kv=16) if tiny else T5_XXL
     clip_config = dict(CLIP_L, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
@@ -97,9 +97,9 @@ def run_tier(tier_name: str, steps: int, save_every: int, rank: int, resolution:
              checkpointing: bool | None = None) -> dict:
     from trainer.config import TrainingConfig
     from trainer.events import CheckpointSaved, Failed, Finished, PreviewsRendered, Progress, Started, Status
-    from trainer.memory import load_tier
-    from trainer.runs import RunFolder
-    from trainer.train import train_with_parts
+    from trainer.model.tiers import load_tier
+    from trainer.runs.folder import RunFolder
+    from trainer.training.job import train_with_parts
 
     tier = load_tier(tier_name)
     if checkpointing is not None:  # a variant: the tier's weights with checkpointing forced on/off
@@ -111,7 +111,7 @@ def run_tier(tier_name: str, steps: int, save_every: int, rank: int, resolution:
                lean_previews=tier.lean_previews)
     if cuda:
         # Outside the Flux blocks, no cuDNN attention (its backward failed on one H100 image); inside them the
-        # trainer puts it first where its self-test passes (trainer.speed.choose_attention).
+        # trainer puts it first where its self-test passes (trainer.training.speed.choose_attention).
         torch.backends.cuda.enable_cudnn_sdp(False)
         total = torch.cuda.get_device_properties(0).total_memory
         if tier.cap_gib is not None:  # first thing: the whole job, loading included, runs under the cap
@@ -176,7 +176,7 @@ def run_tier(tier_name: str, steps: int, save_every: int, rank: int, resolution:
     except torch.OutOfMemoryError as err:
         row["error"] = f"OutOfMemoryError in phase {phase}: {str(err).splitlines()[0]}"
     row["phases"] = phases
-    from trainer.speed import attention_backend
+    from trainer.training.speed import attention_backend
     row["attention"] = attention_backend(parts.transformer)
     row["train_peak_gib"] = peak(reset=False)  # allocated, reserved: training + previews + saves
     steady = step_times[10:] or step_times

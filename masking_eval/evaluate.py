@@ -513,7 +513,7 @@ def iou(mask: np.ndarray, gt: np.ndarray) -> float:
 
 
 def present_models() -> list[str]:
-    from trainer.masking import MASK_MODELS, model_file
+    from trainer.dataset.masking import MASK_MODELS, model_file
 
     return [m for m in MASK_MODELS if model_file(m) is not None]
 
@@ -544,7 +544,7 @@ def click_point(gt: np.ndarray) -> tuple[int, int]:
 
 
 def _run_method(method: str, img: Image.Image, model: str, gt: np.ndarray) -> np.ndarray:
-    from trainer.masking import auto_mask
+    from trainer.dataset.masking import auto_mask
 
     if method == "plain":
         return plain_rembg(img, model)
@@ -597,7 +597,7 @@ def summarize(rows, models):
 def stage_timing(samples, model: str, repeats: int = 3) -> str:
     """Seconds per 1024x1024 image by stage (median over images of the fastest of ``repeats`` runs, which
     discounts other load on the machine; and the slowest single run)."""
-    from trainer import masking
+    from trainer.dataset import masking
 
     sq = [s for s in samples if s.rgb.shape[:2] == (1024, 1024)]
     if not sq:
@@ -707,7 +707,7 @@ def main(argv=None) -> int:
     if args.write and args.split != "test":
         ap.error("--write reports the held-out test split only")
 
-    from trainer.masking import MASK_MODELS
+    from trainer.dataset.masking import MASK_MODELS
 
     models = args.models or present_models()
     missing = [m for m in MASK_MODELS if m not in models]
@@ -737,7 +737,7 @@ def main(argv=None) -> int:
 
 def write_results(text, paired, table, rows, models, missing, args):
     """Write RESULTS.md; a hand-written ``## Notes`` section already in the file is kept."""
-    from trainer import masking
+    from trainer.dataset import masking
 
     out = Path(__file__).resolve().parent / "RESULTS.md"
     notes = ""
@@ -773,7 +773,7 @@ def write_results(text, paired, table, rows, models, missing, args):
 - Metric: IoU of (mask >= 128) against the exact ground truth (composite alpha >= 0.5). "worst" = the lowest
   single image.
 - "plain rembg" = `rembg.remove(image, session=new_session(model), only_mask=True)` with rembg's defaults.
-  "refined (ours)" = `trainer.masking.auto_mask(image, model, refine=True)`. "ours + one click on the subject" =
+  "refined (ours)" = `trainer.dataset.masking.auto_mask(image, model, refine=True)`. "ours + one click on the subject" =
   `auto_mask(image, model, point=(x, y))` with (x, y) the subject's deepest inside point, as a user's click on the
   preview when the mask missed the subject (a click on a subject already in the mask changes nothing).
 - Timing: wall-clock seconds per image including the network, sessions already loaded.

@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
-    from trainer.tiny import ensure_tiny_demo
+    from trainer.model.tiny import ensure_tiny_demo
 
     return ensure_tiny_demo(tmp_path_factory.mktemp("models") / "tiny-demo")
 

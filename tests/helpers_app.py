@@ -43,8 +43,8 @@ def launched_app(tmp_path: Path) -> Iterator[RunningApp]:
     The browser-state secret is fixed for the app's lifetime (as ``app.py``'s per-installation secret is),
     so a reloaded page decrypts the owner id it stored.
     """
-    from trainer.images import MAX_FILE_BYTES
-    from trainer.jobs import JobManager
+    from trainer.dataset.images import MAX_FILE_BYTES
+    from trainer.jobs.manager import JobManager
     from ui.app import build_app
 
     runs_root = Path(tmp_path) / "runs"

@@ -1,4 +1,4 @@
-"""trainer.advice: each code fires on a constructed bad case and stays quiet on a good picture."""
+"""trainer.dataset.advice: each code fires on a constructed bad case and stays quiet on a good picture."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFilter
 
-from trainer.advice import BLUR_THRESHOLD, Advice, image_advice, sharpness
+from trainer.dataset.advice import BLUR_THRESHOLD, Advice, image_advice, sharpness
 
 
 def textured(size=(1024, 1024), seed=0) -> Image.Image:

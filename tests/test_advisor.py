@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFilter
 
-from trainer.advisor import (ARTEFACT_LIMIT, COPY_RISE, CheckpointScore, advice_from_grid, artefact_score,
+from trainer.review.advisor import (ARTEFACT_LIMIT, COPY_RISE, CheckpointScore, advice_from_grid, artefact_score,
                              checkpoint_files, copy_score, disk_summary, keep_last, score_checkpoints, set_star,
                              starred_step, suggest)
 from trainer.config import TrainingConfig
 from trainer.errors import UserError
-from trainer.runs import RunFolder
+from trainer.runs.folder import RunFolder
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import subject_image  # noqa: E402
@@ -93,8 +93,8 @@ def test_suggestion_edges():
 
 
 def test_advice_from_a_rendered_grid(tmp_path):
-    from trainer.advisor import advice_spec
-    from trainer.grid import GridImages, RowRendered, plan_grid
+    from trainer.review.advisor import advice_spec
+    from trainer.review.grid import GridImages, RowRendered, plan_grid
 
     run = _run_with_checkpoints(tmp_path / "run", steps=(10, 20, 30))
     training, _ = run.load_dataset()

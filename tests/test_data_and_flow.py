@@ -5,8 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from trainer import flow
-from trainer.data import latent_weights, prepare_image, training_size
+from trainer.training import flow
+from trainer.dataset.prepare import latent_weights, prepare_image, training_size
 
 
 @pytest.mark.parametrize("size,resolution,expected", [

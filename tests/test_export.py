@@ -22,9 +22,9 @@ import torch
 
 from trainer import cli
 from trainer.errors import UserError
-from trainer.estimates import FLUX_DEV_TRANSFORMER_CONFIG
-from trainer.export import export_lora, read_lora, to_kohya
-from trainer.lora import TARGET_MODULES, add_lora, save_lora
+from trainer.model.estimates import FLUX_DEV_TRANSFORMER_CONFIG
+from trainer.review.export import export_lora, read_lora, to_kohya
+from trainer.model.lora import TARGET_MODULES, add_lora, save_lora
 
 GOLDEN = Path(__file__).parent / "golden" / "flux_dev_kohya_keys.txt"
 GOLDEN_RANK = 4
@@ -165,7 +165,7 @@ def _lora_state(targets, rank: int, device: str, seed: int = 0) -> dict[str, tor
 
 
 def _golden_lines() -> list[str]:
-    from trainer.export import lora_from_state_dict
+    from trainer.review.export import lora_from_state_dict
 
     kohya = to_kohya(lora_from_state_dict(_lora_state(_flux_dev_targets(), GOLDEN_RANK, "meta")))
     return [f"{key} {list(value.shape)}" for key, value in sorted(kohya.items())]
@@ -190,7 +190,7 @@ def test_kohya_keys_for_flux_dev_match_the_golden_list():
 def test_diffusers_converter_maps_a_flux_dev_kohya_export_back_exactly():
     from diffusers.loaders.lora_conversion_utils import _convert_kohya_flux_lora_to_diffusers
 
-    from trainer.export import lora_from_state_dict
+    from trainer.review.export import lora_from_state_dict
 
     original = _lora_state(_flux_dev_targets(), rank=1, device="cpu")
     kohya = to_kohya(lora_from_state_dict(original))
@@ -267,7 +267,7 @@ def test_export_cli(tiny_pipe, tmp_path, capsys):
 
 
 def test_partial_fused_group_is_refused_for_kohya(tmp_path):
-    from trainer.export import lora_from_state_dict
+    from trainer.review.export import lora_from_state_dict
 
     state = {"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(2, 8),
              "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(8, 2)}
@@ -276,11 +276,11 @@ def test_partial_fused_group_is_refused_for_kohya(tmp_path):
 
 
 def test_export_refuses_files_that_are_not_sane_lora_safetensors(tmp_path):
-    """A path from the user goes through trainer.weights: no pickles, no oversized headers, LoRA keys only."""
+    """A path from the user goes through trainer.model.weights: no pickles, no oversized headers, LoRA keys only."""
     import struct
 
     from trainer.errors import UserError
-    from trainer.export import read_lora
+    from trainer.review.export import read_lora
 
     pickle_file = tmp_path / "model.safetensors"
     pickle_file.write_bytes(b"\x80\x04\x95" + b"\x00" * 64)  # a pickle renamed .safetensors

@@ -17,10 +17,10 @@ from PIL import Image
 from trainer import cli
 from trainer.config import TrainingConfig
 from trainer.errors import UserError
-from trainer.grid import (GridImages, GridSpec, compose_grid, output_paths, parse_numbers, plan_grid, render_grid,
+from trainer.review.grid import (GridImages, GridSpec, compose_grid, output_paths, parse_numbers, plan_grid, render_grid,
                           suggest_prompts)
-from trainer.inference import LoraPipeline, RenderSettings
-from trainer.runs import RunFolder
+from trainer.review.inference import LoraPipeline, RenderSettings
+from trainer.runs.folder import RunFolder
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import subject_image  # noqa: E402
@@ -30,10 +30,11 @@ CPU = torch.device("cpu")
 
 def make_run(root: Path, steps=(2, 4), strength: float = 0.5) -> RunFolder:
     """A finished tiny-demo run: checkpoints at ``steps`` with random LoRAs, previews drawn by the training path."""
-    from trainer.data import encode_prompts, training_size
-    from trainer.lora import add_lora, save_lora
-    from trainer.models import load_parts, resolve_model
-    from trainer.sampling import PreviewRenderer
+    from trainer.training.encode import encode_prompts
+    from trainer.dataset.prepare import training_size
+    from trainer.model.lora import add_lora, save_lora
+    from trainer.model.loading import load_parts, resolve_model
+    from trainer.training.previews import PreviewRenderer
 
     cfg = TrainingConfig(caption="a photo of [trigger] with red hair", trigger="ohwx", model="tiny-demo", rank=4,
                          steps=max(steps), save_every=min(steps), resolution=64, preview_steps=2,
@@ -132,7 +133,7 @@ def test_a_small_card_tier_renders_from_the_quantized_base_like_training(built_r
     (NF4 codes are packed in one dimension, which diffusers' ``load_lora_weights`` shape check could not read). Here
     the tier is asked for by name on the CPU; the text encoders' host-memory placement only differs from the device
     on a GPU and is not visible here."""
-    from trainer.quantize import QuantizedLinear
+    from trainer.model.quantize import QuantizedLinear
 
     small = LoraPipeline.load(Path(built_run.model_path), CPU, torch.float32, memory_tier=tier)
     assert small.memory_tier == tier and engine.memory_tier == "full"
@@ -224,7 +225,7 @@ def test_compose_grid_places_cells_and_labels():
 def test_grid_images_fill_in_rows_and_map_clicks(built_run):
     plan = plan_grid(built_run, GridSpec(prompts=("p1", "p2"), seeds=(1, 2), weights=(0.5, 1.0)))
     grids = GridImages(plan, cell_size=32)
-    from trainer.grid import RowRendered
+    from trainer.review.grid import RowRendered
 
     red = Image.new("RGB", (48, 64), (255, 0, 0))
     grids.add(RowRendered(1, 3, (red, red, red), 3, plan.cells))
@@ -303,7 +304,7 @@ def owned_run(built_run, tmp_path):
 
 @pytest.fixture
 def service(engine):
-    from trainer.inference import InferenceService
+    from trainer.review.inference import InferenceService
 
     loads = []
     svc = InferenceService(loader=lambda path: loads.append(path) or engine)
@@ -353,7 +354,7 @@ def test_compare_tab_selecting_a_run_and_streaming_a_grid(owned_run, service):
 def test_compare_tab_downloads_star_and_prune(owned_run):
     import safetensors.torch
 
-    from trainer.advisor import starred_step
+    from trainer.review.advisor import starred_step
     from ui.compare_tab import checkpoint_table, export_files, open_owned_run, prune, star
 
     runs_root, name = owned_run
@@ -372,7 +373,7 @@ def test_compare_tab_downloads_star_and_prune(owned_run):
 
 
 def test_compare_tab_scores_checkpoints(owned_run, service):
-    from trainer.advisor import load_advice
+    from trainer.review.advisor import load_advice
     from ui.compare_tab import open_owned_run, stream_advice
 
     runs_root, name = owned_run
@@ -409,7 +410,7 @@ def test_try_it_renders_the_lora_beside_the_base_model(owned_run, service, built
 def test_app_has_train_compare_and_try_it_tabs(tmp_path):
     import gradio as gr
 
-    from trainer.jobs import JobManager
+    from trainer.jobs.manager import JobManager
     from ui.app import build_app
 
     demo = build_app(JobManager(), tmp_path / "runs")

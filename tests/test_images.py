@@ -1,4 +1,4 @@
-"""trainer.images against a malformed corpus built in code (reliability plan points 12 and 13)."""
+"""trainer.dataset.images against a malformed corpus built in code (reliability plan points 12 and 13)."""
 
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from trainer import images
+from trainer.dataset import images
 from trainer.errors import UserError
-from trainer.images import alpha_mask, load_image, load_mask
+from trainer.dataset.images import alpha_mask, load_image, load_mask
 
 REPO = Path(__file__).resolve().parents[1]
 # Pillow warns about the corrupt EXIF it is fed here, as it should; load_image carries on regardless.
@@ -210,7 +210,7 @@ _MEMORY_PROBE = r"""
 import json, resource, sys
 from PIL import Image
 from trainer.errors import UserError
-from trainer.images import load_image
+from trainer.dataset.images import load_image
 
 def status(key):
     for line in open("/proc/self/status"):

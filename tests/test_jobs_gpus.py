@@ -10,8 +10,8 @@ import threading
 from tests.conftest import subject_image
 from trainer.config import TrainingConfig
 from trainer.events import Finished, Progress
-from trainer.jobs import JobManager
-from trainer.runs import RunFolder
+from trainer.jobs.manager import JobManager
+from trainer.runs.folder import RunFolder
 from ui.view import RunView
 
 

@@ -13,7 +13,7 @@ import gradio_client
 import pytest
 
 from trainer.errors import UserError
-from trainer.images import MAX_FILE_BYTES
+from trainer.dataset.images import MAX_FILE_BYTES
 from ui.launch import PASSWORD_ENV, USER_ENV, exposure
 
 ROOT = Path(__file__).resolve().parent.parent

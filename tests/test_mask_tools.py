@@ -8,8 +8,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from tests.conftest import subject_image
-from trainer.data import latent_weights, prepare_image
-from trainer.mask_tools import (ADD_RGB, REMOVE_RGB, adjust_mask, apply_strokes, thin_share, token_grid,
+from trainer.dataset.prepare import latent_weights, prepare_image
+from trainer.dataset.mask_tools import (ADD_RGB, REMOVE_RGB, adjust_mask, apply_strokes, thin_share, token_grid,
                                 token_grid_view)
 
 

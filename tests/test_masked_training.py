@@ -18,15 +18,17 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from trainer import augment, flow
+from trainer.dataset import augment
+from trainer.training import flow
 from trainer.config import load_preset
-from trainer.data import encode_example, encode_prompts, free_encoders, latent_weights, prepare_image
+from trainer.training.encode import encode_example, encode_prompts, free_encoders
+from trainer.dataset.prepare import latent_weights, prepare_image
 from trainer.events import Finished, Progress
-from trainer.loop import train_lora
-from trainer.models import load_parts, resolve_model
-from trainer.runs import RunFolder
-from trainer.sampling import PreviewRenderer
-from trainer.train import run_training
+from trainer.training.loop import train_lora
+from trainer.model.loading import load_parts, resolve_model
+from trainer.runs.folder import RunFolder
+from trainer.training.previews import PreviewRenderer
+from trainer.training.job import run_training
 
 SIZE = 128
 CAPTION = "a photo of ohwx, a red ball"
@@ -193,7 +195,7 @@ def test_augmented_run_is_deterministic_and_picks_from_a_cached_bank(tmp_path, m
                         or original(parts, image))
     picks = []
     original_pick = augment.pick
-    monkeypatch.setattr("trainer.loop.pick_augmented", lambda example, g: picks.append(1) or original_pick(example, g))
+    monkeypatch.setattr("trainer.training.loop.pick_augmented", lambda example, g: picks.append(1) or original_pick(example, g))
     run_a, events_a = _tiny_run(tmp_path / "a", augment_probability=0.5)
     assert isinstance(events_a[-1], Finished) and not events_a[-1].stopped
     assert sum(encoded) == augment.BANK_SIZE, "the bank must be encoded once, before the loop"

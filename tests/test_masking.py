@@ -1,4 +1,4 @@
-"""Automatic masks (trainer.masking): API contract, refinement quality on constructed scenes, cleanup unit
+"""Automatic masks (trainer.dataset.masking): API contract, refinement quality on constructed scenes, cleanup unit
 tests with no network, and the errors a user sees for missing models.
 
 The tests that run the u2netp network fail (not skip) when its file is missing: the install script fetches it
@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from trainer import masking
+from trainer.dataset import masking
 from trainer.errors import UserError
-from trainer.masking import MASK_MODELS, auto_mask, cleanup_mask, refine_mask
+from trainer.dataset.masking import MASK_MODELS, auto_mask, cleanup_mask, refine_mask
 
 
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainer import train
+from trainer.training import job as train
 from trainer.config import TrainingConfig
 from trainer.errors import UserError
-from trainer.memory import AUTO, choose_tier, list_tiers, load_tier, tier_for_card, tier_names
+from trainer.model.tiers import AUTO, choose_tier, list_tiers, load_tier, tier_for_card, tier_names
 
 CPU = torch.device("cpu")
 
@@ -90,8 +90,8 @@ def test_the_page_explains_the_tier_it_will_use():
 def _train(folder, tier: str):
     from tests.test_resume import lora_of, new_run
     from trainer.events import Failed, Finished, Status
-    from trainer.runs import RunFolder
-    from trainer.train import run_training
+    from trainer.runs.folder import RunFolder
+    from trainer.training.job import run_training
 
     run = new_run(folder, steps=3, save_every=3, memory_tier=tier)
     events = list(run_training(run))

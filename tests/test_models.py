@@ -7,7 +7,7 @@ import httpx
 import pytest
 
 from trainer.errors import UserError
-from trainer.models import TINY_DEMO, load_parts, resolve_model
+from trainer.model.loading import TINY_DEMO, load_parts, resolve_model
 
 
 def test_tiny_demo_resolves_to_a_real_diffusers_folder_and_loads():

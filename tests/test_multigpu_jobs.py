@@ -1,5 +1,5 @@
 """One app job on several "GPUs": the job manager runs ``python -m trainer train --prepared`` under torchrun and
-follows its events (trainer.multigpu). No GPU here: the manager is given two CPU "devices", so the job's two
+follows its events (trainer.jobs.multigpu). No GPU here: the manager is given two CPU "devices", so the job's two
 processes run data-parallel on the CPU with gloo, sharing its cores; the GPU path differs only in NCCL and
 CUDA_VISIBLE_DEVICES. The runner is the real one: real processes, real training, real files.
 """
@@ -20,9 +20,9 @@ from trainer.config import TrainingConfig
 from trainer.events import (CheckpointSaved, Failed, Finished, LossHistory, Preview, PreviewsRendered, Progress,
                             Started, Status, event_from_dict, event_to_dict, from_json_line, to_json_line)
 from trainer.errors import UserError
-from trainer.jobs import JobManager
-from trainer.multigpu import child_environment, describe_devices
-from trainer.runs import RunFolder
+from trainer.jobs.manager import JobManager
+from trainer.jobs.multigpu import child_environment, describe_devices
+from trainer.runs.folder import RunFolder
 from ui.view import RunView
 
 CPU_DEVICES = ["cpu:0", "cpu:1"]  # two gloo processes; on the CPU they share its cores
@@ -271,7 +271,7 @@ def test_a_damaged_run_folder_fails_with_the_reason(tmp_path, manager):
 def test_a_rank_that_builds_tiny_demo_second_keeps_the_first_copy(tmp_path, monkeypatch):
     """A fresh install: both processes of a tiny-demo job build the model at once; the slower must not delete the
     copy the faster one is already loading (it did: FileNotFoundError in the other rank)."""
-    from trainer import tiny
+    from trainer.model import tiny
 
     target = tmp_path / "models" / "tiny-demo"
     real_build = tiny.build_tiny_pipeline

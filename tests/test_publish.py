@@ -18,11 +18,11 @@ import pytest
 import safetensors.torch
 import yaml
 
-from trainer.advisor import set_star
+from trainer.review.advisor import set_star
 from trainer.config import TrainingConfig
 from trainer.errors import UserError
-from trainer.publish import ADVICE_FILE, plan_publish, publish, recommended
-from trainer.runs import RunFolder
+from trainer.review.publish import ADVICE_FILE, plan_publish, publish, recommended
+from trainer.runs.folder import RunFolder
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import subject_image  # noqa: E402

@@ -1,4 +1,4 @@
-"""trainer.quantize: fp8 / nf4 storage of the frozen Flux Linear weights under a float32 LoRA (CPU only).
+"""trainer.model.quantize: fp8 / nf4 storage of the frozen Flux Linear weights under a float32 LoRA (CPU only).
 
 ``pytest -s`` prints the measured figures (round-trip errors, loss and LoRA-gradient agreement with the
 full-precision model) so they can be quoted.
@@ -14,7 +14,7 @@ import safetensors.torch
 import torch
 import torch.nn.functional as F
 
-from trainer.quantize import (FP8_DTYPE, NF4_BLOCK, NF4_LEVELS, STORAGES, QuantizedLinear, dequantize,
+from trainer.model.quantize import (FP8_DTYPE, NF4_BLOCK, NF4_LEVELS, STORAGES, QuantizedLinear, dequantize,
                               outside_blocks, quantize_linears, weight_bytes)
 
 QUANTIZED = ("fp8", "nf4")
@@ -48,7 +48,7 @@ def cos(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def nf4_reference(w: torch.Tensor, block: int) -> torch.Tensor:
     """Independent NF4 round trip: nearest level by argmin, absmax per block of ``block`` consecutive values
-    (block = numel: one scale for the whole tensor). Same bf16-rounded scale as trainer.quantize."""
+    (block = numel: one scale for the whole tensor). Same bf16-rounded scale as trainer.model.quantize."""
     levels = torch.tensor(NF4_LEVELS)
     flat = w.reshape(-1, block)
     absmax = flat.abs().amax(1, keepdim=True).bfloat16().float()
@@ -230,7 +230,7 @@ def test_the_backward_op_passes_opcheck():
 # --- 4.-6. on the tiny Flux transformer, with peft's LoRA ---------------------------------------------------
 
 def tiny_transformer(weights: str | None = None, seed: int = 0):
-    """The tiny-demo transformer (trainer.tiny's config). ``weights``: None keeps diffusers' init;
+    """The tiny-demo transformer (trainer.model.tiny's config). ``weights``: None keeps diffusers' init;
     "flux-magnitude" redraws every Linear weight from N(0, 0.02), about the magnitude of trained Flux weights
     (assumed, not measured here; the default init is uniform +-1/sqrt(fan_in): std 0.03-0.14 here, 2-7x larger
     and not bell-shaped, while NF4's levels are normal quantiles); "flux-gain" from N(0, 0.02*sqrt(3072/fan_in)),
@@ -239,7 +239,7 @@ def tiny_transformer(weights: str | None = None, seed: int = 0):
     residual stream and quantization errors barely propagate)."""
     from diffusers import FluxTransformer2DModel
 
-    from trainer.tiny import TINY_TRANSFORMER_CONFIG
+    from trainer.model.tiny import TINY_TRANSFORMER_CONFIG
 
     torch.manual_seed(seed)
     transformer = FluxTransformer2DModel(**TINY_TRANSFORMER_CONFIG)
@@ -255,7 +255,7 @@ def tiny_transformer(weights: str | None = None, seed: int = 0):
 
 def flux_inputs(seed: int):
     """One training example's inputs for the tiny transformer (8x8 latent tokens, 8 text tokens) and a target."""
-    from trainer.flow import latent_image_ids
+    from trainer.training.flow import latent_image_ids
 
     g = torch.Generator().manual_seed(seed)
     inputs = dict(hidden_states=torch.randn(1, 64, 16, generator=g),
@@ -283,7 +283,7 @@ def block_linear_count(transformer) -> tuple[int, int]:
 
 @pytest.mark.parametrize("storage", QUANTIZED)
 def test_peft_lora_wraps_quantized_layers_trains_and_saves_the_same_keys(storage, tmp_path):
-    from trainer.lora import add_lora, save_lora
+    from trainer.model.lora import add_lora, save_lora
 
     reference = tiny_transformer()
     add_lora(reference, rank=4, alpha=4.0, seed=0)
@@ -334,7 +334,7 @@ def test_peft_lora_wraps_quantized_layers_trains_and_saves_the_same_keys(storage
 
 
 def test_gradient_checkpointing_gives_the_same_lora_gradients():
-    from trainer.lora import add_lora
+    from trainer.model.lora import add_lora
 
     grads = []
     for checkpointing in (False, True):
@@ -354,7 +354,7 @@ def test_gradient_checkpointing_gives_the_same_lora_gradients():
 
 
 def test_quantizing_after_add_lora_leaves_the_lora_alone():
-    from trainer.lora import add_lora
+    from trainer.model.lora import add_lora
 
     before_first = tiny_transformer()
     quantize_linears(before_first, "nf4", "cpu")
@@ -432,7 +432,7 @@ def lora_figures(base, storage: str) -> dict:
     """Loss and LoRA gradients on GRAD_SEEDS (B set to small random values, so A gets gradients too), and the
     LoRA weights after TRAIN_STEPS AdamW steps from the standard init (B = 0), for ``base`` stored as ``storage``
     (``"full"``: unquantized float32)."""
-    from trainer.lora import add_lora
+    from trainer.model.lora import add_lora
 
     def prepared():
         model = copy.deepcopy(base)

@@ -22,14 +22,16 @@ import torch
 
 from tests.conftest import subject_image
 from tests.test_resume import ROOT, lora_of, new_run, tiny_config
-from trainer import diskspace, loop, train
-from trainer import resume as training_state
+from trainer.runs import diskspace
+from trainer.training import loop
+from trainer.training import job as train
+from trainer.runs import resume as training_state
 from trainer.config import list_presets
 from trainer.errors import UserError
 from trainer.events import CheckpointSaved, Failed, Finished, PreviewsRendered, Progress, Started
-from trainer.jobs import JobManager
-from trainer.runs import RunFolder
-from trainer.train import run_training
+from trainer.jobs.manager import JobManager
+from trainer.runs.folder import RunFolder
+from trainer.training.job import run_training
 
 
 def saved_files(run: RunFolder) -> list[Path]:
@@ -133,8 +135,8 @@ class HalfThenDie:
         return self.f.write(data)
 
 os.fdopen = lambda fd, *a, **k: HalfThenDie(real_fdopen(fd, *a, **k))
-from trainer.runs import RunFolder
-from trainer.train import run_training
+from trainer.runs.folder import RunFolder
+from trainer.training.job import run_training
 for event in run_training(RunFolder.open(run_dir)):
     pass
 """

@@ -18,12 +18,12 @@ import safetensors.torch
 import torch
 
 from tests.conftest import subject_image
-from trainer import resume as training_state
+from trainer.runs import resume as training_state
 from trainer.config import load_preset
 from trainer.errors import UserError
 from trainer.events import CheckpointSaved, Failed, Finished, Progress, Status
-from trainer.runs import RunFolder
-from trainer.train import run_training
+from trainer.runs.folder import RunFolder
+from trainer.training.job import run_training
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -301,7 +301,7 @@ def test_the_same_run_is_never_trained_by_two_processes(finished_run, tmp_path):
 # ---- plan point 11: a server restart marks running jobs interrupted and offers Resume ----------------------------
 
 def test_restart_marks_live_runs_interrupted_and_job_manager_resumes_them(finished_run, tmp_path):
-    from trainer.jobs import JobManager
+    from trainer.jobs.manager import JobManager
     from ui.training_step import TrainingController, owner_folder
 
     runs_root = tmp_path / "runs"
@@ -343,7 +343,7 @@ def test_restart_marks_live_runs_interrupted_and_job_manager_resumes_them(finish
 
 
 def test_controller_resume_and_follow_show_the_resumed_job(finished_run, tmp_path):
-    from trainer.jobs import JobManager
+    from trainer.jobs.manager import JobManager
     from ui.training_step import TrainingController, owner_folder
 
     runs_root = tmp_path / "runs"
@@ -396,8 +396,8 @@ def test_resume_through_the_app_api(finished_run, tmp_path):
 def test_the_background_state_writer_snapshots_at_save_time_and_reports_write_errors(tmp_path):
     """Training goes on while a state is written: what lands on disk is the state as of ``save``, and a write
     that fails is raised to the training thread."""
-    from trainer.lora import add_lora
-    from trainer.models import load_parts, resolve_model
+    from trainer.model.lora import add_lora
+    from trainer.model.loading import load_parts, resolve_model
 
     parts = load_parts(resolve_model("tiny-demo"))
     params = add_lora(parts.transformer, 4, 4.0, seed=0)

@@ -20,12 +20,12 @@ import torch
 from tests.conftest import subject_image
 from tests.test_resume import ROOT, cli, cli_env, new_run
 from tests.test_reliability import slow_runner
-from trainer import weights
+from trainer.model import weights
 from trainer.config import TrainingConfig
 from trainer.errors import UserError
 from trainer.events import Finished
-from trainer.jobs import JobManager
-from trainer.runs import RunFolder
+from trainer.jobs.manager import JobManager
+from trainer.runs.folder import RunFolder
 
 CANARY = "hf_CANARYtokenDoNotLeak0123456789abcdef"
 
@@ -50,7 +50,7 @@ def test_real_loras_in_both_layouts_load(tmp_path):
 
 
 def test_a_checkpoint_written_by_training_loads(tmp_path):
-    from trainer.train import run_training
+    from trainer.training.job import run_training
 
     run = new_run(tmp_path / "run", steps=1)
     list(run_training(run))
@@ -230,7 +230,7 @@ def test_owner_ids_and_model_paths_cannot_escape_the_runs_folder(tmp_path):
 
 
 def test_a_model_path_that_is_not_a_model_is_a_message(tmp_path):
-    from trainer.train import run_training
+    from trainer.training.job import run_training
 
     for spec in ("../../../etc", "/etc", "~/", "..\\..\\windows"):
         run = new_run(tmp_path / f"run{abs(hash(spec))}", model=spec)

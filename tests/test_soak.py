@@ -47,7 +47,7 @@ def rss_mb() -> float:
 
 def cache_files(folder: Path) -> int:
     """Files in Gradio's cache, after the app's sweep of the empty files gr.File leaks (see diskspace)."""
-    from trainer.diskspace import sweep_empty_temp_files
+    from trainer.runs.diskspace import sweep_empty_temp_files
 
     sweep_empty_temp_files(folder, older_than_s=0)
     return sum(1 for p in folder.rglob("*") if p.is_file()) if folder.exists() else 0

@@ -1,4 +1,4 @@
-"""trainer.speed's attention choice on the CPU: the cuDNN-first wrapper, its compile path and the self-test's failure.
+"""trainer.training.speed's attention choice on the CPU: the cuDNN-first wrapper, its compile path and the self-test's failure.
 
 cuDNN attention itself needs an NVIDIA GPU; its speed and its agreement with flash attention at Flux's shapes are
 measured by bench/kernel_probe.py and bench/flux_bench.py (bench/RESULTS.md). Here the wrapper runs on the CPU,
@@ -11,7 +11,7 @@ import torch
 from torch.nn.attention import SDPBackend
 
 from tests.test_quantize import flux_inputs, flux_loss, tiny_transformer
-from trainer import speed
+from trainer.training import speed
 
 
 def _priority_seen_by_attention(transformer) -> list[int]:

@@ -9,13 +9,14 @@ import torch
 
 from tests.conftest import subject_image
 from trainer.config import load_preset
-from trainer.data import encode_example, encode_prompts, free_encoders, prepare_image
+from trainer.training.encode import encode_example, encode_prompts, free_encoders
+from trainer.dataset.prepare import prepare_image
 from trainer.events import CheckpointSaved, Failed, Finished, PreviewsRendered, Progress, Started, Status
-from trainer.loop import train_lora
-from trainer.models import load_parts, resolve_model
-from trainer.runs import RunFolder
-from trainer.sampling import PreviewRenderer
-from trainer.train import run_training
+from trainer.training.loop import train_lora
+from trainer.model.loading import load_parts, resolve_model
+from trainer.runs.folder import RunFolder
+from trainer.training.previews import PreviewRenderer
+from trainer.training.job import run_training
 
 
 def tiny_config(**overrides):
@@ -173,7 +174,7 @@ def test_masked_run_weights_the_background_out(tmp_path):
 def test_freeing_the_encoders_keeps_the_preview_pipeline_on_the_training_device(tmp_path):
     """diffusers derives a pipeline's device from the VAE's first parameter (the encoder's): once the encoder is
     freed, that must still be the training device, or previews silently run on another device."""
-    from trainer.sampling import PreviewRenderer
+    from trainer.training.previews import PreviewRenderer
 
     cfg = tiny_config()
     _, parts, _, renderer = _prepared(tmp_path, cfg)  # _prepared frees the encoders
@@ -230,7 +231,7 @@ def test_lean_previews_render_a_round_one_image_at_a_time(tmp_path):
 
 def test_speed_and_eta_come_from_the_typical_step_not_one_off_slow_ones():
     # On a GPU the first step compiles (~30 s) and a later one captures CUDA graphs; the steady step is ~0.12 s.
-    from trainer.loop import StepTimer
+    from trainer.training.loop import StepTimer
 
     timer = StepTimer()
     rates = [timer.add(s) for s in [28.0, 0.12, 0.12, 0.12, 6.0] + [0.12] * 10]
@@ -242,9 +243,9 @@ def test_speed_and_eta_come_from_the_typical_step_not_one_off_slow_ones():
 def test_a_compiled_run_says_so_before_its_slow_first_step(tmp_path, monkeypatch):
     # Compilation only happens on a CUDA GPU; here accelerate_transformer is made to report it did, to check that
     # the page and the CLI are told why the first step takes a minute.
-    import trainer.loop
+    import trainer.training.loop
 
-    monkeypatch.setattr(trainer.loop, "accelerate_transformer", lambda *args, **kwargs: True)
+    monkeypatch.setattr(trainer.training.loop, "accelerate_transformer", lambda *args, **kwargs: True)
     _, events = run_events(tmp_path, steps=2, save_every=2)
     first_progress = next(i for i, e in enumerate(events) if isinstance(e, Progress))
     notes = [e.message for e in events[:first_progress] if isinstance(e, Status) and "Compiling" in e.message]

@@ -141,9 +141,9 @@ def _point(text: str) -> tuple[float, float]:
 
 
 def _mask(args) -> int:
-    from trainer.dataset import cut_out
-    from trainer.images import load_image
-    from trainer.masking import POINT_NOT_FOUND, WARNING_KEY
+    from trainer.dataset.choice import cut_out
+    from trainer.dataset.images import load_image
+    from trainer.dataset.masking import POINT_NOT_FOUND, WARNING_KEY
 
     image = load_image(args.image)
     out = cut_out(image, model=args.model, point=args.point)
@@ -161,15 +161,15 @@ def _mask(args) -> int:
 
 
 def _export(args) -> int:
-    from trainer.export import export_lora
+    from trainer.review.export import export_lora
 
     print(export_lora(args.checkpoint, args.format, args.output))
     return 0
 
 
 def _grid(args) -> int:
-    from trainer.grid import GridImages, GridSpec, output_paths, parse_numbers, plan_grid, render_grid, suggest_prompts
-    from trainer.inference import LoraPipeline, base_model_folder
+    from trainer.review.grid import GridImages, GridSpec, output_paths, parse_numbers, plan_grid, render_grid, suggest_prompts
+    from trainer.review.inference import LoraPipeline, base_model_folder
 
     run = _open_run(args.run)
     prompts = list(args.prompt) or list(run.config.preview_prompts)
@@ -203,7 +203,7 @@ def _grid(args) -> int:
 
 
 def _open_run(path: Path):
-    from trainer.runs import MANIFEST, RunFolder
+    from trainer.runs.folder import MANIFEST, RunFolder
 
     if not (Path(path) / MANIFEST).is_file():
         raise UserError(f"'{path}' is not a run folder: it has no {MANIFEST}.")
@@ -214,8 +214,8 @@ def _open_run(path: Path):
 
 
 def _train(args) -> int:
-    import trainer.train  # noqa: F401  (first: it records torch's thread count before the mask model can change it)
-    from trainer import distributed
+    import trainer.training.job  # noqa: F401  (first: it records torch's thread count before the mask model can change it)
+    from trainer.training import distributed
 
     context = distributed.context_from_environment()
     if args.gpus > 1 and not context.enabled:
@@ -292,12 +292,12 @@ def _prepared_run(args):
 
 def _prepare_new_run(args):
     """Validate the inputs, decide the mask, and create the run folder (config, image, mask, run.json)."""
-    from trainer.augment import load_user_backgrounds
+    from trainer.dataset.augment import load_user_backgrounds
     from trainer.config import load_preset
-    from trainer.dataset import training_mask
-    from trainer.images import load_image, load_mask
-    from trainer.models import adjust_for_model, default_model
-    from trainer.runs import RunFolder
+    from trainer.dataset.choice import training_mask
+    from trainer.dataset.images import load_image, load_mask
+    from trainer.model.loading import adjust_for_model, default_model
+    from trainer.runs.folder import RunFolder
 
     missing = [flag for flag, value in (("--image", args.image), ("--caption", args.caption)) if value is None]
     if missing:
@@ -322,7 +322,7 @@ def _prepare_new_run(args):
         given = load_mask(args.mask, size=image.size) if args.mask else None
         mask = training_mask(image, given, point=args.subject_point)
         if given is None:
-            from trainer.masking import POINT_NOT_FOUND, mask_warning
+            from trainer.dataset.masking import POINT_NOT_FOUND, mask_warning
 
             if mask_warning(mask) == POINT_NOT_FOUND:
                 print(f"warning: nothing stands out at --subject-point; the automatic mask is used: check "
@@ -359,8 +359,8 @@ def torchrun_command(processes: int, trainer_args: list[str]) -> list[str]:
 def _train_distributed(args, context, should_stop, sink) -> int:
     """One process of a data-parallel run: the main one creates (or, --prepared, opens) the run folder, the others
     read it."""
-    from trainer.distributed import scaled_learning_rate
-    from trainer.runs import RunFolder
+    from trainer.training.distributed import scaled_learning_rate
+    from trainer.runs.folder import RunFolder
 
     run = None
     if context.is_main:
@@ -380,7 +380,7 @@ def _train_distributed(args, context, should_stop, sink) -> int:
 
 
 def _resumed_run(args):
-    from trainer.resume import open_for_resume
+    from trainer.runs.resume import open_for_resume
 
     _refuse_settings(args, "--resume")
     return open_for_resume(args.output)
@@ -400,7 +400,7 @@ def _refuse_settings(args, mode: str) -> None:
 
 def _follow(run, resume: bool = False, dist=None, should_stop=lambda: False, sink=None) -> int:
     from trainer.events import CheckpointSaved, Failed, Finished, PreviewsRendered, Progress, Started, Status
-    from trainer.train import run_training
+    from trainer.training.job import run_training
 
     progress = _ProgressLine(quiet=dist is not None and not dist.is_main)  # one progress line for N processes
     code = 0

@@ -56,7 +56,7 @@ class TrainingConfig:
     background_weight: float = 0.0  # loss weight where the mask is black; 0 = the background is never trained
     normalize_mask: bool = True  # divide by the mask's mean so the step size does not depend on the subject's size
     unmasked_probability: float = 0.0  # fraction of steps trained on the whole image, as OneTrainer offers
-    # fraction of steps that train the subject pasted onto a varied background, on the whole image (trainer/augment.py)
+    # fraction of steps that train the subject pasted onto a varied background, on the whole image (trainer/dataset/augment.py)
     augment_probability: float = 0.0
 
     # --- previews
@@ -85,7 +85,7 @@ class TrainingConfig:
             problems.append("augment_probability must be between 0 and 1")
         if self.preview_steps < 1:
             problems.append("preview_steps must be at least 1")
-        from trainer.memory import tier_names
+        from trainer.model.tiers import tier_names
 
         if self.memory_tier not in tier_names():
             problems.append(f"memory_tier must be one of {', '.join(tier_names())}")

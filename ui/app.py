@@ -9,15 +9,15 @@ from pathlib import Path
 
 import gradio as gr
 
-from trainer.augment import MAX_USER_BACKGROUNDS
+from trainer.dataset.augment import MAX_USER_BACKGROUNDS
 from trainer.errors import UserError
-from trainer.images import MAX_FILE_BYTES
-from trainer.inference import InferenceService
-from trainer.jobs import JobManager
-from trainer.masking import MASK_MODELS
-from trainer.models import default_model
-from trainer.diskspace import start_temp_sweeper
-from trainer.resume import mark_interrupted
+from trainer.dataset.images import MAX_FILE_BYTES
+from trainer.review.inference import InferenceService
+from trainer.jobs.manager import JobManager
+from trainer.dataset.masking import MASK_MODELS
+from trainer.model.loading import default_model
+from trainer.runs.diskspace import start_temp_sweeper
+from trainer.runs.resume import mark_interrupted
 from ui import dataset_step, settings_step
 from ui import compare_tab, tryit_tab
 from ui.compare_tab import user_errors

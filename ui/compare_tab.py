@@ -15,12 +15,12 @@ from typing import Any, Callable, Iterator
 import gradio as gr
 import pandas as pd
 
-from trainer import advisor
+from trainer.review import advisor
 from trainer.errors import UserError
-from trainer.export import export_lora, export_name
-from trainer.grid import GridImages, GridSpec, parse_numbers, plan_grid, render_grid, suggest_prompts
-from trainer.inference import InferenceService, base_model_folder
-from trainer.runs import MANIFEST, RunFolder
+from trainer.review.export import export_lora, export_name
+from trainer.review.grid import GridImages, GridSpec, parse_numbers, plan_grid, render_grid, suggest_prompts
+from trainer.review.inference import InferenceService, base_model_folder
+from trainer.runs.folder import MANIFEST, RunFolder
 from ui.training_step import owner_folder
 
 GRID_CELL = 384  # pixels per cell in the page's grid image (the PNG download has the same)
@@ -263,7 +263,7 @@ def stream_advice(service: InferenceService, runs_root: Path, owner: str, name: 
 
 def publish_run(runs_root: Path, owner: str, name: str, repo_id: str, private: bool, step, weight,
                 token: str | None) -> str:
-    from trainer.publish import plan_publish, publish
+    from trainer.review.publish import plan_publish, publish
 
     run = open_owned_run(runs_root, owner, name)
     grids = sorted((run.path / "grids").glob("*/grid-1.png"))

@@ -1,6 +1,6 @@
 """Step 1 and 2 of the page: upload one image, see its size and advice, get (or give) its mask.
 
-Uploads arrive as files and are decoded by ``trainer.images`` only (allow-listed formats, pixel cap,
+Uploads arrive as files and are decoded by ``trainer.dataset.images`` only (allow-listed formats, pixel cap,
 decompression bombs refused) — never by Gradio's own image decoder.
 """
 from __future__ import annotations
@@ -8,12 +8,12 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
-from trainer.advice import image_advice
-from trainer.dataset import training_mask
+from trainer.dataset.advice import image_advice
+from trainer.dataset.choice import training_mask
 from trainer.errors import UserError
-from trainer.images import alpha_mask, load_image, load_mask
+from trainer.dataset.images import alpha_mask, load_image, load_mask
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ def build_dataset(image_file: str | None, mask_file: str | None, use_mask: bool,
         source = "transparency"
     else:
         source = "automatic"
-    from trainer.masking import mask_warning
+    from trainer.dataset.masking import mask_warning
 
     warning = mask_warning(mask) if source == "automatic" else None
     return Dataset(image, mask, source if mask is not None else "none", mask_warning=warning)
@@ -58,7 +58,7 @@ def on_subject_point(dataset: Dataset | None, mask_model: str, x: float, y: floa
                  "none": "no mask"}[dataset.mask_source]
         raise UserError(f"Clicking the subject redoes the automatic mask, but this image uses {given}. Paint "
                         "corrections in step 2 instead.")
-    from trainer.masking import auto_mask_result
+    from trainer.dataset.masking import auto_mask_result
 
     scale = dataset.image.width / _display_size(dataset.image.size)[0] if display_pixels else 1.0
     result = auto_mask_result(dataset.image, mask_model, point=(float(x) * scale, float(y) * scale))
@@ -144,7 +144,7 @@ def refine(dataset: Dataset, threshold: float | None, softness_px: float, grow_p
            resolution: int) -> Dataset:
     """The dataset with its mask corrected by the painted strokes, then thresholded, grown/shrunk and feathered.
     ``softness_px`` and ``grow_px`` are pixels at the training size (scaled here to the mask's own size)."""
-    from trainer.mask_tools import adjust_mask, apply_strokes, train_size_for
+    from trainer.dataset.mask_tools import adjust_mask, apply_strokes, train_size_for
 
     base = base_mask(dataset)
     if base is None:
@@ -180,11 +180,10 @@ def editor_value(dataset: Dataset | None):
 
 def token_overlay(dataset: Dataset, resolution: int, background_weight: float = 0.0) -> Image.Image:
     """The image at the training size, each 16x16 token dimmed by its loss weight, with the token grid drawn."""
-    from trainer.data import _fit
-    from trainer.mask_tools import TOKEN_PX, token_grid_view, train_size_for
+    from trainer.dataset.mask_tools import TOKEN_PX, token_grid_view, train_size_for
 
     size = train_size_for(dataset.image.size, resolution)
-    rgb = np.asarray(_fit(dataset.image.convert("RGB"), size, Image.Resampling.LANCZOS), dtype=np.float32)
+    rgb = np.asarray(ImageOps.fit(dataset.image.convert("RGB"), size, Image.Resampling.LANCZOS), dtype=np.float32)
     if dataset.mask is None:
         weights = np.ones(rgb.shape[:2], np.float32)
     else:
@@ -198,8 +197,8 @@ def token_overlay(dataset: Dataset, resolution: int, background_weight: float = 
 
 
 def mask_summary(dataset: Dataset, resolution: int, background_weight: float) -> str:
-    from trainer.dataset import mask_coverage
-    from trainer.mask_tools import TOKEN_PX, thin_share, train_size_for
+    from trainer.dataset.choice import mask_coverage
+    from trainer.dataset.mask_tools import TOKEN_PX, thin_share, train_size_for
 
     if dataset.mask is None:
         return "No mask: the whole image is trained, background included."

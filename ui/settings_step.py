@@ -7,8 +7,8 @@ import gradio as gr
 
 from trainer.config import TrainingConfig, list_presets, load_preset
 from trainer.errors import UserError
-from trainer.estimates import plan_summary
-from trainer.models import FLUX_DEV, TINY_DEMO, TINY_DEMO_NOTICE, default_model
+from trainer.model.estimates import plan_summary
+from trainer.model.loading import FLUX_DEV, TINY_DEMO, TINY_DEMO_NOTICE, default_model
 
 DEFAULT_PROMPTS = "[trigger] as a watercolor painting\n[trigger] seen from the back, in a snowy forest"
 
@@ -57,7 +57,7 @@ def model_notice(choice: str) -> str:
 
 
 def memory_tier_choices() -> list[tuple[str, str]]:
-    from trainer.memory import AUTO, list_tiers
+    from trainer.model.tiers import AUTO, list_tiers
 
     return [("auto — picked from the detected GPU", AUTO),
             *((f"{t.name} — {t.description}", t.name) for t in list_tiers())]
@@ -67,7 +67,7 @@ def memory_tier_notice(choice: str, model: str = "") -> str:
     """What the job will do about GPU memory, and why: the detected GPU and the tier it gets."""
     import torch
 
-    from trainer.memory import AUTO, choose_tier
+    from trainer.model.tiers import AUTO, choose_tier
 
     try:
         picked = choose_tier(choice or AUTO, torch.device("cuda" if torch.cuda.is_available() else "cpu"),
@@ -84,7 +84,7 @@ def gpus_choices(max_gpus: int) -> list[int]:
 
 def gpus_note(gpus, learning_rate) -> str:
     """What N GPUs do to one job: N data-parallel processes, batch 1 on each, the learning rate x sqrt(N)."""
-    from trainer.distributed import scaled_learning_rate
+    from trainer.training.distributed import scaled_learning_rate
 
     try:
         n, lr = int(gpus or 1), float(learning_rate)

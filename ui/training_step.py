@@ -14,12 +14,12 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from trainer.augment import load_user_backgrounds
+from trainer.dataset.augment import load_user_backgrounds
 from trainer.config import load_preset
 from trainer.errors import UserError
-from trainer.jobs import JobManager
-from trainer.models import adjust_for_model
-from trainer.runs import RunFolder
+from trainer.jobs.manager import JobManager
+from trainer.model.loading import adjust_for_model
+from trainer.runs.folder import RunFolder
 from ui.settings_step import model_spec, prompt_lines
 from ui.view import RunView
 
@@ -86,7 +86,7 @@ class TrainingController:
 
     def resumable_run(self, owner: str) -> Path | None:
         """The owner's newest run that a server restart interrupted (only ever looks in the owner's own folder)."""
-        from trainer.resume import interrupted_runs
+        from trainer.runs.resume import interrupted_runs
 
         if self.manager.active_for(owner) is not None:
             return None

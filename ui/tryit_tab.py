@@ -12,7 +12,7 @@ from typing import Any
 
 import gradio as gr
 
-from trainer.inference import InferenceService, RenderSettings, base_model_folder
+from trainer.review.inference import InferenceService, RenderSettings, base_model_folder
 from ui.compare_tab import (RENDER_QUEUE, checkpoint_choices, checkpoint_path, open_owned_run, owner_of, owner_runs,
                             user_errors)
 
@@ -21,7 +21,7 @@ MAX_WEIGHT = 1.5
 
 def checkpoint_choices_update(runs_root: Path, owner: str, name: str, step: int | None = None):
     """The checkpoint dropdown for run ``name``: its checkpoints, ``step`` (or the starred/last one) selected."""
-    from trainer import advisor
+    from trainer.review import advisor
 
     run = open_owned_run(runs_root, owner, name)
     choices = checkpoint_choices(run)
@@ -45,7 +45,7 @@ def generate(service: InferenceService, runs_root: Path, owner: str, name: str, 
              seed, width, height, steps, guidance):
     """(LoRA image, base image, caption line) for the chosen checkpoint and weight."""
     from trainer.errors import UserError
-    from trainer.grid import fill_trigger
+    from trainer.review.grid import fill_trigger
 
     run = open_owned_run(runs_root, owner, name)
     if step in (None, ""):

@@ -13,20 +13,21 @@ from typing import Callable, Iterator
 
 import torch
 
-from trainer import diskspace
-from trainer import resume as training_state
+from trainer.runs import diskspace
+from trainer.runs import resume as training_state
 from trainer.config import list_presets
-from trainer.augment import with_background_bank
-from trainer.distributed import DistributedContext
-from trainer.data import encode_example, encode_prompts, free_encoders, prepare_image
+from trainer.dataset.augment import with_background_bank
+from trainer.training.distributed import DistributedContext
+from trainer.training.encode import encode_example, encode_prompts, free_encoders
+from trainer.dataset.prepare import prepare_image
 from trainer.errors import UserError
 from trainer.events import (CheckpointSaved, Event, Failed, Finished, LossHistory, Preview, PreviewsRendered, Started,
                             Status)
-from trainer.loop import train_lora
-from trainer.memory import choose_tier
-from trainer.models import is_tiny_demo, load_parts, pick_device, place_transformer, resolve_model
-from trainer.runs import RunFolder
-from trainer.sampling import PreviewRenderer
+from trainer.training.loop import train_lora
+from trainer.model.tiers import choose_tier
+from trainer.model.loading import is_tiny_demo, load_parts, pick_device, place_transformer, resolve_model
+from trainer.runs.folder import RunFolder
+from trainer.training.previews import PreviewRenderer
 
 log = logging.getLogger(__name__)
 # torch's CPU thread count as the process started, read before anything can change it: running the
@@ -43,7 +44,7 @@ def _memory_key(settings) -> tuple:
 
 def oom_advice(cfg, tier: str | None = None) -> str:
     """The out-of-memory message: the next smaller memory tier than ``tier`` where there is one, else a smaller preset."""
-    from trainer.memory import list_tiers
+    from trainer.model.tiers import list_tiers
 
     try:
         tiers = list_tiers()  # largest card first
@@ -206,7 +207,7 @@ def _previews(run: RunFolder, entries) -> tuple[Preview, ...]:
 
 def _save_bytes_estimate(cfg, model: str) -> int:
     """Disk needed per checkpoint (LoRA + training state + previews), from the architecture's layer shapes."""
-    from trainer.estimates import bytes_per_saved_value, checkpoint_bytes
+    from trainer.model.estimates import bytes_per_saved_value, checkpoint_bytes
 
     values = checkpoint_bytes(model, cfg.rank, 1)
     return diskspace.save_bytes(values, bytes_per_saved_value(cfg.model),

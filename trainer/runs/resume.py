@@ -30,10 +30,10 @@ from typing import Iterable
 
 import torch
 
-from trainer import weights
+from trainer.model import weights
 from trainer.errors import UserError
 from trainer.fsutil import atomic_write_bytes, atomic_write_json
-from trainer.runs import MANIFEST, RunFolder
+from trainer.runs.folder import MANIFEST, RunFolder
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from trainer.fsutil import atomic_write_bytes, atomic_write_json
 MANIFEST = "run.json"
 IMAGE_FILE = "dataset/image.png"
 MASK_FILE = "dataset/mask.png"
-BACKGROUNDS_DIR = "dataset/backgrounds"  # the user's own photos for background augmentation (trainer.augment)
+BACKGROUNDS_DIR = "dataset/backgrounds"  # the user's own photos for background augmentation (trainer.dataset.augment)
 
 
 def new_run_id(name: str) -> str:

@@ -21,11 +21,11 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from trainer.data import PromptEmbedding, encode_prompts
+from trainer.training.encode import PromptEmbedding, encode_prompts
 from trainer.errors import UserError
-from trainer.weights import load_lora
-from trainer.memory import AUTO, choose_tier
-from trainer.models import FluxParts, is_tiny_demo, load_parts, pick_device, place_transformer, resolve_model
+from trainer.model.weights import load_lora
+from trainer.model.tiers import AUTO, choose_tier
+from trainer.model.loading import FluxParts, is_tiny_demo, load_parts, pick_device, place_transformer, resolve_model
 
 log = logging.getLogger(__name__)
 

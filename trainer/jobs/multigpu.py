@@ -14,7 +14,7 @@ the app already created (``--prepared``: its run.json and dataset/, settings fro
   (Finished / Failed) is passed on only once the processes have exited, so the GPUs are free when the job manager
   hands them to the next job.
 - **Stop**: ``should_stop()`` → the stop file is created; every process checks it before each step and they agree
-  through ``dist.any`` (``trainer.loop.train_lora``), so all stop at the same step and the run ends
+  through ``dist.any`` (``trainer.training.loop.train_lora``), so all stop at the same step and the run ends
   ``Finished(stopped=True)`` with what was saved. The processes also stop if the app's process disappears.
 - **Crash**: processes that exit without a terminal event (a process killed, out of host memory, a bug) become a
   ``Failed`` event with the exit status and the last error line; run.json says "failed"; checkpoints are kept.
@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Mapping, Sequence
 
 from trainer.events import TERMINAL_EVENTS, Event, Failed, from_json_line
-from trainer.runs import RunFolder
+from trainer.runs.folder import RunFolder
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parent.parent  # the folder holding the trainer package (for the child's PYTHONPATH)

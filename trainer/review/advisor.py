@@ -28,7 +28,7 @@ from PIL import Image, ImageFilter, ImageOps
 
 from trainer.errors import UserError
 from trainer.fsutil import atomic_write_json
-from trainer.runs import RunFolder
+from trainer.runs.folder import RunFolder
 
 COPY_SIZE = 64  # copy scores compare 64-pixel thumbnails: composition and colour, not texture
 COPY_RISE = 0.15  # copy score above the base model's by this much = copying
@@ -167,7 +167,7 @@ ADVICE_PROMPT_KINDS = ("extreme (back view)", "flexibility (other hair and cloth
 
 def advice_spec(run: RunFolder, seeds: tuple[int, ...] = (1, 2), sample_steps: int | None = None):
     """The grid the advice is computed from: non-caption test prompts, every checkpoint, weight 1.0."""
-    from trainer.grid import GridSpec, suggest_prompts
+    from trainer.review.grid import GridSpec, suggest_prompts
 
     prompts = tuple(s.text for s in suggest_prompts(run.config) if s.kind in ADVICE_PROMPT_KINDS)
     return GridSpec(prompts=prompts, seeds=seeds, weights=(1.0,), sample_steps=sample_steps)

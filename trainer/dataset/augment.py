@@ -20,12 +20,13 @@ from typing import Iterable
 import cv2
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from trainer.config import TrainingConfig
-from trainer.data import EncodedExample, TrainingImage, _fit, encode_image
+from trainer.training.encode import EncodedExample, encode_image
+from trainer.dataset.prepare import TrainingImage
 from trainer.errors import UserError
-from trainer.runs import BACKGROUNDS_DIR
+from trainer.runs.folder import BACKGROUNDS_DIR
 
 BANK_SIZE = 12  # 12 latents: varied enough that no background is seen in more than ~1 step in 50 at p=0.25
 ENCODE_BATCH = 4
@@ -84,7 +85,7 @@ def own_colours(width: int, height: int, rng: np.random.Generator, image_rgb: np
 def photo(width: int, height: int, rng: np.random.Generator, background: Image.Image) -> np.ndarray:
     """A user-supplied background, scaled to cover, maybe mirrored, slightly blurred (a photo's background
     is usually out of focus behind a subject)."""
-    img = _fit(background.convert("RGB"), (width, height), Image.Resampling.LANCZOS)
+    img = ImageOps.fit(background.convert("RGB"), (width, height), Image.Resampling.LANCZOS)
     arr = np.asarray(img, dtype=np.float32)
     if rng.uniform() < 0.5:
         arr = arr[:, ::-1]
@@ -151,7 +152,7 @@ def augmented_pixels(image: TrainingImage, count: int = BANK_SIZE, seed: int = 0
 def load_user_backgrounds(paths: Iterable[str | Path]) -> list[Image.Image]:
     """The user's own background photos (upload or ``--background``), decoded by the safe image loader; a bad file
     or too many files is a ``UserError`` that names the problem."""
-    from trainer.images import load_image
+    from trainer.dataset.images import load_image
 
     paths = [Path(p) for p in paths]
     if len(paths) > MAX_USER_BACKGROUNDS:
@@ -162,7 +163,7 @@ def load_user_backgrounds(paths: Iterable[str | Path]) -> list[Image.Image]:
 
 def user_backgrounds(run_path: Path | str) -> list[Image.Image]:
     """Backgrounds the user supplied for this run (``dataset/backgrounds/*`` in the run folder), if any."""
-    from trainer.images import load_image
+    from trainer.dataset.images import load_image
 
     folder = Path(run_path) / BACKGROUNDS_DIR
     if not folder.is_dir():

@@ -1,68 +1,16 @@
-"""From an image (and its mask) to what the training loop consumes, computed once.
+"""What the training loop consumes, computed once: latents of the image and the prompts' text embeddings.
 
-The image is resized to the training area with its aspect ratio kept (sides multiples of 16, so the
-latent packs into 2x2 patches); the mask becomes per-latent-pixel loss weights by area averaging, so a
-gray or edge pixel weighs in proportion. Latents and text embeddings are computed once and cached:
-with one image there is nothing else to load, and the text encoders can leave the GPU before training.
+With one image there is nothing else to load, so latents and embeddings are cached and the text encoders can
+leave the GPU before training.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image
 
-from trainer.flow import latent_image_ids
-
-SIDE_MULTIPLE = 16  # VAE downsamples 8x, then 2x2 packing
-
-
-def training_size(width: int, height: int, resolution: int) -> tuple[int, int]:
-    """Width and height with about ``resolution**2`` pixels, the image's aspect, sides multiples of 16."""
-    scale = math.sqrt(resolution * resolution / (width * height))
-    w = max(SIDE_MULTIPLE, int(width * scale) // SIDE_MULTIPLE * SIDE_MULTIPLE)
-    h = max(SIDE_MULTIPLE, int(height * scale) // SIDE_MULTIPLE * SIDE_MULTIPLE)
-    return w, h
-
-
-def _fit(image: Image.Image, size: tuple[int, int], resample) -> Image.Image:
-    """Scale to cover ``size`` and center-crop the few pixels rounding to 16 left over."""
-    w, h = size
-    scale = max(w / image.width, h / image.height)
-    scaled = image.resize((max(w, round(image.width * scale)), max(h, round(image.height * scale))), resample)
-    left, top = (scaled.width - w) // 2, (scaled.height - h) // 2
-    return scaled.crop((left, top, left + w, top + h))
-
-
-@dataclass(frozen=True)
-class TrainingImage:
-    pixels: torch.Tensor  # (1, 3, H, W) in [-1, 1]
-    mask: torch.Tensor | None  # (1, 1, H, W) in [0, 1]; 1 = subject
-
-    @property
-    def size(self) -> tuple[int, int]:
-        return self.pixels.shape[-1], self.pixels.shape[-2]
-
-
-def prepare_image(image: Image.Image, mask: Image.Image | None, resolution: int) -> TrainingImage:
-    size = training_size(image.width, image.height, resolution)
-    rgb = _fit(image.convert("RGB"), size, Image.Resampling.LANCZOS)
-    pixels = torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)[None]
-    mask_tensor = None
-    if mask is not None:
-        m = _fit(mask.convert("L").resize(image.size, Image.Resampling.BILINEAR), size, Image.Resampling.BILINEAR)
-        mask_tensor = torch.from_numpy(np.asarray(m, dtype=np.float32) / 255.0)[None, None]
-    return TrainingImage(pixels=pixels.contiguous(), mask=mask_tensor)
-
-
-def latent_weights(mask: torch.Tensor, latent_height: int, latent_width: int,
-                   background_weight: float = 0.0) -> torch.Tensor:
-    """Per-latent-pixel loss weights: the mask area-averaged to latent size, floored at ``background_weight``."""
-    coverage = F.interpolate(mask.float(), size=(latent_height, latent_width), mode="area")
-    return background_weight + (1.0 - background_weight) * coverage.clamp(0.0, 1.0)
+from trainer.dataset.prepare import TrainingImage, latent_weights
+from trainer.training.flow import latent_image_ids
 
 
 @dataclass(frozen=True)
@@ -79,7 +27,7 @@ class EncodedExample:
     weights: torch.Tensor | None  # (1, 1, h, w) or None when unmasked
     image_ids: torch.Tensor  # (h/2 * w/2, 3)
     caption: PromptEmbedding
-    # (N, C, h, w): the subject composited onto N varied backgrounds (``trainer.augment``), trained unmasked
+    # (N, C, h, w): the subject composited onto N varied backgrounds (``trainer.dataset.augment``), trained unmasked
     augmented: torch.Tensor | None = None
 
     @property

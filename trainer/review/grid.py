@@ -18,8 +18,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from trainer.config import TRIGGER_PLACEHOLDER, TrainingConfig
 from trainer.errors import UserError
-from trainer.inference import LoraPipeline, RenderSettings
-from trainer.runs import RunFolder
+from trainer.review.inference import LoraPipeline, RenderSettings
+from trainer.runs.folder import RunFolder
 
 BASE_STEP = 0  # the base-model column
 

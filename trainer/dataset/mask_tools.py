@@ -15,9 +15,9 @@ from typing import Any
 
 import cv2
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
-from trainer.data import _fit, training_size
+from trainer.dataset.prepare import training_size
 
 TOKEN_PX = 16  # pixels per Flux token side at the training size
 ADD_RGB = (0, 200, 0)  # brush colour that adds to the subject (green)
@@ -155,10 +155,10 @@ def _difference_strokes(background: Any, composite: Any, size: tuple[int, int]) 
 # ---- what the trainer sees ------------------------------------------------------------------------
 
 def mask_at_training_size(mask: MaskLike, train_size: tuple[int, int]) -> np.ndarray:
-    """The mask scaled and cropped exactly as ``trainer.data.prepare_image`` does, as floats 0-1."""
+    """The mask scaled and cropped exactly as ``trainer.dataset.prepare.prepare_image`` does, as floats 0-1."""
     img = Image.fromarray(as_mask_array(mask))
     if img.size != tuple(train_size):
-        img = _fit(img, tuple(train_size), Image.Resampling.BILINEAR)
+        img = ImageOps.fit(img, tuple(train_size), Image.Resampling.BILINEAR)
     return np.asarray(img, dtype=np.float32) / 255.0
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from trainer.images import alpha_mask
+from trainer.dataset.images import alpha_mask
 
 MIN_PIXELS = 1_000_000  # practitioners recommend sources of at least one megapixel
 MAX_ASPECT = 2.5

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from trainer.lora import lora_size_bytes
-from trainer.tiny import TINY_TRANSFORMER_CONFIG
+from trainer.model.lora import lora_size_bytes
+from trainer.model.tiny import TINY_TRANSFORMER_CONFIG
 
 # The FLUX.1-dev transformer (black-forest-labs/FLUX.1-dev, transformer/config.json).
 FLUX_DEV_TRANSFORMER_CONFIG = dict(

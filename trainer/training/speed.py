@@ -393,7 +393,7 @@ def preview_autocast(transformer, device, dtype):
 class TrainStep:
     """``forward_backward(use_mask) -> loss``, then ``apply()`` (clip + AdamW) or ``discard()``.
 
-    Same arithmetic as ``trainer.loop``'s step: ``loop.training_step`` computes the loss, gradients are clipped
+    Same arithmetic as ``trainer.training.loop``'s step: ``loop.training_step`` computes the loss, gradients are clipped
     to ``cfg.max_grad_norm``, then ``optimizer.step()``. Two speed-ups, both only on CUDA:
     - under bf16 autocast, peft's cast of each LoRA input to float32 is skipped (autocast casts it straight back
       to bf16 for the matmul, so the result is bit-identical; the round trip only costs memory traffic);
@@ -408,7 +408,7 @@ class TrainStep:
                  *, graphs: bool | None = None, warmup_steps: int = 3, skip_lora_input_cast: bool = True,
                  step_fn: Callable | None = None):
         if step_fn is None:
-            from trainer.loop import training_step as step_fn
+            from trainer.training.loop import training_step as step_fn
         self.transformer, self.example, self.cfg = transformer, example, cfg
         self.generator, self.mu, self.params, self.optimizer = generator, mu, list(params), optimizer
         self._step_fn = step_fn

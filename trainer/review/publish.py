@@ -13,11 +13,11 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from trainer.advisor import ADVICE_FILE, load_advice, starred_step
+from trainer.review.advisor import ADVICE_FILE, load_advice, starred_step
 from trainer.errors import UserError
-from trainer.export import export_bytes
-from trainer.models import FLUX_DEV
-from trainer.runs import RunFolder
+from trainer.review.export import export_bytes
+from trainer.model.loading import FLUX_DEV
+from trainer.runs.folder import RunFolder
 
 __all__ = ["ADVICE_FILE", "PublishPlan", "plan_publish", "publish", "recommended"]
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")

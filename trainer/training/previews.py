@@ -10,8 +10,8 @@ from typing import Callable
 import torch
 from PIL import Image
 
-from trainer.data import PromptEmbedding
-from trainer.speed import preview_autocast
+from trainer.training.encode import PromptEmbedding
+from trainer.training.speed import preview_autocast
 
 
 class PreviewRenderer:

@@ -11,7 +11,7 @@ manager's devices are a pool, and the rule is strict first-come, first-served: t
 as soon as as many devices as it asks for are free, and the jobs behind it wait until it has started (so a
 2-GPU job is never starved by a stream of 1-GPU jobs; the price is that a free GPU can idle while the job at
 the head waits for a second one). A job holds its devices until its runner has ended, so no other job is given
-them meanwhile. A job with N > 1 devices runs through ``multi_runner`` (``trainer.multigpu.run_on_gpus``: N
+them meanwhile. A job with N > 1 devices runs through ``multi_runner`` (``trainer.jobs.multigpu.run_on_gpus``: N
 data-parallel processes under torchrun) instead of ``runner``; it needs a manager with N devices or more
 (``devices=gpu_devices()``; on the CPU, tests pass ``["cpu:0", "cpu:1"]``: two gloo processes sharing the CPU).
 A resumed job always runs on one device, as ``python -m trainer train --resume`` does.
@@ -28,8 +28,8 @@ from typing import Callable, Iterator
 
 from trainer.errors import UserError
 from trainer.events import TERMINAL_EVENTS, Event, Failed, Finished, Status
-from trainer.runs import RunFolder
-from trainer.train import run_training
+from trainer.runs.folder import RunFolder
+from trainer.training.job import run_training
 
 log = logging.getLogger(__name__)
 Runner = Callable[..., Iterator[Event]]
@@ -110,9 +110,9 @@ class JobManager:
     def __init__(self, runner: Runner = run_training, workers: int = 1, devices: list[str] | None = None,
                  multi_runner: Runner | None = None):
         """``devices``: a pool of devices, one worker each (e.g. ``gpu_devices()``); otherwise ``workers`` unpinned
-        workers. ``multi_runner`` runs a job that holds several devices (default ``trainer.multigpu.run_on_gpus``)."""
+        workers. ``multi_runner`` runs a job that holds several devices (default ``trainer.jobs.multigpu.run_on_gpus``)."""
         if multi_runner is None:
-            from trainer.multigpu import run_on_gpus as multi_runner
+            from trainer.jobs.multigpu import run_on_gpus as multi_runner
         self._runner = runner
         self._multi_runner = multi_runner
         self._jobs: dict[str, Job] = {}
@@ -164,10 +164,10 @@ class JobManager:
                allowed_root: Path | None = None) -> Job:
         """Queue a job that continues the run in ``run_dir`` from its newest intact training state.
 
-        Only a run folder this app wrote (``trainer.resume.open_for_resume``), inside ``allowed_root`` when
+        Only a run folder this app wrote (``trainer.runs.resume.open_for_resume``), inside ``allowed_root`` when
         given (the owner's own folder), that no other owner's job has touched and that no job is training now.
         """
-        from trainer.resume import open_for_resume
+        from trainer.runs.resume import open_for_resume
 
         run_dir = Path(run_dir)
         if allowed_root is not None:
@@ -279,7 +279,7 @@ class JobManager:
             elif job.device is not None:
                 extra["device"] = job.device
             if job.devices:
-                from trainer.multigpu import describe_devices
+                from trainer.jobs.multigpu import describe_devices
 
                 job.publish(Status(f"Running on {describe_devices(job.devices)}"))
             events = runner(job.run, should_stop=lambda: job.stop_requested, token=job.token, **extra)

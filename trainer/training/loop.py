@@ -13,17 +13,18 @@ from typing import Callable, Iterator
 
 import torch
 
-from trainer import diskspace, flow
-from trainer import resume as training_state
+from trainer.runs import diskspace
+from trainer.training import flow
+from trainer.runs import resume as training_state
 from trainer.config import TrainingConfig
-from trainer.augment import augmented_step, pick as pick_augmented
-from trainer.data import EncodedExample
-from trainer.distributed import DistributedContext, scaled_learning_rate
+from trainer.dataset.augment import augmented_step, pick as pick_augmented
+from trainer.training.encode import EncodedExample
+from trainer.training.distributed import DistributedContext, scaled_learning_rate
 from trainer.events import CheckpointSaved, Event, Failed, Finished, Preview, PreviewsRendered, Progress, Status
-from trainer.lora import add_lora, save_lora
-from trainer.runs import RunFolder
-from trainer.sampling import PreviewRenderer
-from trainer.speed import TrainStep, accelerate_transformer, adamw_options, attention_backend
+from trainer.model.lora import add_lora, save_lora
+from trainer.runs.folder import RunFolder
+from trainer.training.previews import PreviewRenderer
+from trainer.training.speed import TrainStep, accelerate_transformer, adamw_options, attention_backend
 
 
 @dataclass
@@ -68,7 +69,7 @@ def training_step(transformer, example: EncodedExample, cfg: TrainingConfig, gen
 def train_lora(parts, example: EncodedExample, cfg: TrainingConfig, run: RunFolder, renderer: PreviewRenderer,
                should_stop: Callable[[], bool], resume: "training_state.ResumePoint | None" = None,
                dist: DistributedContext | None = None) -> Iterator[Event]:
-    """Train, yielding events. ``resume`` (from ``trainer.resume.prepare_resume``) continues a saved run exactly.
+    """Train, yielding events. ``resume`` (from ``trainer.runs.resume.prepare_resume``) continues a saved run exactly.
 
     With ``dist`` (several GPUs, data parallel) every process runs this loop in lockstep; only the main process
     saves checkpoints and renders previews, and stop / non-finite decisions are agreed by all processes.

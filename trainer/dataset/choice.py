@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from trainer.images import alpha_mask
+from trainer.dataset.images import alpha_mask
 
 FULL_FRAME = 0.995  # mean coverage above which a mask masks nothing
 
@@ -17,13 +17,13 @@ FULL_FRAME = 0.995  # mean coverage above which a mask masks nothing
 def training_mask(image: Image.Image, given: Image.Image | None = None, auto: bool = True,
                   model: str = "u2netp", point: tuple[float, float] | None = None) -> Image.Image | None:
     """The "L" mask to train with (white = subject), or None for an unmasked run. ``point`` (x, y): a pixel on the
-    subject, for the automatic mask (``trainer.masking.auto_mask``)."""
+    subject, for the automatic mask (``trainer.dataset.masking.auto_mask``)."""
     if given is not None:
         mask = given.convert("L")
     else:
         mask = alpha_mask(image)
         if mask is None and auto:
-            from trainer.masking import auto_mask
+            from trainer.dataset.masking import auto_mask
 
             mask = auto_mask(image, model=model, point=point)
     if mask is None or mask_coverage(mask) >= FULL_FRAME:
@@ -37,7 +37,7 @@ def mask_coverage(mask: Image.Image) -> float:
 
 def cut_out(image: Image.Image, model: str = "u2netp", point: tuple[float, float] | None = None) -> Image.Image:
     """The image as RGBA with the automatic mask as its alpha (and the mask's warning, if any, in its info)."""
-    from trainer.masking import WARNING_KEY, auto_mask, mask_warning
+    from trainer.dataset.masking import WARNING_KEY, auto_mask, mask_warning
 
     out = image.convert("RGB").convert("RGBA")
     mask = auto_mask(image, model=model, point=point)

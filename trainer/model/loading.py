@@ -17,7 +17,7 @@ import torch
 
 from trainer.errors import UserError
 from trainer.paths import tiny_demo_dir
-from trainer.tiny import ensure_tiny_demo
+from trainer.model.tiny import ensure_tiny_demo
 
 TINY_DEMO = "tiny-demo"
 FLUX_DEV = "black-forest-labs/FLUX.1-dev"
@@ -202,14 +202,14 @@ def place_transformer(parts: FluxParts, weights: str = "bf16", gradient_checkpoi
                       lean_previews: bool = False) -> dict:
     """Move the transformer to ``parts.device``, its frozen Linear weights stored as ``weights`` (a memory tier's).
 
-    ``bf16`` moves it as loaded. ``fp8``/``nf4`` quantize it layer by layer on the device (``trainer.quantize``), so the
+    ``bf16`` moves it as loaded. ``fp8``/``nf4`` quantize it layer by layer on the device (``trainer.model.quantize``), so the
     GPU never holds the full-precision model. Returns what was done (layers quantized, bytes) for the job's log.
     """
     parts.weights, parts.gradient_checkpointing, parts.lean_previews = weights, gradient_checkpointing, lean_previews
     if weights == "bf16":
         parts.transformer.to(parts.device)
         return {"weights": weights, "quantized_layers": 0}
-    from trainer.quantize import quantize_linears
+    from trainer.model.quantize import quantize_linears
 
     report = quantize_linears(parts.transformer, weights, parts.device)
     return {"weights": weights, **report}

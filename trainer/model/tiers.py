@@ -1,7 +1,7 @@
 """Memory tiers: how a job fits a GPU of 40+, 24, 16 or 12 GB, and which tier a detected GPU gets.
 
 A tier is a commented file in ``presets/memory/``: how the frozen base weights are stored (``bf16``, ``fp8``
-or ``nf4``: ``trainer.quantize``) and whether activations are recomputed (gradient checkpointing). The job
+or ``nf4``: ``trainer.model.quantize``) and whether activations are recomputed (gradient checkpointing). The job
 runs in the same order on every tier — text encoders on the GPU, prompts encoded once, encoders freed, then
 the transformer placed (quantized layer by layer from the CPU copy) — so the T5 encoder (8.9 GiB) and the
 transformer are never on the GPU together. ``bench/tier_bench.py`` runs a whole job under each tier's cap.

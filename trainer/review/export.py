@@ -29,9 +29,9 @@ import safetensors.torch
 import torch
 
 from trainer.errors import UserError
-from trainer.weights import load_lora
+from trainer.model.weights import load_lora
 from trainer.fsutil import atomic_write_bytes
-from trainer.lora import LORA_METADATA_KEY
+from trainer.model.lora import LORA_METADATA_KEY
 
 FORMATS = ("kohya", "diffusers")
 
@@ -107,7 +107,7 @@ def read_lora(path: Path) -> LoraWeights:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"No checkpoint file at '{path}'.")
-    # A path from the user: .safetensors only, header size capped, LoRA keys only, finite values (trainer.weights).
+    # A path from the user: .safetensors only, header size capped, LoRA keys only, finite values (trainer.model.weights).
     tensors, metadata = load_lora(path)
     return lora_from_state_dict(tensors, metadata, source=str(path))
 

@@ -1,0 +1,1 @@
+"""After training: checkpoint grids, rendering with a LoRA, the advisor, export and publishing."""
