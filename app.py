@@ -22,27 +22,24 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    from trainer.cli import _quiet_libraries
+    from trainer import api
     from trainer.errors import UserError
-    from trainer.dataset.images import MAX_FILE_BYTES
-    from trainer.jobs.manager import JobManager, gpu_devices
-    from trainer.paths import data_dir, runs_dir
     from ui.app import build_app
     from ui.launch import exposure, state_secret
 
-    _quiet_libraries()
+    api.quiet_libraries()
     try:
         exposed = exposure(args.host, args.port, args.share)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    runs = runs_dir()
+    runs = api.runs_dir()
     runs.mkdir(parents=True, exist_ok=True)
-    manager = JobManager(devices=gpu_devices())  # several GPUs: queued jobs of different visitors run side by side
-    demo = build_app(manager, runs, state_secret=state_secret(data_dir()))
+    manager = api.JobManager(devices=api.gpu_devices())  # several GPUs: queued jobs of different visitors run side by side
+    demo = build_app(manager, runs, state_secret=state_secret(api.data_dir()))
     demo.queue(default_concurrency_limit=4).launch(
         server_name=exposed.host, server_port=exposed.port, share=exposed.share, auth=exposed.auth,
-        max_file_size=MAX_FILE_BYTES, allowed_paths=[str(runs)], show_error=False)
+        max_file_size=api.MAX_FILE_BYTES, allowed_paths=[str(runs)], show_error=False)
     return 0
 
 

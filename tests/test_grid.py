@@ -294,7 +294,7 @@ def owned_run(built_run, tmp_path):
     """A copy of the built run inside OWNER's folder of a runs root, as the app lays runs out."""
     import shutil
 
-    from ui.training_step import owner_folder
+    from trainer.runs.store import owner_folder_name as owner_folder
 
     runs_root = tmp_path / "runs"
     name = "20260101-000000-lora-0000abcd"

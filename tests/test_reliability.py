@@ -311,7 +311,8 @@ def slow_runner(release: threading.Event):
 
 def test_many_simultaneous_train_clicks_give_exactly_one_job(tmp_path):
     from ui.dataset_step import Dataset
-    from ui.training_step import TrainingController, owner_folder
+    from trainer.runs.store import owner_folder_name as owner_folder
+    from ui.training_step import TrainingController
 
     release = threading.Event()
     manager = JobManager(runner=slow_runner(release))

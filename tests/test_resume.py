@@ -302,7 +302,8 @@ def test_the_same_run_is_never_trained_by_two_processes(finished_run, tmp_path):
 
 def test_restart_marks_live_runs_interrupted_and_job_manager_resumes_them(finished_run, tmp_path):
     from trainer.jobs.manager import JobManager
-    from ui.training_step import TrainingController, owner_folder
+    from trainer.runs.store import owner_folder_name as owner_folder
+    from ui.training_step import TrainingController
 
     runs_root = tmp_path / "runs"
     owner_root = runs_root / owner_folder("alice")
@@ -344,7 +345,8 @@ def test_restart_marks_live_runs_interrupted_and_job_manager_resumes_them(finish
 
 def test_controller_resume_and_follow_show_the_resumed_job(finished_run, tmp_path):
     from trainer.jobs.manager import JobManager
-    from ui.training_step import TrainingController, owner_folder
+    from trainer.runs.store import owner_folder_name as owner_folder
+    from ui.training_step import TrainingController
 
     runs_root = tmp_path / "runs"
     crashed = copy_as_crashed(finished_run, runs_root / owner_folder("carol") / "20260101-000000-lora-eeee",
@@ -368,7 +370,7 @@ def test_resume_through_the_app_api(finished_run, tmp_path):
     from gradio_client import Client
 
     from tests.helpers_app import launched_app
-    from ui.training_step import owner_folder
+    from trainer.runs.store import owner_folder_name as owner_folder
 
     with launched_app(tmp_path) as app:
         runs_root, url = app.runs_root, app.url

@@ -208,7 +208,8 @@ def test_cli_refuses_traversal_in_name(tmp_path):
 
 def test_owner_ids_and_model_paths_cannot_escape_the_runs_folder(tmp_path):
     from ui.dataset_step import Dataset
-    from ui.training_step import TrainingController, owner_folder
+    from trainer.runs.store import owner_folder_name as owner_folder
+    from ui.training_step import TrainingController
 
     release = threading.Event()
     manager = JobManager(runner=slow_runner(release))
@@ -239,7 +240,7 @@ def test_a_model_path_that_is_not_a_model_is_a_message(tmp_path):
 
 
 def test_resume_only_inside_the_owners_own_folder(tmp_path):
-    from ui.training_step import owner_folder
+    from trainer.runs.store import owner_folder_name as owner_folder
 
     runs_root = tmp_path / "runs"
     alice_run = new_run(runs_root / owner_folder("alice") / "run")
@@ -263,7 +264,8 @@ def test_resume_only_inside_the_owners_own_folder(tmp_path):
 
 def test_owners_cannot_see_follow_stop_or_download_each_others_jobs(tmp_path):
     from ui.dataset_step import Dataset
-    from ui.training_step import TrainingController, owner_folder
+    from trainer.runs.store import owner_folder_name as owner_folder
+    from ui.training_step import TrainingController
 
     release = threading.Event()
     manager = JobManager(runner=slow_runner(release), workers=1)

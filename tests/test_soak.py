@@ -56,9 +56,9 @@ def cache_files(folder: Path) -> int:
 @pytest.fixture
 def small_training(monkeypatch):
     """The chosen preset at 64 px: the same code path, a CPU-friendly size."""
-    import ui.training_step as training_step
+    from trainer import api
 
-    real = training_step.load_preset
+    real = api.load_preset
 
     class Small:
         def __init__(self, preset):
@@ -67,13 +67,13 @@ def small_training(monkeypatch):
         def config(self, **overrides):
             return self.preset.config(**{**overrides, "resolution": 64, "preview_at_start": False})
 
-    monkeypatch.setattr(training_step, "load_preset", lambda name: Small(real(name)))
+    monkeypatch.setattr(api, "load_preset", lambda name: Small(real(name)))  # what api.training_config calls
 
 
 def test_concurrent_sessions_memory_flat_cache_bounded_each_sees_only_its_own(tmp_path, monkeypatch, small_training):
     from gradio_client import Client, handle_file
 
-    from ui.training_step import owner_folder
+    from trainer.runs.store import owner_folder_name as owner_folder
 
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio-cache"))
     monkeypatch.setenv("HF_TOKEN", CANARY)

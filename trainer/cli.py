@@ -18,6 +18,7 @@ import os
 import sys
 from pathlib import Path
 
+from trainer import api
 from trainer.errors import UserError
 
 EXIT_USER_ERROR = 2
@@ -103,7 +104,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    _quiet_libraries()
+    api.quiet_libraries()
     try:
         if args.command == "presets":
             return _presets()
@@ -141,12 +142,10 @@ def _point(text: str) -> tuple[float, float]:
 
 
 def _mask(args) -> int:
-    from trainer.dataset.choice import cut_out
-    from trainer.dataset.images import load_image
     from trainer.dataset.masking import POINT_NOT_FOUND, WARNING_KEY
 
-    image = load_image(args.image)
-    out = cut_out(image, model=args.model, point=args.point)
+    image = api.load_image(args.image)
+    out = api.cut_out(image, model=args.model, point=args.point)
     _write_png(out, args.output)
     print(args.output)
     warning = out.info.get(WARNING_KEY)
@@ -292,11 +291,7 @@ def _prepared_run(args):
 
 def _prepare_new_run(args):
     """Validate the inputs, decide the mask, and create the run folder (config, image, mask, run.json)."""
-    from trainer.dataset.augment import load_user_backgrounds
-    from trainer.config import load_preset
-    from trainer.dataset.choice import training_mask
-    from trainer.dataset.images import load_image, load_mask
-    from trainer.model.loading import adjust_for_model, default_model
+    from trainer.dataset.masking import POINT_NOT_FOUND
     from trainer.runs.folder import RunFolder
 
     missing = [flag for flag, value in (("--image", args.image), ("--caption", args.caption)) if value is None]
@@ -306,12 +301,11 @@ def _prepare_new_run(args):
         "steps": args.steps, "save_every": args.save_every, "rank": args.rank, "learning_rate": args.lr,
         "resolution": args.resolution, "seed": args.seed, "name": args.name,
         "memory_tier": args.memory_tier}.items() if v is not None}
-    config = load_preset(args.preset).config(
-        caption=args.caption, trigger=args.trigger, sample_prompts=tuple(args.sample_prompt),
-        model=args.model or default_model(), masked=not args.no_mask, **overrides)
-    config, notice = adjust_for_model(config)
-    image = load_image(args.image)  # a bad image is the one line the user sees, before any note
-    backgrounds = load_user_backgrounds(args.background)
+    config, notice = api.training_config(api.RunRequest(
+        caption=args.caption, preset=args.preset, trigger=args.trigger, sample_prompts=tuple(args.sample_prompt),
+        model=args.model, masked=not args.no_mask, overrides=overrides))
+    image = api.load_image(args.image)  # a bad image is the one line the user sees, before any note
+    backgrounds = api.load_user_backgrounds(args.background)
     if notice:
         print(f"note: {notice}", file=sys.stderr)
     if backgrounds and not (config.masked and config.augment_probability > 0):
@@ -319,17 +313,15 @@ def _prepare_new_run(args):
               "probability above 0 (this preset's is 0, or --no-mask was given).", file=sys.stderr)
     mask = None
     if not args.no_mask:
-        given = load_mask(args.mask, size=image.size) if args.mask else None
-        mask = training_mask(image, given, point=args.subject_point)
-        if given is None:
-            from trainer.dataset.masking import POINT_NOT_FOUND, mask_warning
-
-            if mask_warning(mask) == POINT_NOT_FOUND:
-                print(f"warning: nothing stands out at --subject-point; the automatic mask is used: check "
-                      f"{Path(args.output) / 'dataset' / 'mask.png'}, or give your own with --mask.", file=sys.stderr)
-            elif mask_warning(mask):
-                print(f"warning: the automatic mask is unsure: check {Path(args.output) / 'dataset' / 'mask.png'}, "
-                      "or give your own with --mask (white = subject).", file=sys.stderr)
+        given = api.load_mask(args.mask, size=image.size) if args.mask else None
+        choice = api.choose_mask(image, given, point=args.subject_point)
+        mask = choice.mask
+        if choice.warning == POINT_NOT_FOUND:
+            print(f"warning: nothing stands out at --subject-point; the automatic mask is used: check "
+                  f"{Path(args.output) / 'dataset' / 'mask.png'}, or give your own with --mask.", file=sys.stderr)
+        elif choice.warning:
+            print(f"warning: the automatic mask is unsure: check {Path(args.output) / 'dataset' / 'mask.png'}, "
+                  "or give your own with --mask (white = subject).", file=sys.stderr)
     try:
         run = RunFolder.create_at(args.output, config, image, mask, backgrounds)
     except FileExistsError:
@@ -473,20 +465,3 @@ def _write_png(image, path: Path) -> None:
         atomic_write_bytes(Path(path), buf.getvalue())
     except OSError as err:
         raise UserError(f"Could not write '{path}': {err.strerror or err}.") from None
-
-
-def _quiet_libraries() -> None:
-    """Library progress bars and advisory warnings would bury our own progress line."""
-    import warnings
-
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=UserWarning)
-    try:
-        from diffusers.utils import logging as dlog
-
-        dlog.set_verbosity_error()
-        dlog.disable_progress_bar()
-    except ImportError:
-        pass

@@ -9,19 +9,11 @@ from pathlib import Path
 
 import gradio as gr
 
-from trainer.dataset.augment import MAX_USER_BACKGROUNDS
+from trainer import api
 from trainer.errors import UserError
-from trainer.dataset.images import MAX_FILE_BYTES
-from trainer.review.inference import InferenceService
-from trainer.jobs.manager import JobManager
-from trainer.dataset.masking import MASK_MODELS
-from trainer.model.loading import default_model
-from trainer.runs.diskspace import start_temp_sweeper
-from trainer.runs.resume import mark_interrupted
-from ui import dataset_step, settings_step
-from ui import compare_tab, tryit_tab
-from ui.compare_tab import user_errors
-from ui.hosting import hosting_notices, on_space, owner_and_token
+from ui import compare_tab, dataset_step, settings_step, tryit_tab
+from ui.hosting import hosting_notices, on_space
+from ui.session import owner_and_token_of, user_errors
 from ui.training_step import TrainingController
 
 INTRO = """# One-image Flux LoRA
@@ -32,23 +24,16 @@ often** so you can pick the one that learned the subject but still follows other
 IMAGE_TYPES = [".png", ".jpg", ".jpeg", ".webp"]
 
 
-def owner_id(stored: str | None, request: gr.Request | None) -> str:
-    """The browser's own id (kept in its local storage across reloads), else this connection's session."""
-    if stored:
-        return str(stored)
-    return getattr(request, "session_hash", None) or "anonymous"
-
-
-def build_app(manager: JobManager, runs_root: Path, state_secret: str | None = None) -> gr.Blocks:
+def build_app(manager: api.JobManager, runs_root: Path, state_secret: str | None = None) -> gr.Blocks:
     controller = TrainingController(manager, runs_root)
-    inference = InferenceService()  # one loaded base model, shared by Compare and Try it
+    inference = api.InferenceService()  # one loaded base model, shared by Compare and Try it
     # A (re)started server: runs whose process died mid-training become "interrupted", offered for Resume.
-    mark_interrupted(runs_root, skip=manager.known_run_paths())
-    start_temp_sweeper(Path(gr.utils.get_upload_folder()))  # empty files gr.File leaks on every upload
+    api.RunStore(runs_root).mark_interrupted(skip=manager.known_run_paths())
+    api.start_temp_sweeper(Path(gr.utils.get_upload_folder()))  # empty files gr.File leaks on every upload
     presets = settings_step.preset_choices()
     first_preset = "character-rank4-400" if any(v == "character-rank4-400" for _, v in presets) else presets[0][1]
     rank0, steps0, lr0, every0 = settings_step.on_preset_change(first_preset)
-    model0 = default_model()
+    model0 = api.default_model()
 
     # Gradio's cache (uploads, outputs) is pruned daily and emptied on restart; run files live in runs_root.
     with gr.Blocks(title="One-image Flux LoRA", delete_cache=(3600, 24 * 3600)) as demo:
@@ -74,7 +59,8 @@ def build_app(manager: JobManager, runs_root: Path, state_secret: str | None = N
                 gr.Markdown("## 2. Mask")
                 with gr.Row():
                     use_mask = gr.Checkbox(value=True, label="Mask the background (recommended: train the subject, not the background)")
-                    mask_model = gr.Dropdown(choices=list(MASK_MODELS), value=MASK_MODELS[0], label="Background-removal model",
+                    mask_model = gr.Dropdown(choices=list(api.MASK_MODELS), value=api.MASK_MODELS[0],
+                                             label="Background-removal model",
                                              info="u2netp works offline; the others download on first use")
                     mask_file = gr.File(label="Or upload your own mask (white = trained)", file_types=IMAGE_TYPES,
                                         type="filepath")
@@ -98,7 +84,7 @@ def build_app(manager: JobManager, runs_root: Path, state_secret: str | None = N
                         augment_probability = gr.Slider(0.0, 1.0, value=augment0, step=0.05,
                                                         label="Background augmentation (share of steps on other backgrounds)")
                         own_backgrounds = gr.File(
-                            label=f"Your own backgrounds for augmentation (optional, up to {MAX_USER_BACKGROUNDS} photos)",
+                            label=f"Your own backgrounds for augmentation (optional, up to {api.MAX_USER_BACKGROUNDS} photos)",
                             file_count="multiple", file_types=["image"], type="filepath", elem_id="own-backgrounds")
                 gr.Markdown(dataset_step.LOSS_HELP)
                 mask_editor = gr.ImageEditor(
@@ -171,7 +157,7 @@ def build_app(manager: JobManager, runs_root: Path, state_secret: str | None = N
                                       interactive=False, elem_id="checkpoints")
             compare = compare_tab.build(runs_root, inference, owner_state)
             tryit = tryit_tab.build(runs_root, inference, owner_state)
-        compare_tab.connect_to_tryit(compare, tryit, tabs)
+        tryit_tab.connect_to_compare(compare, tryit, tabs)
 
         # ---- wiring: the data flows one way, upload → dataset → config → job → events → page
         dataset_inputs = [image_file, mask_file, use_mask, mask_model]
@@ -225,7 +211,7 @@ def build_app(manager: JobManager, runs_root: Path, state_secret: str | None = N
                   oauth_token: gr.OAuthToken | None = None,
                   gpus_=1, backgrounds_=None):  # the inputs after memory_tier (gradio slots request/profile/token in
                                                  # by their type)
-            owner, token = owner_and_token(owner_id(stored, request), profile, oauth_token)
+            owner, token = owner_and_token_of(stored, request, profile, oauth_token)
             try:
                 message = controller.start(owner, dataset, caption_, trigger_, prompts_, preset_, rank_, steps_,
                                            lr_, every_, model_, token=token,
@@ -237,20 +223,20 @@ def build_app(manager: JobManager, runs_root: Path, state_secret: str | None = N
             return message, gr.update(interactive=False), gr.update(interactive=True)
 
         def follow(stored, request: gr.Request, profile: gr.OAuthProfile | None = None):
-            owner, _ = owner_and_token(owner_id(stored, request), profile)
+            owner, _ = owner_and_token_of(stored, request, profile)
             yield from controller.follow(owner)
 
         def stop(stored, request: gr.Request, profile: gr.OAuthProfile | None = None):
-            owner, _ = owner_and_token(owner_id(stored, request), profile)
+            owner, _ = owner_and_token_of(stored, request, profile)
             return controller.stop(owner)
 
         def offer_resume(stored, request: gr.Request, profile: gr.OAuthProfile | None = None):
-            owner, _ = owner_and_token(owner_id(stored, request), profile)
+            owner, _ = owner_and_token_of(stored, request, profile)
             return gr.update(visible=controller.resumable_run(owner) is not None)
 
         def resume(stored, request: gr.Request, profile: gr.OAuthProfile | None = None,
                    oauth_token: gr.OAuthToken | None = None):
-            owner, token = owner_and_token(owner_id(stored, request), profile, oauth_token)
+            owner, token = owner_and_token_of(stored, request, profile, oauth_token)
             try:
                 message = controller.resume(owner, token=token)
             except UserError as err:

@@ -5,8 +5,6 @@ only lays out components and wires them. Only the owner's own runs are listed or
 """
 from __future__ import annotations
 
-import functools
-import inspect
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,71 +13,34 @@ from typing import Any, Callable, Iterator
 import gradio as gr
 import pandas as pd
 
-from trainer.review import advisor
+from trainer import api
 from trainer.errors import UserError
-from trainer.review.export import export_lora, export_name
-from trainer.review.grid import GridImages, GridSpec, parse_numbers, plan_grid, render_grid, suggest_prompts
-from trainer.review.inference import InferenceService, base_model_folder
-from trainer.runs.folder import MANIFEST, RunFolder
-from ui.training_step import owner_folder
+from ui.session import RENDER_QUEUE, owner_of, token_of, user_errors
 
 GRID_CELL = 384  # pixels per cell in the page's grid image (the PNG download has the same)
-RENDER_QUEUE = "lora-render"  # grid, scoring and try-it share one render at a time
 ADVICE_NOTE = ("Scores are a **heuristic**: the copy score measures how close samples of *other* prompts come to "
                "the training image (pixels and structure), the artefact score the extra fine-grain energy compared "
                "with the base model's image. They cannot judge likeness or taste. On tiny-demo they mean nothing.")
-
-
-def owner_of(stored, request, profile=None) -> str:
-    """The same owner the Train tab uses (the logged-in user on a Space, else the browser's id)."""
-    from ui.app import owner_id  # ui.app imports this module
-    from ui.hosting import owner_and_token
-
-    return owner_and_token(owner_id(stored, request), profile)[0]
-
-
-def token_of(stored, request, profile=None, oauth_token=None) -> str | None:
-    from ui.app import owner_id
-    from ui.hosting import owner_and_token
-
-    return owner_and_token(owner_id(stored, request), profile, oauth_token)[1]
 
 
 # ---------------------------------------------------------------- the owner's runs
 
 def owner_runs(runs_root: Path, owner: str) -> list[tuple[str, str]]:
     """(label, folder name) of the owner's runs, newest first."""
-    folder = Path(runs_root) / owner_folder(owner)
-    out = []
-    if folder.is_dir():
-        for path in sorted(folder.iterdir(), reverse=True):  # run ids start with a timestamp
-            if not (path / MANIFEST).is_file():
-                continue
-            try:
-                run = RunFolder.open(path)
-            except Exception:  # a damaged run.json must not hide the others
-                continue
-            out.append((f"{path.name} · {run.status} · {len(run.checkpoints)} checkpoint(s)", path.name))
-    return out
+    return [(r.label, r.name) for r in api.RunStore(runs_root).listing(owner)]
 
 
-def open_owned_run(runs_root: Path, owner: str, name: str | None) -> RunFolder:
-    if not name:
-        raise UserError("Pick a run first.")
-    folder = (Path(runs_root) / owner_folder(owner)).resolve()
-    path = (folder / str(name)).resolve()
-    if path.parent != folder or not (path / MANIFEST).is_file():
-        raise UserError("That run is not one of yours, or it was deleted. Refresh the list.")
-    return RunFolder.open(path)
+def open_owned_run(runs_root: Path, owner: str, name: str | None) -> api.RunFolder:
+    return api.RunStore(runs_root).open(owner, name)
 
 
-def checkpoint_choices(run: RunFolder) -> list[tuple[str, int]]:
-    star = advisor.starred_step(run.path)
-    return [(f"step {f.step}" + (" ★" if f.step == star else ""), f.step) for f in advisor.checkpoint_files(run)]
+def checkpoint_choices(run: api.RunFolder) -> list[tuple[str, int]]:
+    star = api.starred_step(run.path)
+    return [(f"step {f.step}" + (" ★" if f.step == star else ""), f.step) for f in api.checkpoint_files(run)]
 
 
-def checkpoint_path(run: RunFolder, step) -> Path:
-    for f in advisor.checkpoint_files(run):
+def checkpoint_path(run: api.RunFolder, step) -> Path:
+    for f in api.checkpoint_files(run):
         if f.step == int(step):
             return f.path
     raise UserError(f"There is no checkpoint at step {step} in this run any more.")
@@ -87,11 +48,11 @@ def checkpoint_path(run: RunFolder, step) -> Path:
 
 # ---------------------------------------------------------------- checkpoints: table, star, disk
 
-def checkpoint_table(run: RunFolder) -> pd.DataFrame:
-    advice = advisor.load_advice(run.path)
+def checkpoint_table(run: api.RunFolder) -> pd.DataFrame:
+    advice = api.load_advice(run.path)
     scores = {s.step: s for s in advice.scores} if advice else {}
     rows = []
-    for f in advisor.checkpoint_files(run):
+    for f in api.checkpoint_files(run):
         s = scores.get(f.step)
         rows.append({"step": f.step, "size (MB)": round(f.size_bytes / 1e6, 1), "starred": "★" if f.starred else "",
                      "copy score": round(s.copy, 3) if s else None,
@@ -99,16 +60,16 @@ def checkpoint_table(run: RunFolder) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["step", "size (MB)", "starred", "copy score", "artefact score"])
 
 
-def summary_markdown(run: RunFolder) -> str:
-    lines = [f"**{run.path.name}** — {run.status}. {advisor.disk_summary(run)}."]
-    advice = advisor.load_advice(run.path)
+def summary_markdown(run: api.RunFolder) -> str:
+    lines = [f"**{run.path.name}** — {run.status}. {api.disk_summary(run)}."]
+    advice = api.load_advice(run.path)
     if advice:
         lines.append(advice.markdown())
     return "  \n".join(lines)
 
 
-def scores_frame(run: RunFolder) -> pd.DataFrame:
-    advice = advisor.load_advice(run.path)
+def scores_frame(run: api.RunFolder) -> pd.DataFrame:
+    advice = api.load_advice(run.path)
     rows = []
     for s in advice.scores if advice else ():
         rows.append({"step": s.step, "score": s.copy_rise, "measure": "copy score − base"})
@@ -121,13 +82,13 @@ def on_run_selected(runs_root: Path, owner: str, name: str | None) -> dict[str, 
     run = open_owned_run(runs_root, owner, name)
     choices = checkpoint_choices(run)
     steps = [step for _, step in choices]
-    star = advisor.starred_step(run.path)
+    star = api.starred_step(run.path)
     return {
         "summary": summary_markdown(run),
         "table": checkpoint_table(run),
         "scores": scores_frame(run),
         "grid_checkpoints": gr.update(choices=choices, value=steps),
-        "prompts": "\n".join(s.text for s in suggest_prompts(run.config)),
+        "prompts": "\n".join(s.text for s in api.suggest_prompts(run.config)),
         "width": (run.train_size or (run.config.resolution,) * 2)[0],
         "height": (run.train_size or (run.config.resolution,) * 2)[1],
         "sample_steps": run.config.preview_steps,
@@ -137,7 +98,7 @@ def on_run_selected(runs_root: Path, owner: str, name: str | None) -> dict[str, 
 
 def star(runs_root: Path, owner: str, name: str, step) -> str:
     run = open_owned_run(runs_root, owner, name)
-    advisor.set_star(run.path, None if step in (None, "") else int(step))
+    api.set_star(run.path, None if step in (None, "") else int(step))
     return summary_markdown(run)
 
 
@@ -147,11 +108,11 @@ def prune(runs_root: Path, owner: str, name: str, keep) -> str:
         n = int(keep)
     except (TypeError, ValueError):
         raise UserError("Give how many of the newest checkpoints to keep.") from None
-    deleted = advisor.keep_last(run.path, n)
-    run = RunFolder.open(run.path)
+    deleted = api.keep_last(run.path, n)
+    run = api.RunFolder.open(run.path)
     if not deleted:
-        return f"Nothing to delete. {advisor.disk_summary(run)}."
-    return (f"Deleted the checkpoints of step {', '.join(map(str, deleted))}. {advisor.disk_summary(run)} left "
+        return f"Nothing to delete. {api.disk_summary(run)}."
+    return (f"Deleted the checkpoints of step {', '.join(map(str, deleted))}. {api.disk_summary(run)} left "
             "(the starred one is always kept).")
 
 
@@ -163,9 +124,9 @@ def export_files(runs_root: Path, owner: str, name: str, step) -> tuple[str, str
     source = checkpoint_path(run, step)
     out = []
     for fmt in ("kohya", "diffusers"):
-        target = run.path / "exports" / export_name(source, fmt)
+        target = run.path / "exports" / api.export_name(source, fmt)
         if not target.is_file() or target.stat().st_mtime < source.stat().st_mtime:
-            export_lora(source, fmt, target)
+            api.export_lora(source, fmt, target)
         out.append(str(target))
     return out[0], out[1]
 
@@ -176,33 +137,34 @@ def export_files(runs_root: Path, owner: str, name: str, step) -> tuple[str, str
 class GridSession:
     """What one browser tab has rendered: the grids (for clicks and prompt switching) and their PNG files."""
     run_name: str
-    grids: GridImages
+    grids: api.GridImages
     files: list[str]
 
 
-def grid_spec(run: RunFolder, steps, seeds: str, weights: str, prompts: str, width, height, sample_steps) -> GridSpec:
+def grid_spec(run: api.RunFolder, steps, seeds: str, weights: str, prompts: str, width, height,
+              sample_steps) -> api.GridSpec:
     lines = tuple(line.strip() for line in (prompts or "").splitlines() if line.strip())
     if not steps:
         raise UserError("Tick at least one checkpoint to compare.")
-    return GridSpec(prompts=lines, seeds=parse_numbers(seeds, int, "seeds"),
-                    weights=parse_numbers(weights, float, "LoRA weights"), steps=tuple(int(s) for s in steps),
-                    width=int(width) if width else None, height=int(height) if height else None,
-                    sample_steps=int(sample_steps) if sample_steps else None)
+    return api.GridSpec(prompts=lines, seeds=api.parse_numbers(seeds, int, "seeds"),
+                        weights=api.parse_numbers(weights, float, "LoRA weights"), steps=tuple(int(s) for s in steps),
+                        width=int(width) if width else None, height=int(height) if height else None,
+                        sample_steps=int(sample_steps) if sample_steps else None)
 
 
-def stream_grid(service: InferenceService, runs_root: Path, owner: str, name: str, spec_args: tuple,
+def stream_grid(service: api.InferenceService, runs_root: Path, owner: str, name: str, spec_args: tuple,
                 progress: Callable[[float, str], None] = lambda f, d: None) -> Iterator[tuple]:
     """Yield (status, grid image, prompt picker update, files, session) after every rendered row."""
     run = open_owned_run(runs_root, owner, name)
-    plan = plan_grid(run, grid_spec(run, *spec_args))
-    grids = GridImages(plan, cell_size=GRID_CELL)
+    plan = api.plan_grid(run, grid_spec(run, *spec_args))
+    grids = api.GridImages(plan, cell_size=GRID_CELL)
     session = GridSession(name, grids, [])
     picker = gr.update(choices=[(_short(p), i) for i, p in enumerate(plan.prompts)], value=0)
     progress(0.0, "loading the base model")
     yield ("Loading the base model…", grids.compose(0)[0], picker, None, session)
-    engine = service.get(base_model_folder(run))
+    engine = service.get(api.base_model_folder(run))
     out_dir = run.path / "grids" / time.strftime("%Y%m%d-%H%M%S")
-    for row in render_grid(engine, plan):
+    for row in api.render_grid(engine, plan):
         grids.add(row)
         progress(row.done_cells / row.total_cells, f"{row.done_cells}/{row.total_cells} images")
         image, _ = grids.compose(row.prompt_index)
@@ -240,22 +202,22 @@ def cell_at(session: GridSession | None, index, x: float, y: float) -> dict | No
 
 # ---------------------------------------------------------------- advice
 
-def stream_advice(service: InferenceService, runs_root: Path, owner: str, name: str,
+def stream_advice(service: api.InferenceService, runs_root: Path, owner: str, name: str,
                   progress: Callable[[float, str], None] = lambda f, d: None) -> Iterator[tuple]:
     """Render the scoring samples (non-caption prompts, every checkpoint, the base model), then score.
     Yields (status markdown, summary markdown, table, scores frame)."""
     run = open_owned_run(runs_root, owner, name)
-    plan = plan_grid(run, advisor.advice_spec(run))
-    grids = GridImages(plan)
+    plan = api.plan_grid(run, api.advice_spec(run))
+    grids = api.GridImages(plan)
     yield ("Loading the base model…", gr.update(), gr.update(), gr.update())
-    engine = service.get(base_model_folder(run))
-    for row in render_grid(engine, plan):
+    engine = service.get(api.base_model_folder(run))
+    for row in api.render_grid(engine, plan):
         grids.add(row)
         progress(row.done_cells / row.total_cells, f"scoring samples {row.done_cells}/{row.total_cells}")
         yield (f"Rendering scoring samples: {row.done_cells}/{row.total_cells}", gr.update(), gr.update(), gr.update())
     training, _ = run.load_dataset()
-    advice = advisor.advice_from_grid(grids, training)
-    advisor.save_advice(run.path, advice)
+    advice = api.advice_from_grid(grids, training)
+    api.save_advice(run.path, advice)
     yield (ADVICE_NOTE, summary_markdown(run), checkpoint_table(run), scores_frame(run))
 
 
@@ -263,14 +225,12 @@ def stream_advice(service: InferenceService, runs_root: Path, owner: str, name: 
 
 def publish_run(runs_root: Path, owner: str, name: str, repo_id: str, private: bool, step, weight,
                 token: str | None) -> str:
-    from trainer.review.publish import plan_publish, publish
-
     run = open_owned_run(runs_root, owner, name)
     grids = sorted((run.path / "grids").glob("*/grid-1.png"))
-    plan = plan_publish(run, repo_id, step=int(step) if step not in (None, "") else None,
-                        weight=float(weight) if weight not in (None, "") else None, private=bool(private),
-                        grid=grids[-1] if grids else None)
-    url = publish(plan, token)
+    plan = api.plan_publish(run, repo_id, step=int(step) if step not in (None, "") else None,
+                            weight=float(weight) if weight not in (None, "") else None, private=bool(private),
+                            grid=grids[-1] if grids else None)
+    url = api.publish(plan, token)
     return f"Published step {plan.step} (weight {plan.weight:g}) to [{plan.repo_id}]({url}) — " \
            f"{'private' if plan.private else 'public'}."
 
@@ -292,28 +252,7 @@ class CompareTab:
     runs_root: Path
 
 
-def user_errors(fn):
-    """UserError → a red message in the page (no traceback); anything else is a bug and keeps its traceback.
-    ``functools.wraps`` keeps the signature Gradio reads to inject the request, login and progress."""
-    if inspect.isgeneratorfunction(fn):
-        @functools.wraps(fn)
-        def generator(*args, **kwargs):
-            try:
-                yield from fn(*args, **kwargs)
-            except UserError as err:
-                raise gr.Error(str(err), print_exception=False) from None
-        return generator
-
-    @functools.wraps(fn)
-    def plain(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except UserError as err:
-            raise gr.Error(str(err), print_exception=False) from None
-    return plain
-
-
-def build(runs_root: Path, service: InferenceService, owner_state) -> CompareTab:
+def build(runs_root: Path, service: api.InferenceService, owner_state) -> CompareTab:
     """Lay out the tab inside the current ``gr.Tabs``; returns what other tabs connect to."""
     runs_root = Path(runs_root)
     with gr.Tab("Compare", id="compare") as tab:
@@ -445,30 +384,3 @@ def build(runs_root: Path, service: InferenceService, owner_state) -> CompareTab
                       api_name=False)
     return CompareTab(tab=tab, run=run, grid_image=grid_image, prompt_pick=prompt_pick, session=session,
                       owner_state=owner_state, runs_root=runs_root)
-
-
-def connect_to_tryit(compare: CompareTab, tryit, tabs) -> None:
-    """Clicking a grid cell opens that checkpoint, weight, prompt and seed in the Try it tab."""
-    from ui.tryit_tab import checkpoint_choices_update
-
-    outputs = [tabs, tryit.run, tryit.checkpoint, tryit.weight, tryit.prompt, tryit.seed, tryit.width, tryit.height,
-               tryit.steps, tryit.guidance, tryit.status]
-
-    @user_errors
-    def on_click(stored, session, index, evt: gr.SelectData, request: gr.Request,
-                 profile: gr.OAuthProfile | None = None):
-        xy = evt.index if isinstance(evt.index, (list, tuple)) and len(evt.index) == 2 else None
-        cell = cell_at(session, index, *xy) if xy else None
-        if cell is None:
-            return tuple(gr.update() for _ in outputs)
-        owner = owner_of(stored, request, profile)
-        step = cell["step"] or None  # the base-model column opens the last checkpoint at weight 0
-        runs = owner_runs(compare.runs_root, owner)
-        return (gr.Tabs(selected="tryit"), gr.update(choices=runs, value=cell["run"]),
-                checkpoint_choices_update(compare.runs_root, owner, cell["run"], step),
-                cell["weight"] if step else 0.0, cell["prompt"], cell["seed"], cell["width"], cell["height"],
-                cell["steps"], cell["guidance"],
-                f"Opened from the grid: {f'step {step}' if step else 'the base model (weight 0)'}, seed {cell['seed']}.")
-
-    compare.grid_image.select(on_click, [compare.owner_state, compare.session, compare.prompt_pick], outputs,
-                              api_name=False)

@@ -10,10 +10,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 from PIL import Image, ImageOps
 
-from trainer.dataset.advice import image_advice
-from trainer.dataset.choice import training_mask
+from trainer import api
 from trainer.errors import UserError
-from trainer.dataset.images import alpha_mask, load_image, load_mask
 
 
 @dataclass(frozen=True)
@@ -30,21 +28,12 @@ def build_dataset(image_file: str | None, mask_file: str | None, use_mask: bool,
     """Raises UserError with a message for the page; None when nothing is uploaded."""
     if not image_file:
         return None
-    image = load_image(image_file)
+    image = api.load_image(image_file)
     if not use_mask:
         return Dataset(image, None, "none")
-    given = load_mask(mask_file, size=image.size) if mask_file else None
-    mask = training_mask(image, given, auto=True, model=mask_model)
-    if given is not None:
-        source = "uploaded mask"
-    elif alpha_mask(image) is not None:
-        source = "transparency"
-    else:
-        source = "automatic"
-    from trainer.dataset.masking import mask_warning
-
-    warning = mask_warning(mask) if source == "automatic" else None
-    return Dataset(image, mask, source if mask is not None else "none", mask_warning=warning)
+    given = api.load_mask(mask_file, size=image.size) if mask_file else None
+    choice = api.choose_mask(image, given, auto=True, model=mask_model)
+    return Dataset(image, choice.mask, choice.source, mask_warning=choice.warning)
 
 
 def on_subject_point(dataset: Dataset | None, mask_model: str, x: float, y: float, *, display_pixels: bool = True):
@@ -58,10 +47,8 @@ def on_subject_point(dataset: Dataset | None, mask_model: str, x: float, y: floa
                  "none": "no mask"}[dataset.mask_source]
         raise UserError(f"Clicking the subject redoes the automatic mask, but this image uses {given}. Paint "
                         "corrections in step 2 instead.")
-    from trainer.dataset.masking import auto_mask_result
-
     scale = dataset.image.width / _display_size(dataset.image.size)[0] if display_pixels else 1.0
-    result = auto_mask_result(dataset.image, mask_model, point=(float(x) * scale, float(y) * scale))
+    result = api.auto_mask_result(dataset.image, mask_model, point=(float(x) * scale, float(y) * scale))
     updated = Dataset(dataset.image, result.mask, "automatic", mask_warning=result.warning)
     return updated, overlay(updated), describe(updated)
 
@@ -90,7 +77,7 @@ def describe(dataset: Dataset) -> str:
         lines.append("Wrong subject, or none? **Click the subject** in this picture to look for it there.")
     if dataset.mask_warning:
         lines.append(f"⚠️ {dataset.mask_warning}")
-    for advice in image_advice(dataset.image, dataset.mask):
+    for advice in api.image_advice(dataset.image, dataset.mask):
         lines.append(f"⚠️ {advice.message}")
     return "  \n".join(lines)
 
@@ -132,10 +119,8 @@ def base_mask(dataset: Dataset) -> Image.Image | None:
 
 
 def preset_resolution(preset: str | None) -> int:
-    from trainer.config import load_preset
-
     try:
-        return load_preset(preset).config().resolution if preset else 512
+        return api.load_preset(preset).config().resolution if preset else 512
     except UserError:
         return 512
 
@@ -144,15 +129,13 @@ def refine(dataset: Dataset, threshold: float | None, softness_px: float, grow_p
            resolution: int) -> Dataset:
     """The dataset with its mask corrected by the painted strokes, then thresholded, grown/shrunk and feathered.
     ``softness_px`` and ``grow_px`` are pixels at the training size (scaled here to the mask's own size)."""
-    from trainer.dataset.mask_tools import adjust_mask, apply_strokes, train_size_for
-
     base = base_mask(dataset)
     if base is None:
         return dataset
-    train_w, _ = train_size_for(dataset.image.size, resolution)
+    train_w, _ = api.train_size_for(dataset.image.size, resolution)
     scale = dataset.image.width / train_w
-    mask = apply_strokes(base, editor_value)
-    mask = adjust_mask(mask, threshold if threshold else None, float(softness_px or 0) * scale,
+    mask = api.apply_strokes(base, editor_value)
+    mask = api.adjust_mask(mask, threshold if threshold else None, float(softness_px or 0) * scale,
                        float(grow_px or 0) * scale)
     return replace(dataset, mask=mask, raw_mask=base)
 
@@ -180,34 +163,29 @@ def editor_value(dataset: Dataset | None):
 
 def token_overlay(dataset: Dataset, resolution: int, background_weight: float = 0.0) -> Image.Image:
     """The image at the training size, each 16x16 token dimmed by its loss weight, with the token grid drawn."""
-    from trainer.dataset.mask_tools import TOKEN_PX, token_grid_view, train_size_for
-
-    size = train_size_for(dataset.image.size, resolution)
+    size = api.train_size_for(dataset.image.size, resolution)
     rgb = np.asarray(ImageOps.fit(dataset.image.convert("RGB"), size, Image.Resampling.LANCZOS), dtype=np.float32)
     if dataset.mask is None:
         weights = np.ones(rgb.shape[:2], np.float32)
     else:
-        weights = np.asarray(token_grid_view(dataset.mask, size, background_weight=background_weight),
+        weights = np.asarray(api.token_grid_view(dataset.mask, size, background_weight=background_weight),
                              dtype=np.float32) / 255.0
     dim = rgb * 0.25 + np.array([40, 0, 60], dtype=np.float32) * 0.75
     out = rgb * weights[..., None] + dim * (1 - weights[..., None])
-    out[::TOKEN_PX, :] = out[::TOKEN_PX, :] * 0.6 + np.array(GRID_LINE) * 0.4
-    out[:, ::TOKEN_PX] = out[:, ::TOKEN_PX] * 0.6 + np.array(GRID_LINE) * 0.4
+    out[::api.TOKEN_PX, :] = out[::api.TOKEN_PX, :] * 0.6 + np.array(GRID_LINE) * 0.4
+    out[:, ::api.TOKEN_PX] = out[:, ::api.TOKEN_PX] * 0.6 + np.array(GRID_LINE) * 0.4
     return Image.fromarray(out.clip(0, 255).astype(np.uint8))
 
 
 def mask_summary(dataset: Dataset, resolution: int, background_weight: float) -> str:
-    from trainer.dataset.choice import mask_coverage
-    from trainer.dataset.mask_tools import TOKEN_PX, thin_share, train_size_for
-
     if dataset.mask is None:
         return "No mask: the whole image is trained, background included."
-    w, h = train_size_for(dataset.image.size, resolution)
-    lines = [f"The subject covers **{100 * mask_coverage(dataset.mask):.0f} %** of the frame. Training size "
-             f"{w}×{h} px = {w // TOKEN_PX}×{h // TOKEN_PX} tokens of {TOKEN_PX}×{TOKEN_PX} px."]
+    w, h = api.train_size_for(dataset.image.size, resolution)
+    lines = [f"The subject covers **{100 * api.mask_coverage(dataset.mask):.0f} %** of the frame. Training size "
+             f"{w}×{h} px = {w // api.TOKEN_PX}×{h // api.TOKEN_PX} tokens of {api.TOKEN_PX}×{api.TOKEN_PX} px."]
     if dataset.mask_warning:
         lines.append(f"⚠️ {dataset.mask_warning}")
-    thin = thin_share(dataset.mask, (w, h))
+    thin = api.thin_share(dataset.mask, (w, h))
     if thin > 0.25:
         lines.append(f"⚠️ {100 * thin:.0f} % of the subject lies in tokens it covers less than half: thin parts (hair, "
                      "straps, fingers, antennae) weigh little in the loss and are learned weakly. Grow the mask by "
@@ -241,9 +219,7 @@ def on_new_mask(dataset, threshold, softness, grow, preset, background_weight):
 def mask_defaults(preset: str):
     """The preset's loss settings for the mask controls:
     (background weight, normalise by mask area, unmasked probability, background augmentation)."""
-    from trainer.config import load_preset
-
-    cfg = load_preset(preset).config()
+    cfg = api.load_preset(preset).config()
     return cfg.background_weight, cfg.normalize_mask, cfg.unmasked_probability, cfg.augment_probability
 
 

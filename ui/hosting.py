@@ -10,7 +10,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from trainer.paths import SPACE_VOLUME, data_dir
+from trainer import api
 
 
 def on_space(environ: Mapping[str, str] = os.environ) -> bool:
@@ -26,8 +26,8 @@ def hosting_notices(environ: Mapping[str, str] = os.environ, data: Path | None =
     if not on_space(environ):
         return []
     notices = []
-    data = data or data_dir(environ)
-    if not Path(data).is_relative_to(SPACE_VOLUME):
+    data = data or api.data_dir(environ)
+    if not Path(data).is_relative_to(api.SPACE_VOLUME):
         notices.append("⚠️ This Space has no persistent storage: runs are kept in the container and a restart "
                        "erases them. Download checkpoints as they appear, or enable persistent storage (/data) "
                        "in the Space settings.")

@@ -5,46 +5,44 @@ import os
 
 import gradio as gr
 
-from trainer.config import TrainingConfig, list_presets, load_preset
+from trainer import api
 from trainer.errors import UserError
-from trainer.model.estimates import plan_summary
-from trainer.model.loading import FLUX_DEV, TINY_DEMO, TINY_DEMO_NOTICE, default_model
 
 DEFAULT_PROMPTS = "[trigger] as a watercolor painting\n[trigger] seen from the back, in a snowy forest"
 
 
 def preset_choices() -> list[tuple[str, str]]:
-    return [(f"{p.name} — {p.description}", p.name) for p in list_presets()]
+    return [(f"{p.name} — {p.description}", p.name) for p in api.list_presets()]
 
 
 def on_preset_change(name: str):
     """Fill the override boxes with the preset's values."""
-    cfg = load_preset(name).config()
+    cfg = api.load_preset(name).config()
     return cfg.rank, cfg.steps, cfg.learning_rate, cfg.save_every
 
 
 def on_plan_change(model: str, rank, steps, save_every) -> str:
     try:
-        cfg = TrainingConfig(rank=int(rank), steps=int(steps), save_every=int(save_every))
+        cfg = api.TrainingConfig(rank=int(rank), steps=int(steps), save_every=int(save_every))
     except (UserError, TypeError, ValueError) as err:
         return f"❌ {err}"
-    return plan_summary(model_spec(model), cfg.rank, cfg.checkpoint_steps)
+    return api.plan_summary(model_spec(model), cfg.rank, cfg.checkpoint_steps)
 
 
 def model_spec(choice: str) -> str:
-    return (choice or default_model()).strip()
+    return (choice or api.default_model()).strip()
 
 
 def model_notice(choice: str) -> str:
     spec = model_spec(choice)
-    if spec == TINY_DEMO:
+    if spec == api.TINY_DEMO:
         import torch
 
         extra = "" if torch.cuda.is_available() else " No CUDA GPU was found, so it is the default here."
-        return f"ℹ️ {TINY_DEMO_NOTICE}{extra}"
+        return f"ℹ️ {api.TINY_DEMO_NOTICE}{extra}"
     token = "found in the environment (HF_TOKEN)" if os.environ.get("HF_TOKEN") else "not set"
     lines = []
-    if spec == FLUX_DEV:
+    if spec == api.FLUX_DEV:
         lines.append(f"FLUX.1-dev is gated: accept its license on huggingface.co, and give a token (HF_TOKEN). Token: **{token}**. "
                      "It downloads about 34 GB once, and trains on a GPU with 24 GB or more.")
     else:
@@ -57,21 +55,17 @@ def model_notice(choice: str) -> str:
 
 
 def memory_tier_choices() -> list[tuple[str, str]]:
-    from trainer.model.tiers import AUTO, list_tiers
-
-    return [("auto — picked from the detected GPU", AUTO),
-            *((f"{t.name} — {t.description}", t.name) for t in list_tiers())]
+    return [("auto — picked from the detected GPU", api.AUTO),
+            *((f"{t.name} — {t.description}", t.name) for t in api.list_tiers())]
 
 
 def memory_tier_notice(choice: str, model: str = "") -> str:
     """What the job will do about GPU memory, and why: the detected GPU and the tier it gets."""
     import torch
 
-    from trainer.model.tiers import AUTO, choose_tier
-
     try:
-        picked = choose_tier(choice or AUTO, torch.device("cuda" if torch.cuda.is_available() else "cpu"),
-                             tiny_model=model_spec(model) == TINY_DEMO)
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        picked = api.choose_tier(choice or api.AUTO, device, tiny_model=model_spec(model) == api.TINY_DEMO)
     except UserError as err:
         return f"⚠️ {err}"
     return f"ℹ️ {picked.reason}"
@@ -84,8 +78,6 @@ def gpus_choices(max_gpus: int) -> list[int]:
 
 def gpus_note(gpus, learning_rate) -> str:
     """What N GPUs do to one job: N data-parallel processes, batch 1 on each, the learning rate x sqrt(N)."""
-    from trainer.training.distributed import scaled_learning_rate
-
     try:
         n, lr = int(gpus or 1), float(learning_rate)
     except (TypeError, ValueError):
@@ -94,12 +86,12 @@ def gpus_note(gpus, learning_rate) -> str:
         return ("One GPU, batch 1. With several GPUs one job trains data-parallel: batch 1 on each GPU, learning "
                 "rate scaled by √N.")
     return (f"{n} GPUs, **batch 1 on each GPU** (each sees its own noised copy of the image every step). The "
-            f"learning rate is scaled by √{n}: {lr:g} × √{n} = **{scaled_learning_rate(lr, n):.3g}**. The job "
+            f"learning rate is scaled by √{n}: {lr:g} × √{n} = **{api.scaled_learning_rate(lr, n):.3g}**. The job "
             f"waits until {n} GPUs are free; each holds the whole model.")
 
 
 def model_choices() -> list[str]:
-    return [FLUX_DEV, TINY_DEMO]
+    return [api.FLUX_DEV, api.TINY_DEMO]
 
 
 def prompt_lines(text: str) -> tuple[str, ...]:

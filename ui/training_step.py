@@ -6,7 +6,6 @@ job by calling ``follow`` again.
 """
 from __future__ import annotations
 
-import hashlib
 import shutil
 import time
 from pathlib import Path
@@ -14,12 +13,8 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from trainer.dataset.augment import load_user_backgrounds
-from trainer.config import load_preset
+from trainer import api
 from trainer.errors import UserError
-from trainer.jobs.manager import JobManager
-from trainer.model.loading import adjust_for_model
-from trainer.runs.folder import RunFolder
 from ui.settings_step import model_spec, prompt_lines
 from ui.view import RunView
 
@@ -34,15 +29,11 @@ def _file_paths(files) -> list[str]:
     return [f.get("path") if isinstance(f, dict) else str(f) for f in files if f]
 
 
-def owner_folder(owner: str) -> str:
-    """A folder name for an owner that reveals nothing about the owner id itself."""
-    return hashlib.sha256(owner.encode()).hexdigest()[:20]
-
-
 class TrainingController:
-    def __init__(self, manager: JobManager, runs_root: Path):
+    def __init__(self, manager: api.JobManager, runs_root: Path):
         self.manager = manager
         self.runs_root = Path(runs_root)
+        self.store = api.RunStore(self.runs_root)
 
     def start(self, owner: str, dataset, caption: str, trigger: str, prompts: str, preset: str, rank, steps,
               learning_rate, save_every, model: str, token: str | None = None,
@@ -62,21 +53,16 @@ class TrainingController:
             if value is not None}
         if learning_rate is not None:
             overrides["learning_rate"] = float(learning_rate)
-        config = load_preset(preset).config(
-            caption=caption.strip(), trigger=(trigger or "").strip(), sample_prompts=prompt_lines(prompts),
-            model=model_spec(model), masked=dataset.mask is not None, **overrides,
-            memory_tier=memory_tier or "auto",
-            **(loss_settings or {}))  # the mask step's background weight / normalise / unmasked / augmentation
-        config, _ = adjust_for_model(config)
+        config, _ = api.training_config(api.RunRequest(
+            caption=caption, preset=preset, trigger=trigger or "", sample_prompts=prompt_lines(prompts),
+            model=model_spec(model), masked=dataset.mask is not None,
+            overrides={**overrides, "memory_tier": memory_tier or "auto",
+                       **(loss_settings or {})}))  # the mask step's background weight / normalise / unmasked / augmentation
         gpus = _whole(1 if gpus is None else gpus, "GPUs")  # N > 1: data parallel, batch 1 each, lr x sqrt(N)
         if gpus != 1 and not 1 <= gpus <= self.manager.max_gpus:
             raise UserError(f"This server can give a job at most {self.manager.max_gpus} GPU(s); {gpus} were asked for.")
-        own_backgrounds = load_user_backgrounds(_file_paths(backgrounds))
-        run = RunFolder.create(self.runs_root / owner_folder(owner), config, dataset.image, dataset.mask,
-                               backgrounds=own_backgrounds)
-        if gpus > 1:
-            run.gpus = gpus  # the job manager gives the job this many devices
-            run.save()
+        own_backgrounds = api.load_user_backgrounds(_file_paths(backgrounds))
+        run = self.store.create(owner, config, dataset.image, dataset.mask, backgrounds=own_backgrounds, gpus=gpus)
         try:
             self.manager.submit(owner, run, token=token)
         except UserError:
@@ -86,11 +72,9 @@ class TrainingController:
 
     def resumable_run(self, owner: str) -> Path | None:
         """The owner's newest run that a server restart interrupted (only ever looks in the owner's own folder)."""
-        from trainer.runs.resume import interrupted_runs
-
         if self.manager.active_for(owner) is not None:
             return None
-        runs = interrupted_runs(self.runs_root / owner_folder(owner))
+        runs = self.store.interrupted(owner)
         return runs[0] if runs else None
 
     def resume(self, owner: str, token: str | None = None) -> str:
@@ -98,7 +82,7 @@ class TrainingController:
         run_dir = self.resumable_run(owner)
         if run_dir is None:
             raise UserError("You have no interrupted run to resume.")
-        self.manager.resume(owner, run_dir, token=token, allowed_root=self.runs_root / owner_folder(owner))
+        self.manager.resume(owner, run_dir, token=token, allowed_root=self.store.owner_root(owner))
         return "Resuming from the last checkpoint…"
 
     def stop(self, owner: str) -> str:

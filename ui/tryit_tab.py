@@ -12,22 +12,21 @@ from typing import Any
 
 import gradio as gr
 
-from trainer.review.inference import InferenceService, RenderSettings, base_model_folder
-from ui.compare_tab import (RENDER_QUEUE, checkpoint_choices, checkpoint_path, open_owned_run, owner_of, owner_runs,
-                            user_errors)
+from trainer import api
+from trainer.errors import UserError
+from ui.compare_tab import CompareTab, cell_at, checkpoint_choices, checkpoint_path, open_owned_run, owner_runs
+from ui.session import RENDER_QUEUE, owner_of, user_errors
 
 MAX_WEIGHT = 1.5
 
 
 def checkpoint_choices_update(runs_root: Path, owner: str, name: str, step: int | None = None):
     """The checkpoint dropdown for run ``name``: its checkpoints, ``step`` (or the starred/last one) selected."""
-    from trainer.review import advisor
-
     run = open_owned_run(runs_root, owner, name)
     choices = checkpoint_choices(run)
     steps = [s for _, s in choices]
     if step not in steps:
-        star = advisor.starred_step(run.path)
+        star = api.starred_step(run.path)
         step = star if star in steps else (steps[-1] if steps else None)
     return gr.update(choices=choices, value=step)
 
@@ -44,9 +43,6 @@ def run_defaults(runs_root: Path, owner: str, name: str) -> dict[str, Any]:
 def generate(service: InferenceService, runs_root: Path, owner: str, name: str, step, weight: float, prompt: str,
              seed, width, height, steps, guidance):
     """(LoRA image, base image, caption line) for the chosen checkpoint and weight."""
-    from trainer.errors import UserError
-    from trainer.review.grid import fill_trigger
-
     run = open_owned_run(runs_root, owner, name)
     if step in (None, ""):
         raise UserError("Pick a checkpoint.")
@@ -56,10 +52,10 @@ def generate(service: InferenceService, runs_root: Path, owner: str, name: str, 
     if not 0.0 <= weight <= MAX_WEIGHT:
         raise UserError(f"The LoRA weight must be between 0 and {MAX_WEIGHT}.")
     checkpoint = checkpoint_path(run, step)
-    settings = RenderSettings(width=int(width), height=int(height), steps=int(steps), guidance=float(guidance),
+    settings = api.RenderSettings(width=int(width), height=int(height), steps=int(steps), guidance=float(guidance),
                               max_text_tokens=run.config.max_text_tokens)
-    prompt = fill_trigger(prompt, run.config.trigger)
-    engine = service.get(base_model_folder(run))
+    prompt = api.fill_trigger(prompt, run.config.trigger)
+    engine = service.get(api.base_model_folder(run))
     with engine.lock:  # both images from one uninterrupted turn on the pipeline
         lora_image = engine.render(prompt, int(seed), settings, checkpoint, weight)
         base_image = engine.render(prompt, int(seed), settings)
@@ -81,7 +77,7 @@ class TryItTab:
     status: Any
 
 
-def build(runs_root: Path, service: InferenceService, owner_state) -> TryItTab:
+def build(runs_root: Path, service: api.InferenceService, owner_state) -> TryItTab:
     runs_root = Path(runs_root)
     with gr.Tab("Try it", id="tryit") as tab:
         gr.Markdown("## Try a checkpoint\nYour LoRA at a weight, beside the base model with the same seed. "
@@ -141,3 +137,28 @@ def build(runs_root: Path, service: InferenceService, owner_state) -> TryItTab:
              [lora_image, base_image, status], api_name="try_it", concurrency_limit=1, concurrency_id=RENDER_QUEUE)
     return TryItTab(tab=tab, run=run, checkpoint=checkpoint, weight=weight, prompt=prompt, seed=seed, width=width,
                     height=height, steps=steps, guidance=guidance, status=status)
+
+
+def connect_to_compare(compare: CompareTab, tryit: TryItTab, tabs) -> None:
+    """Clicking a grid cell opens that checkpoint, weight, prompt and seed in the Try it tab."""
+    outputs = [tabs, tryit.run, tryit.checkpoint, tryit.weight, tryit.prompt, tryit.seed, tryit.width, tryit.height,
+               tryit.steps, tryit.guidance, tryit.status]
+
+    @user_errors
+    def on_click(stored, session, index, evt: gr.SelectData, request: gr.Request,
+                 profile: gr.OAuthProfile | None = None):
+        xy = evt.index if isinstance(evt.index, (list, tuple)) and len(evt.index) == 2 else None
+        cell = cell_at(session, index, *xy) if xy else None
+        if cell is None:
+            return tuple(gr.update() for _ in outputs)
+        owner = owner_of(stored, request, profile)
+        step = cell["step"] or None  # the base-model column opens the last checkpoint at weight 0
+        runs = owner_runs(compare.runs_root, owner)
+        return (gr.Tabs(selected="tryit"), gr.update(choices=runs, value=cell["run"]),
+                checkpoint_choices_update(compare.runs_root, owner, cell["run"], step),
+                cell["weight"] if step else 0.0, cell["prompt"], cell["seed"], cell["width"], cell["height"],
+                cell["steps"], cell["guidance"],
+                f"Opened from the grid: {f'step {step}' if step else 'the base model (weight 0)'}, seed {cell['seed']}.")
+
+    compare.grid_image.select(on_click, [compare.owner_state, compare.session, compare.prompt_pick], outputs,
+                              api_name=False)

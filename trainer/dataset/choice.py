@@ -1,10 +1,14 @@
-"""The one-image dataset: which mask the trainer uses, decided in one place.
+"""Which mask the trainer uses, where it came from, and what to warn about: decided in one place.
 
 Order of precedence: a mask the user gave > the transparency of the image itself > an automatic
 cut-out (background removal). A mask that covers (nearly) the whole frame is no mask: it is dropped so the
-run is plainly unmasked rather than silently normalised.
+run is plainly unmasked rather than silently normalised. The page (step 1) and the CLI (``train``, ``mask``) both
+ask ``choose_mask``, so they agree on the mask, its source and its warning.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 from PIL import Image
@@ -12,23 +16,42 @@ from PIL import Image
 from trainer.dataset.images import alpha_mask
 
 FULL_FRAME = 0.995  # mean coverage above which a mask masks nothing
+MaskSource = Literal["uploaded mask", "transparency", "automatic", "none"]
+
+
+@dataclass(frozen=True)
+class MaskChoice:
+    """The mask to train with ("L", white = subject; None = unmasked), where it came from, and the automatic mask's
+    own warning (it is unsure, or a click found nothing) — None for a mask the user gave."""
+    mask: Image.Image | None
+    source: MaskSource
+    warning: str | None = None
+
+
+def choose_mask(image: Image.Image, given: Image.Image | None = None, auto: bool = True, model: str = "u2netp",
+                point: tuple[float, float] | None = None) -> MaskChoice:
+    """``given``: the user's own mask (already sized to the image); ``auto``: make one when neither it nor the image's
+    transparency is there; ``point`` (x, y): a pixel on the subject, for the automatic mask."""
+    source: MaskSource
+    warning = None
+    if given is not None:
+        mask, source = given.convert("L"), "uploaded mask"
+    else:
+        mask, source = alpha_mask(image), "transparency"
+        if mask is None and auto:
+            from trainer.dataset.masking import auto_mask, mask_warning
+
+            mask, source = auto_mask(image, model=model, point=point), "automatic"
+            warning = mask_warning(mask)
+    if mask is None or mask_coverage(mask) >= FULL_FRAME:
+        return MaskChoice(None, "none")
+    return MaskChoice(mask, source, warning)
 
 
 def training_mask(image: Image.Image, given: Image.Image | None = None, auto: bool = True,
                   model: str = "u2netp", point: tuple[float, float] | None = None) -> Image.Image | None:
-    """The "L" mask to train with (white = subject), or None for an unmasked run. ``point`` (x, y): a pixel on the
-    subject, for the automatic mask (``trainer.dataset.masking.auto_mask``)."""
-    if given is not None:
-        mask = given.convert("L")
-    else:
-        mask = alpha_mask(image)
-        if mask is None and auto:
-            from trainer.dataset.masking import auto_mask
-
-            mask = auto_mask(image, model=model, point=point)
-    if mask is None or mask_coverage(mask) >= FULL_FRAME:
-        return None
-    return mask
+    """Only the mask of ``choose_mask``."""
+    return choose_mask(image, given, auto, model, point).mask
 
 
 def mask_coverage(mask: Image.Image) -> float:

@@ -1,0 +1,110 @@
+"""The front door: everything the page may call, and the decisions the page and the CLI share.
+
+The data's way is one direction — upload → dataset → config → job → events → UI — and this module is where the UI
+enters it. ``ui/`` imports only ``trainer.api``, ``trainer.events`` and ``trainer.errors`` (``tests/test_architecture.py``
+keeps it so); the CLI makes the same decisions through the same functions:
+
+- ``RunRequest`` → ``training_config``: a preset, the user's overrides and the model's own adjustments become one
+  ``TrainingConfig`` (the page's step 4–5 and ``python -m trainer train`` both go through it);
+- ``choose_mask``: which mask trains, where it came from, and its warning (``trainer.dataset.choice``);
+- ``RunStore``: owner folders, the run listing and the path guard (``trainer.runs.store``);
+- the rest is the public surface of each stage, listed below by stage. Names are imported on first use, so importing
+  this module stays cheap (the torch/diffusers/onnxruntime parts load when the page first needs them).
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from trainer.config import TrainingConfig, load_preset
+from trainer.errors import UserError
+
+DEFAULT_PRESET = "character-rank4-400"
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    """What a user asks for, before it is checked: the page's form or the CLI's flags."""
+    caption: str
+    preset: str = DEFAULT_PRESET
+    trigger: str = ""
+    sample_prompts: tuple[str, ...] = ()
+    model: str | None = None  # None: the default for this machine (FLUX.1-dev with a CUDA GPU, else tiny-demo)
+    masked: bool = True
+    # TrainingConfig fields that replace the preset's (rank, steps, learning_rate, save_every, memory_tier, the mask
+    # step's loss settings, ...); a key that is not a setting is a UserError naming the known ones.
+    overrides: Mapping[str, Any] = field(default_factory=dict)
+
+
+def training_config(request: RunRequest) -> tuple[TrainingConfig, str]:
+    """The job's settings, and a notice for the user ("" when none): preset + overrides, then what the model changes
+    (the tiny demo previews with fewer denoising steps, to stay quick on a CPU)."""
+    from trainer.model.loading import adjust_for_model, default_model
+
+    caption = (request.caption or "").strip()
+    if not caption:
+        raise UserError("Write a caption first: describe everything in the image ([trigger] marks the trigger word).")
+    config = load_preset(request.preset).config(
+        caption=caption, trigger=(request.trigger or "").strip(),
+        sample_prompts=tuple(p.strip() for p in request.sample_prompts if p.strip()),
+        model=(request.model or default_model()).strip(), masked=request.masked, **dict(request.overrides))
+    return adjust_for_model(config)
+
+
+# ---- the public surface, by stage: name -> the module that defines it --------------------------------------------
+_EXPORTS: dict[str, str] = {}
+
+
+def _export(module: str, *names: str) -> None:
+    for name in names:
+        _EXPORTS[name] = module
+
+
+# the process
+_export("trainer.paths", "SPACE_VOLUME", "data_dir", "runs_dir")
+_export("trainer.libraries", "quiet_libraries")
+# settings
+_export("trainer.config", "TrainingConfig", "list_presets", "load_preset", "TRIGGER_PLACEHOLDER")
+# 1. dataset: the untrusted-image gate, advice, masks and the user's corrections, own backgrounds
+_export("trainer.dataset.images", "MAX_FILE_BYTES", "alpha_mask", "load_image", "load_mask")
+_export("trainer.dataset.advice", "image_advice")
+_export("trainer.dataset.choice", "MaskChoice", "choose_mask", "cut_out", "mask_coverage")
+_export("trainer.dataset.masking", "MASK_MODELS", "auto_mask_result", "mask_warning")
+_export("trainer.dataset.mask_tools", "TOKEN_PX", "adjust_mask", "apply_strokes", "thin_share", "token_grid_view",
+        "train_size_for")
+_export("trainer.dataset.augment", "MAX_USER_BACKGROUNDS", "load_user_backgrounds")
+# 2. model: ids, what a model costs, memory tiers
+_export("trainer.model.loading", "FLUX_DEV", "TINY_DEMO", "TINY_DEMO_NOTICE", "default_model")
+_export("trainer.model.estimates", "plan_summary")
+_export("trainer.model.tiers", "AUTO", "choose_tier", "list_tiers")
+_export("trainer.training.distributed", "scaled_learning_rate")
+# 3. runs and jobs
+_export("trainer.runs.store", "RunListing", "RunStore")
+_export("trainer.runs.folder", "RunFolder")
+_export("trainer.runs.diskspace", "start_temp_sweeper")
+_export("trainer.jobs.manager", "Job", "JobManager", "gpu_devices")
+# 4. review: grids, rendering with a LoRA, scores and the star, export, publishing
+_export("trainer.review.advisor", "advice_from_grid", "advice_spec", "checkpoint_files", "disk_summary", "keep_last",
+        "load_advice", "save_advice", "set_star", "starred_step")
+_export("trainer.review.grid", "GridImages", "GridSpec", "fill_trigger", "parse_numbers", "plan_grid", "render_grid",
+        "suggest_prompts")
+_export("trainer.review.inference", "InferenceService", "RenderSettings", "base_model_folder")
+_export("trainer.review.export", "export_lora", "export_name")
+_export("trainer.review.publish", "plan_publish", "publish")
+
+__all__ = sorted({"DEFAULT_PRESET", "RunRequest", "UserError", "training_config", *_EXPORTS})
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"trainer.api has no {name!r}: the page may use only what trainer/api.py lists")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__
+
