@@ -155,8 +155,10 @@ class Bench:
         finally:
             torch.set_default_dtype(torch.float32)
         vae.requires_grad_(False).eval()
+        from trainer.families import FLUX1
+
         return SimpleNamespace(scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER), vae=vae,
-                               transformer=self.transformer, device=self.device, dtype=self.dtype)
+                               transformer=self.transformer, device=self.device, dtype=self.dtype, family=FLUX1)
 
     def resolution_list(self):
         return [64, 128] if self.tiny else self.args.resolutions

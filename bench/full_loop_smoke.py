@@ -29,13 +29,13 @@ from trainer.training.encode import encode_example, encode_prompts, free_encoder
 from trainer.dataset.prepare import prepare_image  # noqa: E402
 from trainer.events import CheckpointSaved, Failed, Finished, PreviewsRendered, Progress  # noqa: E402
 from trainer.training.loop import train_lora  # noqa: E402
-from trainer.model.loading import FluxParts  # noqa: E402
+from trainer.model.loading import ModelParts  # noqa: E402
 from trainer.runs.folder import RunFolder  # noqa: E402
 from trainer.training.previews import PreviewRenderer  # noqa: E402
-from trainer.model.tiny import _tokenizer  # noqa: E402
+from trainer.model.tiny import byte_level_tokenizer  # noqa: E402
 
 
-def full_size_parts() -> FluxParts:
+def full_size_parts() -> ModelParts:
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
@@ -53,8 +53,8 @@ def full_size_parts() -> FluxParts:
     torch.set_default_dtype(torch.float32)
     for m in (transformer, vae, clip, t5):
         m.requires_grad_(False).eval()
-    return FluxParts(transformer=transformer, vae=vae, text_encoder=clip, text_encoder_2=t5,
-                     tokenizer=_tokenizer(77), tokenizer_2=_tokenizer(512),
+    return ModelParts(transformer=transformer, vae=vae, text_encoder=clip, text_encoder_2=t5,
+                     tokenizer=byte_level_tokenizer(77), tokenizer_2=byte_level_tokenizer(512),
                      scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER), device=device, dtype=dtype,
                      model_path=Path("random-weights"))
 

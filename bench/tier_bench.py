@@ -61,13 +61,13 @@ def random_fill(module: torch.nn.Module, fill_device: torch.device, seed: int = 
 
 
 def build_parts(device: torch.device, dtype: torch.dtype, tiny: bool):
-    """FluxParts as ``load_parts(..., transformer_on_device=False)`` returns them: encoders and VAE on ``device``,
+    """ModelParts as ``load_parts(..., transformer_on_device=False)`` returns them: encoders and VAE on ``device``,
     the transformer in host memory."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-    from trainer.model.loading import FluxParts
-    from trainer.model.tiny import _tokenizer
+    from trainer.model.loading import ModelParts
+    from trainer.model.tiny import byte_level_tokenizer
 
     t5_config = dict(T5_XXL, d_model=32, d_ff=64, num_layers=1, num_heads=2, d_kv=16) if tiny else T5_XXL
     clip_config = dict(CLIP_L, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
@@ -87,8 +87,8 @@ def build_parts(device: torch.device, dtype: torch.dtype, tiny: bool):
         module.requires_grad_(False).eval()
     for module in (t5, clip, vae):
         module.to(device)
-    return FluxParts(transformer=transformer, vae=vae, text_encoder=clip, text_encoder_2=t5,
-                     tokenizer=_tokenizer(77), tokenizer_2=_tokenizer(512),
+    return ModelParts(transformer=transformer, vae=vae, text_encoder=clip, text_encoder_2=t5,
+                     tokenizer=byte_level_tokenizer(77), tokenizer_2=byte_level_tokenizer(512),
                      scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER), device=device, dtype=dtype,
                      model_path=Path("random-weights"))
 

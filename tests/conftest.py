@@ -15,9 +15,10 @@ from PIL import Image, ImageDraw
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
-    from trainer.model.tiny import ensure_tiny_demo
+    from trainer.families import FLUX1
+    from trainer.model.tiny import ensure_tiny_model
 
-    return ensure_tiny_demo(tmp_path_factory.mktemp("models") / "tiny-demo")
+    return ensure_tiny_model(tmp_path_factory.mktemp("models") / "tiny-demo", FLUX1)
 
 
 @pytest.fixture(autouse=True)

@@ -22,9 +22,9 @@ import torch
 
 from trainer import cli
 from trainer.errors import UserError
-from trainer.model.estimates import FLUX_DEV_TRANSFORMER_CONFIG
+from trainer.families import FLUX1
+from trainer.model.lora import add_lora, save_lora
 from trainer.review.export import export_lora, read_lora, to_kohya
-from trainer.model.lora import TARGET_MODULES, add_lora, save_lora
 
 GOLDEN = Path(__file__).parent / "golden" / "flux_dev_kohya_keys.txt"
 GOLDEN_RANK = 4
@@ -145,8 +145,8 @@ def _flux_dev_targets() -> dict[str, tuple[int, int]]:
     from diffusers import FluxTransformer2DModel
 
     with torch.device("meta"):
-        model = FluxTransformer2DModel(**FLUX_DEV_TRANSFORMER_CONFIG)
-    pattern = re.compile(TARGET_MODULES)
+        model = FluxTransformer2DModel(**FLUX1.transformer_config)
+    pattern = re.compile(FLUX1.lora_target_modules)
     return {name: (m.in_features, m.out_features) for name, m in model.named_modules()
             if isinstance(m, torch.nn.Linear) and pattern.fullmatch(name)}
 

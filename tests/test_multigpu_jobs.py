@@ -271,21 +271,22 @@ def test_a_damaged_run_folder_fails_with_the_reason(tmp_path, manager):
 def test_a_rank_that_builds_tiny_demo_second_keeps_the_first_copy(tmp_path, monkeypatch):
     """A fresh install: both processes of a tiny-demo job build the model at once; the slower must not delete the
     copy the faster one is already loading (it did: FileNotFoundError in the other rank)."""
+    from trainer.families import FLUX1
     from trainer.model import tiny
 
     target = tmp_path / "models" / "tiny-demo"
-    real_build = tiny.build_tiny_pipeline
+    real_build = FLUX1.build_tiny_pipeline
     first: dict[str, int] = {}
 
     def build_while_another_process_finishes():
         pipe = real_build()
-        monkeypatch.setattr(tiny, "build_tiny_pipeline", real_build)
-        tiny.ensure_tiny_demo(target)  # the other process: done first
+        monkeypatch.setattr(FLUX1, "build_tiny_pipeline", real_build)
+        tiny.ensure_tiny_model(target, FLUX1)  # the other process: done first
         first["inode"] = (target / "tiny_demo.json").stat().st_ino
         return pipe
 
-    monkeypatch.setattr(tiny, "build_tiny_pipeline", build_while_another_process_finishes)
-    assert tiny.ensure_tiny_demo(target) == target
+    monkeypatch.setattr(FLUX1, "build_tiny_pipeline", build_while_another_process_finishes)
+    assert tiny.ensure_tiny_model(target, FLUX1) == target
     assert (target / "tiny_demo.json").stat().st_ino == first["inode"]  # the first copy stayed in place
     assert not [p for p in target.parent.iterdir() if p.name.startswith(".tiny-demo-")]  # our copy was cleaned up
 

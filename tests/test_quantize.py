@@ -239,10 +239,10 @@ def tiny_transformer(weights: str | None = None, seed: int = 0):
     residual stream and quantization errors barely propagate)."""
     from diffusers import FluxTransformer2DModel
 
-    from trainer.model.tiny import TINY_TRANSFORMER_CONFIG
+    from trainer.families import FLUX1
 
     torch.manual_seed(seed)
-    transformer = FluxTransformer2DModel(**TINY_TRANSFORMER_CONFIG)
+    transformer = FluxTransformer2DModel(**FLUX1.tiny_transformer_config)
     if weights is not None:
         g = torch.Generator().manual_seed(seed + 1)
         with torch.no_grad():

@@ -26,5 +26,6 @@ def runs_dir() -> Path:
     return data_dir() / "runs"
 
 
-def tiny_demo_dir() -> Path:
-    return data_dir() / "models" / "tiny-demo"
+def tiny_model_dir(tiny_id: str) -> Path:
+    """Where a built-in tiny model (``tiny-demo``) is built once and kept."""
+    return data_dir() / "models" / tiny_id

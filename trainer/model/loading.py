@@ -1,9 +1,10 @@
-"""Loading a Flux pipeline's parts: the one place weights are loaded.
+"""Loading a model's parts: the one place weights are loaded.
 
 A model is named by a spec: ``tiny-demo`` (built in code, saved in the diffusers layout), a Hugging Face
 Hub id such as ``black-forest-labs/FLUX.1-dev`` (downloaded with the user's token), or a local diffusers
 folder. ``resolve_model`` turns a spec into a local folder and explains every failure *before* any GPU
-memory is taken; ``load_parts`` loads that folder — the same code for all three.
+memory is taken; ``load_parts`` loads that folder — the same code for all three. What differs between model
+families (pipeline class, required subfolders, what to download) comes from the folder's ``ModelFamily``.
 """
 from __future__ import annotations
 
@@ -16,24 +17,20 @@ from typing import Any
 import torch
 
 from trainer.errors import UserError
-from trainer.paths import tiny_demo_dir
-from trainer.model.tiny import ensure_tiny_demo
+from trainer.families import FLUX1, ModelFamily, family_of_folder, family_of_spec, tiny_ids
+from trainer.model.tiny import MARKER, ensure_tiny_model
+from trainer.paths import tiny_model_dir
 
-TINY_DEMO = "tiny-demo"
-FLUX_DEV = "black-forest-labs/FLUX.1-dev"
-
-# Only the diffusers-layout subfolders: FLUX.1-dev's repo also holds a 23 GB single-file checkpoint at its
-# root (flux1-dev.safetensors) and the original-format autoencoder, which we never need.
-HUB_PATTERNS = ["model_index.json", "scheduler/*", "text_encoder/*", "text_encoder_2/*", "tokenizer/*",
-                "tokenizer_2/*", "transformer/*.json", "transformer/*.safetensors", "vae/*.json",
-                "vae/*.safetensors", "text_encoder/*.safetensors", "text_encoder_2/*.safetensors"]
-REQUIRED_PARTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
+TINY_DEMO = FLUX1.tiny_id
+FLUX_DEV = FLUX1.default_hub_id
+TINY_DEMO_NOTICE = FLUX1.tiny_notice
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 @dataclass
-class FluxParts:
-    """The loaded components of a Flux pipeline, on their devices."""
+class ModelParts:
+    """The loaded components of a model's pipeline, on their devices (a family without a second text encoder leaves
+    ``text_encoder_2`` / ``tokenizer_2`` None)."""
     transformer: Any
     vae: Any
     text_encoder: Any
@@ -50,6 +47,7 @@ class FluxParts:
     gradient_checkpointing: bool = False
     # Previews one image at a time and without a CUDA graph (small-card tiers: ``MemoryTier.lean_previews``).
     lean_previews: bool = False
+    family: ModelFamily = FLUX1
 
     @property
     def is_tiny_demo(self) -> bool:
@@ -57,7 +55,8 @@ class FluxParts:
 
 
 def is_tiny_demo(folder: Path) -> bool:
-    return (Path(folder) / "tiny_demo.json").is_file()
+    """A built-in tiny model (random weights, any family)."""
+    return (Path(folder) / MARKER).is_file()
 
 
 def default_model() -> str:
@@ -66,22 +65,21 @@ def default_model() -> str:
 
 
 TINY_DEMO_PREVIEW_STEPS = 4
-TINY_DEMO_NOTICE = ("tiny-demo is a built-in Flux-shaped model with random weights, small enough for a CPU. It exists "
-                    "to try the workflow: its samples are noise. Previews use 4 denoising steps to stay fast.")
 
 
 def adjust_for_model(config):
-    """Settings the tiny demo changes so a CPU run stays quick; returns (config, notice or "")."""
-    if config.model != TINY_DEMO:
+    """Settings a tiny model changes so a CPU run stays quick; returns (config, notice or "")."""
+    family = tiny_ids().get(config.model)
+    if family is None:
         return config, ""
-    return config.replace(preview_steps=min(config.preview_steps, TINY_DEMO_PREVIEW_STEPS)), TINY_DEMO_NOTICE
+    return config.replace(preview_steps=min(config.preview_steps, TINY_DEMO_PREVIEW_STEPS)), family.tiny_notice
 
 
 def resolve_model(spec: str, token: str | None = None) -> Path:
     """Return a local diffusers folder for ``spec``, downloading from the Hub if needed."""
     spec = (spec or "").strip()
-    if spec == TINY_DEMO:
-        return ensure_tiny_demo(tiny_demo_dir())
+    if spec in tiny_ids():
+        return ensure_tiny_model(tiny_model_dir(spec), tiny_ids()[spec])
     local = Path(spec).expanduser()
     if local.is_dir():
         check_diffusers_folder(local)
@@ -89,10 +87,11 @@ def resolve_model(spec: str, token: str | None = None) -> Path:
     if spec.startswith((".", "/", "~")) or "\\" in spec or not _HUB_ID.match(spec):
         raise UserError(f"Model '{spec}' is neither an existing folder nor a Hugging Face id like "
                         f"'{FLUX_DEV}'. Give a diffusers folder (with model_index.json), a Hub id, or '{TINY_DEMO}'.")
-    return _download(spec, token)
+    return _download(spec, token, family_of_spec(spec))
 
 
-def check_diffusers_folder(folder: Path) -> None:
+def check_diffusers_folder(folder: Path) -> ModelFamily:
+    """Check a diffusers folder is a complete model of a family we train, with .safetensors weights; its family."""
     index = folder / "model_index.json"
     if not index.is_file():
         raise UserError(f"The folder '{folder}' is not a diffusers model: it has no model_index.json. "
@@ -101,17 +100,19 @@ def check_diffusers_folder(folder: Path) -> None:
         parts = json.loads(index.read_text())
     except ValueError:
         raise UserError(f"'{index}' is not valid JSON; the model folder looks damaged.") from None
-    missing = [p for p in REQUIRED_PARTS if p not in parts or not (folder / p).is_dir()]
+    family = family_of_folder(folder)
+    missing = [p for p in family.required_parts if p not in parts or not (folder / p).is_dir()]
     if missing:
-        raise UserError(f"The model folder '{folder}' is missing {', '.join(missing)}. A Flux model needs "
-                        "transformer, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2 and scheduler.")
-    for weights_part in ("transformer", "vae", "text_encoder", "text_encoder_2"):
+        raise UserError(f"The model folder '{folder}' is missing {', '.join(missing)}. A {family.label} model needs "
+                        f"{', '.join(family.required_parts[:-1])} and {family.required_parts[-1]}.")
+    for weights_part in family.weight_parts:
         if not any((folder / weights_part).glob("*.safetensors")):
             raise UserError(f"'{folder / weights_part}' has no .safetensors weights. Only .safetensors files "
                             "are loaded (pickle-based .bin files can run code and are refused).")
+    return family
 
 
-def _download(repo_id: str, token: str | None) -> Path:
+def _download(repo_id: str, token: str | None, family: ModelFamily) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub import errors as hub_errors
 
@@ -119,7 +120,7 @@ def _download(repo_id: str, token: str | None) -> Path:
 
     try:
         # HF_HUB_CACHE is read at call time (not import time) so a changed cache location is honoured.
-        path = snapshot_download(repo_id, token=token or None, allow_patterns=HUB_PATTERNS,
+        path = snapshot_download(repo_id, token=token or None, allow_patterns=list(family.hub_patterns),
                                  cache_dir=os.environ.get("HF_HUB_CACHE") or None)
     except hub_errors.GatedRepoError:
         if token:
@@ -144,7 +145,8 @@ def _download(repo_id: str, token: str | None) -> Path:
         raise UserError(f"Downloading '{repo_id}' failed (HTTP {status}). Try again, or use a local folder.") from None
     except OSError as err:  # disk full, permissions
         raise UserError(f"Downloading '{repo_id}' failed while writing to disk: {err.strerror or err}. "
-                        "Free some disk space (FLUX.1-dev needs about 34 GB) and try again.") from None
+                        f"Free some disk space ({family.label} needs about {family.download_gb:.0f} GB) and try "
+                        "again.") from None
     folder = Path(path)
     check_diffusers_folder(folder)
     return folder
@@ -169,7 +171,7 @@ def _default_device() -> tuple[torch.device, torch.dtype]:
 
 
 def load_parts(folder: Path, device: torch.device | None = None, dtype: torch.dtype | None = None,
-               transformer_on_device: bool = True, encoders_on_device: bool = True) -> FluxParts:
+               transformer_on_device: bool = True, encoders_on_device: bool = True) -> ModelParts:
     """Load every component of the diffusers folder onto ``device`` (text encoders stay until freed).
 
     ``transformer_on_device=False`` leaves the transformer in host memory for ``place_transformer``: a training job
@@ -177,16 +179,15 @@ def load_parts(folder: Path, device: torch.device | None = None, dtype: torch.dt
     ``encoders_on_device=False`` keeps the text encoders in host memory for good (rendering on a small card, where
     the encoders stay loaded for new prompts: ``encode_prompts`` runs them there).
     """
-    from diffusers import FluxPipeline
-
     device, dtype = pick_device(device, dtype)
-    check_diffusers_folder(folder)
-    pipe = FluxPipeline.from_pretrained(folder, torch_dtype=dtype, use_safetensors=True)
-    parts = FluxParts(
+    family = check_diffusers_folder(folder)
+    pipe = family.pipeline_class().from_pretrained(folder, torch_dtype=dtype, use_safetensors=True)
+    parts = ModelParts(
         transformer=pipe.transformer, vae=pipe.vae, text_encoder=pipe.text_encoder,
-        text_encoder_2=pipe.text_encoder_2, tokenizer=pipe.tokenizer, tokenizer_2=pipe.tokenizer_2,
-        scheduler=pipe.scheduler, device=device, dtype=dtype, model_path=Path(folder))
-    encoders = (parts.text_encoder, parts.text_encoder_2)
+        text_encoder_2=getattr(pipe, "text_encoder_2", None), tokenizer=pipe.tokenizer,
+        tokenizer_2=getattr(pipe, "tokenizer_2", None), scheduler=pipe.scheduler, device=device, dtype=dtype,
+        model_path=Path(folder), family=family)
+    encoders = tuple(e for e in (parts.text_encoder, parts.text_encoder_2) if e is not None)
     for module in (parts.transformer, parts.vae, *encoders):
         module.requires_grad_(False)
         module.eval()
@@ -198,7 +199,7 @@ def load_parts(folder: Path, device: torch.device | None = None, dtype: torch.dt
     return parts
 
 
-def place_transformer(parts: FluxParts, weights: str = "bf16", gradient_checkpointing: bool = False,
+def place_transformer(parts: ModelParts, weights: str = "bf16", gradient_checkpointing: bool = False,
                       lean_previews: bool = False) -> dict:
     """Move the transformer to ``parts.device``, its frozen Linear weights stored as ``weights`` (a memory tier's).
 
@@ -211,5 +212,5 @@ def place_transformer(parts: FluxParts, weights: str = "bf16", gradient_checkpoi
         return {"weights": weights, "quantized_layers": 0}
     from trainer.model.quantize import quantize_linears
 
-    report = quantize_linears(parts.transformer, weights, parts.device)
+    report = quantize_linears(parts.transformer, weights, parts.device, skip=parts.family.keeps_full_precision)
     return {"weights": weights, **report}

@@ -1,9 +1,8 @@
-"""Adding a LoRA to the Flux transformer with peft, and saving it as diffusers loads it.
+"""Adding a LoRA to a transformer with peft, and saving it as diffusers loads it.
 
-Targets the attention and feed-forward projections of the double-stream blocks and the attention,
-MLP and output projections of the single-stream blocks — the set diffusers' Flux script and kohya train
-(kohya's single-block ``linear1`` is our q/k/v + proj_mlp, its ``linear2`` our ``proj_out``). The regex is
-anchored to the blocks so the model's final ``proj_out`` layer is never wrapped.
+Which layers it wraps is the model family's choice (``ModelFamily.lora_target_modules``: for FLUX.1 the attention and
+feed-forward projections of every block, as diffusers' Flux script and kohya train). A saved checkpoint records
+its family in its metadata, so export and rendering know which key layout it has.
 """
 from __future__ import annotations
 
@@ -13,14 +12,10 @@ from pathlib import Path
 import safetensors.torch
 import torch
 
+from trainer.families import family_of_transformer
 from trainer.fsutil import atomic_write_bytes
 
 ADAPTER = "default"
-TARGET_MODULES = (
-    r".*transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
-    r"|ff\.net\.(0\.proj|2)|ff_context\.net\.(0\.proj|2))"
-    r"|.*single_transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v)|proj_mlp|proj_out)"
-)
 LORA_METADATA_KEY = "lora_adapter_metadata"  # what diffusers' loader reads to recover rank and alpha
 
 
@@ -30,8 +25,9 @@ def add_lora(transformer, rank: int, alpha: float, seed: int) -> list[torch.nn.P
 
     # peft draws the "gaussian" A matrices from torch's global generator: seed it so runs are reproducible.
     torch.manual_seed(seed)
+    targets = family_of_transformer(transformer).lora_target_modules
     transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
-                                       target_modules=TARGET_MODULES), adapter_name=ADAPTER)
+                                       target_modules=targets), adapter_name=ADAPTER)
     params = [p for n, p in transformer.named_parameters() if ".lora_" in n]
     for p in params:
         # Train LoRA weights in float32 even on a bf16 base: Adam updates of ~1e-4 vanish in bf16.
@@ -66,7 +62,8 @@ def save_lora(transformer, path: Path, dtype: torch.dtype | None = None,
               extra_metadata: dict[str, str] | None = None) -> int:
     """Write the LoRA atomically as ``.safetensors`` (diffusers/peft layout). Returns the file size."""
     tensors = lora_state_dict(transformer, dtype)
-    metadata = {"format": "pt", **adapter_metadata(transformer), **(extra_metadata or {})}
+    metadata = {"format": "pt", "family": family_of_transformer(transformer).name, **adapter_metadata(transformer),
+                **(extra_metadata or {})}
     data = safetensors.torch.save(tensors, metadata=metadata)
     atomic_write_bytes(Path(path), data)
     return len(data)
@@ -76,7 +73,7 @@ def lora_size_bytes(transformer, rank: int, bytes_per_value: int) -> int:
     """Size of a saved LoRA of ``rank`` on this transformer, computed from layer shapes (no adapter needed)."""
     import re
 
-    pattern = re.compile(TARGET_MODULES)
+    pattern = re.compile(family_of_transformer(transformer).lora_target_modules)
     total = 0
     for name, module in transformer.named_modules():
         if isinstance(module, torch.nn.Linear) and pattern.fullmatch(name):

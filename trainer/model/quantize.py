@@ -65,7 +65,8 @@ NF4_LEVELS = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.394917488098144
               0.7229568362236023, 1.0)
 
 _CHUNK = 1 << 22  # values quantized at once: bounds the transient memory of quantizing one big layer
-_BLOCK_LAYER = re.compile(r"(^|\.)(single_)?transformer_blocks\.\d+\.")
+# A Linear inside a transformer block (both FLUX families name their blocks so); a family picks its own rule.
+BLOCK_LAYER = re.compile(r"(^|\.)(single_)?transformer_blocks\.\d+\.")
 
 
 def _nf4_pair_table() -> torch.Tensor:
@@ -256,7 +257,7 @@ def _is_lora_path(name: str) -> bool:
 
 def outside_blocks(name: str, layer: torch.nn.Module) -> bool:
     """The default ``skip``: keep layers outside the transformer blocks in full precision (module docstring)."""
-    return _BLOCK_LAYER.search(name) is None
+    return BLOCK_LAYER.search(name) is None
 
 
 def _linear_bytes(layer: torch.nn.Linear) -> int:

@@ -1,9 +1,9 @@
-"""The built-in ``tiny-demo`` model: a Flux-architecture pipeline small enough for a CPU.
+"""The built-in tiny models (``tiny-demo``): a model family's whole pipeline, small enough for a CPU, on disk once.
 
-Every part (transformer, VAE, CLIP, T5, both tokenizers, scheduler) is built from a config and saved
-with ``FluxPipeline.save_pretrained`` in the standard diffusers layout, so it is loaded by exactly the
-same code as FLUX.1-dev. Its weights are random: it exists to try the workflow and to test it, and its
-samples are noise. Sizes follow ``shared/OFFLINE.md``.
+Each family builds its tiny pipeline in code (``ModelFamily.build_tiny_pipeline``: every part from a config, random
+weights); here it is saved with ``save_pretrained`` in the standard diffusers layout, so it is loaded by exactly the
+same code as the full-size model. It exists to try the workflow and to test it: its samples are noise. A few
+thousand parameters per layer keep a CPU training step to a fraction of a second.
 """
 from __future__ import annotations
 
@@ -12,16 +12,6 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-
-import torch
-
-TINY_DEMO_VERSION = 1  # bump when the architecture below changes, so cached copies are rebuilt
-
-TINY_TRANSFORMER_CONFIG = dict(
-    patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
-    num_attention_heads=4, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8],
-    guidance_embeds=True,  # like FLUX.1-dev, so the guidance path is exercised
-)
 
 _CORPUS = [
     "a photo of a person standing in a field",
@@ -33,7 +23,7 @@ _CORPUS = [
 ]
 
 
-def _tokenizer(max_length: int):
+def byte_level_tokenizer(max_length: int):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -48,59 +38,39 @@ def _tokenizer(max_length: int):
                                    unk_token="<unk>", eos_token="</s>")
 
 
-def build_tiny_pipeline(seed: int = 0):
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
-
-    torch.manual_seed(seed)
-    transformer = FluxTransformer2DModel(**TINY_TRANSFORMER_CONFIG)
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, block_out_channels=[8, 16, 32, 32],
-        down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
-        latent_channels=4, norm_num_groups=4, layers_per_block=1, sample_size=64,
-        use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035,
-    )
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        hidden_size=32, projection_dim=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
-        vocab_size=1000, max_position_embeddings=77, bos_token_id=0, eos_token_id=2, pad_token_id=0))
-    text_encoder_2 = T5EncoderModel(T5Config(d_model=32, d_ff=37, num_layers=2, num_heads=4, d_kv=8,
-                                             vocab_size=1000, pad_token_id=0, eos_token_id=2))
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-        base_image_seq_len=256, max_image_seq_len=4096)
-    return FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=_tokenizer(77),
-                        text_encoder_2=text_encoder_2, tokenizer_2=_tokenizer(512), transformer=transformer)
+MARKER = "tiny_demo.json"  # written last into a complete tiny model folder: its family and version
 
 
-def _current(directory: Path) -> bool:
-    """``directory`` holds a complete tiny model of this version."""
+def _current(directory: Path, family) -> bool:
+    """``directory`` holds a complete tiny model of this family and version."""
     try:
-        return json.loads((directory / "tiny_demo.json").read_text()).get("version") == TINY_DEMO_VERSION
+        data = json.loads((directory / MARKER).read_text())
     except (OSError, ValueError):
         return False
+    return data.get("version") == family.tiny_version and data.get("family", "flux1") == family.name  # a marker without one: FLUX.1, the first family
 
 
-def ensure_tiny_demo(directory: Path) -> Path:
-    """Build the tiny pipeline into ``directory`` once; later calls reuse it. Returns the folder."""
+def ensure_tiny_model(directory: Path, family) -> Path:
+    """Build ``family``'s tiny pipeline into ``directory`` once; later calls reuse it. Returns the folder."""
     directory = Path(directory)
-    if _current(directory):
+    if _current(directory, family):
         return directory
     directory.parent.mkdir(parents=True, exist_ok=True)
     # Build into a temporary sibling and rename: two processes starting at once never see half a model.
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-demo-", dir=directory.parent))
     try:
-        build_tiny_pipeline().save_pretrained(tmp, safe_serialization=True)
-        (tmp / "tiny_demo.json").write_text(json.dumps({
-            "version": TINY_DEMO_VERSION,
+        family.build_tiny_pipeline().save_pretrained(tmp, safe_serialization=True)
+        (tmp / MARKER).write_text(json.dumps({
+            "version": family.tiny_version, "family": family.name,
             "note": "Random weights: for trying the workflow and for tests. Its samples are noise."}))
-        if _current(directory):  # another process (a multi-GPU run's other rank) finished first and may be
+        if _current(directory, family):  # another process (a multi-GPU run's other rank) finished first and may be
             return directory      # loading it already: keep its copy
         if directory.exists():
             shutil.rmtree(directory)
         try:
             os.rename(tmp, directory)  # refuses a non-empty target: never replaces a copy someone just put there
         except OSError:
-            if not _current(directory):
+            if not _current(directory, family):
                 raise
     finally:
         if tmp.exists():

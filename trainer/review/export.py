@@ -29,47 +29,15 @@ import safetensors.torch
 import torch
 
 from trainer.errors import UserError
-from trainer.model.weights import load_lora
+from trainer.families import DEFAULT_FAMILY, KohyaLayout, ModelFamily, family_of_metadata
 from trainer.fsutil import atomic_write_bytes
 from trainer.model.lora import LORA_METADATA_KEY
+from trainer.model.weights import load_lora
 
 FORMATS = ("kohya", "diffusers")
 
-# kohya name inside a double block → the diffusers module(s) it stands for, in output-row order.
-DOUBLE_BLOCK = {
-    "img_attn_qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
-    "img_attn_proj": ("attn.to_out.0",),
-    "img_mlp_0": ("ff.net.0.proj",),
-    "img_mlp_2": ("ff.net.2",),
-    "img_mod_lin": ("norm1.linear",),
-    "txt_attn_qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
-    "txt_attn_proj": ("attn.to_add_out",),
-    "txt_mlp_0": ("ff_context.net.0.proj",),
-    "txt_mlp_2": ("ff_context.net.2",),
-    "txt_mod_lin": ("norm1_context.linear",),
-}
-SINGLE_BLOCK = {
-    "linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"),
-    "linear2": ("proj_out",),
-    "modulation_lin": ("norm.linear",),
-}
-# Layers outside the blocks (we never train them, but a LoRA that has them still converts).
-GLOBAL = {
-    "img_in": "x_embedder",
-    "txt_in": "context_embedder",
-    "time_in_in_layer": "time_text_embed.timestep_embedder.linear_1",
-    "time_in_out_layer": "time_text_embed.timestep_embedder.linear_2",
-    "vector_in_in_layer": "time_text_embed.text_embedder.linear_1",
-    "vector_in_out_layer": "time_text_embed.text_embedder.linear_2",
-    "guidance_in_in_layer": "time_text_embed.guidance_embedder.linear_1",
-    "guidance_in_out_layer": "time_text_embed.guidance_embedder.linear_2",
-    "final_layer_linear": "proj_out",
-    "final_layer_adaLN_modulation_1": "norm_out.linear",  # scale and shift are swapped between the two layouts
-}
-_SWAPPED = {"norm_out.linear"}
-
 # What a checkpoint may say about itself in an exported file (an allow-list: nothing else is copied).
-INFO_KEYS = ("base_model", "step", "steps", "rank", "alpha", "resolution", "trigger_word", "caption",
+INFO_KEYS = ("base_model", "family", "step", "steps", "rank", "alpha", "resolution", "trigger_word", "caption",
              "learning_rate", "software")
 _TOKEN = re.compile(r"hf_[A-Za-z0-9]{20,}")
 _BLOCK = re.compile(r"^(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)$")
@@ -83,6 +51,7 @@ class LoraWeights:
     b: dict[str, torch.Tensor]
     alpha: dict[str, float]
     info: dict[str, str] = field(default_factory=dict)
+    family: ModelFamily = DEFAULT_FAMILY  # the model family it was trained on (its metadata says; older files: FLUX.1)
 
     @property
     def modules(self) -> list[str]:
@@ -142,7 +111,8 @@ def lora_from_state_dict(tensors: dict[str, torch.Tensor], metadata: dict[str, s
             if alphas[module] is None:  # no alpha recorded: diffusers and peft then use alpha = rank
                 alphas[module] = float(a[module].shape[0])
     info = {k: v for k, v in metadata.items() if k in INFO_KEYS}
-    return LoraWeights(a=a, b=b, alpha={m: float(alphas[m]) for m in a}, info=info)
+    return LoraWeights(a=a, b=b, alpha={m: float(alphas[m]) for m in a}, info=info,
+                       family=family_of_metadata(metadata))
 
 
 def _strip_prefix(name: str) -> str:
@@ -175,8 +145,9 @@ def _pattern_value(module: str, patterns: dict | None, default):
 
 # ---------------------------------------------------------------- the kohya / ComfyUI layout
 
-def kohya_groups(modules) -> dict[str, tuple[str, ...]]:
-    """kohya name (``lora_unet_…``) → the diffusers modules it fuses, for the modules present."""
+def kohya_groups(modules, layout: KohyaLayout) -> dict[str, tuple[str, ...]]:
+    """kohya name (``lora_unet_…``) → the diffusers modules it fuses, for the modules present (``layout``: the
+    model family's original layer names)."""
     modules = set(modules)
     groups: dict[str, tuple[str, ...]] = {}
     claimed: set[str] = set()
@@ -186,7 +157,8 @@ def kohya_groups(modules) -> dict[str, tuple[str, ...]]:
         if match:
             blocks.setdefault((match.group(1), int(match.group(2))), set()).add(match.group(3))
     for (kind, index), present in sorted(blocks.items()):
-        table, prefix = (DOUBLE_BLOCK, "double_blocks") if kind == "transformer_blocks" else (SINGLE_BLOCK, "single_blocks")
+        table, prefix = ((layout.double_block, layout.double_prefix) if kind == "transformer_blocks"
+                         else (layout.single_block, layout.single_prefix))
         for kohya, parts in table.items():
             found = [p for p in parts if p in present]
             if not found:
@@ -198,7 +170,7 @@ def kohya_groups(modules) -> dict[str, tuple[str, ...]]:
             full = tuple(f"{kind}.{index}.{p}" for p in parts)
             groups[f"lora_unet_{prefix}_{index}_{kohya}"] = full
             claimed.update(full)
-    for kohya, module in GLOBAL.items():
+    for kohya, module in layout.global_layers.items():
         if module in modules:
             groups[f"lora_unet_{kohya}"] = (module,)
             claimed.add(module)
@@ -212,11 +184,12 @@ def kohya_groups(modules) -> dict[str, tuple[str, ...]]:
 def to_kohya(lora: LoraWeights) -> dict[str, torch.Tensor]:
     """kohya/ComfyUI state dict: ``lora_down`` / ``lora_up`` / ``alpha`` per (fused) original layer."""
     out: dict[str, torch.Tensor] = {}
-    for name, parts in kohya_groups(lora.a).items():
+    layout = lora.family.kohya
+    for name, parts in kohya_groups(lora.a, layout).items():
         if len(parts) == 1:
             (module,) = parts
             down, up = lora.a[module], lora.b[module]
-            if module in _SWAPPED:
+            if module in layout.swapped:
                 up = _swap_halves(up)
             alpha = lora.alpha[module]
         else:
@@ -292,8 +265,9 @@ def export_metadata(lora: LoraWeights, fmt: str, extra: dict[str, str] | None = 
     info["format"] = "pt"
     info["lora_layout"] = fmt
     if fmt == "kohya":
-        info.update({"ss_network_module": "networks.lora_flux", "ss_network_dim": info["rank"],
-                     "ss_network_alpha": info["alpha"], "ss_base_model_version": "flux1"})
+        layout = lora.family.kohya
+        info.update({"ss_network_module": layout.network_module, "ss_network_dim": info["rank"],
+                     "ss_network_alpha": info["alpha"], "ss_base_model_version": layout.base_model_version})
         for ours, theirs in (("steps", "ss_steps"), ("resolution", "ss_resolution"),
                              ("learning_rate", "ss_learning_rate")):
             if ours in info:

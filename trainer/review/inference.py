@@ -25,7 +25,7 @@ from trainer.training.encode import PromptEmbedding, encode_prompts
 from trainer.errors import UserError
 from trainer.model.weights import load_lora
 from trainer.model.tiers import AUTO, choose_tier
-from trainer.model.loading import FluxParts, is_tiny_demo, load_parts, pick_device, place_transformer, resolve_model
+from trainer.model.loading import ModelParts, is_tiny_demo, load_parts, pick_device, place_transformer, resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -61,15 +61,10 @@ def base_model_folder(run, token: str | None = None) -> Path:
 class LoraPipeline:
     """A loaded base model that renders with a chosen LoRA file and weight, or with none (the base model)."""
 
-    def __init__(self, parts: FluxParts):
-        from diffusers import FluxPipeline
-
+    def __init__(self, parts: ModelParts):
         self.parts = parts
         self.model_path = Path(parts.model_path)
-        self.pipe = FluxPipeline(scheduler=parts.scheduler, vae=parts.vae, text_encoder=parts.text_encoder,
-                                 tokenizer=parts.tokenizer, text_encoder_2=parts.text_encoder_2,
-                                 tokenizer_2=parts.tokenizer_2, transformer=parts.transformer)
-        self.pipe.set_progress_bar_config(disable=True)
+        self.pipe = parts.family.pipeline_for(parts, text_encoders=True)
         self._adapters: OrderedDict[tuple, str] = OrderedDict()  # (path, mtime, size) → adapter name
         self._counter = 0
         self._embeddings: OrderedDict[tuple[str, int], PromptEmbedding] = OrderedDict()
@@ -174,9 +169,9 @@ class LoraPipeline:
             self.use(lora, weight)
             generator = torch.Generator(device=self.parts.device).manual_seed(int(seed))
             try:
-                return self.pipe(prompt_embeds=embedding.embeds, pooled_prompt_embeds=embedding.pooled,
+                return self.pipe(**self.parts.family.pipeline_inputs([embedding], settings.guidance),
                                  width=settings.width, height=settings.height, num_inference_steps=settings.steps,
-                                 guidance_scale=settings.guidance, generator=generator).images[0]
+                                 generator=generator).images[0]
             except torch.OutOfMemoryError:
                 raise UserError("The GPU ran out of memory while rendering (a training job may be using it). "
                                 "Try a smaller size, or wait until training finishes.") from None

@@ -16,13 +16,10 @@ from trainer.training.speed import preview_autocast
 
 class PreviewRenderer:
     def __init__(self, parts, prompts: dict[str, PromptEmbedding]):
-        from diffusers import FluxPipeline
-
         self._prompts = prompts
         # A pipeline of the parts already loaded: no text encoders (embeddings are cached), same transformer.
-        self._pipe = FluxPipeline(scheduler=parts.scheduler, vae=parts.vae, text_encoder=None, tokenizer=None,
-                                  text_encoder_2=None, tokenizer_2=None, transformer=parts.transformer)
-        self._pipe.set_progress_bar_config(disable=True)
+        self._family = parts.family
+        self._pipe = self._family.pipeline_for(parts, text_encoders=False)
         self._parts = parts
         self._device = parts.device
         self._dtype = parts.dtype
@@ -70,10 +67,9 @@ class PreviewRenderer:
         self._pipe.transformer.eval()
         try:
             with preview_autocast(self._pipe.transformer, self._device, self._dtype):
-                images = self._pipe(prompt_embeds=torch.cat([e.embeds for e in embeddings]),
-                                    pooled_prompt_embeds=torch.cat([e.pooled for e in embeddings]),
-                                    width=width, height=height, num_inference_steps=steps, guidance_scale=guidance,
-                                    generator=generators, callback_on_step_end=check_stop).images
+                images = self._pipe(**self._family.pipeline_inputs(embeddings, guidance), width=width, height=height,
+                                    num_inference_steps=steps, generator=generators,
+                                    callback_on_step_end=check_stop).images
         finally:
             self._pipe.transformer.train(was_training)
             self._pipe._interrupt = False
