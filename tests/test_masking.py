@@ -166,6 +166,47 @@ def test_sessions_are_cached_and_thread_safe(u2netp):
         assert np.array_equal(r, np.asarray(first))
 
 
+def test_a_download_does_not_hold_up_masks_of_a_loaded_model(monkeypatch):
+    """A first-use download (hundreds of MB) holds only its own model's lock: a visitor whose model is already
+    loaded gets its session meanwhile, and a second visitor asking for the downloading model waits for that one
+    download rather than starting another. No network and no model file are used."""
+    sessions = masking.sessions
+    loaded = object()
+    monkeypatch.setattr(sessions, "_SESSIONS", {"u2netp": loaded})
+    monkeypatch.setattr(sessions, "model_file", lambda model: None)  # not on this machine: a download
+    monkeypatch.setattr(sessions, "_network_reachable", lambda: True)
+    started, release = threading.Event(), threading.Event()
+    made = []
+
+    def slow_download(model):
+        made.append(model)
+        started.set()
+        release.wait(30)
+        return f"session of {model}"
+
+    monkeypatch.setattr(sessions, "_new_session", slow_download)
+    got = {}
+
+    def ask(key, model):
+        got[key] = sessions._get_session(model)
+
+    downloads = [threading.Thread(target=ask, args=(i, "birefnet-general")) for i in range(2)]
+    try:
+        downloads[0].start()
+        assert started.wait(10), "the download never started"
+        downloads[1].start()  # the same model: waits for the download under way
+        other = threading.Thread(target=ask, args=("other", "u2netp"))
+        other.start()
+        other.join(5)
+        assert not other.is_alive() and got["other"] is loaded, "a loaded model waited for another's download"
+        assert 0 not in got and 1 not in got  # the download is still running
+    finally:
+        release.set()
+        for t in downloads:
+            t.join(10)
+    assert made == ["birefnet-general"]  # loaded once
+    assert got[0] == got[1] == "session of birefnet-general"
+
 
 # ----------------------------------------------------------------------------------------------------------
 # Test-time augmentation, confidence and the fallback

@@ -6,7 +6,8 @@ other models download on first use from rembg's GitHub releases. That download i
 
 - before starting it we check that the network is reachable at all, and fail fast with a ``UserError`` that
   says what to do (rather than let the download hang), and a failed or broken download is a ``UserError`` too;
-- a lock makes sure each model is loaded once.
+- each model has its own lock, so a first-use download of one model blocks only the visitors waiting for that
+  model; masks made with a model that is already loaded go on meanwhile. The same model is still loaded once.
 
 ``_free_session`` adds, for the U2-Net family, a second onnxruntime session of the same file with its fixed
 320x320 input made free (``onnx_edit``), for the larger test-time augmentation input (``network``).
@@ -27,10 +28,20 @@ DEFAULT_MODEL = "u2netp"
 
 _SESSIONS: dict[str, Any] = {}  # model name -> rembg session
 _FREE_SESSIONS: dict[str, Any] = {}  # model name -> onnxruntime session taking any input size, or None
-_LOCK = threading.Lock()
+_MODEL_LOCKS: dict[str, threading.Lock] = {}  # model name -> the lock held while that model loads
+_MODEL_LOCKS_LOCK = threading.Lock()  # guards _MODEL_LOCKS only; never held while anything loads
 
 _PROBE_URL = "https://github.com/danielgatis/rembg/releases"
 _PROBE_TIMEOUT_S = 4.0
+
+
+def _model_lock(model: str) -> threading.Lock:
+    """The lock of ``model`` (one per known model name, created on first use)."""
+    with _MODEL_LOCKS_LOCK:
+        lock = _MODEL_LOCKS.get(model)
+        if lock is None:
+            lock = _MODEL_LOCKS[model] = threading.Lock()
+        return lock
 
 
 def _session_class(model: str):
@@ -80,7 +91,7 @@ def _get_session(model: str):
             f"Unknown background-removal model '{model}'. Choose one of: {', '.join(MASK_MODELS)} "
             f"('u2netp' works offline)."
         )
-    with _LOCK:
+    with _model_lock(model):  # only this model's: a download here does not hold up masks of another model
         sess = _SESSIONS.get(model)
         if sess is not None:
             return sess
@@ -109,8 +120,8 @@ def _get_session(model: str):
 
 def _free_session(model: str):
     """An onnxruntime session of ``model`` that takes any input size (None when that cannot be made)."""
-    providers = _get_session(model).inner_session.get_providers()  # (takes _LOCK itself)
-    with _LOCK:
+    providers = _get_session(model).inner_session.get_providers()  # (takes the model's lock itself)
+    with _model_lock(model):
         if model in _FREE_SESSIONS:
             return _FREE_SESSIONS[model]
         sess = None
