@@ -150,7 +150,7 @@ def test_sessions_are_cached_and_thread_safe(u2netp):
     rgb, _ = _scene(_figure_alpha(160, 160))
     img = Image.fromarray(rgb)
     first = auto_mask(img)
-    sess = masking._SESSIONS["u2netp"]
+    sess = masking.sessions._SESSIONS["u2netp"]
     results = [None] * 3
 
     def work(i):
@@ -161,9 +161,51 @@ def test_sessions_are_cached_and_thread_safe(u2netp):
         t.start()
     for t in threads:
         t.join()
-    assert masking._SESSIONS["u2netp"] is sess
+    assert masking.sessions._SESSIONS["u2netp"] is sess
     for r in results:
         assert np.array_equal(r, np.asarray(first))
+
+
+def test_a_download_does_not_hold_up_masks_of_a_loaded_model(monkeypatch):
+    """A first-use download (hundreds of MB) holds only its own model's lock: a visitor whose model is already
+    loaded gets its session meanwhile, and a second visitor asking for the downloading model waits for that one
+    download rather than starting another. No network and no model file are used."""
+    sessions = masking.sessions
+    loaded = object()
+    monkeypatch.setattr(sessions, "_SESSIONS", {"u2netp": loaded})
+    monkeypatch.setattr(sessions, "model_file", lambda model: None)  # not on this machine: a download
+    monkeypatch.setattr(sessions, "_network_reachable", lambda: True)
+    started, release = threading.Event(), threading.Event()
+    made = []
+
+    def slow_download(model):
+        made.append(model)
+        started.set()
+        release.wait(30)
+        return f"session of {model}"
+
+    monkeypatch.setattr(sessions, "_new_session", slow_download)
+    got = {}
+
+    def ask(key, model):
+        got[key] = sessions._get_session(model)
+
+    downloads = [threading.Thread(target=ask, args=(i, "birefnet-general")) for i in range(2)]
+    try:
+        downloads[0].start()
+        assert started.wait(10), "the download never started"
+        downloads[1].start()  # the same model: waits for the download under way
+        other = threading.Thread(target=ask, args=("other", "u2netp"))
+        other.start()
+        other.join(5)
+        assert not other.is_alive() and got["other"] is loaded, "a loaded model waited for another's download"
+        assert 0 not in got and 1 not in got  # the download is still running
+    finally:
+        release.set()
+        for t in downloads:
+            t.join(10)
+    assert made == ["birefnet-general"]  # loaded once
+    assert got[0] == got[1] == "session of birefnet-general"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -191,7 +233,7 @@ def test_free_image_size_model_matches_rembg_and_takes_other_sizes(u2netp):
 def test_tta_members_shape_range_and_weights(u2netp):
     rgb, gt = _scene(_figure_alpha(600, 450), seed=2)
     maps = masking.network_maps(rgb)
-    sides = [side for side, _ in masking._TTA["u2netp"]]
+    sides = [side for side, _ in masking.network._TTA["u2netp"]]
     assert len(maps) == 2 * len(sides) == 4  # each size, and its mirror image
     assert abs(sum(w for _, w in maps) - 1.0) < 1e-6
     for m, _ in maps:
@@ -241,7 +283,7 @@ def test_fallback_finds_a_clear_subject_the_network_scores_low(u2netp, monkeypat
     # The network sees the subject but scores it under 0.5 everywhere (as u2netp does for some thin or
     # camouflaged subjects): the mask must not come back empty, and it must say it is unsure.
     rgb, gt = _busy_scene()
-    h, w = masking._work_size(rgb)
+    h, w = masking.resolution._work_size(rgb)
     weak = cv2.resize(gt.astype(np.float32), (w, h), interpolation=cv2.INTER_AREA) * 0.4
     monkeypatch.setattr(masking, "network_mask", lambda rgb, model="u2netp", tta=True: weak)
     result = masking.auto_mask_result(Image.fromarray(rgb))
@@ -403,7 +445,7 @@ def empty_model_home(tmp_path, monkeypatch):
     """rembg looks for models in an empty folder, and no session is cached."""
     monkeypatch.setenv("U2NET_HOME", str(tmp_path / "u2net"))
     monkeypatch.setenv("REMBG_HOME", str(tmp_path / "rembg"))
-    monkeypatch.setattr(masking, "_SESSIONS", {})
+    monkeypatch.setattr(masking.sessions, "_SESSIONS", {})
     return tmp_path
 
 
@@ -411,7 +453,7 @@ def test_undownloadable_model_is_a_quick_user_error(empty_model_home, monkeypatc
     import time
 
     # A probe address that refuses at once: the real network check, no internet needed or used.
-    monkeypatch.setattr(masking, "_PROBE_URL", "http://127.0.0.1:9/")
+    monkeypatch.setattr(masking.sessions, "_PROBE_URL", "http://127.0.0.1:9/")
     t0 = time.perf_counter()
     with pytest.raises(UserError) as err:
         auto_mask(Image.new("RGB", (32, 32)), model="birefnet-general")
@@ -425,7 +467,7 @@ def test_failed_download_is_a_user_error(empty_model_home, monkeypatch):
     import requests
     from rembg.sessions import sessions
 
-    monkeypatch.setattr(masking, "_network_reachable", lambda: True)
+    monkeypatch.setattr(masking.sessions, "_network_reachable", lambda: True)
 
     def boom(*args, **kwargs):
         raise requests.ConnectionError("connection reset")
@@ -489,17 +531,17 @@ def test_component_at_a_point_and_crop_edges():
     binary = np.zeros((40, 60), bool)
     binary[5:15, 5:15] = True  # A
     binary[20:35, 40:58] = True  # B
-    assert masking._component_at(binary, 10, 10, radius=3).sum() == 100  # on A: A
-    near = masking._component_at(binary, 38, 18, radius=4)  # 2 px off B's corner: the nearest component, B
+    assert masking.point._component_at(binary, 10, 10, radius=3).sum() == 100  # on A: A
+    near = masking.point._component_at(binary, 38, 18, radius=4)  # 2 px off B's corner: the nearest component, B
     assert near is not None and near[25, 50] and not near[10, 10]
-    assert masking._component_at(binary, 30, 5, radius=3) is None  # nothing within reach
+    assert masking.point._component_at(binary, 30, 5, radius=3) is None  # nothing within reach
     inside = np.zeros((20, 20), bool)
     inside[5:10, 5:10] = True
     edge = np.zeros((20, 20), bool)
     edge[5:10, 15:20] = True  # reaches the crop's right edge
-    assert not masking._touches_cut_edge(inside, (10, 10, 30, 30), 100, 100)
-    assert masking._touches_cut_edge(edge, (10, 10, 30, 30), 100, 100)  # the thing goes on outside the crop
-    assert not masking._touches_cut_edge(edge, (80, 10, 100, 30), 100, 100)  # ...unless that edge is the image's
+    assert not masking.point._touches_cut_edge(inside, (10, 10, 30, 30), 100, 100)
+    assert masking.point._touches_cut_edge(edge, (10, 10, 30, 30), 100, 100)  # the thing goes on outside the crop
+    assert not masking.point._touches_cut_edge(edge, (80, 10, 100, 30), 100, 100)  # ...unless that edge is the image's
 
 
 def test_a_point_on_the_subject_already_masked_changes_nothing(u2netp, monkeypatch):

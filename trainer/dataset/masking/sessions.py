@@ -1,0 +1,137 @@
+"""rembg sessions and model files: which background-removal models exist, where their files are, and loading
+each one once.
+
+Only ``u2netp`` is expected on the machine (``python scripts/fetch_offline_mask_model.py`` installs it); the
+other models download on first use from rembg's GitHub releases. That download is hundreds of MB, so:
+
+- before starting it we check that the network is reachable at all, and fail fast with a ``UserError`` that
+  says what to do (rather than let the download hang), and a failed or broken download is a ``UserError`` too;
+- each model has its own lock, so a first-use download of one model blocks only the visitors waiting for that
+  model; masks made with a model that is already loaded go on meanwhile. The same model is still loaded once.
+
+``_free_session`` adds, for the U2-Net family, a second onnxruntime session of the same file with its fixed
+320x320 input made free (``onnx_edit``), for the larger test-time augmentation input (``network``).
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+from trainer.errors import UserError
+
+from .onnx_edit import free_image_size
+
+MASK_MODELS: tuple[str, ...] = ("u2netp", "birefnet-general", "isnet-anime", "u2net")
+DEFAULT_MODEL = "u2netp"
+
+_SESSIONS: dict[str, Any] = {}  # model name -> rembg session
+_FREE_SESSIONS: dict[str, Any] = {}  # model name -> onnxruntime session taking any input size, or None
+_MODEL_LOCKS: dict[str, threading.Lock] = {}  # model name -> the lock held while that model loads
+_MODEL_LOCKS_LOCK = threading.Lock()  # guards _MODEL_LOCKS only; never held while anything loads
+
+_PROBE_URL = "https://github.com/danielgatis/rembg/releases"
+_PROBE_TIMEOUT_S = 4.0
+
+
+def _model_lock(model: str) -> threading.Lock:
+    """The lock of ``model`` (one per known model name, created on first use)."""
+    with _MODEL_LOCKS_LOCK:
+        lock = _MODEL_LOCKS.get(model)
+        if lock is None:
+            lock = _MODEL_LOCKS[model] = threading.Lock()
+        return lock
+
+
+def _session_class(model: str):
+    from rembg.sessions import sessions  # imported lazily: rembg's import takes ~2 s
+
+    return sessions[model]
+
+
+def model_file(model: str) -> Path | None:
+    """Path of the local model file rembg would use for ``model``, or None when it is not present."""
+    cls = _session_class(model)
+    found = cls.resolve_existing(f"{cls.name()}.onnx")
+    return Path(found) if found else None
+
+
+def _network_reachable() -> bool:
+    import requests
+
+    try:
+        requests.head(_PROBE_URL, timeout=_PROBE_TIMEOUT_S, allow_redirects=False)
+    except Exception:
+        return False
+    return True
+
+
+def _download_error(model: str, detail: str = "") -> UserError:
+    if detail:
+        why = f"the download failed ({detail})"
+    else:
+        why = "no network was reachable to download it"
+    return UserError(
+        f"The background-removal model '{model}' is not on this machine: it downloads on first use, and "
+        f"{why}. Connect this machine to the internet and try again, or choose 'u2netp', which works offline."
+    )
+
+
+def _new_session(model: str):
+    """A new rembg session of ``model`` (downloads the model file when it is missing)."""
+    from rembg import new_session
+
+    return new_session(model)
+
+
+def _get_session(model: str):
+    if model not in MASK_MODELS:
+        raise UserError(
+            f"Unknown background-removal model '{model}'. Choose one of: {', '.join(MASK_MODELS)} "
+            f"('u2netp' works offline)."
+        )
+    with _model_lock(model):  # only this model's: a download here does not hold up masks of another model
+        sess = _SESSIONS.get(model)
+        if sess is not None:
+            return sess
+        present = model_file(model) is not None
+        if not present:
+            if model == DEFAULT_MODEL:
+                raise UserError(
+                    "The offline background-removal model 'u2netp' is missing. Install it with "
+                    "`python scripts/fetch_offline_mask_model.py` and try again."
+                )
+            if not _network_reachable():  # fail fast rather than let the download hang
+                raise _download_error(model)
+        try:
+            sess = _new_session(model)
+        except Exception as err:  # requests/pooch errors, a bad checksum, a truncated file ...
+            if present:
+                raise UserError(
+                    f"The background-removal model '{model}' could not be loaded from "
+                    f"{model_file(model)} ({type(err).__name__}: {err}). Delete that file and try again "
+                    f"('u2netp' works offline)."
+                ) from err
+            raise _download_error(model, f"{type(err).__name__}: {err}") from err
+        _SESSIONS[model] = sess
+        return sess
+
+
+def _free_session(model: str):
+    """An onnxruntime session of ``model`` that takes any input size (None when that cannot be made)."""
+    providers = _get_session(model).inner_session.get_providers()  # (takes the model's lock itself)
+    with _model_lock(model):
+        if model in _FREE_SESSIONS:
+            return _FREE_SESSIONS[model]
+        sess = None
+        path = model_file(model)
+        if path is not None:
+            import onnxruntime as ort
+
+            try:
+                sess = ort.InferenceSession(free_image_size(path.read_bytes()), providers=providers)
+            except Exception:  # an unexpected file layout: fall back to the fixed-size network only
+                sess = None
+        _FREE_SESSIONS[model] = sess
+        return sess
