@@ -56,6 +56,10 @@ class ModelFamily(ABC):
     tiny_version: ClassVar[int]  # bump when the tiny architecture changes, so cached copies are rebuilt
     tiny_notice: ClassVar[str]
     license_notice: ClassVar[str]  # shown before a download
+    card_license: ClassVar[Mapping[str, str]]  # a published LoRA's model-card license fields (base model's license)
+    card_tags: ClassVar[tuple[str, ...]]  # model-card tags that say which family the LoRA is for
+    usage_steps: ClassVar[int]  # the model card's diffusers example: denoising steps and guidance
+    usage_guidance: ClassVar[float]
     download_gb: ClassVar[float]  # what a Hub download of the diffusers folders weighs
     download_notice: ClassVar[str]  # size to download, GPU memory needed
 

@@ -26,6 +26,10 @@ class Flux1(ModelFamily):
                    "to try the workflow: its samples are noise. Previews use 4 denoising steps to stay fast.")
     license_notice = ("FLUX.1 [dev] Non-Commercial License: outputs may be used commercially, the model and LoRAs "
                       "trained on it may not be (https://huggingface.co/black-forest-labs/FLUX.1-dev).")
+    card_license = dict(license="other", license_name="flux-1-dev-non-commercial-license",
+                        license_link="https://huggingface.co/black-forest-labs/FLUX.1-dev/blob/main/LICENSE.md")
+    card_tags = ("flux",)
+    usage_steps, usage_guidance = 28, 3.5
     download_gb = 34.0
     download_notice = "It downloads about 34 GB once, and trains on a GPU with 24 GB or more."
 

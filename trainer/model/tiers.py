@@ -98,9 +98,11 @@ def tier_for_card(total_gib: float, tiers: list[MemoryTier] | None = None) -> Me
 
 
 def choose_tier(requested: str, device: torch.device, tiny_model: bool = False,
-                gpu: tuple[str, float] | None = None, task: str = "training") -> TierChoice:
+                gpu: tuple[str, float] | None = None, task: str = "training",
+                model_label: str = "FLUX.1") -> TierChoice:
     """The tier a job runs with. ``requested``: ``auto`` or a tier name. ``gpu`` overrides detection (tests).
-    ``task`` names what needs the memory in the message for a card too small ("training", "rendering")."""
+    ``task`` names what needs the memory in the message for a card too small ("training", "rendering"), and
+    ``model_label`` the model (its family's label)."""
     tiers = list_tiers()
     full = next(t for t in tiers if t.weights == "bf16")
     gpu = gpu if gpu is not None else gpu_memory_gib(device)
@@ -116,7 +118,7 @@ def choose_tier(requested: str, device: torch.device, tiny_model: bool = False,
     tier = tier_for_card(total, tiers)
     if tier is None:
         smallest = tiers[-1]
-        raise UserError(f"{name} has {total:.1f} GiB of memory; {task} with FLUX.1 needs a GPU with at least "
+        raise UserError(f"{name} has {total:.1f} GiB of memory; {task} with {model_label} needs a GPU with at least "
                         f"{smallest.card_gib or smallest.min_card_gib:.0f} GB (the '{smallest.name}' tier). Use a larger "
                         "GPU, or the tiny-demo model to try the workflow.")
     return TierChoice(tier, f"Memory tier '{tier.name}' picked for {name} ({total:.1f} GiB): {tier.description}.")

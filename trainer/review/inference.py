@@ -23,6 +23,7 @@ from PIL import Image
 
 from trainer.training.encode import PromptEmbedding, encode_prompts
 from trainer.errors import UserError
+from trainer.families import family_of_folder
 from trainer.model.weights import load_lora
 from trainer.model.tiers import AUTO, choose_tier
 from trainer.model.loading import ModelParts, is_tiny_demo, load_parts, pick_device, place_transformer, resolve_model
@@ -83,7 +84,8 @@ class LoraPipeline:
         """
         folder = Path(model_path)
         device, dtype = pick_device(device, dtype)  # the tier is chosen for this device, before loading
-        choice = choose_tier(memory_tier, device, tiny_model=is_tiny_demo(folder), task="rendering")
+        choice = choose_tier(memory_tier, device, tiny_model=is_tiny_demo(folder), task="rendering",
+                             model_label=family_of_folder(folder).label)
         weights = choice.tier.weights
         parts = load_parts(folder, device, dtype, transformer_on_device=False, encoders_on_device=weights == "bf16")
         place_transformer(parts, weights)

@@ -16,13 +16,11 @@ from pathlib import Path
 from trainer.review.advisor import ADVICE_FILE, load_advice, starred_step
 from trainer.errors import UserError
 from trainer.review.export import export_bytes
-from trainer.model.loading import FLUX_DEV
+from trainer.families import family_of_spec
 from trainer.runs.folder import RunFolder
 
 __all__ = ["ADVICE_FILE", "PublishPlan", "plan_publish", "publish", "recommended"]
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
-FLUX_DEV_LICENSE = dict(license="other", license_name="flux-1-dev-non-commercial-license",
-                        license_link="https://huggingface.co/black-forest-labs/FLUX.1-dev/blob/main/LICENSE.md")
 
 
 @dataclass(frozen=True)
@@ -104,13 +102,14 @@ def model_card(run: RunFolder, repo_id: str, name: str, step: int, weight: float
     from huggingface_hub import ModelCardData
 
     cfg = run.config
+    family = family_of_spec(run.model_path if run.model_path and Path(run.model_path).is_dir() else run.model)
     hub_base = run.model if _REPO_ID.match(run.model or "") and not Path(run.model).expanduser().exists() else None
-    data = dict(tags=["text-to-image", "flux", "lora", "diffusers", "template:sd-lora", "one-image-lora"],
+    data = dict(tags=["text-to-image", *family.card_tags, "lora", "diffusers", "template:sd-lora", "one-image-lora"],
                 library_name="diffusers")
     if hub_base:
         data["base_model"] = hub_base
-    if hub_base == FLUX_DEV:
-        data.update(FLUX_DEV_LICENSE)
+    if hub_base == family.default_hub_id:
+        data.update(family.card_license)
     if cfg.trigger:
         data["instance_prompt"] = cfg.trigger
     if samples:
@@ -124,10 +123,11 @@ def model_card(run: RunFolder, repo_id: str, name: str, step: int, weight: float
                                                                        if run.train_size else "")),
                 ("masked loss", "yes (background not trained)" if cfg.masked else "no"),
                 ("caption", cfg.training_caption), ("seed", cfg.seed)]
+    pipeline = family.pipeline_classes[0]
     lines = [
         "---", front.strip(), "---", "",
         f"# {repo_id.split('/', 1)[1]}", "",
-        f"A Flux.1 LoRA trained from a single image with one-image-lora, on {base_line}.", "",
+        f"A {family.label} LoRA trained from a single image with one-image-lora, on {base_line}.", "",
         f"**Trigger word:** {trigger}", "",
         f"**Recommended:** the checkpoint at step {step}, at LoRA weight **{weight:g}** ({why}). "
         "One-image LoRAs overfit easily: if outputs copy the training image or show a rough texture, lower the weight.",
@@ -143,11 +143,13 @@ def model_card(run: RunFolder, repo_id: str, name: str, step: int, weight: float
     lines += [f"| {k} | {str(v).replace('|', '/')} |" for k, v in settings]
     lines += [
         "", "## Use it", "",
-        "With diffusers:", "", "```python", "import torch", "from diffusers import FluxPipeline", "",
-        f"pipe = FluxPipeline.from_pretrained({json.dumps(hub_base or FLUX_DEV)}, torch_dtype=torch.bfloat16).to(\"cuda\")",
+        "With diffusers:", "", "```python", "import torch", f"from diffusers import {pipeline}", "",
+        f"pipe = {pipeline}.from_pretrained({json.dumps(hub_base or family.default_hub_id)}, "
+        "torch_dtype=torch.bfloat16).to(\"cuda\")",
         f"pipe.load_lora_weights({json.dumps(repo_id)}, weight_name={json.dumps(name + '.safetensors')}, adapter_name=\"lora\")",
         f"pipe.set_adapters([\"lora\"], adapter_weights=[{weight:g}])",
-        f"image = pipe({json.dumps(cfg.training_caption)}, num_inference_steps=28, guidance_scale=3.5).images[0]",
+        f"image = pipe({json.dumps(cfg.training_caption)}, num_inference_steps={family.usage_steps}, "
+        f"guidance_scale={family.usage_guidance:g}).images[0]",
         "```", "",
         f"In ComfyUI or Forge: download `comfyui/{name}-comfyui.safetensors` (kohya layout) into `models/loras` "
         f"and use it at strength {weight:g}.", "",
