@@ -194,14 +194,18 @@ class JobManager:
 
     def known_run_paths(self) -> list[Path]:
         """Run folders of every job this manager holds (a restart check must leave them alone)."""
-        return [j.run.path for j in list(self._jobs.values())]
+        with self._lock:
+            return [j.run.path for j in self._jobs.values()]
 
     def get(self, job_id: str, owner: str) -> Job | None:
-        job = self._jobs.get(job_id)
+        with self._lock:
+            job = self._jobs.get(job_id)
         return job if job is not None and job.owner == owner else None
 
     def jobs_for(self, owner: str) -> list[Job]:
-        return sorted((j for j in self._jobs.values() if j.owner == owner), key=lambda j: j.created)
+        with self._lock:  # a submit on another thread may be adding to the dict
+            jobs = [j for j in self._jobs.values() if j.owner == owner]
+        return sorted(jobs, key=lambda j: j.created)
 
     def latest_for(self, owner: str) -> Job | None:
         jobs = self.jobs_for(owner)
@@ -216,11 +220,10 @@ class JobManager:
 
     def queue_position(self, job: Job) -> int:
         """0 when running (or done), else how many queued jobs are ahead of it, plus one."""
-        if job.state != "queued":
-            return 0
-        with self._lock:
-            waiting = [j for j in self._jobs.values() if j.state == "queued"]
-        waiting.sort(key=lambda j: j.created)
+        with self._lock:  # one read under the lock: a job that starts meanwhile can't vanish between two reads
+            if job.state != "queued":
+                return 0
+            waiting = sorted((j for j in self._jobs.values() if j.state == "queued"), key=lambda j: j.created)
         return waiting.index(job) + 1
 
     def stop(self, job_id: str, owner: str) -> bool:
