@@ -1,4 +1,5 @@
-"""trainer.training.accel's attention choice on the CPU: the cuDNN-first wrapper, its compile path and the self-test's failure.
+"""trainer.training.accel on the CPU: the cuDNN-first wrapper, its compile path, the self-test's failure, the
+regional compile through diffusers (and its fallback), and the Runtime's switches.
 
 cuDNN attention itself needs an NVIDIA GPU; its speed and its agreement with flash attention at Flux's shapes are
 measured by bench/kernel_probe.py and bench/flux_bench.py (bench/RESULTS.md). Here the wrapper runs on the CPU,
