@@ -7,10 +7,10 @@ ENV DEBIAN_FRONTEND=noninteractive \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     HF_HOME=/home/app/.cache/huggingface \
-    LORA_DATA_DIR=/data \
+    ONE_IMAGE_LORA_DATA_DIR=/data \
     U2NET_HOME=/opt/models/u2net \
-    LORA_APP_HOST=0.0.0.0 \
-    LORA_APP_PORT=7860 \
+    ONE_IMAGE_LORA_APP_HOST=0.0.0.0 \
+    ONE_IMAGE_LORA_APP_PORT=7860 \
     GRADIO_ANALYTICS_ENABLED=False \
     TORCHINDUCTOR_CACHE_DIR=/data/.compile-cache
 # ^ compiled kernels on the /data volume: a job after the first skips ~55 s of compiling (500-step run on an H100:
@@ -35,5 +35,5 @@ USER 1000
 VOLUME ["/data", "/home/app/.cache/huggingface"]
 EXPOSE 7860
 HEALTHCHECK --interval=30s --timeout=5s --start-period=120s CMD ["curl", "-fsS", "-o", "/dev/null", "http://127.0.0.1:7860/"]
-# Listens on all interfaces inside the container, which app.py allows only with LORA_APP_USERNAME/PASSWORD set.
+# Listens on all interfaces inside the container, which app.py allows only with ONE_IMAGE_LORA_APP_USERNAME/PASSWORD set.
 CMD ["python", "app.py"]

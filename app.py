@@ -1,7 +1,8 @@
 """Start the web app: ``python app.py`` (http://127.0.0.1:7860).
 
 Builds the page, starts one training worker, and launches Gradio. Options: --host, --port, --share;
-anything beyond 127.0.0.1 needs LORA_APP_USERNAME and LORA_APP_PASSWORD.
+anything beyond 127.0.0.1 needs ONE_IMAGE_LORA_APP_USERNAME and ONE_IMAGE_LORA_APP_PASSWORD. The defaults of --host and
+--port are ONE_IMAGE_LORA_APP_HOST and ONE_IMAGE_LORA_APP_PORT (every switch: trainer/runtime.py).
 """
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="One-image Flux LoRA trainer (web app)")
-    parser.add_argument("--host", default=os.environ.get("LORA_APP_HOST", "127.0.0.1"))
-    parser.add_argument("--port", type=int, default=int(os.environ.get("LORA_APP_PORT", "7860")))
+    parser.add_argument("--host", help="default: ONE_IMAGE_LORA_APP_HOST, else 127.0.0.1")
+    parser.add_argument("--port", type=int, help="default: ONE_IMAGE_LORA_APP_PORT, else 7860")
     parser.add_argument("--share", action="store_true", help="a public gradio.live link (needs a password)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -29,14 +30,16 @@ def main(argv: list[str] | None = None) -> int:
 
     api.quiet_libraries()
     try:
-        exposed = exposure(args.host, args.port, args.share)
+        runtime = api.current_runtime()  # every switch read from the environment now, and logged (never the password)
+        exposed = exposure(args.host or runtime.app_host, runtime.app_port if args.port is None else args.port,
+                           args.share, runtime)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    runs = api.runs_dir()
+    runs = api.runs_dir(runtime)
     runs.mkdir(parents=True, exist_ok=True)
     manager = api.JobManager(devices=api.gpu_devices())  # several GPUs: queued jobs of different visitors run side by side
-    demo = build_app(manager, runs, state_secret=state_secret(api.data_dir()))
+    demo = build_app(manager, runs, state_secret=state_secret(api.data_dir(runtime=runtime)))
     demo.queue(default_concurrency_limit=4).launch(
         server_name=exposed.host, server_port=exposed.port, share=exposed.share, auth=exposed.auth,
         max_file_size=api.MAX_FILE_BYTES, allowed_paths=[str(runs)], show_error=False)

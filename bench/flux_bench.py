@@ -6,13 +6,13 @@ as the real model; see shared/OFFLINE.md), a synthetic cached example (16-channe
 pooled 768, a mask), and times:
   baseline  the reference step (shared/reference/naive_flux_lora_step.py, LORA_FP32=1: fp32 LoRA under bf16
             autocast, fused AdamW, no compile) for rank 16 and 4, 512 and 1024 px, with/without checkpointing;
-  project   ``trainer.training.loop.training_step`` + loss.item() + backward + clip + AdamW, exactly as ``train_lora``
-            runs it ("none"), and ``trainer.training.speed.TrainStep`` (the shipped fast step) in its variants:
+  project   ``trainer.training.step.training_step`` + loss.item() + backward + clip + AdamW, exactly as ``train_lora``
+            runs it ("none"), and ``trainer.training.step.TrainStep`` (the shipped fast step) in its variants:
               step           TrainStep eager (skips peft's fp32 round trip of LoRA inputs under autocast)
               graph          TrainStep replaying the step from two CUDA graphs (forward+backward | clip+AdamW)
-              compile        blocks compiled by ``trainer.training.speed.accelerate_transformer``, loop step
+              compile        blocks compiled by ``trainer.training.accel.compile.accelerate_transformer``, loop step
               compile+graph  both (the fast path);  suffix -castcopy (keep peft's cast)
-            The compiled variants' attention is what the trainer picks (``trainer.training.speed.choose_attention``: cuDNN
+            The compiled variants' attention is what the trainer picks (``trainer.training.accel.attention.choose_attention``: cuDNN
             after its self-test); ONE_IMAGE_LORA_ATTENTION=flash|cudnn|auto in the environment overrides it, so
             compare backends in separate processes. Rows say which one ran (``attention``).
             for rank 16 and 4, 512 and 1024 px, with/without checkpointing (``--plan`` picks which);
@@ -351,7 +351,7 @@ class Bench:
 
     def project_teardown(self, s):
         from trainer.model.lora import remove_lora
-        from trainer.training.speed import GraphedInference
+        from trainer.training.accel.graphs import GraphedInference
 
         GraphedInference.reset(self.transformer)
         for p in s.params:
@@ -363,7 +363,7 @@ class Bench:
 
     def eager_step(self, s):
         """``train_lora``'s loop body, verbatim in effect (loss.item() check, clip, fused AdamW, synchronise)."""
-        from trainer.training.loop import training_step
+        from trainer.training.step import training_step
 
         model, cfg = self.transformer, s.cfg
         opt = torch.optim.AdamW(s.params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=self.cuda)
@@ -386,8 +386,8 @@ class Bench:
         return step
 
     def trainstep_step(self, s, graphs: bool, skip_cast: bool):
-        """``trainer.training.speed.TrainStep`` (what the trainer ships): eager or CUDA-graphed, as ``train_lora`` would call it."""
-        from trainer.training.speed import TrainStep, adamw_options
+        """``trainer.training.step.TrainStep`` (what the trainer ships): eager or CUDA-graphed, as ``train_lora`` would call it."""
+        from trainer.training.step import TrainStep, adamw_options
 
         cfg = s.cfg
         opts = adamw_options(self.device)
@@ -419,7 +419,8 @@ class Bench:
         if self.transformer is None:
             self.build_transformer()
         flags = self.parse_label(accel)
-        from trainer.training.speed import attention_backend, is_accelerated
+        from trainer.training.accel.attention import attention_backend
+        from trainer.training.accel.compile import is_accelerated
 
         for rank, res, ckpt in grid:
             base = dict(impl="project", accel=accel, rank=rank, resolution=res, checkpointing=ckpt,
@@ -517,7 +518,7 @@ class Bench:
     # ---------------------------------------------------------------- preview
     def run_preview(self, accel: str, n: int = 3, batch: int = 1):
         from trainer.training.previews import PreviewRenderer
-        from trainer.training.speed import attention_backend
+        from trainer.training.accel.attention import attention_backend
 
         if self.transformer is None:
             self.build_transformer()
@@ -578,7 +579,7 @@ class Bench:
         graph-safe RNG matches eager, the same noise: the losses and the final LoRA should agree closely."""
         import dataclasses
 
-        from trainer.training.speed import TrainStep
+        from trainer.training.step import TrainStep
 
         if not self.cuda:
             return
@@ -635,7 +636,7 @@ class Bench:
     def run_graphcheck(self):
         """GraphedInference vs the plain forward on the same inputs: fresh inputs, and after an in-place LoRA
         update (a replay must see the new weights). Relative L2 error; should be ~0 (same kernels)."""
-        from trainer.training.speed import GraphedInference
+        from trainer.training.accel.graphs import GraphedInference
 
         if not self.cuda:
             return
@@ -699,7 +700,7 @@ class Bench:
         from trainer.training.encode import PromptEmbedding
         from trainer.model.lora import save_lora
         from trainer.training.previews import PreviewRenderer
-        from trainer.training.speed import TrainStep, adamw_options
+        from trainer.training.step import TrainStep, adamw_options
 
         res = self.resolution_list()[0]
         base = dict(impl="project", accel="run", kind="full_run", rank=rank, resolution=res, checkpointing=ckpt,
@@ -818,7 +819,8 @@ class Bench:
                         self.info["compiled"] = False
 
     def ensure_compiled(self):
-        from trainer.training.speed import accelerate_transformer, attention_backend, is_accelerated
+        from trainer.training.accel.attention import attention_backend
+        from trainer.training.accel.compile import accelerate_transformer, is_accelerated
 
         if self.transformer is None:
             self.build_transformer()
@@ -891,7 +893,7 @@ class Bench:
                 steps, every = (int(x) for x in (label.split(":", 1)[1] if ":" in label else "500:50").split(":"))
                 self.run_full(steps, every, rank=ranks[0])
             elif label == "tiers":
-                from trainer.training.speed import is_accelerated
+                from trainer.training.accel.compile import is_accelerated
 
                 tier_grid = [(4, resolutions[0], True)]
                 self.run_tiers(tier_grid, "compile" if self.transformer is not None and is_accelerated(self.transformer) else "none")

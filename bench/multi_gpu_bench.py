@@ -30,7 +30,7 @@ from trainer.training.encode import EncodedExample, PromptEmbedding
 from trainer.dataset.prepare import latent_weights  # noqa: E402
 from trainer.training.flow import latent_image_ids, resolution_shift  # noqa: E402
 from trainer.model.lora import add_lora  # noqa: E402
-from trainer.training.loop import training_step  # noqa: E402
+from trainer.training.step import training_step  # noqa: E402
 
 
 def synthetic_example(device, res: int = 512) -> EncodedExample:

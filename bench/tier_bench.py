@@ -111,7 +111,7 @@ def run_tier(tier_name: str, steps: int, save_every: int, rank: int, resolution:
                lean_previews=tier.lean_previews)
     if cuda:
         # Outside the Flux blocks, no cuDNN attention (its backward failed on one H100 image); inside them the
-        # trainer puts it first where its self-test passes (trainer.training.speed.choose_attention).
+        # trainer puts it first where its self-test passes (trainer.training.accel.attention.choose_attention).
         torch.backends.cuda.enable_cudnn_sdp(False)
         total = torch.cuda.get_device_properties(0).total_memory
         if tier.cap_gib is not None:  # first thing: the whole job, loading included, runs under the cap
@@ -176,7 +176,7 @@ def run_tier(tier_name: str, steps: int, save_every: int, rank: int, resolution:
     except torch.OutOfMemoryError as err:
         row["error"] = f"OutOfMemoryError in phase {phase}: {str(err).splitlines()[0]}"
     row["phases"] = phases
-    from trainer.training.speed import attention_backend
+    from trainer.training.accel.attention import attention_backend
     row["attention"] = attention_backend(parts.transformer)
     row["train_peak_gib"] = peak(reset=False)  # allocated, reserved: training + previews + saves
     steady = step_times[10:] or step_times

@@ -12,6 +12,8 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 import pytest
 from PIL import Image, ImageDraw
 
+DATA_DIR_VARIABLE = "ONE_IMAGE_LORA_DATA_DIR"
+
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
@@ -23,12 +25,42 @@ def tiny_model_dir(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def isolated_data_dir(tmp_path_factory, monkeypatch, tiny_model_dir):
-    """Every test gets its own data folder, with the session's tiny demo model already in it."""
+    """Every test gets its own data folder, with the session's tiny demo model already in it, and a ``Runtime``
+    built from nothing but that folder (the developer's own ``ONE_IMAGE_LORA_*`` settings don't leak in).
+
+    Child processes (the CLI, the app server, torchrun) read their ``Runtime`` from the environment, so the data
+    folder is also put there, under its name; the old ``LORA_*`` names are taken out."""
+    from trainer import runtime
+
     data = tmp_path_factory.mktemp("data")
     (data / "models").mkdir()
     (data / "models" / "tiny-demo").symlink_to(tiny_model_dir, target_is_directory=True)
-    monkeypatch.setenv("LORA_DATA_DIR", str(data))
-    return data
+    for old in runtime.OLD_NAMES.values():
+        monkeypatch.delenv(old, raising=False)
+    monkeypatch.setenv(DATA_DIR_VARIABLE, str(data))
+    with runtime.using(runtime.Runtime.from_environment({DATA_DIR_VARIABLE: str(data)})):
+        yield data
+
+
+@pytest.fixture
+def use_runtime(isolated_data_dir):
+    """``use_runtime(environ=None, **fields)`` makes the test's ``Runtime`` one read from ``environ`` (plus the
+    test's data folder), with ``fields`` replaced, for the rest of the test; returns it. In-process only: a child
+    process still reads the real environment."""
+    import contextlib
+    import dataclasses
+
+    from trainer import runtime
+
+    stack = contextlib.ExitStack()
+
+    def install(environ: dict | None = None, **fields) -> "runtime.Runtime":
+        base = runtime.current() if environ is None else runtime.Runtime.from_environment(
+            {DATA_DIR_VARIABLE: str(isolated_data_dir), **environ})
+        return stack.enter_context(runtime.using(dataclasses.replace(base, **fields)))
+
+    with stack:
+        yield install
 
 
 def subject_image(size=(160, 200)) -> tuple[Image.Image, Image.Image]:

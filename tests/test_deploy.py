@@ -56,16 +56,16 @@ def test_dockerfile_installs_and_starts_what_the_readme_does():
     assert re.search(r"^USER (?!root|0\b)\S+", DOCKERFILE, re.M)
     assert '"/data"' in DOCKERFILE and "huggingface" in DOCKERFILE.split("VOLUME", 1)[1].splitlines()[0]
     assert "HEALTHCHECK" in DOCKERFILE and "EXPOSE 7860" in DOCKERFILE
-    assert "LORA_APP_HOST=0.0.0.0" in DOCKERFILE
+    assert "ONE_IMAGE_LORA_APP_HOST=0.0.0.0" in DOCKERFILE and "ONE_IMAGE_LORA_DATA_DIR=/data" in DOCKERFILE
 
 
 def test_container_settings_refuse_to_start_open():
     """The container listens on all interfaces; without a password app.py must refuse (exit 2, one line)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LORA_APP_")}
-    env.update(LORA_APP_HOST="0.0.0.0", LORA_APP_PORT="7999")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LORA_APP_", "ONE_IMAGE_LORA_APP_"))}
+    env.update(ONE_IMAGE_LORA_APP_HOST="0.0.0.0", ONE_IMAGE_LORA_APP_PORT="7999")
     result = subprocess.run([sys.executable, "app.py"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
-    assert "LORA_APP_USERNAME" in result.stderr and "Traceback" not in result.stderr
+    assert "ONE_IMAGE_LORA_APP_USERNAME" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_readme_front_matter_makes_a_gradio_space():

@@ -74,21 +74,14 @@ def make_run(root: Path, steps=(2, 4), strength: float = 0.5) -> RunFolder:
 
 @pytest.fixture(scope="module")
 def built_run(tmp_path_factory, tiny_model_dir):
-    import os
+    from trainer import runtime
 
     # The module fixture runs before the autouse data-dir fixture: point the tiny demo at the session model.
-    old = os.environ.get("LORA_DATA_DIR")
     data = tmp_path_factory.mktemp("griddata")
     (data / "models").mkdir()
     (data / "models" / "tiny-demo").symlink_to(tiny_model_dir, target_is_directory=True)
-    os.environ["LORA_DATA_DIR"] = str(data)
-    try:
+    with runtime.using(runtime.Runtime(data_dir=data)):
         return make_run(tmp_path_factory.mktemp("runs") / "run")
-    finally:
-        if old is None:
-            os.environ.pop("LORA_DATA_DIR", None)
-        else:
-            os.environ["LORA_DATA_DIR"] = old
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ tests see exactly the arguments the app would launch with, and the exit code whe
 """
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -12,8 +13,10 @@ import gradio
 import gradio_client
 import pytest
 
+from trainer import runtime
 from trainer.errors import UserError
 from trainer.dataset.images import MAX_FILE_BYTES
+from trainer.runtime import Runtime
 from ui.launch import PASSWORD_ENV, USER_ENV, exposure
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,9 +29,9 @@ def version(text: str) -> tuple[int, ...]:
 
 
 @pytest.fixture
-def no_auth_env(monkeypatch):
-    for name in (USER_ENV, PASSWORD_ENV, "LORA_APP_HOST", "LORA_APP_PORT", "SPACE_ID"):
-        monkeypatch.delenv(name, raising=False)
+def no_auth_env(use_runtime):
+    """The app's Runtime read from an environment without a login, a host or a port (only the data folder)."""
+    use_runtime({})
 
 
 @pytest.fixture
@@ -45,15 +48,15 @@ def launches(monkeypatch, no_auth_env):
 
 
 def test_exposure_rules():
-    assert exposure("127.0.0.1", 7860, False, environ={}).auth is None
-    assert exposure("localhost", 7860, False, environ={}).host == "localhost"
-    assert exposure("::1", 7860, False, environ={}).host == "::1"
+    assert exposure("127.0.0.1", 7860, False, runtime=Runtime()).auth is None
+    assert exposure("localhost", 7860, False, runtime=Runtime()).host == "localhost"
+    assert exposure("::1", 7860, False, runtime=Runtime()).host == "::1"
     for host, share in (("0.0.0.0", False), ("::", False), ("192.168.1.5", False), ("127.0.0.1", True)):
-        with pytest.raises(UserError, match="without a password"):
-            exposure(host, 7860, share, environ={})
+        with pytest.raises(UserError, match=f"without a password: set {USER_ENV} and {PASSWORD_ENV}"):
+            exposure(host, 7860, share, runtime=Runtime())
         with pytest.raises(UserError):  # half a login is no login
-            exposure(host, 7860, share, environ={USER_ENV: "me"})
-    open_ = exposure("0.0.0.0", 7860, True, environ={USER_ENV: "me", PASSWORD_ENV: "s3cret"})
+            exposure(host, 7860, share, runtime=Runtime(app_username="me"))
+    open_ = exposure("0.0.0.0", 7860, True, runtime=Runtime(app_username="me", app_password="s3cret"))
     assert open_.auth == ("me", "s3cret") and open_.share
 
 
@@ -71,28 +74,55 @@ def test_app_binds_loopback_by_default_with_upload_cap(launches, isolated_data_d
 
 
 @pytest.mark.parametrize("argv,env", [(["--host", "0.0.0.0"], {}), (["--share"], {}),
-                                      ([], {"LORA_APP_HOST": "0.0.0.0"}),
+                                      ([], {"ONE_IMAGE_LORA_APP_HOST": "0.0.0.0"}),
+                                      ([], {"LORA_APP_HOST": "0.0.0.0"}),  # the old name is still read
                                       (["--host", "0.0.0.0"], {USER_ENV: "only-a-user"})])
-def test_app_refuses_open_exposure_without_auth(launches, monkeypatch, capsys, argv, env):
+def test_app_refuses_open_exposure_without_auth(launches, use_runtime, capsys, argv, env):
     import app
 
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
+    use_runtime(env)
     assert app.main(argv) == 2
     assert launches == []  # it never started listening
     err = capsys.readouterr().err
     assert err.startswith("error: Refusing to listen") and "Traceback" not in err
 
 
-def test_app_opens_up_only_with_a_password(launches, monkeypatch):
+def test_app_opens_up_only_with_a_password(launches, use_runtime):
     import app
 
-    monkeypatch.setenv(USER_ENV, "me")
-    monkeypatch.setenv(PASSWORD_ENV, "s3cret")
+    use_runtime({USER_ENV: "me", PASSWORD_ENV: "s3cret"})
     assert app.main(["--host", "0.0.0.0", "--port", "7999"]) == 0
     (kwargs,) = launches
     assert kwargs["server_name"] == "0.0.0.0" and kwargs["server_port"] == 7999
     assert kwargs["auth"] == ("me", "s3cret")
+
+    launches.clear()  # host and port from the Runtime when not given on the command line
+    use_runtime({USER_ENV: "me", PASSWORD_ENV: "s3cret", "ONE_IMAGE_LORA_APP_HOST": "0.0.0.0",
+                 "ONE_IMAGE_LORA_APP_PORT": "7998"})
+    assert app.main([]) == 0
+    (kwargs,) = launches
+    assert kwargs["server_name"] == "0.0.0.0" and kwargs["server_port"] == 7998
+
+
+def test_app_reads_and_logs_its_switches_at_start_up_and_refuses_a_bad_one(launches, monkeypatch, capsys, caplog):
+    import app
+
+    for name in [n for n in os.environ if n.startswith(("ONE_IMAGE_LORA_", "LORA_"))]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("ONE_IMAGE_LORA_DATA_DIR", str(runtime.current().data_dir))
+    monkeypatch.setenv(PASSWORD_ENV, "s3cret-canary")
+    caplog.set_level("INFO", logger="trainer.runtime")
+    with runtime.using(None):  # the app reads the environment itself, as it does outside the tests
+        assert app.main([]) == 0
+        assert runtime.current().app_password == "s3cret-canary"
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "trainer.runtime"]
+    assert line.startswith("runtime switches: compile=on cuda_graphs=on attention=auto") and "s3cret" not in line
+
+    monkeypatch.setenv("ONE_IMAGE_LORA_ATTENTION", "foo")
+    with runtime.using(None):
+        assert app.main([]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ONE_IMAGE_LORA_ATTENTION='foo' is not an attention choice") and "Traceback" not in err
 
 
 def test_gradio_is_pinned_past_the_file_route_advisories():

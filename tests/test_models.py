@@ -20,8 +20,8 @@ def test_tiny_demo_resolves_to_a_real_diffusers_folder_and_loads():
     assert not any(p.requires_grad for p in parts.transformer.parameters())
 
 
-def test_tiny_demo_is_built_in_a_fresh_data_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("LORA_DATA_DIR", str(tmp_path))
+def test_tiny_demo_is_built_in_a_fresh_data_dir(tmp_path, use_runtime):
+    use_runtime(data_dir=tmp_path)
     folder = resolve_model(TINY_DEMO)
     assert folder == tmp_path / "models" / "tiny-demo"
     assert resolve_model(TINY_DEMO) == folder  # second call reuses it

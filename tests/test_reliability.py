@@ -23,7 +23,7 @@ import torch
 from tests.conftest import subject_image
 from tests.test_resume import ROOT, lora_of, new_run, tiny_config
 from trainer.runs import diskspace
-from trainer.training import loop
+from trainer.training import step as train_step
 from trainer.training import job as train
 from trainer.runs import resume as training_state
 from trainer.config import list_presets
@@ -178,7 +178,7 @@ def test_kill_during_checkpoint_and_state_writes_leaves_no_partial_file_under_th
 
 def test_cuda_oom_at_step_k_names_a_smaller_preset_keeps_checkpoints_frees_memory_and_next_job_runs(tmp_path,
                                                                                                   monkeypatch):
-    real_step, calls = loop.training_step, {"n": 0}
+    real_step, calls = train_step.training_step, {"n": 0}
 
     def step(*args, **kwargs):
         calls["n"] += 1
@@ -194,7 +194,7 @@ def test_cuda_oom_at_step_k_names_a_smaller_preset_keeps_checkpoints_frees_memor
         transformers.append(weakref.ref(parts.transformer))
         return parts
 
-    monkeypatch.setattr(loop, "training_step", step)
+    monkeypatch.setattr(train_step, "training_step", step)  # TrainStep looks it up there
     monkeypatch.setattr(train, "load_parts", load_parts)
     big = new_run(tmp_path / "alice", rank=16)
     small = new_run(tmp_path / "bob", steps=2)
@@ -237,14 +237,14 @@ def test_oom_advice_names_a_preset_that_needs_less_memory():
 # ---- plan point 6: NaN / inf ----------------------------------------------------------------------------------
 
 def test_nan_loss_stops_within_one_step_and_nothing_non_finite_is_saved(tmp_path, monkeypatch):
-    real_step, calls = loop.training_step, {"n": 0}
+    real_step, calls = train_step.training_step, {"n": 0}
 
     def step(*args, **kwargs):
         calls["n"] += 1
         loss = real_step(*args, **kwargs)
         return loss * float("nan") if calls["n"] == 3 else loss
 
-    monkeypatch.setattr(loop, "training_step", step)
+    monkeypatch.setattr(train_step, "training_step", step)  # TrainStep looks it up there
     run = new_run(tmp_path / "run")
     events = list(run_training(run))
     failed = events[-1]

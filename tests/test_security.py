@@ -149,7 +149,7 @@ def files_containing(folder: Path, needle: str) -> list[Path]:
 def test_token_canary_cli_writes_and_prints_it_nowhere(tmp_path, isolated_data_dir):
     image, _ = subject_image((96, 112))
     image.save(tmp_path / "subject.png")
-    env = cli_env(HF_TOKEN=CANARY, LORA_DATA_DIR=str(isolated_data_dir))
+    env = cli_env(HF_TOKEN=CANARY, ONE_IMAGE_LORA_DATA_DIR=str(isolated_data_dir))
     ok = cli("train", "--image", tmp_path / "subject.png", "--caption", "a photo of [trigger]", "--trigger", "ohwx",
              "--model", "tiny-demo", "--steps", 2, "--save-every", 1, "--resolution", 64, "--output",
              tmp_path / "run", env=env)

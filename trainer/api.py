@@ -63,6 +63,7 @@ def _export(module: str, *names: str) -> None:
 
 # the process
 _export("trainer.paths", "SPACE_VOLUME", "data_dir", "runs_dir")
+_export("trainer.runtime", "Runtime", "current_runtime")
 _export("trainer.libraries", "quiet_libraries")
 # settings
 _export("trainer.config", "TrainingConfig", "list_presets", "load_preset", "TRIGGER_PLACEHOLDER")

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from trainer import api
 from trainer.errors import UserError
+from trainer.runtime import current as current_runtime
 
 EXIT_USER_ERROR = 2
 EXIT_TRAINING_FAILED = 1
@@ -106,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     api.quiet_libraries()
     try:
+        current_runtime()  # every switch read from the environment once, now (a bad value is a UserError)
         if args.command == "presets":
             return _presets()
         if args.command == "mask":

@@ -1,31 +1,33 @@
 """Where the app keeps its files: runs, the tiny demo model, caches.
 
 Everything lives under one data folder outside the working directory (Gradio serves files from the
-working directory and its cache, so job files must not be there). ``LORA_DATA_DIR`` overrides it; on a
-Hugging Face Space the persistent ``/data`` volume is used when it exists.
+working directory and its cache, so job files must not be there). ``ONE_IMAGE_LORA_DATA_DIR`` overrides it; on a
+Hugging Face Space the persistent ``/data`` volume is used when it exists. The folder is the process's
+``Runtime.data_dir`` (``trainer.runtime``: read from the environment once, at start-up).
 """
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from pathlib import Path
 
-SPACE_VOLUME = Path("/data")  # a Space's persistent storage, when the owner has enabled it
+from trainer.runtime import SPACE_VOLUME, Runtime, current
+
+__all__ = ["SPACE_VOLUME", "data_dir", "runs_dir", "tiny_model_dir"]
 
 
-def data_dir(environ: Mapping[str, str] = os.environ, space_volume: Path = SPACE_VOLUME) -> Path:
-    explicit = environ.get("LORA_DATA_DIR")
-    if explicit:
-        return Path(explicit).expanduser().resolve()
-    if environ.get("SPACE_ID") and space_volume.is_dir() and os.access(space_volume, os.W_OK):
-        return space_volume / "one-image-lora"
-    return Path.home() / ".cache" / "one-image-lora"
+def data_dir(environ: Mapping[str, str] | None = None, space_volume: Path = SPACE_VOLUME, *,
+             runtime: Runtime | None = None) -> Path:
+    """The data folder: ``runtime``'s (default: the process's), or, given ``environ``, the one that environment
+    names (the same rules: the variable, else a Space's volume, else ``~/.cache/one-image-lora``)."""
+    if environ is not None:
+        return Runtime.from_environment(environ, space_volume=space_volume).data_dir
+    return (runtime or current()).data_dir
 
 
-def runs_dir() -> Path:
-    return data_dir() / "runs"
+def runs_dir(runtime: Runtime | None = None) -> Path:
+    return data_dir(runtime=runtime) / "runs"
 
 
-def tiny_model_dir(tiny_id: str) -> Path:
+def tiny_model_dir(tiny_id: str, runtime: Runtime | None = None) -> Path:
     """Where a built-in tiny model (``tiny-demo``) is built once and kept."""
-    return data_dir() / "models" / tiny_id
+    return data_dir(runtime=runtime) / "models" / tiny_id

@@ -26,7 +26,7 @@ def hosting_notices(environ: Mapping[str, str] = os.environ, data: Path | None =
     if not on_space(environ):
         return []
     notices = []
-    data = data or api.data_dir(environ)
+    data = data or api.data_dir()  # the process's Runtime
     if not Path(data).is_relative_to(api.SPACE_VOLUME):
         notices.append("⚠️ This Space has no persistent storage: runs are kept in the container and a restart "
                        "erases them. Download checkpoints as they appear, or enable persistent storage (/data) "

@@ -10,10 +10,12 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
+from trainer import api
 from trainer.errors import UserError
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
-USER_ENV, PASSWORD_ENV = "LORA_APP_USERNAME", "LORA_APP_PASSWORD"
+# the login's variables, read by trainer/runtime.py into Runtime.app_username / app_password
+USER_ENV, PASSWORD_ENV = "ONE_IMAGE_LORA_APP_USERNAME", "ONE_IMAGE_LORA_APP_PASSWORD"
 
 
 @dataclass(frozen=True)
@@ -24,8 +26,10 @@ class Exposure:
     auth: tuple[str, str] | None
 
 
-def exposure(host: str, port: int, share: bool, environ=os.environ) -> Exposure:
-    user, password = environ.get(USER_ENV, ""), environ.get(PASSWORD_ENV, "")
+def exposure(host: str, port: int, share: bool, runtime: "api.Runtime | None" = None) -> Exposure:
+    """How to listen, with the login from ``runtime`` (default: the process's); ``UserError`` if that is unsafe."""
+    runtime = runtime or api.current_runtime()
+    user, password = runtime.app_username, runtime.app_password
     auth = (user, password) if user and password else None
     if (host not in LOOPBACK or share) and auth is None:
         where = "a public share link" if share else f"all interfaces ({host})"

@@ -24,7 +24,9 @@ from trainer.events import CheckpointSaved, Event, Failed, Finished, Preview, Pr
 from trainer.model.lora import add_lora, save_lora
 from trainer.runs.folder import RunFolder
 from trainer.training.previews import PreviewRenderer
-from trainer.training.speed import TrainStep, accelerate_transformer, adamw_options, attention_backend
+from trainer.training.accel.attention import attention_backend
+from trainer.training.accel.compile import accelerate_transformer
+from trainer.training.step import TrainStep, adamw_options
 
 
 @dataclass
@@ -42,28 +44,6 @@ class StepTimer:
     def add(self, seconds: float) -> float:
         self._times = (self._times + [seconds])[-self.window:]
         return 1.0 / max(statistics.median(self._times), 1e-9)
-
-
-def training_step(transformer, example: EncodedExample, cfg: TrainingConfig, generator: torch.Generator,
-                  mu: float, use_mask: bool) -> torch.Tensor:
-    """Forward + loss for one noised copy of the image. Returns the loss (graph attached)."""
-    latents = example.latents
-    device = latents.device
-    noise = torch.randn(latents.shape, generator=generator, device=device, dtype=torch.float32).to(latents.dtype)
-    sigmas = flow.sample_sigmas(1, mu, generator, device, cfg.logit_mean, cfg.logit_std)
-    noisy = flow.noisy_latents(latents, noise, sigmas)
-    h, w = example.latent_size
-    guidance = None
-    if getattr(transformer, "module", transformer).config.guidance_embeds:  # unwrap DistributedDataParallel
-        guidance = torch.full((1,), cfg.guidance_scale, device=device, dtype=latents.dtype)
-    with torch.autocast(device.type, dtype=latents.dtype, enabled=device.type == "cuda"):
-        out = transformer(hidden_states=flow.pack_latents(noisy), timestep=sigmas.to(latents.dtype),
-                          guidance=guidance, pooled_projections=example.caption.pooled,
-                          encoder_hidden_states=example.caption.embeds, txt_ids=example.caption.text_ids,
-                          img_ids=example.image_ids, return_dict=False)[0]
-    prediction = flow.unpack_latents(out, h, w)
-    weights = example.weights if use_mask else None
-    return flow.masked_mse(prediction, flow.velocity_target(latents, noise), weights, cfg.normalize_mask)
 
 
 def train_lora(parts, example: EncodedExample, cfg: TrainingConfig, run: RunFolder, renderer: PreviewRenderer,

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from trainer.training.encode import PromptEmbedding
-from trainer.training.speed import preview_autocast
+from trainer.training.accel.graphs import preview_autocast
 
 
 class PreviewRenderer:

@@ -1,0 +1,253 @@
+"""One training step: forward + masked loss + backward, then clip + AdamW; eager, or replayed from CUDA graphs.
+
+``training_step`` is the maths (one noised copy of the image, its flow-matching loss). ``TrainStep`` is what
+``train_lora`` runs each step. On a CUDA GPU, after a few eager warm-up steps, it captures the step as two CUDA
+graphs and replays them: the cached example never changes and the noise comes from the loop's own (registered)
+generator, so a replay *is* the step, with no Python or kernel-launch overhead. The loss is still checked before
+the optimizer graph runs, so nothing non-finite is ever applied. Off the GPU, with ``ONE_IMAGE_LORA_CUDA_GRAPHS=0``,
+or if capturing fails, it runs the plain eager step. ``adamw_options`` makes the optimizer it needs.
+
+Measured numbers and what each change bought: ``bench/RESULTS.md``.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+from typing import Callable
+
+import torch
+
+from trainer.config import TrainingConfig
+from trainer.runtime import Runtime
+from trainer.training import flow
+from trainer.training.accel.compile import is_accelerated, restore_eager
+from trainer.training.accel.graphs import GraphedInference, can_use_cuda_graphs, lora_layers
+from trainer.training.encode import EncodedExample
+
+log = logging.getLogger(__name__)
+
+
+def training_step(transformer, example: EncodedExample, cfg: TrainingConfig, generator: torch.Generator,
+                  mu: float, use_mask: bool) -> torch.Tensor:
+    """Forward + loss for one noised copy of the image. Returns the loss (graph attached)."""
+    latents = example.latents
+    device = latents.device
+    noise = torch.randn(latents.shape, generator=generator, device=device, dtype=torch.float32).to(latents.dtype)
+    sigmas = flow.sample_sigmas(1, mu, generator, device, cfg.logit_mean, cfg.logit_std)
+    noisy = flow.noisy_latents(latents, noise, sigmas)
+    h, w = example.latent_size
+    guidance = None
+    if getattr(transformer, "module", transformer).config.guidance_embeds:  # unwrap DistributedDataParallel
+        guidance = torch.full((1,), cfg.guidance_scale, device=device, dtype=latents.dtype)
+    with torch.autocast(device.type, dtype=latents.dtype, enabled=device.type == "cuda"):
+        out = transformer(hidden_states=flow.pack_latents(noisy), timestep=sigmas.to(latents.dtype),
+                          guidance=guidance, pooled_projections=example.caption.pooled,
+                          encoder_hidden_states=example.caption.embeds, txt_ids=example.caption.text_ids,
+                          img_ids=example.image_ids, return_dict=False)[0]
+    prediction = flow.unpack_latents(out, h, w)
+    weights = example.weights if use_mask else None
+    return flow.masked_mse(prediction, flow.velocity_target(latents, noise), weights, cfg.normalize_mask)
+
+
+def adamw_options(device, runtime: Runtime | None = None) -> dict:
+    """Keyword arguments for ``torch.optim.AdamW`` that suit ``TrainStep`` on ``device``: fused on CUDA, and
+    capturable (its step counter on the GPU) where the step will be replayed from a CUDA graph."""
+    cuda = torch.device(device).type == "cuda"
+    return {"fused": cuda, **({"capturable": True} if can_use_cuda_graphs(device, runtime) else {})}
+
+
+class TrainStep:
+    """``forward_backward(use_mask) -> loss``, then ``apply()`` (clip + AdamW) or ``discard()``.
+
+    Same arithmetic as the plain step: ``training_step`` computes the loss, gradients are clipped
+    to ``cfg.max_grad_norm``, then ``optimizer.step()``. Two speed-ups, both only on CUDA:
+    - under bf16 autocast, peft's cast of each LoRA input to float32 is skipped (autocast casts it straight back
+      to bf16 for the matmul, so the result is bit-identical; the round trip only costs memory traffic);
+    - after ``warmup_steps`` eager steps the step is captured as CUDA graphs and replayed (needs an optimizer
+      made with ``capturable=True``: see ``adamw_options``). ``use_mask`` stays a per-step choice: the graph
+      reads the loss weights from a buffer that holds the mask or ones (all-ones weights give the plain mean).
+    Any failure while capturing falls back to eager steps for the rest of the run; a compile failure at the
+    first step falls back to the uncompiled blocks (``restore_eager``).
+    """
+
+    def __init__(self, transformer, example, cfg, generator: torch.Generator, mu: float, params, optimizer,
+                 *, graphs: bool | None = None, warmup_steps: int = 3, skip_lora_input_cast: bool = True,
+                 step_fn: Callable | None = None, runtime: Runtime | None = None):
+        self.transformer, self.example, self.cfg = transformer, example, cfg
+        self.generator, self.mu, self.params, self.optimizer = generator, mu, list(params), optimizer
+        self._step_fn = step_fn  # None: this module's ``training_step``, looked up at each call
+        self.device = example.latents.device
+        self.cuda = self.device.type == "cuda"
+        capturable = any(g.get("capturable", False) for g in optimizer.param_groups)
+        if graphs is None:
+            graphs = can_use_cuda_graphs(self.device, runtime)
+        self.graphs_wanted = bool(graphs and self.cuda and capturable and getattr(generator, "device", None) is not None
+                                  and generator.device.type == "cuda")
+        self.warmup_steps = warmup_steps
+        self.eager_steps = 0
+        self.graph_error: str | None = None
+        self._graphs = None
+        self._lora = lora_layers(transformer) if (self.cuda and skip_lora_input_cast) else []
+        self._side = None
+        self._eager_pending = False
+        GraphedInference.reset(transformer)  # a new run, maybe a new LoRA: previews recapture
+
+    @property
+    def graphed(self) -> bool:
+        return self._graphs is not None
+
+    # ---- eager
+    def _forward_loss(self, example, use_mask: bool) -> torch.Tensor:
+        for m in self._lora:
+            m.cast_input_dtype_enabled = False
+        try:
+            step_fn = self._step_fn or training_step
+            return step_fn(self.transformer, example, self.cfg, self.generator, self.mu, use_mask)
+        finally:
+            for m in self._lora:
+                m.cast_input_dtype_enabled = True
+
+    def _eager_forward_backward(self, use_mask: bool, example=None) -> float:
+        example = self.example if example is None else example
+        first_compiled = self.eager_steps == 0 and is_accelerated(self.transformer)
+        rng_state = self.generator.get_state() if first_compiled else None
+        try:
+            loss = self._forward_loss(example, use_mask)
+            loss.backward()
+        except torch.OutOfMemoryError:
+            raise
+        except Exception:
+            if rng_state is None:
+                raise
+            # The first step compiles the blocks: if that fails, run them uncompiled rather than fail the job
+            # (same noise as the failed attempt, so the run is what an uncompiled run would have been).
+            log.warning("compiling the transformer blocks failed; training uncompiled", exc_info=True)
+            self.optimizer.zero_grad(set_to_none=True)
+            restore_eager(self.transformer)
+            self.generator.set_state(rng_state)
+            loss = self._forward_loss(example, use_mask)
+            loss.backward()
+        self.eager_steps += 1
+        return loss.item()
+
+    # ---- graphs
+    def _capture(self) -> None:
+        cfg, opt, params = self.cfg, self.optimizer, self.params
+        weights = self.example.weights
+        mask_buffer = ones = None
+        # The latents live in a buffer too, so a step may train on another image of the same size (augmentation).
+        latent_buffer = self.example.latents.detach().clone()
+        example = dataclasses.replace(self.example, latents=latent_buffer)
+        if weights is not None:
+            mask_buffer = weights.detach().clone()
+            ones = torch.ones_like(mask_buffer)
+            example = dataclasses.replace(example, weights=mask_buffer)
+        torch.cuda.synchronize()
+        opt.zero_grad(set_to_none=True)  # backward allocates the gradients inside the graph's memory pool
+        fwd, upd = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+        fwd.register_generator_state(self.generator)
+        with torch.cuda.graph(fwd, capture_error_mode="thread_local"):
+            loss = self._forward_loss(example, weights is not None)
+            loss.backward()
+        with torch.cuda.graph(upd, pool=fwd.pool(), capture_error_mode="thread_local"):
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            opt.step()
+        torch.cuda.synchronize()
+        self._graphs = (fwd, upd, loss, mask_buffer, ones, latent_buffer)
+
+    def _release_graphs(self) -> None:
+        self._graphs = None
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+
+    def _fits_graph(self, example) -> bool:
+        """Can the captured graph train on ``example``? Same caption and positions, latents of the same shape."""
+        mine = self.example
+        return example is mine or (example.latents.shape == mine.latents.shape
+                                   and example.latents.dtype == mine.latents.dtype
+                                   and example.caption is mine.caption and example.image_ids is mine.image_ids)
+
+    def forward_backward(self, use_mask: bool, example=None) -> float:
+        """Compute the loss and the LoRA gradients for one noised copy of ``example`` (default: the run's
+        example; ``use_mask`` is then only honoured if that example has weights); returns the loss value."""
+        example = self.example if example is None else example
+        use_mask = bool(use_mask and example.weights is not None)
+        if not self._fits_graph(example) or (use_mask and example.weights.shape != self.example.weights.shape):
+            return self._eager_once(example, use_mask)
+        if self._graphs is None and self.graphs_wanted and self.graph_error is None \
+                and self.eager_steps >= self.warmup_steps:
+            try:
+                self._capture()
+            except torch.OutOfMemoryError as err:
+                self.graph_error = f"OutOfMemoryError: {err}"[:300]
+                self._release_graphs()
+            except Exception as err:  # anything the capture can't handle: stay eager
+                log.warning("capturing the training step as a CUDA graph failed; staying eager", exc_info=True)
+                self.graph_error = f"{type(err).__name__}: {err}"[:300]
+                self._release_graphs()
+        if self._graphs is not None:
+            fwd, _, loss, mask_buffer, ones, latent_buffer = self._graphs
+            if mask_buffer is None and use_mask:
+                return self._eager_once(example, use_mask)
+            latent_buffer.copy_(example.latents)
+            if mask_buffer is not None:
+                mask_buffer.copy_(example.weights if use_mask else ones)
+            fwd.replay()
+            self._eager_pending = False
+            return loss.item()
+        if self.graphs_wanted and self.graph_error is None:
+            # Warm-up steps before the capture run on a side stream, as CUDA-graph capture requires.
+            with self._side_stream():
+                return self._eager_forward_backward(use_mask, example)
+        return self._eager_forward_backward(use_mask, example)
+
+    def _eager_once(self, example, use_mask: bool) -> float:
+        """A step the graph can't express: eager; its gradients are applied eagerly by ``apply``."""
+        if self._graphs is not None:
+            self.optimizer.zero_grad(set_to_none=False)  # keep the graph's gradient tensors; backward adds into them
+        value = self._eager_forward_backward(use_mask, example)
+        self._eager_pending = self._graphs is not None
+        return value
+
+    def apply(self) -> None:
+        """Clip the gradients and take the optimizer step (then clear the gradients)."""
+        if self._graphs is not None:
+            self._graphs[1].replay()  # works on the graph's gradient tensors, also after an ``_eager_once`` step
+            self._eager_pending = False
+            return
+        if self.graphs_wanted and self.graph_error is None:
+            with self._side_stream():
+                self._eager_apply()
+            return
+        self._eager_apply()
+
+    @contextlib.contextmanager
+    def _side_stream(self):
+        if self._side is None:
+            self._side = torch.cuda.Stream()
+        current = torch.cuda.current_stream()
+        self._side.wait_stream(current)
+        try:
+            with torch.cuda.stream(self._side):
+                yield
+        finally:
+            current.wait_stream(self._side)
+
+    def _eager_apply(self) -> None:
+        torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def discard(self) -> None:
+        """Drop the gradients of the last ``forward_backward`` (e.g. the loss was not finite)."""
+        if self._graphs is None:
+            self.optimizer.zero_grad(set_to_none=True)
+        self._eager_pending = False
+
+    def close(self) -> None:
+        """Free the graphs' memory (the gradients live in it)."""
+        if self._graphs is not None:
+            self._release_graphs()
