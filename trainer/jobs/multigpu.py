@@ -43,7 +43,7 @@ from trainer.events import TERMINAL_EVENTS, Event, Failed, from_json_line
 from trainer.runs.folder import RunFolder
 
 log = logging.getLogger(__name__)
-ROOT = Path(__file__).resolve().parent.parent  # the folder holding the trainer package (for the child's PYTHONPATH)
+ROOT = Path(__file__).resolve().parents[2]  # the folder holding the trainer package (for the child's PYTHONPATH)
 TOKEN_VARIABLES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 POLL_SECONDS = 0.2
 EXIT_GRACE_SECONDS = 120.0  # after the terminal event, how long the processes get to exit on their own

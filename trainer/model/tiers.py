@@ -16,7 +16,7 @@ import torch
 
 from trainer.errors import UserError
 
-TIERS_DIR = Path(__file__).resolve().parent.parent / "presets" / "memory"
+TIERS_DIR = Path(__file__).resolve().parents[2] / "presets" / "memory"
 AUTO = "auto"
 WEIGHT_STORAGES = ("bf16", "fp8", "nf4")
 # What a card of N GB leaves to one process: the CUDA context (~0.5 GiB) and, on a desktop, the display take
