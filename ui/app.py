@@ -17,7 +17,7 @@ from trainer.jobs.manager import JobManager
 from trainer.dataset.masking import MASK_MODELS
 from trainer.model.loading import default_model
 from trainer.runs.diskspace import start_temp_sweeper
-from trainer.runs.resume import mark_interrupted
+from trainer.runs.lifecycle import mark_interrupted
 from ui import dataset_step, settings_step
 from ui import compare_tab, tryit_tab
 from ui.compare_tab import user_errors

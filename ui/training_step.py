@@ -73,10 +73,7 @@ class TrainingController:
             raise UserError(f"This server can give a job at most {self.manager.max_gpus} GPU(s); {gpus} were asked for.")
         own_backgrounds = load_user_backgrounds(_file_paths(backgrounds))
         run = RunFolder.create(self.runs_root / owner_folder(owner), config, dataset.image, dataset.mask,
-                               backgrounds=own_backgrounds)
-        if gpus > 1:
-            run.gpus = gpus  # the job manager gives the job this many devices
-            run.save()
+                               backgrounds=own_backgrounds, gpus=gpus)  # the job manager gives it this many devices
         try:
             self.manager.submit(owner, run, token=token)
         except UserError:
@@ -86,7 +83,7 @@ class TrainingController:
 
     def resumable_run(self, owner: str) -> Path | None:
         """The owner's newest run that a server restart interrupted (only ever looks in the owner's own folder)."""
-        from trainer.runs.resume import interrupted_runs
+        from trainer.runs.lifecycle import interrupted_runs
 
         if self.manager.active_for(owner) is not None:
             return None
