@@ -9,7 +9,7 @@ import threading
 
 from tests.conftest import subject_image
 from trainer.config import TrainingConfig
-from trainer.events import Finished, Progress
+from trainer.events import Finished, Placed, Progress, Status
 from trainer.jobs.manager import JobManager
 from trainer.runs.folder import RunFolder
 from ui.view import RunView
@@ -22,6 +22,8 @@ def test_jobs_of_different_visitors_run_side_by_side_one_per_gpu(tmp_path):
 
     def runner(run, should_stop, token=None, device=None):
         seen[run.path.name] = device
+        yield Placed(model_path="tiny-demo", memory_tier="full", devices=(device,))  # as run_training does,
+        yield Status("Loading model")  # then says what it does there
         if len(seen) <= 2:  # the first two meet the test at the barrier; the third comes after they end
             started.wait()
         release.wait(30)

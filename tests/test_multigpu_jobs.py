@@ -17,11 +17,12 @@ import pytest
 from tests.conftest import subject_image
 from trainer.cli import main as cli_main
 from trainer.config import TrainingConfig
-from trainer.events import (CheckpointSaved, Failed, Finished, LossHistory, Preview, PreviewsRendered, Progress,
-                            Started, Status, event_from_dict, event_to_dict, from_json_line, to_json_line)
+from trainer.events import (CheckpointSaved, Failed, Finished, LossHistory, Placed, Preview, PreviewsRendered,
+                            Progress, Started, Status, describe_devices, event_from_dict, event_to_dict, from_json_line,
+                            to_json_line)
 from trainer.errors import UserError
 from trainer.jobs.manager import JobManager
-from trainer.jobs.multigpu import child_environment, describe_devices
+from trainer.jobs.multigpu import child_environment
 from trainer.runs.folder import RunFolder
 from ui.view import RunView
 
@@ -33,10 +34,7 @@ def prepared_run(root: Path, name: str, steps: int = 4, save_every: int = 2) -> 
     """A run folder as the app creates it, asking for 2 devices (the tiny model, 64 px: seconds per run)."""
     image, mask = subject_image((128, 160))
     cfg = TrainingConfig(model="tiny-demo", steps=steps, save_every=save_every, resolution=64)
-    run = RunFolder.create(root, cfg, image, mask, run_id=name)
-    run.gpus = 2
-    run.save()
-    return run
+    return RunFolder.create(root, cfg, image, mask, run_id=name, gpus=2)
 
 
 def training_processes(run: RunFolder) -> dict[int, dict[str, str]]:
@@ -96,6 +94,10 @@ def test_every_event_round_trips_through_one_json_line():
         Finished(run_dir=run_dir, last_step=50, stopped=True),
         Failed("The loss became nan at step 3.", "not_finite", 2),
         Failed("no model", "user"),
+        Placed(model_path=Path("/models/tiny-demo"), memory_tier="16gb", devices=("cuda:0", "cuda:2")),
+        Placed(model_path=Path("/models/x"), memory_tier="full"),
+        CheckpointSaved(step=100, path=run_dir / "lora-000100.safetensors", size_bytes=1234,
+                        losses=((51, 0.5), (52, 0.25))),
     ]
     for event in events:
         line = to_json_line(event)
@@ -124,6 +126,8 @@ def test_a_two_device_job_waits_for_two_free_devices_and_holds_them(tmp_path):
 
     def several(run, should_stop, token=None, devices=()):
         seen[run.path.name] = tuple(devices)
+        yield Placed(model_path="tiny-demo", memory_tier="full", devices=tuple(devices))  # as run_on_gpus does,
+        yield Status("Loading model")  # then says what it does there
         release[run.path.name].wait(30)
         yield Finished(run_dir=run.path, last_step=1, stopped=False)
 
@@ -140,7 +144,7 @@ def test_a_two_device_job_waits_for_two_free_devices_and_holds_them(tmp_path):
     assert manager.queue_position(bob) == 1 and manager.queue_position(carol) == 2
     release["alice"].set()
     list(alice.follow())
-    wait_for(bob, Status)
+    wait_for(bob, Placed)
     assert seen["bob"] == ("cpu:0", "cpu:1") and bob.devices == ("cpu:0", "cpu:1") and bob.device is None
     time.sleep(0.3)
     assert carol.state == "queued"  # no device is handed out while bob holds both
@@ -179,7 +183,7 @@ def test_prepared_refuses_a_started_run_and_settings_on_the_command_line(tmp_pat
     run = prepared_run(tmp_path, "r")
     assert cli_main(["train", "--output", str(run.path), "--prepared", "--steps", "3"]) == 2
     assert "drop --steps" in capsys.readouterr().err
-    run.set_status("stopped")
+    run.set_status("stopped")  # a lifecycle write: no job holds the run
     events = tmp_path / "events.jsonl"
     assert cli_main(["train", "--output", str(run.path), "--prepared", "--events-jsonl", str(events)]) == 2
     assert "has already started" in capsys.readouterr().err
@@ -200,7 +204,9 @@ def test_a_two_process_job_trains_once_and_streams_the_same_events(tmp_path, man
     events = list(job.follow())
 
     assert job.state == "finished" and job.devices == ("cpu:0", "cpu:1")
-    assert events[0] == Status("Running on 2 CPU processes (gloo; they share the CPU)")
+    placed = [e for e in events if isinstance(e, Placed)]  # the job's devices, as the app numbers them
+    assert len(placed) == 1 and placed[0].devices == ("cpu:0", "cpu:1") and placed[0].memory_tier
+    assert describe_devices(placed[0].devices) == "2 CPU processes (gloo; they share the CPU)"
     assert isinstance(events[-1], Finished) and not events[-1].stopped and events[-1].last_step == 4
     assert sum(isinstance(e, (Finished, Failed)) for e in events) == 1
     assert [e.step for e in events if isinstance(e, Progress)] == [1, 2, 3, 4]  # one stream, not one per process

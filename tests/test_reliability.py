@@ -25,7 +25,7 @@ from tests.test_resume import ROOT, lora_of, new_run, tiny_config
 from trainer.runs import diskspace
 from trainer.training import step as train_step
 from trainer.training import job as train
-from trainer.runs import resume as training_state
+from trainer.runs import lifecycle, state
 from trainer.config import list_presets
 from trainer.errors import UserError
 from trainer.events import CheckpointSaved, Failed, Finished, PreviewsRendered, Progress, Started
@@ -35,7 +35,7 @@ from trainer.training.job import run_training
 
 
 def saved_files(run: RunFolder) -> list[Path]:
-    return sorted(run.path.glob("*.safetensors")) + sorted((run.path / training_state.STATE_DIR).glob("*.safetensors"))
+    return sorted(run.path.glob("*.safetensors")) + sorted((run.path / state.STATE_DIR).glob("*.safetensors"))
 
 
 def assert_all_finite(run: RunFolder) -> None:
@@ -85,7 +85,7 @@ def test_disk_filling_up_mid_run_fails_cleanly_and_keeps_earlier_checkpoints(tmp
     assert [p.name for p in saved_files(run)] == ["lora-000001.safetensors", "lora-000002.safetensors",
                                                  "state-000001.safetensors", "state-000002.safetensors"]
     for step in (1, 2):
-        training_state.load_state(RunFolder.open(run.path), step)  # intact, resumable
+        state.load_state(RunFolder.open(run.path), step)  # intact, resumable
     assert no_temp_files(run)
 
     monkeypatch.setattr(diskspace, "free_bytes", lambda path: 10 ** 12)  # space freed: resume finishes the run
@@ -156,15 +156,15 @@ def test_kill_during_checkpoint_and_state_writes_leaves_no_partial_file_under_th
         # The state is written on a background thread, so the kill can also catch another atomic write (run.json)
         # halfway: every leftover is a temporary file, none carries a final name, and resume removes them.
         assert any(name.startswith("." + target + ".") for name in leftovers), leftovers
-        assert all(training_state._TMP_NAME.match(name) for name in leftovers), leftovers
+        assert all(lifecycle._TMP_NAME.match(name) for name in leftovers), leftovers
         json.loads((run.path / "run.json").read_text())  # the manifest under its final name is whole
-        final = run.path / target if target.startswith("lora") else run.path / training_state.STATE_DIR / target
+        final = run.path / target if target.startswith("lora") else run.path / state.STATE_DIR / target
         if target.startswith("lora"):
             assert not final.exists()  # half a checkpoint never carries the final name
         else:
             assert run.checkpoint_path(2).is_file() and not final.exists()
         lora_of(run.checkpoint_path(1))  # the previous checkpoint loads
-        training_state.load_state(RunFolder.open(run.path), 1)
+        state.load_state(RunFolder.open(run.path), 1)
 
     # Resuming one of them removes the leftovers and the step-2 checkpoint that has no state, then finishes.
     run = runs["state-000002.safetensors"]

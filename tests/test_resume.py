@@ -18,7 +18,7 @@ import safetensors.torch
 import torch
 
 from tests.conftest import subject_image
-from trainer.runs import resume as training_state
+from trainer.runs import lifecycle, state
 from trainer.config import load_preset
 from trainer.errors import UserError
 from trainer.events import CheckpointSaved, Failed, Finished, Progress, Status
@@ -139,7 +139,7 @@ def test_resume_from_last_state_reproduces_the_remaining_checkpoints(finished_ru
     run = copy_as_crashed(finished_run, tmp_path / "run")
     for step in (3, 4):  # as if killed after the step-2 save
         run.checkpoint_path(step).unlink()
-        for f in training_state.state_files(run.path, step):
+        for f in state.state_files(run.path, step):
             f.unlink()
     events = resume_run(run)
     assert isinstance(events[-1], Finished) and not events[-1].stopped
@@ -163,7 +163,7 @@ def test_a_resumed_job_shows_the_whole_loss_curve(tmp_path):
     assert all(abs(a - b) < 1e-5 for (_, a), (_, b) in zip(run.loss_history(), trained))
     for step in (3, 4):  # as if killed after the step-2 save
         run.checkpoint_path(step).unlink()
-        for f in training_state.state_files(run.path, step):
+        for f in state.state_files(run.path, step):
             f.unlink()
     run.set_status("interrupted")
     events = resume_run(run)
@@ -180,7 +180,7 @@ def test_a_resumed_job_shows_the_whole_loss_curve(tmp_path):
 def damage(run: RunFolder, step: int, how: str) -> None:
     import pickle
 
-    tensors, meta = training_state.state_files(run.path, step)
+    tensors, meta = state.state_files(run.path, step)
     ckpt = run.checkpoint_path(step)
     if how == "truncate_state":
         tensors.write_bytes(tensors.read_bytes()[:1000])
@@ -215,13 +215,13 @@ def test_damaged_newest_saves_are_skipped_with_a_warning(finished_run, tmp_path,
     assert [e.step for e in events if isinstance(e, Progress)] == [3, 4]
     for step in (3, 4):  # re-trained from step 2's state, bit for bit
         assert_same_lora(finished_run / run.checkpoint_path(step).name, run.checkpoint_path(step))
-        training_state.load_state(RunFolder.open(run.path), step)  # and the new states are intact
+        state.load_state(RunFolder.open(run.path), step)  # and the new states are intact
 
 
 def test_no_usable_state_at_all_is_refused(finished_run, tmp_path):
     run = copy_as_crashed(finished_run, tmp_path / "run")
     for step in range(1, 5):
-        training_state.state_files(run.path, step)[0].write_bytes(b"not a state")
+        state.state_files(run.path, step)[0].write_bytes(b"not a state")
     events = resume_run(run)
     assert isinstance(events[-1], Failed) and events[-1].kind == "user"
     assert "can't be resumed" in events[-1].message
@@ -283,19 +283,19 @@ def test_open_for_resume_refuses_a_symlinked_manifest(finished_run, tmp_path):
     (tmp_path / "fake").mkdir()
     (tmp_path / "fake" / "run.json").symlink_to(finished_run / "run.json")
     with pytest.raises(UserError, match="not a run folder written by this app"):
-        training_state.open_for_resume(tmp_path / "fake")
+        lifecycle.open_for_resume(tmp_path / "fake")
 
 
 def test_the_same_run_is_never_trained_by_two_processes(finished_run, tmp_path):
     run = copy_as_crashed(finished_run, tmp_path / "run")
-    lock = training_state.RunLock(run.path).acquire()
+    lock = lifecycle.RunLock(run.path).acquire()
     try:
         events = resume_run(run)
         assert isinstance(events[-1], Failed) and "being trained by another process" in events[-1].message
-        assert training_state.is_locked(run.path)
+        assert lifecycle.is_locked(run.path)
     finally:
         lock.release()
-    assert not training_state.is_locked(run.path)
+    assert not lifecycle.is_locked(run.path)
 
 
 # ---- plan point 11: a server restart marks running jobs interrupted and offers Resume ----------------------------
@@ -313,9 +313,9 @@ def test_restart_marks_live_runs_interrupted_and_job_manager_resumes_them(finish
     loading = copy_as_crashed(finished_run, owner_root / "20260101-000001-lora-bbbb", status="loading")
     done = copy_as_crashed(finished_run, owner_root / "20260101-000002-lora-cccc", status="finished")
     live = copy_as_crashed(finished_run, owner_root / "20260101-000003-lora-dddd", status="running")
-    held = training_state.RunLock(live.path).acquire()  # another process is still training this one
+    held = lifecycle.RunLock(live.path).acquire()  # another process is still training this one
     try:
-        marked = training_state.mark_interrupted(runs_root)
+        marked = lifecycle.mark_interrupted(runs_root)
     finally:
         held.release()
     assert sorted(marked) == sorted([crashed.path, loading.path])
@@ -408,14 +408,14 @@ def test_the_background_state_writer_snapshots_at_save_time_and_reports_write_er
     cfg = tiny_config()
     run = new_run(tmp_path / "run")
     before = params[0].detach().clone()
-    writer = training_state.StateWriter()
+    writer = state.StateWriter()
     writer.save(run.path, 1, parts.transformer, optimizer, generator, mask_generator, cfg)
     with torch.no_grad():
         params[0].add_(1.0)  # the next training step changes the weights while the write may still be running
     writer.wait()
-    state_file, json_file = training_state.state_files(run.path, 1)
+    state_file, json_file = state.state_files(run.path, 1)
     saved = safetensors.torch.load_file(state_file)
-    name = training_state.lora_named_parameters(parts.transformer)[0][0]
+    name = state.lora_named_parameters(parts.transformer)[0][0]
     assert torch.equal(saved[f"lora.{name}"], before.float()) and json_file.is_file()
 
     blocked = tmp_path / "not-a-folder"

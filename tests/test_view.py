@@ -161,3 +161,22 @@ def test_a_failure_before_training_shows_only_the_message():
                                            (3725, "1:02:05"), (-3, "0:00")])
 def test_durations_read_as_clock_times(seconds, text):
     assert format_duration(seconds) == text
+
+
+def test_the_devices_come_from_placed():
+    """The job says where it runs (``Placed``); the page names GPUs and several processes, not a lone CPU."""
+    from trainer.events import Placed
+
+    def shown(devices):
+        view = replay([Status("Resolving model tiny-demo"),
+                       Placed(model_path="/models/tiny-demo", memory_tier="full", devices=devices),
+                       Status("Loading model")])
+        return view.gpu, view.progress_markdown()
+
+    assert shown(("cuda:1",)) == ("GPU 1", "**Loading model** · on GPU 1")
+    assert shown(("cuda:0", "cuda:2"))[0] == "GPUs 0, 2"
+    assert shown(("cpu:0", "cpu:1"))[0] == "2 CPU processes (gloo; they share the CPU)"
+    assert shown(("cpu",)) == ("", "**Loading model**")
+    assert shown(("cpu:0",))[0] == ""
+    # a Status that reads like the job manager's old note is only a status now
+    assert replay([Status("Running on GPUs 0, 1")]).gpu == ""

@@ -291,8 +291,9 @@ def _prepared_run(args):
     return run
 
 
-def _prepare_new_run(args):
-    """Validate the inputs, decide the mask, and create the run folder (config, image, mask, run.json)."""
+def _prepare_new_run(args, gpus: int = 1):
+    """Validate the inputs, decide the mask, and create the run folder (config, image, mask, run.json); ``gpus``:
+    the data-parallel processes that will train it."""
     from trainer.dataset.masking import POINT_NOT_FOUND
     from trainer.runs.folder import RunFolder
 
@@ -325,7 +326,7 @@ def _prepare_new_run(args):
             print(f"warning: the automatic mask is unsure: check {Path(args.output) / 'dataset' / 'mask.png'}, "
                   "or give your own with --mask (white = subject).", file=sys.stderr)
     try:
-        run = RunFolder.create_at(args.output, config, image, mask, backgrounds)
+        run = RunFolder.create_at(args.output, config, image, mask, backgrounds, gpus=gpus)
     except FileExistsError:
         raise UserError(f"The output folder '{args.output}' already exists and is not empty. Choose a new folder, "
                         "or add --resume to continue the run in it.") from None
@@ -358,15 +359,13 @@ def _train_distributed(args, context, should_stop, sink) -> int:
 
     run = None
     if context.is_main:
-        run = _prepared_run(args) if args.prepared else _prepare_new_run(args)
+        run = _prepared_run(args) if args.prepared else _prepare_new_run(args, gpus=context.world_size)
     context.barrier()  # the run folder exists before any other process opens it
     if run is None:
         run = RunFolder.open(args.output)
         run.writable = False
     else:
         lr = run.config.learning_rate
-        run.gpus = context.world_size
-        run.save()
         unit = "GPUs" if context.device.type == "cuda" else "processes"
         print(f"{context.world_size} {unit}, batch 1 on each: learning rate {lr:g} x sqrt({context.world_size}) = "
               f"{scaled_learning_rate(lr, context.world_size):.3g}", file=sys.stderr)
@@ -374,7 +373,7 @@ def _train_distributed(args, context, should_stop, sink) -> int:
 
 
 def _resumed_run(args):
-    from trainer.runs.resume import open_for_resume
+    from trainer.runs.lifecycle import open_for_resume
 
     _refuse_settings(args, "--resume")
     return open_for_resume(args.output)

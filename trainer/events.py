@@ -1,7 +1,12 @@
 """Typed events out of a training job: the only thing the UI and the CLI learn about a run.
 
 Frozen dataclasses, one per kind of news, in the order a run produces them:
-Status* → Started → (Progress | CheckpointSaved | PreviewsRendered)* → Finished | Failed.
+Status* → Placed → Status* → Started → (Progress | CheckpointSaved | PreviewsRendered)* → Finished | Failed
+(a resumed run first repeats what it had saved: LossHistory, CheckpointSaved and PreviewsRendered).
+
+They carry every fact of the run's record too: ``trainer.runs.recorder.RunRecorder`` folds them into run.json as
+they pass, and ``ui.view.RunView`` folds the same events into the page. New fields get defaults, so an event
+line written without them still parses.
 
 ``to_json_line`` / ``from_json_line`` carry them across a process boundary (a multi-GPU job's main process
 writes one JSON object per line; the app reads them back into the same typed events).
@@ -11,13 +16,24 @@ from __future__ import annotations
 import json
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal, Sequence, Union
 
 
 @dataclass(frozen=True)
 class Status:
     """A phase before or between steps (resolving, loading, encoding, rendering previews)."""
     message: str
+
+
+@dataclass(frozen=True)
+class Placed:
+    """The model is resolved and the memory tier chosen; the job loads the model onto ``devices`` next.
+
+    ``devices``: the job's devices as labels, ``("cuda:0",)``, ``("cpu",)``, or every process's in a multi-GPU
+    job (``("cuda:2", "cuda:3")``, ``("cpu:0", "cpu:1")``: ``describe_devices`` words them)."""
+    model_path: Path | str
+    memory_tier: str
+    devices: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -43,6 +59,7 @@ class CheckpointSaved:
     step: int
     path: Path
     size_bytes: int
+    losses: tuple[tuple[int, float], ...] = ()  # (step, loss) of the steps since the previous save (run.json keeps them)
 
 
 @dataclass(frozen=True)
@@ -83,14 +100,23 @@ class Failed:
     last_step: int = 0
 
 
-Event = Union[Status, Started, Progress, LossHistory, CheckpointSaved, PreviewsRendered, Finished, Failed]
+Event = Union[Status, Placed, Started, Progress, LossHistory, CheckpointSaved, PreviewsRendered, Finished, Failed]
 TERMINAL_EVENTS = (Finished, Failed)
 
 
+def describe_devices(devices: Sequence[str]) -> str:
+    """``GPUs 0, 1`` for CUDA devices; ``2 CPU processes`` for the CPU (tests, gloo): ``Placed.devices`` in words."""
+    if devices and all(d.startswith("cuda") for d in devices):
+        ids = [d.split(":")[-1] if ":" in d else "0" for d in devices]
+        return f"GPU {ids[0]}" if len(ids) == 1 else f"GPUs {', '.join(ids)}"
+    return "the CPU" if len(devices) == 1 else f"{len(devices)} CPU processes (gloo; they share the CPU)"
+
+
 # ---- one event as one line of JSON (a multi-GPU job's processes → the app)
-_TYPES = {cls.__name__: cls for cls in (Status, Started, Progress, LossHistory, CheckpointSaved, PreviewsRendered,
+_TYPES = {cls.__name__: cls for cls in (Status, Placed, Started, Progress, LossHistory, CheckpointSaved, PreviewsRendered,
                                          Finished, Failed)}
-_PATH_FIELDS = {"run_dir", "path"}
+_PATH_FIELDS = {"run_dir", "path", "model_path"}
+_POINT_FIELDS = {"points", "losses"}  # (step, loss) pairs
 
 
 def event_to_dict(event: Event) -> dict[str, Any]:
@@ -104,7 +130,7 @@ def event_to_dict(event: Event) -> dict[str, Any]:
             value = str(value)
         elif f.name == "previews":
             value = [{"path": str(p.path), "prompt": p.prompt, "seed": p.seed} for p in value]
-        elif f.name == "points":
+        elif f.name in _POINT_FIELDS:
             value = [[step, loss] for step, loss in value]
         elif isinstance(value, tuple):
             value = list(value)
@@ -129,9 +155,9 @@ def event_from_dict(data: dict[str, Any]) -> Event:
             value = Path(value)
         elif name == "previews":
             value = tuple(Preview(path=Path(p["path"]), prompt=p["prompt"], seed=p["seed"]) for p in value)
-        elif name == "checkpoint_steps":
+        elif name in ("checkpoint_steps", "devices"):
             value = tuple(value)
-        elif name == "points":
+        elif name in _POINT_FIELDS:
             value = tuple((int(step), float(loss)) for step, loss in value)
         values[name] = value
     return cls(**values)

@@ -1,14 +1,15 @@
 """What the training section of the page shows, computed from trainer events alone (no Gradio here).
 
 ``RunView.apply(event)`` folds one event into the view; replaying a job's whole history into a fresh
-``RunView`` rebuilds the page exactly, which is how a reloaded tab re-attaches to a running job.
+``RunView`` rebuilds the page exactly, which is how a reloaded tab re-attaches to a running job. Its twin,
+``trainer.runs.recorder.RunRecorder``, folds the same events into the run's run.json.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from trainer.events import (CheckpointSaved, Event, Failed, Finished, LossHistory, PreviewsRendered, Progress, Started,
-                            Status)
+from trainer.events import (CheckpointSaved, Event, Failed, Finished, LossHistory, Placed, PreviewsRendered, Progress,
+                            Started, Status, describe_devices)
 
 
 @dataclass
@@ -26,14 +27,16 @@ class RunView:
     running: bool = False
     error: str = ""
     queue_position: int = 0
-    gpu: str = ""  # "GPU 1" / "GPUs 0, 1" when the box has several GPUs: the ones the job was given
+    gpu: str = ""  # "GPU 1" / "GPUs 0, 1" / "2 CPU processes …": the devices the job was given (none for one CPU)
 
     def apply(self, event: Event) -> None:
         if isinstance(event, Status):
             self.running = True
             self.status = event.message
-            if event.message.startswith("Running on "):  # the job manager's note of the devices it gave the job
-                self.gpu = event.message.removeprefix("Running on ")
+        elif isinstance(event, Placed):
+            self.running = True
+            lone_cpu = len(event.devices) == 1 and event.devices[0].startswith("cpu")
+            self.gpu = describe_devices(event.devices) if event.devices and not lone_cpu else ""  # GPUs; N processes
         elif isinstance(event, Started):
             self.running = True
             self.total_steps = event.total_steps

@@ -14,7 +14,8 @@ the head waits for a second one). A job holds its devices until its runner has e
 them meanwhile. A job with N > 1 devices runs through ``multi_runner`` (``trainer.jobs.multigpu.run_on_gpus``: N
 data-parallel processes under torchrun) instead of ``runner``; it needs a manager with N devices or more
 (``devices=gpu_devices()``; on the CPU, tests pass ``["cpu:0", "cpu:1"]``: two gloo processes sharing the CPU).
-A resumed job always runs on one device, as ``python -m trainer train --resume`` does.
+A resumed job always runs on one device, as ``python -m trainer train --resume`` does. The page learns which
+devices a job got from its runner's ``Placed`` event; the manager itself writes no run.json (the runner records).
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from trainer.errors import UserError
-from trainer.events import TERMINAL_EVENTS, Event, Failed, Finished, Status
+from trainer.events import TERMINAL_EVENTS, Event, Failed, Finished
 from trainer.runs.folder import RunFolder
 from trainer.training.job import run_training
 
@@ -164,10 +165,10 @@ class JobManager:
                allowed_root: Path | None = None) -> Job:
         """Queue a job that continues the run in ``run_dir`` from its newest intact training state.
 
-        Only a run folder this app wrote (``trainer.runs.resume.open_for_resume``), inside ``allowed_root`` when
+        Only a run folder this app wrote (``trainer.runs.lifecycle.open_for_resume``), inside ``allowed_root`` when
         given (the owner's own folder), that no other owner's job has touched and that no job is training now.
         """
-        from trainer.runs.resume import open_for_resume
+        from trainer.runs.lifecycle import open_for_resume
 
         run_dir = Path(run_dir)
         if allowed_root is not None:
@@ -281,10 +282,6 @@ class JobManager:
                 runner, extra["devices"] = self._multi_runner, job.devices
             elif job.device is not None:
                 extra["device"] = job.device
-            if job.devices:
-                from trainer.jobs.multigpu import describe_devices
-
-                job.publish(Status(f"Running on {describe_devices(job.devices)}"))
             events = runner(job.run, should_stop=lambda: job.stop_requested, token=job.token, **extra)
             try:
                 for event in events:

@@ -18,6 +18,12 @@ the app already created (``--prepared``: its run.json and dataset/, settings fro
   ``Finished(stopped=True)`` with what was saved. The processes also stop if the app's process disappears.
 - **Crash**: processes that exit without a terminal event (a process killed, out of host memory, a bug) become a
   ``Failed`` event with the exit status and the last error line; run.json says "failed"; checkpoints are kept.
+- **run.json**: the main process records every event in it (``run_training``'s ``RunRecorder``); this side writes
+  it only in the crash case, when no process is left to (a ``RunRecorder`` on a freshly opened ``RunFolder``). The
+  app's ``RunFolder`` object follows the job by folding the same events in memory (``RunRecorder(write=False)``),
+  so it ends as run.json does without copying it back from disk.
+- **Devices**: the page hears of the job's devices from ``Placed``, in the app's numbering (``cuda:2``, not the
+  processes' own ``cuda:0``).
 - **Token**: only as ``HF_TOKEN`` in the child processes' environment: never on the command line, never in a file.
 - **Control folder**: a private temporary folder per job (mode 0700, outside the run folder, which the app serves),
   removed when the job ends.
@@ -35,12 +41,13 @@ import tempfile
 import threading
 import time
 from collections import deque
-from dataclasses import fields
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Sequence
 
-from trainer.events import TERMINAL_EVENTS, Event, Failed, from_json_line
+from trainer.events import TERMINAL_EVENTS, Event, Failed, Placed, describe_devices, from_json_line
 from trainer.runs.folder import RunFolder
+from trainer.runs.recorder import RunRecorder
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[2]  # the folder holding the trainer package (for the child's PYTHONPATH)
@@ -49,14 +56,6 @@ POLL_SECONDS = 0.2
 EXIT_GRACE_SECONDS = 120.0  # after the terminal event, how long the processes get to exit on their own
 STOP_GRACE_SECONDS = 60.0  # when the reader goes away (app shutdown): how long a stop may take before they are ended
 FINISHED_STATUSES = ("finished", "stopped", "failed")
-
-
-def describe_devices(devices: Sequence[str]) -> str:
-    """``GPUs 0, 1`` for CUDA devices; ``2 CPU processes`` for the CPU (tests, gloo)."""
-    if devices and all(d.startswith("cuda") for d in devices):
-        ids = [d.split(":")[-1] if ":" in d else "0" for d in devices]
-        return f"GPU {ids[0]}" if len(ids) == 1 else f"GPUs {', '.join(ids)}"
-    return "the CPU" if len(devices) == 1 else f"{len(devices)} CPU processes (gloo; they share the CPU)"
 
 
 def child_environment(devices: Sequence[str], token: str | None, environ: Mapping[str, str] = os.environ) -> dict:
@@ -93,6 +92,7 @@ def run_on_gpus(run: RunFolder, should_stop: Callable[[], bool] = lambda: False,
             "--stop-file", str(stop_path), "--parent-pid", str(os.getpid())]
     output: deque[str] = deque(maxlen=60)
     proc: subprocess.Popen | None = None
+    follower = RunRecorder(run, write=False)  # the main process writes run.json; this object follows in memory
     try:
         try:
             proc = subprocess.Popen(torchrun_command(len(devices), args), env=child_environment(devices, token),
@@ -114,6 +114,9 @@ def run_on_gpus(run: RunFolder, should_stop: Callable[[], bool] = lambda: False,
                 last_step = getattr(event, "step", last_step)
                 if terminal is not None:
                     continue
+                if isinstance(event, Placed):  # the processes number their GPUs from 0; the page shows the app's
+                    event = replace(event, devices=tuple(devices))
+                _follow(follower, event)
                 if isinstance(event, TERMINAL_EVENTS):
                     terminal, terminal_at = event, time.monotonic()  # held back until the processes have exited
                 else:
@@ -130,9 +133,9 @@ def run_on_gpus(run: RunFolder, should_stop: Callable[[], bool] = lambda: False,
         reader.join(10)
         if terminal is None:
             terminal = _crash_event(run, proc.returncode, list(output), describe_devices(devices), last_step)
+            _follow(follower, terminal)
         elif proc.returncode != 0:
             log.info("training processes exited with status %s after %s", proc.returncode, type(terminal).__name__)
-        _reload(run)
         tail.close()
         shutil.rmtree(control, ignore_errors=True)  # before the job ends: nothing of it is left behind
         yield terminal
@@ -198,13 +201,22 @@ def _crash_event(run: RunFolder, returncode: int, output: list[str], where: str,
     saved = _saved_checkpoints(run)
     message = (f"Training on {where} ended unexpectedly (exit status {returncode}) before it finished"
                f"{_reason(output)}. The {saved} checkpoint(s) saved so far are kept; the server log has the details.")
-    try:
+    failed = Failed(message, "internal", last_step)
+    try:  # no process is left to record it: a recorder on what they left on disk does
         on_disk = RunFolder.open(run.path)
         if on_disk.status not in FINISHED_STATUSES:
-            on_disk.set_status("failed", message)
+            RunRecorder(on_disk).record(failed)
     except Exception:  # a damaged run.json is often why it crashed
         log.warning("could not record the failure in run.json", exc_info=True)
-    return Failed(message, "internal", last_step)
+    return failed
+
+
+def _follow(follower: RunRecorder, event: Event) -> None:
+    """The app's RunFolder object follows the job; a mismatch there must not end the job (run.json is the record)."""
+    try:
+        follower.record(event)
+    except Exception:
+        log.warning("could not follow %s in the job's run folder object", type(event).__name__, exc_info=True)
 
 
 def _reason(output: list[str]) -> str:
@@ -228,18 +240,6 @@ def _saved_checkpoints(run: RunFolder) -> int:
         return sum(1 for c in RunFolder.open(run.path).checkpoints if (run.path / c["path"]).is_file())
     except Exception:
         return len(list(run.path.glob(f"{run.config.name}-*.safetensors")))
-
-
-def _reload(run: RunFolder) -> None:
-    """The job's RunFolder object catches up with what the training processes wrote into run.json."""
-    try:
-        fresh = RunFolder.open(run.path)
-    except Exception:
-        log.warning("could not re-read %s after training", run.path, exc_info=True)
-        return
-    for f in fields(RunFolder):
-        if f.name not in ("path", "writable"):
-            setattr(run, f.name, getattr(fresh, f.name))
 
 
 def _end(proc: subprocess.Popen) -> None:

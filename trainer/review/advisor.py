@@ -255,7 +255,8 @@ def disk_summary(run: RunFolder) -> str:
 def keep_last(run_dir: Path, n: int) -> list[int]:
     """Delete all but the newest ``n`` checkpoints (and their previews), never the starred one.
 
-    Returns the deleted steps. Refused while the run is training (the job owns run.json then).
+    Returns the deleted steps. Refused while the run is training: its job's recorder owns run.json then; on a run
+    no job is writing this is a lifecycle write through ``RunFolder.save`` (the rule: ``trainer.runs.folder``).
     """
     if n < 1:
         raise UserError("Keep at least 1 checkpoint.")

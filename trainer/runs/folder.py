@@ -1,8 +1,23 @@
 """A run folder on disk: the training image and mask, checkpoints, previews and ``run.json``.
 
 ``run.json`` is the run's record: the full config, the base model (the spec and the resolved local
-folder), the training size, and every checkpoint with its previews. It is rewritten atomically after
-every change, so whatever kills the process, the file on disk is complete.
+folder), the training size, and every checkpoint with its previews and losses. It is rewritten atomically
+after every change, so whatever kills the process, the file on disk is complete. Its format stays
+``"format": 1``; keys added later are optional and read with defaults, so older run folders still open.
+
+Who writes run.json, and when:
+
+- ``RunFolder.save`` (through ``to_dict``) is the only code that serialises it. The ``note_*`` methods change
+  the object in memory only; ``record_*`` / ``set_status`` are ``note_*`` + ``save``.
+- Creating a run: ``RunFolder.create`` / ``create_at`` write the first run.json, with every creation-time fact
+  (config, model spec, ``gpus``).
+- While a job trains the run (it holds ``trainer.runs.lifecycle.RunLock``): only that job's
+  ``trainer.runs.recorder.RunRecorder``, which folds the job's events into this object and saves. In a multi-GPU
+  job that is the main process's ``run_training``; other ranks never write (``writable=False``), and the app
+  side (``trainer.jobs.multigpu.run_on_gpus``) writes only when the processes died without a last word.
+- With no job writing it: lifecycle operations (``lifecycle.prepare_resume`` at the start of a resumed job,
+  before its first event; ``lifecycle.mark_interrupted`` on unlocked runs; ``review.advisor.keep_last``, refused
+  while a run is live), through these methods.
 """
 from __future__ import annotations
 
@@ -46,20 +61,21 @@ class RunFolder:
     # ---- creating and opening
     @classmethod
     def create(cls, root: Path, config: TrainingConfig, image: Image.Image, mask: Image.Image | None,
-               run_id: str | None = None, backgrounds: Sequence[Image.Image] = ()) -> "RunFolder":
-        """A new run in a fresh folder under ``root``."""
-        return cls.create_at(Path(root) / (run_id or new_run_id(config.name)), config, image, mask, backgrounds)
+               run_id: str | None = None, backgrounds: Sequence[Image.Image] = (), gpus: int = 1) -> "RunFolder":
+        """A new run in a fresh folder under ``root``; ``gpus``: the data-parallel processes it will train on."""
+        return cls.create_at(Path(root) / (run_id or new_run_id(config.name)), config, image, mask, backgrounds,
+                             gpus=gpus)
 
     @classmethod
     def create_at(cls, path: Path, config: TrainingConfig, image: Image.Image,
-                  mask: Image.Image | None, backgrounds: Sequence[Image.Image] = ()) -> "RunFolder":
+                  mask: Image.Image | None, backgrounds: Sequence[Image.Image] = (), gpus: int = 1) -> "RunFolder":
         """Write the dataset (image + mask as PNG, the user's own backgrounds if any) and a first ``run.json`` into
         ``path`` (new or empty)."""
         path = Path(path)
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
             raise FileExistsError(path)
         path.mkdir(parents=True, exist_ok=True)
-        run = cls(path=path, config=config, model=config.model)
+        run = cls(path=path, config=config, model=config.model, gpus=int(gpus))
         atomic_write_bytes(path / IMAGE_FILE, _png_bytes(image))
         if mask is not None:
             atomic_write_bytes(path / MASK_FILE, _png_bytes(mask.convert("L")))
@@ -95,21 +111,20 @@ class RunFolder:
     def preview_path(self, step: int, index: int) -> Path:
         return self.path / "samples" / f"{self.config.name}-{step:06d}-{index:02d}.png"
 
-    # ---- recording progress
-    def record_checkpoint(self, step: int, path: Path, losses: Sequence[tuple[int, float]] = ()) -> None:
+    # ---- recording progress: ``note_*`` change this object only; ``save`` writes it
+    def note_checkpoint(self, step: int, path: Path, losses: Sequence[tuple[int, float]] = ()) -> None:
         """A saved checkpoint; ``losses``: the (step, loss) of the steps trained since the previous one (a resume
-        restores the loss curve from them)."""
+        restores the loss curve from them). The same step and file again keep its previews."""
+        name = Path(path).name
+        old = next((c for c in self.checkpoints if c["step"] == step), None)
+        previews = old.get("previews", []) if old is not None and old.get("path") == name else []
         self.checkpoints = [c for c in self.checkpoints if c["step"] != step]
-        self.checkpoints.append({"step": step, "path": path.name, "previews": [],
-                                 "losses": [[s, round(float(loss), 6)] for s, loss in losses]})
+        self.checkpoints.append({"step": step, "path": name, "previews": previews,
+                                 "losses": [[int(s), round(float(loss), 6)] for s, loss in losses]})
         self.checkpoints.sort(key=lambda c: c["step"])
-        self.save()
 
-    def loss_history(self) -> tuple[tuple[int, float], ...]:
-        """The (step, loss) recorded with the checkpoints, in order (older run folders have none)."""
-        return tuple((int(s), float(loss)) for c in self.checkpoints for s, loss in c.get("losses", []))
-
-    def record_previews(self, step: int, previews: list[dict[str, Any]]) -> None:
+    def note_previews(self, step: int, previews: Sequence[dict[str, Any]]) -> None:
+        """The preview images of ``step`` (0: the base model), each ``{"path", "prompt", "seed"}`` inside the folder."""
         entries = [{"path": str(Path(p["path"]).relative_to(self.path)), "prompt": p["prompt"], "seed": p["seed"]}
                    for p in previews]
         if step == 0:
@@ -117,10 +132,25 @@ class RunFolder:
         for c in self.checkpoints:
             if c["step"] == step:
                 c["previews"] = entries
+
+    def note_status(self, status: str, message: str = "") -> None:
+        self.status, self.message = status, message
+
+    def loss_history(self) -> tuple[tuple[int, float], ...]:
+        """The (step, loss) recorded with the checkpoints, in order (older run folders have none)."""
+        return tuple((int(s), float(loss)) for c in self.checkpoints for s, loss in c.get("losses", []))
+
+    # ---- lifecycle writes (no job is writing this run; see the module docstring)
+    def record_checkpoint(self, step: int, path: Path, losses: Sequence[tuple[int, float]] = ()) -> None:
+        self.note_checkpoint(step, path, losses)
+        self.save()
+
+    def record_previews(self, step: int, previews: list[dict[str, Any]]) -> None:
+        self.note_previews(step, previews)
         self.save()
 
     def set_status(self, status: str, message: str = "") -> None:
-        self.status, self.message = status, message
+        self.note_status(status, message)
         self.save()
 
     def to_dict(self) -> dict[str, Any]:
@@ -140,6 +170,7 @@ class RunFolder:
         }
 
     def save(self) -> None:
+        """Write run.json atomically: the one place it is serialised."""
         if self.writable:
             atomic_write_json(self.path / MANIFEST, self.to_dict())
 

@@ -39,12 +39,9 @@ class RunStore:
 
     def create(self, owner: str, config: TrainingConfig, image: Image.Image, mask: Image.Image | None,
                backgrounds: Sequence[Image.Image] = (), gpus: int = 1) -> RunFolder:
-        """A new run folder for ``owner`` (dataset and first run.json written)."""
-        run = RunFolder.create(self.owner_root(owner), config, image, mask, backgrounds=backgrounds)
-        if gpus != 1:
-            run.gpus = gpus  # the job manager gives the job this many devices
-            run.save()
-        return run
+        """A new run folder for ``owner`` (dataset and first run.json written); ``gpus``: the devices the job manager
+        gives its job."""
+        return RunFolder.create(self.owner_root(owner), config, image, mask, backgrounds=backgrounds, gpus=gpus)
 
     def listing(self, owner: str) -> list[RunListing]:
         """The owner's runs, newest first (run ids start with a timestamp); a damaged run.json hides only its run."""
@@ -73,12 +70,12 @@ class RunStore:
 
     def interrupted(self, owner: str) -> list[Path]:
         """The owner's runs that a server restart interrupted, newest first."""
-        from trainer.runs.resume import interrupted_runs
+        from trainer.runs.lifecycle import interrupted_runs
 
         return interrupted_runs(self.owner_root(owner))
 
     def mark_interrupted(self, skip: Iterable[Path] = ()) -> list[Path]:
         """After a (re)start: runs left "running" by a process that died become "interrupted" (offered for Resume)."""
-        from trainer.runs.resume import mark_interrupted
+        from trainer.runs.lifecycle import mark_interrupted
 
         return mark_interrupted(self.root, skip=skip)

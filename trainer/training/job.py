@@ -3,25 +3,30 @@
 ``run_training`` is what both the app's worker thread and the CLI call. It never raises for a problem
 the user can act on: those become a ``Failed`` event with a message, and the checkpoints already saved
 stay where they are.
+
+run.json: ``run_training`` records every event in it (``trainer.runs.recorder.RunRecorder``) before yielding the
+event, and nothing else in the job writes it; the facts travel in the events (``Placed``, ``Started``,
+``CheckpointSaved``, ...). At the start of a resumed job ``lifecycle.prepare_resume`` tidies the folder first.
 """
 from __future__ import annotations
 
 import gc
 import logging
 import traceback
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
 
-from trainer.runs import diskspace
-from trainer.runs import resume as training_state
+from trainer.runs import diskspace, lifecycle
+from trainer.runs.recorder import RunRecorder
 from trainer.config import list_presets
 from trainer.dataset.augment import with_background_bank
 from trainer.training.distributed import DistributedContext
 from trainer.training.encode import encode_example, encode_prompts, free_encoders
 from trainer.dataset.prepare import prepare_image
 from trainer.errors import UserError
-from trainer.events import (CheckpointSaved, Event, Failed, Finished, LossHistory, Preview, PreviewsRendered, Started,
+from trainer.events import (CheckpointSaved, Event, Failed, LossHistory, Placed, Preview, PreviewsRendered, Started,
                             Status)
 from trainer.training.loop import train_lora
 from trainer.model.tiers import choose_tier
@@ -82,63 +87,44 @@ def run_training(run: RunFolder, should_stop: Callable[[], bool] = lambda: False
 
     ``dist``: this process's place in a multi-GPU run (every process calls this; only the main one writes).
     ``device``: the GPU a job manager's worker pinned this job to (several jobs on one box).
+    Every event is recorded in run.json before it is yielded (a write that fails fails the job, like any save).
     """
     dist = dist or DistributedContext()
     cfg = run.config
-    last_step = 0
-    parts = tier = None
-    lock = training_state.RunLock(run.path)
+    recorder = RunRecorder(run, write=dist.is_main)
+    where = _Where()
+    lock = lifecycle.RunLock(run.path)
     failure: Failed | None = None
+    events = None
     try:
         if torch.get_num_threads() != TRAINING_THREADS:
             torch.set_num_threads(TRAINING_THREADS)
         if dist.is_main:
             lock.acquire()  # one job per run folder: a second resume of the same run is refused
-        point = None
-        if resume:
-            point = training_state.prepare_resume(run)
-            last_step = point.step
-            for warning in point.warnings:
-                yield Status(warning)
-            yield from _saved_so_far(run)
-        yield Status(f"Resolving model {cfg.model}")
-        folder = resolve_model(cfg.model, token)  # every hub/token/folder problem surfaces here, before the GPU is touched
-        remaining = [s for s in cfg.checkpoint_steps if s > last_step]
-        diskspace.check_before_start(run.path, _save_bytes_estimate(cfg, str(folder)), len(remaining))
-        run.model_path = str(folder)
-        target = torch.device(device) if device else dist.device if dist.enabled else pick_device()[0]
-        choice = choose_tier(cfg.memory_tier, target, tiny_model=is_tiny_demo(folder))  # a GPU too small stops here
-        tier = choice.tier
-        run.memory_tier = tier.name
-        yield Status(choice.reason)
-        run.set_status("loading")
-        yield Status("Loading model")
-        # The transformer stays in host memory until the text encoders have run and left the GPU (memory tiers).
-        parts = load_parts(folder, device=target, transformer_on_device=False)
-        for event in train_with_parts(parts, run, tier, should_stop, resume=point, dist=dist):
-            if isinstance(event, Finished):
-                run.set_status("stopped" if event.stopped else "finished")
-            elif isinstance(event, Failed):
-                run.set_status("failed", event.message)
-            last_step = getattr(event, "step", last_step)
+        events = _job(run, should_stop, token, resume, dist, device, where)
+        for event in events:
+            recorder.record(event)
+            where.last_step = getattr(event, "step", where.last_step)
             yield event
     # Failures are only recorded here and announced after ``finally``: yielding inside ``except`` would keep the
     # exception's traceback — and through it the model and optimizer — alive until the consumer moves on.
     except UserError as err:
-        failure = Failed(str(err), "user", last_step)
+        failure = Failed(str(err), "user", where.last_step)
     except torch.OutOfMemoryError:
-        failure = Failed(oom_advice(cfg, tier.name if tier else None), "out_of_memory", last_step)
+        failure = Failed(oom_advice(cfg, where.tier), "out_of_memory", where.last_step)
     except Exception as err:
         if diskspace.is_disk_full(err):
-            failure = Failed(diskspace.disk_full_message(last_step), "user", last_step)
+            failure = Failed(diskspace.disk_full_message(where.last_step), "user", where.last_step)
         else:  # a bug: keep the traceback in the log, give the user a sentence
             log.error("training failed:\n%s", traceback.format_exc())
             message = (f"Training failed unexpectedly ({type(err).__name__}). The checkpoints saved so far are kept; "
                        "the server log has the details.")
-            failure = Failed(message, "internal", last_step)
+            failure = Failed(message, "internal", where.last_step)
     finally:
         # Give the accelerator back whatever happened, so the next job starts from a clean slate.
-        parts = None
+        if events is not None:
+            events.close()  # the job's frames (and the model in them) go now, also when the consumer stopped early
+        events = None
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -146,14 +132,55 @@ def run_training(run: RunFolder, should_stop: Callable[[], bool] = lambda: False
             lock.release()
     if failure is not None:
         try:
-            run.set_status("failed", failure.message)
+            recorder.record(failure)
         except OSError:  # a full disk can refuse run.json too; the event still tells the user
             log.warning("could not record the failure in run.json", exc_info=True)
         yield failure
 
 
+@dataclass
+class _Where:
+    """How far the job got, for its failure message: the last step trained or saved, the memory tier."""
+    last_step: int = 0
+    tier: str | None = None
+
+
+def _job(run: RunFolder, should_stop, token, resume: bool, dist: DistributedContext, device: str | None,
+         where: _Where) -> Iterator[Event]:
+    """The job's events; ``run_training`` records each and turns what this raises into the ``Failed`` event."""
+    cfg = run.config
+    point = None
+    if resume:
+        point = lifecycle.prepare_resume(run)
+        where.last_step = point.step
+        for warning in point.warnings:
+            yield Status(warning)
+        yield from _saved_so_far(run)
+    yield Status(f"Resolving model {cfg.model}")
+    folder = resolve_model(cfg.model, token)  # every hub/token/folder problem surfaces here, before the GPU is touched
+    remaining = [s for s in cfg.checkpoint_steps if s > where.last_step]
+    diskspace.check_before_start(run.path, _save_bytes_estimate(cfg, str(folder)), len(remaining))
+    target = torch.device(device) if device else dist.device if dist.enabled else pick_device()[0]
+    choice = choose_tier(cfg.memory_tier, target, tiny_model=is_tiny_demo(folder))  # a GPU too small stops here
+    tier = choice.tier
+    where.tier = tier.name
+    yield Placed(model_path=folder, memory_tier=tier.name, devices=_device_labels(target, dist))
+    yield Status(choice.reason)
+    yield Status("Loading model")
+    # The transformer stays in host memory until the text encoders have run and left the GPU (memory tiers).
+    parts = load_parts(folder, device=target, transformer_on_device=False)
+    yield from train_with_parts(parts, run, tier, should_stop, resume=point, dist=dist)
+
+
+def _device_labels(target: torch.device, dist: DistributedContext) -> tuple[str, ...]:
+    """This job's devices: its own, or one per process of a multi-GPU run (as this process numbers them)."""
+    if dist.enabled:
+        return tuple(f"{target.type}:{rank}" for rank in range(dist.world_size))
+    return (str(target),)
+
+
 def train_with_parts(parts, run: RunFolder, tier, should_stop: Callable[[], bool] = lambda: False,
-                     resume: "training_state.ResumePoint | None" = None,
+                     resume: "lifecycle.ResumePoint | None" = None,
                      dist: DistributedContext | None = None) -> Iterator[Event]:
     """The job once the parts are loaded (transformer still in host memory): encode the image and prompts once,
     free the encoders, place the transformer as ``tier`` says, train. ``bench/tier_bench.py`` runs this same code on
@@ -161,7 +188,7 @@ def train_with_parts(parts, run: RunFolder, tier, should_stop: Callable[[], bool
     cfg = run.config
     image, mask = run.load_dataset()
     train_image = prepare_image(image, mask if cfg.masked else None, cfg.resolution)
-    run.train_size = train_image.size
+    run.train_size = train_image.size  # in memory, for the loop's previews; run.json gets it from Started
     yield Status("Encoding the image and prompts (once; cached for the whole run)")
     prompts = encode_prompts(parts, [cfg.training_caption, *cfg.preview_prompts], cfg.max_text_tokens)
     example = encode_example(parts, train_image, cfg.training_caption, prompts, cfg.masked, cfg.background_weight)
@@ -172,7 +199,6 @@ def train_with_parts(parts, run: RunFolder, tier, should_stop: Callable[[], bool
     place_transformer(parts, tier.weights, tier.gradient_checkpointing, tier.lean_previews)
     gc.collect()
     renderer = PreviewRenderer(parts, prompts)
-    run.set_status("running")
     yield Started(run_dir=run.path, total_steps=cfg.steps, checkpoint_steps=tuple(cfg.checkpoint_steps),
                   train_width=train_image.size[0], train_height=train_image.size[1])
     yield from train_lora(parts, example, cfg, run, renderer, should_stop, resume=resume, dist=dist)
@@ -195,7 +221,8 @@ def _saved_so_far(run: RunFolder) -> Iterator[Event]:
     for c in run.checkpoints:
         path = run.path / c["path"]
         if path.is_file():
-            yield CheckpointSaved(step=c["step"], path=path, size_bytes=path.stat().st_size)
+            yield CheckpointSaved(step=c["step"], path=path, size_bytes=path.stat().st_size,
+                                  losses=tuple((int(s), float(loss)) for s, loss in c.get("losses", [])))
         if c.get("previews"):
             yield PreviewsRendered(step=c["step"], previews=_previews(run, c["previews"]))
 

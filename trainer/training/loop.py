@@ -15,7 +15,7 @@ import torch
 
 from trainer.runs import diskspace
 from trainer.training import flow
-from trainer.runs import resume as training_state
+from trainer.runs import lifecycle, state
 from trainer.config import TrainingConfig
 from trainer.dataset.augment import augmented_step, pick as pick_augmented
 from trainer.training.encode import EncodedExample
@@ -47,16 +47,18 @@ class StepTimer:
 
 
 def train_lora(parts, example: EncodedExample, cfg: TrainingConfig, run: RunFolder, renderer: PreviewRenderer,
-               should_stop: Callable[[], bool], resume: "training_state.ResumePoint | None" = None,
+               should_stop: Callable[[], bool], resume: "lifecycle.ResumePoint | None" = None,
                dist: DistributedContext | None = None) -> Iterator[Event]:
-    """Train, yielding events. ``resume`` (from ``trainer.runs.resume.prepare_resume``) continues a saved run exactly.
+    """Train, yielding events. ``resume`` (from ``trainer.runs.lifecycle.prepare_resume``) continues a saved run exactly.
 
     With ``dist`` (several GPUs, data parallel) every process runs this loop in lockstep; only the main process
     saves checkpoints and renders previews, and stop / non-finite decisions are agreed by all processes.
     Training states are written in the background (``StateWriter``); the last one is on disk before the run's
-    end (Finished / Failed) is announced.
+    end (Finished / Failed) is announced. The loop writes no run.json: what it saved travels in its events
+    (``CheckpointSaved`` with the losses since the previous save, ``PreviewsRendered``), which ``run_training``
+    records.
     """
-    writer = training_state.StateWriter()
+    writer = state.StateWriter()
     try:
         for event in _train_lora(parts, example, cfg, run, renderer, should_stop, resume, dist, writer):
             if isinstance(event, (Finished, Failed)):
@@ -68,7 +70,7 @@ def train_lora(parts, example: EncodedExample, cfg: TrainingConfig, run: RunFold
 
 def _train_lora(parts, example: EncodedExample, cfg: TrainingConfig, run: RunFolder, renderer: PreviewRenderer,
                 should_stop: Callable[[], bool], resume, dist: DistributedContext | None,
-                writer: "training_state.StateWriter") -> Iterator[Event]:
+                writer: "state.StateWriter") -> Iterator[Event]:
     dist = dist or DistributedContext()
     transformer = parts.transformer
     params = add_lora(transformer, cfg.rank, cfg.alpha, cfg.seed)
@@ -105,8 +107,8 @@ def _train_lora(parts, example: EncodedExample, cfg: TrainingConfig, run: RunFol
     start = 0
     if resume is not None and resume.state is not None:
         start = resume.step
-        training_state.apply_weights(resume.state, transformer, optimizer)
-        if not training_state.has_previews(run, start):  # killed while rendering them: render them now
+        state.apply_weights(resume.state, transformer, optimizer)
+        if not lifecycle.has_previews(run, start):  # killed while rendering them: render them now
             yield Status(f"Rendering previews for step {start}")
             event = _render_previews(start, cfg, run, renderer, should_stop)
             if event is None:
@@ -114,7 +116,7 @@ def _train_lora(parts, example: EncodedExample, cfg: TrainingConfig, run: RunFol
                 return
             yield event
         # After any preview rendering, so the streams continue exactly where the saved run left them.
-        for warning in training_state.apply_rng(resume.state, generator, mask_generator, cfg.seed):
+        for warning in state.apply_rng(resume.state, generator, mask_generator, cfg.seed):
             yield Status(warning)
         yield Status(f"Resumed from the checkpoint at step {start}")
 
@@ -175,9 +177,9 @@ def _train_lora(parts, example: EncodedExample, cfg: TrainingConfig, run: RunFol
             path = run.checkpoint_path(step)
             size = save_lora(transformer, path, dtype=save_dtype, extra_metadata=_checkpoint_metadata(cfg, run, step))
             writer.save(run.path, step, transformer, optimizer, generator, mask_generator, cfg)
-            run.record_checkpoint(step, path, losses_since_save)
+            saved = CheckpointSaved(step=step, path=path, size_bytes=size, losses=tuple(losses_since_save))
             losses_since_save = []
-            yield CheckpointSaved(step=step, path=path, size_bytes=size)
+            yield saved
             yield Status(f"Rendering previews for step {step}")
             event = _render_previews(step, cfg, run, renderer, should_stop)
             if event is not None:
@@ -202,7 +204,6 @@ def _render_previews(step: int, cfg: TrainingConfig, run: RunFolder, renderer: P
         path.parent.mkdir(parents=True, exist_ok=True)
         image.save(path)
         previews.append(Preview(path=path, prompt=prompt, seed=cfg.preview_seed))
-    run.record_previews(step, [{"path": p.path, "prompt": p.prompt, "seed": p.seed} for p in previews])
     return PreviewsRendered(step=step, previews=tuple(previews))
 
 

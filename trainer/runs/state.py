@@ -1,4 +1,4 @@
-"""Resuming a run: the full training state next to every checkpoint, and picking a run up again.
+"""The training-state file format: everything a resume needs, next to every checkpoint.
 
 At every checkpoint the loop also writes ``training_state/state-NNNNNN.safetensors`` (the LoRA weights in
 float32, AdamW's moments and step counts, every random-number state: torch's global CPU and CUDA states, the
@@ -7,51 +7,42 @@ loop's noise generator and its mask generator — the whole "data/augmentation" 
 fingerprint of the settings, and the SHA-256 of the tensor file). No pickle anywhere: tensors are
 safetensors, everything else is JSON. Both files are written atomically and the JSON last, so it is the
 commit mark: a state without its JSON, or whose tensor file does not match the recorded checksum, is
-damaged and skipped.
+damaged (``DamagedState``).
 
-Resuming restores all of it, so on the CPU a run killed with ``kill -9`` and resumed ends with weights
-bit-identical to a run that was never interrupted. Only run folders this app wrote are resumed: ``run.json``
-must parse with the app's format, and only the run folder's own ``training_state/`` is ever read (never a
-path the user names). A damaged newest state or checkpoint is skipped with a warning and the previous one
-is used; files of steps after the one resumed from are removed, since the resumed run rewrites them.
+Restoring all of it (``apply_weights``, ``apply_rng``) makes a resumed CPU run bit-identical to one never
+interrupted. Picking which state to resume from, and tidying the run folder, is ``trainer.runs.lifecycle``.
+This module never reads or writes ``run.json``.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
-import os
 import re
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 import torch
 
-from trainer.model import weights
 from trainer.errors import UserError
 from trainer.fsutil import atomic_write_bytes, atomic_write_json
-from trainer.runs.folder import MANIFEST, RunFolder
+from trainer.model import weights
+from trainer.runs.folder import RunFolder
 
 log = logging.getLogger(__name__)
 
 STATE_DIR = "training_state"
 STATE_FORMAT = 1
 WRITER = "one-image-lora"
-LOCK_FILE = ".lock"
 MAX_JSON_BYTES = 4 * 1024 * 1024
-LIVE_STATUSES = ("created", "loading", "running")  # after a server restart these mean "its process died"
-INTERRUPTED = "interrupted"
-INTERRUPTED_MESSAGE = "The server stopped while this run was training. Resume continues from its last checkpoint."
 # The settings that shape the training math: a state only resumes a run with exactly these.
 TRAINING_FIELDS = ("model", "name", "caption", "trigger", "rank", "learning_rate", "weight_decay", "max_grad_norm",
                    "seed", "resolution", "max_text_tokens", "guidance_scale", "logit_mean", "logit_std",
                    "gradient_checkpointing", "masked", "background_weight", "normalize_mask", "unmasked_probability",
                    "augment_probability")
-_STATE_NAME = re.compile(r"^state-(\d{6,})\.json$")
-_TMP_NAME = re.compile(r"^\..+\.tmp$")  # fsutil.atomic_write_bytes' temporary files
+STATE_NAME = re.compile(r"^state-(\d{6,})\.json$")
 
 
 class DamagedState(UserError):
@@ -67,13 +58,6 @@ class TrainingState:
     rng: dict[str, torch.Tensor]
     noise_device: str
     meta: dict
-
-
-@dataclass
-class ResumePoint:
-    step: int  # 0: nothing was saved, start from the beginning
-    state: TrainingState | None
-    warnings: list[str] = field(default_factory=list)
 
 
 # ---- file names ---------------------------------------------------------------------------------------------
@@ -94,12 +78,6 @@ def lora_named_parameters(transformer) -> list[tuple[str, torch.nn.Parameter]]:
 
 
 # ---- saving -------------------------------------------------------------------------------------------------
-
-def save_state(run_dir: Path, step: int, transformer, optimizer: torch.optim.Optimizer, generator: torch.Generator,
-               mask_generator: torch.Generator, config) -> int:
-    """Write the training state for ``step`` (tensors, then the JSON commit mark). Returns bytes written."""
-    return write_state(run_dir, step, *snapshot_state(transformer, optimizer, generator, mask_generator, config))
-
 
 def snapshot_state(transformer, optimizer: torch.optim.Optimizer, generator: torch.Generator,
                    mask_generator: torch.Generator, config) -> tuple[dict[str, torch.Tensor], dict]:
@@ -161,7 +139,7 @@ class StateWriter:
     ``save`` takes the snapshot at once (CPU copies: training may change the weights right after) and leaves
     serialising, hashing and the fsync'd writes — ~3-4 s per checkpoint for a rank-16 FLUX.1 LoRA on the benchmark
     machine, 10 checkpoints in a 500-step run — to overlap the next training steps. A state is complete or absent
-    at any instant (tensors first, JSON commit mark last), as with ``save_state``. A write's error is raised by the
+    at any instant (tensors first, JSON commit mark last). A write's error is raised by the
     next ``save`` or by ``wait``, which the loop calls before it ends.
     """
 
@@ -208,7 +186,7 @@ def _not_json(value):
 def load_state(run: RunFolder, step: int) -> TrainingState:
     """Read and verify the state of ``step`` from the run's own folder. Raises ``DamagedState``."""
     tensor_path, json_path = state_files(run.path, step)
-    meta = _read_json(json_path, f"training state JSON of step {step}")
+    meta = read_json(json_path, f"training state JSON of step {step}")
     if not isinstance(meta, dict) or meta.get("writer") != WRITER or meta.get("format") != STATE_FORMAT:
         raise DamagedState(f"'{json_path.name}' was not written by this app (or by an incompatible version).")
     if meta.get("step") != step or meta.get("tensors") != tensor_path.name:
@@ -298,117 +276,8 @@ def apply_rng(state: TrainingState, generator: torch.Generator, mask_generator: 
     return warnings
 
 
-# ---- choosing where to resume -------------------------------------------------------------------------------
-
-def open_for_resume(path: Path) -> RunFolder:
-    """The run folder at ``path``, if it is one this app wrote and it can still be continued."""
-    path = Path(path)
-    manifest = path / MANIFEST
-    not_ours = UserError(f"'{path}' is not a run folder written by this app (no valid {MANIFEST}); only runs "
-                         "this app started can be resumed.")
-    if not path.is_dir() or manifest.is_symlink() or not manifest.is_file():
-        raise not_ours
-    data = _read_json(manifest, MANIFEST, error=not_ours)
-    if not isinstance(data, dict) or data.get("format") != 1 or not isinstance(data.get("config"), dict):
-        raise not_ours
-    run = RunFolder.open(path)  # strict: a mistyped or unknown setting is a UserError
-    if run.status == "finished":
-        raise UserError(f"The run in '{path.name}' already finished all {run.config.steps} steps; there is nothing "
-                        "to resume. Start a new run to train longer.")
-    if not (path / "dataset" / "image.png").is_file():
-        raise UserError(f"The run in '{path.name}' has lost its training image (dataset/image.png); it can't be resumed.")
-    return run
-
-
-def find_resume_point(run: RunFolder) -> ResumePoint:
-    """The newest step whose training state and checkpoint are both intact."""
-    steps = sorted(_saved_steps(run), reverse=True)
-    warnings: list[str] = []
-    for step in steps:
-        try:
-            state = load_state(run, step)
-            _check_checkpoint(run, step)
-        except UserError as err:
-            message = f"Skipping the save of step {step}: {err}"
-            log.warning(message)
-            warnings.append(message + " Using an earlier one.")
-            continue
-        return ResumePoint(step=step, state=state, warnings=warnings)
-    if steps:
-        raise UserError("None of this run's saved training states can be used (" + "; ".join(warnings) +
-                        "). It can't be resumed; start a new run.")
-    return ResumePoint(step=0, state=None,
-                       warnings=["No checkpoint had been saved before the run stopped; it starts again from step 0."])
-
-
-def prepare_resume(run: RunFolder) -> ResumePoint:
-    """Pick the resume point and tidy the folder: drop temp files and everything after that step."""
-    point = find_resume_point(run)
-    _remove_after(run, point.step)
-    for folder in (run.path, run.path / STATE_DIR, run.path / "samples"):
-        if folder.is_dir():
-            for f in folder.iterdir():
-                if _TMP_NAME.match(f.name) and f.is_file():
-                    f.unlink(missing_ok=True)
-    run.checkpoints = [c for c in run.checkpoints if c.get("step", 0) <= point.step]
-    if point.step and not any(c["step"] == point.step for c in run.checkpoints):
-        run.record_checkpoint(point.step, run.checkpoint_path(point.step))
-    run.save()
-    return point
-
-
-def has_previews(run: RunFolder, step: int) -> bool:
-    for c in run.checkpoints:
-        if c["step"] == step:
-            return bool(c.get("previews")) and all((run.path / p["path"]).is_file() for p in c["previews"])
-    return False
-
-
-def _saved_steps(run: RunFolder) -> set[int]:
-    steps = set()
-    folder = run.path / STATE_DIR
-    if folder.is_dir():
-        for f in folder.iterdir():
-            m = _STATE_NAME.match(f.name)
-            if m:
-                steps.add(int(m.group(1)))
-        steps |= {int(f.stem.split("-")[1]) for f in folder.glob("state-*.safetensors") if f.stem.split("-")[1].isdigit()}
-    prefix = f"{run.config.name}-"
-    for f in run.path.glob(f"{glob_escape(prefix)}*.safetensors"):
-        tail = f.stem[len(prefix):]
-        if tail.isdigit() and len(tail) >= 6:
-            steps.add(int(tail))
-    return {s for s in steps if s > 0}
-
-
-def glob_escape(text: str) -> str:
-    import glob
-
-    return glob.escape(text)
-
-
-def _check_checkpoint(run: RunFolder, step: int) -> None:
-    path = run.checkpoint_path(step)
-    if path.is_symlink() or not path.is_file():
-        raise DamagedState(f"its checkpoint '{path.name}' is missing.")
-    weights.load_lora(path)  # header cap, LoRA keys, finite values
-
-
-def _remove_after(run: RunFolder, step: int) -> None:
-    for s in _saved_steps(run):
-        if s > step:
-            for f in (run.checkpoint_path(s), *state_files(run.path, s)):
-                f.unlink(missing_ok=True)
-    samples = run.path / "samples"
-    if samples.is_dir():
-        prefix = f"{run.config.name}-"
-        for f in samples.glob(f"{glob_escape(prefix)}*.png"):
-            parts = f.stem[len(prefix):].split("-")
-            if parts and parts[0].isdigit() and int(parts[0]) > step:
-                f.unlink(missing_ok=True)
-
-
-def _read_json(path: Path, what: str, error: UserError | None = None):
+def read_json(path: Path, what: str, error: UserError | None = None):
+    """Bounded JSON of ours: a missing, oversized or unparsable file raises ``error`` (default ``DamagedState``)."""
     try:
         if path.is_symlink() or not path.is_file():
             raise error or DamagedState(f"The {what} is missing.")
@@ -417,82 +286,3 @@ def _read_json(path: Path, what: str, error: UserError | None = None):
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError):
         raise (error or DamagedState(f"The {what} is damaged (not valid JSON).")) from None
-
-
-# ---- server restarts and concurrent processes ---------------------------------------------------------------
-
-class RunLock:
-    """An exclusive lock on a run folder while a process trains it (``flock``: released if the process dies)."""
-
-    def __init__(self, run_dir: Path):
-        self.path = Path(run_dir) / LOCK_FILE
-        self._fd: int | None = None
-
-    def acquire(self) -> "RunLock":
-        try:
-            import fcntl
-        except ImportError:  # not POSIX: no lock, as before
-            return self
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            raise UserError(f"The run '{self.path.parent.name}' is being trained by another process right now. "
-                            "Wait for it to finish, or stop it first.") from None
-        self._fd = fd
-        return self
-
-    def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # closing the descriptor releases the flock
-            self._fd = None
-
-
-def is_locked(run_dir: Path) -> bool:
-    if not (Path(run_dir) / LOCK_FILE).exists():
-        return False
-    try:
-        RunLock(run_dir).acquire().release()
-        return False
-    except UserError:
-        return True
-
-
-def mark_interrupted(runs_root: Path, skip: Iterable[Path] = ()) -> list[Path]:
-    """After a (re)start: runs whose run.json says created/loading/running but no process trains → "interrupted"."""
-    runs_root = Path(runs_root)
-    skip = {Path(p).resolve() for p in skip}
-    marked = []
-    if not runs_root.is_dir():
-        return marked
-    for manifest in [*runs_root.glob(f"*/{MANIFEST}"), *runs_root.glob(f"*/*/{MANIFEST}")]:
-        folder = manifest.parent
-        try:
-            data = _read_json(manifest, MANIFEST)
-            if not isinstance(data, dict) or data.get("status") not in LIVE_STATUSES:
-                continue
-            if folder.resolve() in skip or is_locked(folder):
-                continue
-            run = RunFolder.open(folder)
-            run.set_status(INTERRUPTED, INTERRUPTED_MESSAGE)
-            marked.append(folder)
-            log.info("marked run %s as interrupted", folder.name)
-        except Exception:  # one broken folder must not stop the app from starting
-            log.warning("could not check run folder %s", folder.name, exc_info=True)
-    return marked
-
-
-def interrupted_runs(owner_root: Path) -> list[Path]:
-    """An owner's interrupted runs, newest first."""
-    found = []
-    owner_root = Path(owner_root)
-    if owner_root.is_dir():
-        for manifest in owner_root.glob(f"*/{MANIFEST}"):
-            try:
-                data = _read_json(manifest, MANIFEST)
-            except UserError:
-                continue
-            if isinstance(data, dict) and data.get("status") == INTERRUPTED:
-                found.append(manifest.parent)
-    return sorted(found, key=lambda p: p.name, reverse=True)
