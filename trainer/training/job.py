@@ -29,6 +29,7 @@ from trainer.errors import UserError
 from trainer.events import (CheckpointSaved, Event, Failed, LossHistory, Placed, Preview, PreviewsRendered, Started,
                             Status)
 from trainer.training.loop import train_lora
+from trainer.families import family_of_folder
 from trainer.model.tiers import choose_tier
 from trainer.model.loading import is_tiny_demo, load_parts, pick_device, place_transformer, resolve_model
 from trainer.runs.folder import RunFolder
@@ -161,7 +162,8 @@ def _job(run: RunFolder, should_stop, token, resume: bool, dist: DistributedCont
     remaining = [s for s in cfg.checkpoint_steps if s > where.last_step]
     diskspace.check_before_start(run.path, _save_bytes_estimate(cfg, str(folder)), len(remaining))
     target = torch.device(device) if device else dist.device if dist.enabled else pick_device()[0]
-    choice = choose_tier(cfg.memory_tier, target, tiny_model=is_tiny_demo(folder))  # a GPU too small stops here
+    choice = choose_tier(cfg.memory_tier, target, tiny_model=is_tiny_demo(folder),  # a GPU too small stops here
+                         model_label=family_of_folder(folder).label)
     tier = choice.tier
     where.tier = tier.name
     yield Placed(model_path=folder, memory_tier=tier.name, devices=_device_labels(target, dist))

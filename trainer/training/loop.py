@@ -13,9 +13,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from trainer.runs import diskspace
-from trainer.training import flow
-from trainer.runs import lifecycle, state
+from trainer.runs import diskspace, lifecycle, state
 from trainer.config import TrainingConfig
 from trainer.dataset.augment import augmented_step, pick as pick_augmented
 from trainer.training.encode import EncodedExample
@@ -96,8 +94,7 @@ def _train_lora(parts, example: EncodedExample, cfg: TrainingConfig, run: RunFol
     generator = torch.Generator(device=parts.device).manual_seed(dist.noise_seed(cfg.seed))
     # separate stream: unmasked_probability can't shift the noise
     mask_generator = torch.Generator().manual_seed(dist.noise_seed(cfg.seed) + 1)
-    h, w = example.latent_size
-    mu = flow.resolution_shift((h // 2) * (w // 2), **_shift_settings(parts.scheduler))
+    mu = parts.family.training_shift(parts.scheduler, parts.family.pack(example.latents).shape[1])
     checkpoint_steps = set(cfg.checkpoint_steps)
     save_dtype = parts.dtype
     timer = StepTimer()
@@ -205,12 +202,6 @@ def _render_previews(step: int, cfg: TrainingConfig, run: RunFolder, renderer: P
         image.save(path)
         previews.append(Preview(path=path, prompt=prompt, seed=cfg.preview_seed))
     return PreviewsRendered(step=step, previews=tuple(previews))
-
-
-def _shift_settings(scheduler) -> dict[str, float]:
-    c = scheduler.config
-    return dict(base_tokens=c.get("base_image_seq_len", 256), max_tokens=c.get("max_image_seq_len", 4096),
-                base_shift=c.get("base_shift", 0.5), max_shift=c.get("max_shift", 1.15))
 
 
 def _checkpoint_metadata(cfg: TrainingConfig, run: RunFolder, step: int) -> dict[str, str]:

@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 
 from trainer.config import TrainingConfig
+from trainer.families import family_of_transformer
 from trainer.runtime import Runtime
 from trainer.training import flow
 from trainer.training.accel.compile import is_accelerated, restore_eager
@@ -37,15 +38,12 @@ def training_step(transformer, example: EncodedExample, cfg: TrainingConfig, gen
     sigmas = flow.sample_sigmas(1, mu, generator, device, cfg.logit_mean, cfg.logit_std)
     noisy = flow.noisy_latents(latents, noise, sigmas)
     h, w = example.latent_size
-    guidance = None
-    if getattr(transformer, "module", transformer).config.guidance_embeds:  # unwrap DistributedDataParallel
-        guidance = torch.full((1,), cfg.guidance_scale, device=device, dtype=latents.dtype)
+    family = family_of_transformer(transformer)  # what the forward takes: packing, pooled text, guidance
+    inputs = family.transformer_inputs(transformer, family.pack(noisy), sigmas, example.caption, example.image_ids,
+                                       cfg.guidance_scale)
     with torch.autocast(device.type, dtype=latents.dtype, enabled=device.type == "cuda"):
-        out = transformer(hidden_states=flow.pack_latents(noisy), timestep=sigmas.to(latents.dtype),
-                          guidance=guidance, pooled_projections=example.caption.pooled,
-                          encoder_hidden_states=example.caption.embeds, txt_ids=example.caption.text_ids,
-                          img_ids=example.image_ids, return_dict=False)[0]
-    prediction = flow.unpack_latents(out, h, w)
+        out = transformer(**inputs, return_dict=False)[0]
+    prediction = family.unpack(out, h, w)
     weights = example.weights if use_mask else None
     return flow.masked_mse(prediction, flow.velocity_target(latents, noise), weights, cfg.normalize_mask)
 
