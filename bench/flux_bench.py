@@ -2,9 +2,9 @@
 """Speed and memory of one Flux.1-dev LoRA training step, plain baseline vs this project, in one run.
 
 Builds the full-size FLUX.1-dev transformer with random bf16 weights directly on the GPU (same FLOPs and bytes
-as the real model; see shared/OFFLINE.md), a synthetic cached example (16-channel latent, 512 T5 tokens x 4096,
+as the real model: no weights can be downloaded on the GPU machines), a synthetic cached example (16-channel latent, 512 T5 tokens x 4096,
 pooled 768, a mask), and times:
-  baseline  the reference step (shared/reference/naive_flux_lora_step.py, LORA_FP32=1: fp32 LoRA under bf16
+  baseline  the plain diffusers + peft step the team measures every speed-up against (LORA_FP32=1: fp32 LoRA under bf16
             autocast, fused AdamW, no compile) for rank 16 and 4, 512 and 1024 px, with/without checkpointing;
   project   ``trainer.training.step.training_step`` + loss.item() + backward + clip + AdamW, exactly as ``train_lora``
             runs it ("none"), and ``trainer.training.step.TrainStep`` (the shipped fast step) in its variants:
@@ -48,7 +48,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-# --- the reference script's model and LoRA targets (shared/reference/naive_flux_lora_step.py)
+# --- the plain baseline step's model and LoRA targets (the team's reference script, kept as it was written)
 DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
            num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
            guidance_embeds=True, axes_dims_rope=(16, 56, 56))
@@ -63,7 +63,7 @@ FLUX_VAE = dict(in_channels=3, out_channels=3, block_out_channels=[128, 256, 512
                 mid_block_add_attention=True, force_upcast=True)
 FLUX_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
                       max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
-# CPU smoke-test sizes (shared/OFFLINE.md "Tiny Flux")
+# CPU smoke-test sizes (a Flux of this shape runs a step in well under a second on a CPU)
 TINY = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
             num_attention_heads=4, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 4, 8),
             guidance_embeds=True)

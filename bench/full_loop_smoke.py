@@ -66,7 +66,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    torch.backends.cuda.enable_cudnn_sdp(False)  # cuDNN attention backward failed at Flux size (shared/OFFLINE.md)
+    torch.backends.cuda.enable_cudnn_sdp(False)  # cuDNN attention backward crashed at Flux size on the 2026-11-22 H100 image (bench/RESULTS.md)
 
     t0 = time.perf_counter()
     parts = full_size_parts()

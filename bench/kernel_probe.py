@@ -5,7 +5,7 @@ attention  Flux's attention at the training shape (batch 1, 24 heads, 1536 token
            the preview shape (batch 3, forward only), through each SDPA backend: flash (the default), cuDNN with
            diffusers' layout (q/k/v as permuted views of [B, S, H, D]) and with contiguous [B, H, S, D] tensors.
            Forward and forward+backward time, and the error against the flash result. cuDNN's backward hit an
-           illegal memory access on the first H100 image (shared/PERFORMANCE.md), which kills the CUDA context,
+           illegal memory access on the first H100 image (bench/RESULTS.md, 2026-11-22), which kills the CUDA context,
            so every cuDNN case runs in its own child process.
 fp8        every frozen-base GEMM of one training step (the 19 double and 38 single blocks' Linear layers, FLUX.1-dev
            shapes) in bf16 against ``torch._scaled_mm`` with float8 e4m3 operands and one scale per row (the

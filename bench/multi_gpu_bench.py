@@ -56,7 +56,7 @@ def main() -> None:
                         help="ddp: the trainer's bucketed all-reduce during backward; flat: one all-reduce after")
     args = parser.parse_args()
 
-    torch.backends.cuda.enable_cudnn_sdp(False)  # cuDNN attention backward failed at Flux size (shared/OFFLINE.md)
+    torch.backends.cuda.enable_cudnn_sdp(False)  # cuDNN attention backward crashed at Flux size on the 2026-11-22 H100 image (bench/RESULTS.md)
     ctx = distributed.context_from_environment()
     distributed.initialise(ctx)
     device = ctx.device

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_learning_rate_scales_with_the_square_root_of_the_gpu_count():
     assert scaled_learning_rate(1e-4, 1) == 1e-4
-    assert scaled_learning_rate(1e-4, 4) == pytest.approx(2e-4)  # PRACTICE.md: 1e-4 at batch 1 -> 2e-4 at 4
+    assert scaled_learning_rate(1e-4, 4) == pytest.approx(2e-4)  # docs/PRACTICE.md §7: 1e-4 at batch 1 -> 2e-4 at 4
     assert scaled_learning_rate(4e-4, 2) == pytest.approx(4e-4 * 2 ** 0.5)
 
 

@@ -17,8 +17,8 @@ from PIL import Image
 from trainer import cli
 from trainer.config import TrainingConfig
 from trainer.errors import UserError
-from trainer.review.grid import (GridImages, GridSpec, compose_grid, output_paths, parse_numbers, plan_grid, render_grid,
-                          suggest_prompts)
+from trainer.review.grid import GridImages, GridSpec, compose_grid, output_paths, parse_numbers, plan_grid, render_grid
+from trainer.review.prompts import suggest_prompts
 from trainer.review.inference import LoraPipeline, RenderSettings
 from trainer.runs.folder import RunFolder
 
@@ -306,7 +306,7 @@ def service(engine):
 
 
 def test_runs_are_listed_and_opened_only_for_their_owner(owned_run):
-    from ui.compare_tab import open_owned_run, owner_runs
+    from ui.owned_runs import open_owned_run, owner_runs
 
     runs_root, name = owned_run
     assert [n for _, n in owner_runs(runs_root, OWNER)] == [name]
@@ -320,7 +320,8 @@ def test_runs_are_listed_and_opened_only_for_their_owner(owned_run):
 
 
 def test_compare_tab_selecting_a_run_and_streaming_a_grid(owned_run, service):
-    from ui.compare_tab import cell_at, on_run_selected, show_prompt, stream_grid
+    from ui.compare_grids import cell_at, show_prompt, stream_grid
+    from ui.compare_tab import on_run_selected
 
     runs_root, name = owned_run
     shown = on_run_selected(runs_root, OWNER, name)
@@ -348,7 +349,8 @@ def test_compare_tab_downloads_star_and_prune(owned_run):
     import safetensors.torch
 
     from trainer.review.advisor import starred_step
-    from ui.compare_tab import checkpoint_table, export_files, open_owned_run, prune, star
+    from ui.compare_tab import checkpoint_table, export_files, prune, star
+    from ui.owned_runs import open_owned_run
 
     runs_root, name = owned_run
     kohya, diffusers = export_files(runs_root, OWNER, name, 4)
@@ -367,7 +369,8 @@ def test_compare_tab_downloads_star_and_prune(owned_run):
 
 def test_compare_tab_scores_checkpoints(owned_run, service):
     from trainer.review.advisor import load_advice
-    from ui.compare_tab import open_owned_run, stream_advice
+    from ui.compare_tab import stream_advice
+    from ui.owned_runs import open_owned_run
 
     runs_root, name = owned_run
     updates = list(stream_advice(service, runs_root, OWNER, name))

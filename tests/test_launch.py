@@ -20,7 +20,7 @@ from trainer.runtime import Runtime
 from ui.launch import PASSWORD_ENV, USER_ENV, exposure
 
 ROOT = Path(__file__).resolve().parent.parent
-# RELIABILITY.md's advisories: GHSA-j36p-7w88-g82j is fixed in gradio 6.16.0, CVE-2026-28414 in 6.7.0.
+# Security advisories that matter here: GHSA-j36p-7w88-g82j is fixed in gradio 6.16.0, CVE-2026-28414 in 6.7.0.
 MIN_GRADIO = (6, 16, 0)
 
 

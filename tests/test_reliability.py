@@ -1,4 +1,4 @@
-"""Injected faults (RELIABILITY.md plan points 2, 4, 5, 6, 7, 9, 10) on the CPU tiny model.
+"""Injected faults (docs/RELIABILITY.md points 2, 4, 5, 6, 7, 9, 10) on the CPU tiny model.
 
 Each fault is injected where it really happens: the training step raises CUDA's out-of-memory error, the loss
 turns NaN, the gradients turn infinite, the disk reports too little space or fsync fails with ENOSPC, and a

@@ -1,4 +1,4 @@
-"""Resume (RELIABILITY.md plan points 1, 3, 11, 19): kill -9 then --resume is bit-identical; damaged saves are skipped.
+"""Resume (docs/RELIABILITY.md points 1, 3, 11, 19): kill -9 then --resume is bit-identical; damaged saves are skipped.
 
 The expensive end-to-end check runs the real CLI in subprocesses (an uninterrupted reference and a run that is
 SIGKILLed mid-run, at the same time, then the resume). The rest runs in-process on the CPU tiny model.

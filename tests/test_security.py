@@ -1,4 +1,4 @@
-"""Security (RELIABILITY.md plan points 8, 14, 15, 16): weights from outside, the token, paths, visitors apart."""
+"""Security (docs/RELIABILITY.md points 8, 14, 15, 16): weights from outside, the token, paths, visitors apart."""
 from __future__ import annotations
 
 import io

@@ -1,4 +1,4 @@
-"""A bounded soak (RELIABILITY.md plan point 20): many concurrent gradio_client sessions against the real app.
+"""A bounded soak (docs/RELIABILITY.md point 20): many concurrent gradio_client sessions against the real app.
 
 Eight API sessions upload their own image over and over (``/prepare_dataset``) while two of them also train
 tiny-demo runs (``/train`` + ``/follow``). Afterwards: the server's memory is roughly where it was after the

@@ -88,8 +88,8 @@ _export("trainer.jobs.manager", "Job", "JobManager", "gpu_devices")
 # 4. review: grids, rendering with a LoRA, scores and the star, export, publishing
 _export("trainer.review.advisor", "advice_from_grid", "advice_spec", "checkpoint_files", "disk_summary", "keep_last",
         "load_advice", "save_advice", "set_star", "starred_step")
-_export("trainer.review.grid", "GridImages", "GridSpec", "fill_trigger", "parse_numbers", "plan_grid", "render_grid",
-        "suggest_prompts")
+_export("trainer.review.grid", "GridImages", "GridSpec", "fill_trigger", "parse_numbers", "plan_grid", "render_grid")
+_export("trainer.review.prompts", "suggest_prompts")
 _export("trainer.review.inference", "InferenceService", "RenderSettings", "base_model_folder")
 _export("trainer.review.export", "export_lora", "export_name")
 _export("trainer.review.publish", "plan_publish", "publish")

@@ -30,7 +30,7 @@ class TrainingConfig:
     model: str = "tiny-demo"  # "tiny-demo", a Hugging Face id, or a local diffusers folder
 
     # --- LoRA and optimiser
-    rank: int = 4  # alpha always equals rank (PRACTICE.md: "network dimension = alpha")
+    rank: int = 4  # alpha always equals rank (docs/PRACTICE.md §4)
     steps: int = 400
     save_every: int = 50
     learning_rate: float = 4e-4

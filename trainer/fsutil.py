@@ -2,7 +2,7 @@
 
 Write to a temporary file in the same folder, fsync it, ``os.replace`` it over the final name, fsync the
 folder. A crash at any point leaves either the old file or the new one, never a truncated one (peers lost
-checkpoints to truncated writes: RELIABILITY.md).
+checkpoints to truncated writes: docs/RELIABILITY.md).
 """
 from __future__ import annotations
 

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import os
 
-import gradio as gr
-
 from trainer import api
 from trainer.errors import UserError
 

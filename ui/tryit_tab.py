@@ -1,7 +1,7 @@
 """The Try it tab: one of your checkpoints at a LoRA weight, on your prompt, beside the base model's image.
 
 Same seed, size and steps for both images, so they differ by the LoRA alone. An overfit late checkpoint is often
-usable at weight 0.5 (PRACTICE.md §6), hence the slider up to 1.5. Works on tiny-demo on a CPU and on FLUX.1-dev
+usable at weight 0.5 (docs/PRACTICE.md §4, §6), hence the slider up to 1.5. Works on tiny-demo on a CPU and on FLUX.1-dev
 on a GPU: the base model is loaded once and shared with the Compare tab.
 """
 from __future__ import annotations
@@ -14,7 +14,9 @@ import gradio as gr
 
 from trainer import api
 from trainer.errors import UserError
-from ui.compare_tab import CompareTab, cell_at, checkpoint_choices, checkpoint_path, open_owned_run, owner_runs
+from ui.compare_grids import cell_at
+from ui.compare_tab import CompareTab
+from ui.owned_runs import checkpoint_choices, checkpoint_path, open_owned_run, owner_runs
 from ui.session import RENDER_QUEUE, owner_of, user_errors
 
 MAX_WEIGHT = 1.5
@@ -40,7 +42,7 @@ def run_defaults(runs_root: Path, owner: str, name: str) -> dict[str, Any]:
             "guidance": run.config.preview_guidance}
 
 
-def generate(service: InferenceService, runs_root: Path, owner: str, name: str, step, weight: float, prompt: str,
+def generate(service: api.InferenceService, runs_root: Path, owner: str, name: str, step, weight: float, prompt: str,
              seed, width, height, steps, guidance):
     """(LoRA image, base image, caption line) for the chosen checkpoint and weight."""
     run = open_owned_run(runs_root, owner, name)

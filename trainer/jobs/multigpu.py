@@ -5,7 +5,7 @@ A worker thread of the app cannot drive N GPUs in one process, so a job that ask
     python -m torch.distributed.run --standalone --nproc_per_node=N -m trainer train --output RUN --prepared \\
         --events-jsonl CONTROL/events.jsonl --stop-file CONTROL/stop --parent-pid APP_PID
 
-which is what ``python -m trainer train --gpus N`` runs too (``trainer.cli.torchrun_command``), on the run folder
+which is what ``python -m trainer train --gpus N`` runs too (``trainer.jobs.protocol.torchrun_command``), on the run folder
 the app already created (``--prepared``: its run.json and dataset/, settings from its run.json).
 
 - **Events**: the main process appends every event to ``events.jsonl`` as one JSON line, flushed
@@ -45,7 +45,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Sequence
 
-from trainer.events import TERMINAL_EVENTS, Event, Failed, Placed, describe_devices, from_json_line
+from trainer.events import TERMINAL_EVENTS, Event, Failed, Placed, describe_devices
+from trainer.jobs.protocol import JsonlTail, torchrun_command
 from trainer.runs.folder import RunFolder
 from trainer.runs.recorder import RunRecorder
 
@@ -81,8 +82,6 @@ def run_on_gpus(run: RunFolder, should_stop: Callable[[], bool] = lambda: False,
                 devices: Sequence[str] = ("cuda:0", "cuda:1")) -> Iterator[Event]:
     """Train the prepared ``run`` data-parallel on ``devices`` (one process each); yields its events, ends with
     exactly one Finished or Failed."""
-    from trainer.cli import torchrun_command
-
     devices = list(devices)
     if len(devices) < 2:
         raise ValueError("run_on_gpus needs two devices or more; one-device jobs run in process (run_training)")
@@ -104,7 +103,7 @@ def run_on_gpus(run: RunFolder, should_stop: Callable[[], bool] = lambda: False,
             return
         reader = threading.Thread(target=_collect, args=(proc.stdout, output), name="multigpu-output", daemon=True)
         reader.start()
-        tail = _JsonlTail(events_path)
+        tail = JsonlTail(events_path)
         terminal: Event | None = None
         terminal_at = 0.0
         last_step = 0
@@ -150,40 +149,6 @@ def run_on_gpus(run: RunFolder, should_stop: Callable[[], bool] = lambda: False,
             except subprocess.TimeoutExpired:
                 _end(proc)
         shutil.rmtree(control, ignore_errors=True)
-
-
-class _JsonlTail:
-    """Complete lines appended to a file since the last read (a half-written last line waits for its newline)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._file = None
-        self._partial = b""
-
-    def read(self) -> list[Event]:
-        if self._file is None:
-            try:
-                self._file = open(self.path, "rb")
-            except FileNotFoundError:
-                return []
-        data = self._partial + self._file.read()
-        *lines, self._partial = data.split(b"\n")
-        events = []
-        for line in lines:
-            if not line.strip():
-                continue
-            try:
-                events.append(from_json_line(line.decode("utf-8")))
-            except ValueError:  # JSONDecodeError and unknown events are ValueErrors
-                log.warning("skipped an unreadable event line: %r", line[:200])
-        return events
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-
-    __del__ = close
 
 
 def _collect(stream, lines: deque) -> None:

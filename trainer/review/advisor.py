@@ -1,7 +1,7 @@
 """Which checkpoint to use: scores for every checkpoint, a suggestion, the user's star, and disk use.
 
 A heuristic, and presented as one. Practitioners pick "the checkpoint where the model has learned the subject
-but still generalises" by eye (PRACTICE.md §7-8); two failure signs can be measured:
+but still generalises" by eye (docs/PRACTICE.md §5-6); two failure signs can be measured:
 
 * **copying**: samples of prompts that are *not* the caption come out close to the training image. The copy
   score is the mean of a structure term (SSIM of downscaled grayscale images) and a pixel term (correlation of
@@ -167,7 +167,8 @@ ADVICE_PROMPT_KINDS = ("extreme (back view)", "flexibility (other hair and cloth
 
 def advice_spec(run: RunFolder, seeds: tuple[int, ...] = (1, 2), sample_steps: int | None = None):
     """The grid the advice is computed from: non-caption test prompts, every checkpoint, weight 1.0."""
-    from trainer.review.grid import GridSpec, suggest_prompts
+    from trainer.review.grid import GridSpec
+    from trainer.review.prompts import suggest_prompts
 
     prompts = tuple(s.text for s in suggest_prompts(run.config) if s.kind in ADVICE_PROMPT_KINDS)
     return GridSpec(prompts=prompts, seeds=seeds, weights=(1.0,), sample_steps=sample_steps)

@@ -1,4 +1,4 @@
-"""Checkpoint comparison grids, as practitioners judge a run (PRACTICE.md §7).
+"""Checkpoint comparison grids, as practitioners judge a run (docs/PRACTICE.md §5).
 
 Columns are the base model (no LoRA) then each checkpoint; rows are seeds (x LoRA weights when more than one
 is asked for); one grid per prompt. The base column is drawn once per prompt and seed and reused for every
@@ -16,7 +16,7 @@ from typing import Callable, Iterator
 
 from PIL import Image, ImageDraw, ImageFont
 
-from trainer.config import TRIGGER_PLACEHOLDER, TrainingConfig
+from trainer.config import TRIGGER_PLACEHOLDER
 from trainer.errors import UserError
 from trainer.review.inference import LoraPipeline, RenderSettings
 from trainer.runs.folder import RunFolder
@@ -296,55 +296,6 @@ def output_paths(output: Path, n_prompts: int) -> list[Path]:
     if n_prompts == 1:
         return [output]
     return [output.with_name(f"{output.stem}-{i + 1}{output.suffix}") for i in range(n_prompts)]
-
-
-# ---------------------------------------------------------------- suggested test prompts (PRACTICE.md §7)
-
-@dataclass(frozen=True)
-class SuggestedPrompt:
-    kind: str  # what it tests
-    text: str
-
-
-_COLOURS = ["red", "blue", "green", "yellow", "purple", "orange", "pink", "black", "white", "brown", "gray",
-            "grey", "blonde", "silver", "gold"]
-_SWAP = {"red": "blue", "blue": "red", "green": "purple", "yellow": "purple", "purple": "green",
-         "orange": "blue", "pink": "green", "black": "white", "white": "black", "brown": "blue",
-         "gray": "red", "grey": "red", "blonde": "black", "silver": "gold", "gold": "silver"}
-
-
-def suggest_prompts(config: TrainingConfig) -> list[SuggestedPrompt]:
-    """Test prompts as practitioners write them: memorisation, a small change, an extreme, flexibility,
-    and short / medium / long prompts. Every one names the subject (the trigger word when there is one)."""
-    caption = config.training_caption
-    subject = config.trigger.strip() or caption
-    out = [SuggestedPrompt("original caption (can it re-create the image?)", caption)]
-    colour = re.search(r"\b(" + "|".join(_COLOURS) + r")\b", caption, flags=re.IGNORECASE)
-    if colour:
-        word = colour.group(1)
-        swapped = _SWAP[word.lower()]
-        out.append(SuggestedPrompt("small change (a colour)",
-                                   caption[:colour.start()] + swapped + caption[colour.end():]))
-    else:
-        out.append(SuggestedPrompt("small change (a colour)", f"{caption}, wearing a bright red scarf"))
-    out += [
-        SuggestedPrompt("extreme (back view)", f"{subject} seen from behind, back view, full body"),
-        SuggestedPrompt("flexibility (other hair and clothes)",
-                        f"{subject} with short blue hair, wearing a black leather jacket"),
-        SuggestedPrompt("flexibility (another medium)", f"a watercolor painting of {subject}"),
-        SuggestedPrompt("short prompt", f"{subject}"),
-        SuggestedPrompt("medium prompt", f"{subject} sitting in a cafe, holding a cup of coffee, warm evening light"),
-        SuggestedPrompt("long prompt", (
-            f"a cinematic wide shot of {subject} standing on a rain-soaked street in a neon-lit city at night, "
-            "reflections on the wet asphalt, people with umbrellas walking past in the background, steam rising "
-            "from a food stall, shallow depth of field, dramatic rim lighting, highly detailed, 35mm film grain")),
-    ]
-    seen, unique = set(), []
-    for s in out:
-        if s.text not in seen:
-            seen.add(s.text)
-            unique.append(s)
-    return unique
 
 
 def parse_numbers(text: str, kind=int, what: str = "numbers") -> tuple:

@@ -1,6 +1,6 @@
 """Free-space checks: refuse a run the disk can't hold, and stop cleanly before a save that won't fit.
 
-Peers lost their last checkpoint to a full disk (RELIABILITY.md). Before a run starts, the expected size of
+Peers lost their last checkpoint to a full disk (docs/RELIABILITY.md point 4). Before a run starts, the expected size of
 every checkpoint still to come plus its training state (LoRA in fp32 and AdamW's two moments) and its
 previews is compared with the free space; before each save, the size of that one save is. A check that
 fails raises ``DiskFullError`` (a ``UserError``): the run ends with a message, nothing half-written, and

@@ -4,7 +4,7 @@ Every process holds the whole model and the same cached image; each draws its ow
 N GPUs see N noised copies per step. The LoRA gradients are averaged across processes by PyTorch's
 DistributedDataParallel, in buckets that are sent while backward is still running (a single all-reduce after
 backward measured 1.43x on 2 GPUs: bench/RESULTS.md), so every process applies the identical update and the
-LoRA stays identical everywhere. The learning rate is scaled by sqrt(N) (PRACTICE.md: lr = sqrt(batch) x lr at batch 1). Only the
+LoRA stays identical everywhere. The learning rate is scaled by sqrt(N) (docs/PRACTICE.md §7: lr = sqrt(batch) x lr at batch 1). Only the
 main process writes checkpoints, previews and run.json.
 
 Processes are started by ``torchrun``/``accelerate launch`` (RANK, WORLD_SIZE, LOCAL_RANK in the

@@ -33,7 +33,7 @@ def flux_blocks(transformer) -> list[torch.nn.Module]:
 # cuDNN's attention is faster than flash attention at Flux's shapes on Hopper (bench/RESULTS.md: the training
 # step's attention forward + backward and the previews' batched forward), same arithmetic up to bf16 rounding.
 # PyTorch ranks it below flash by default. Its backward crashed with an illegal memory access (which kills the
-# CUDA context: no in-process fallback is possible) on one H100 image (shared/PERFORMANCE.md) and worked on
+# CUDA context: no in-process fallback is possible) on one H100 image (bench/RESULTS.md, 2026-11-22) and worked on
 # another machine: so it is tried once in a child process at the job's shape before a job relies on it.
 _SELF_TEST = r"""
 import sys, torch

@@ -1,0 +1,235 @@
+"""``python -m trainer train``: a new run, a prepared one (the app's multi-GPU job), or a resumed one, followed to its end.
+
+The same decisions as the page (``trainer.api``: the config from preset + overrides, the mask and its warning), the
+same job (``run_training``), its events printed as one progress line; with ``--gpus N`` it re-runs itself under
+torchrun, one process per GPU (``trainer.jobs.protocol``).
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from trainer import api
+from trainer.errors import UserError
+
+EXIT_USER_ERROR = 2
+EXIT_TRAINING_FAILED = 1
+
+
+def open_run(path: Path):
+    from trainer.runs.folder import MANIFEST, RunFolder
+
+    if not (Path(path) / MANIFEST).is_file():
+        raise UserError(f"'{path}' is not a run folder: it has no {MANIFEST}.")
+    try:
+        return RunFolder.open(path)
+    except (ValueError, KeyError) as err:
+        raise UserError(f"The run's {MANIFEST} in '{path}' could not be read ({err}).") from None
+
+
+def train(args) -> int:
+    import trainer.training.job  # noqa: F401  (first: it records torch's thread count before the mask model can change it)
+    from trainer.training import distributed
+
+    context = distributed.context_from_environment()
+    if args.gpus > 1 and not context.enabled:
+        return _relaunch_on_gpus(args.gpus)
+    from trainer.jobs.protocol import EventSink, stop_check
+
+    sink = EventSink(args.events_jsonl) if args.events_jsonl and context.is_main else None
+    stop = stop_check(args.stop_file, args.parent_pid)
+    try:
+        if args.resume and args.prepared:
+            raise UserError("--resume continues a run that has started; --prepared starts a prepared one: pick one.")
+        if context.enabled:
+            if args.resume:
+                raise UserError("--resume continues a run on one GPU: drop --gpus (and don't launch it with torchrun).")
+            distributed.initialise(context)
+            try:
+                return _train_distributed(args, context, stop, sink)
+            finally:
+                distributed.shutdown(context)
+        if args.resume:
+            return _follow(_resumed_run(args), resume=True, should_stop=stop, sink=sink)
+        run = _prepared_run(args) if args.prepared else _prepare_new_run(args)
+        return _follow(run, should_stop=stop, sink=sink)
+    except UserError as err:
+        if sink is not None:  # the app reading the events learns why, in the same words
+            from trainer.events import Failed
+
+            sink.write(Failed(str(err), "user"))
+        raise
+    finally:
+        if sink is not None:
+            sink.close()
+
+
+def _prepared_run(args):
+    """The run folder the app created (run.json with the config, dataset/), not yet trained."""
+    _refuse_settings(args, "--prepared")
+    run = open_run(args.output)
+    if run.status != "created" or run.checkpoints:
+        raise UserError(f"The run in '{args.output}' has already started (status: {run.status}); --prepared only "
+                        "starts a new one. Use --resume to continue it.")
+    return run
+
+
+def _prepare_new_run(args, gpus: int = 1):
+    """Validate the inputs, decide the mask, and create the run folder (config, image, mask, run.json); ``gpus``:
+    the data-parallel processes that will train it."""
+    from trainer.dataset.masking import POINT_NOT_FOUND
+    from trainer.runs.folder import RunFolder
+
+    missing = [flag for flag, value in (("--image", args.image), ("--caption", args.caption)) if value is None]
+    if missing:
+        raise UserError(f"train needs {' and '.join(missing)} (or --resume to continue the run in --output).")
+    overrides = {k: v for k, v in {
+        "steps": args.steps, "save_every": args.save_every, "rank": args.rank, "learning_rate": args.lr,
+        "resolution": args.resolution, "seed": args.seed, "name": args.name,
+        "memory_tier": args.memory_tier}.items() if v is not None}
+    config, notice = api.training_config(api.RunRequest(
+        caption=args.caption, preset=args.preset, trigger=args.trigger, sample_prompts=tuple(args.sample_prompt),
+        model=args.model, masked=not args.no_mask, overrides=overrides))
+    image = api.load_image(args.image)  # a bad image is the one line the user sees, before any note
+    backgrounds = api.load_user_backgrounds(args.background)
+    if notice:
+        print(f"note: {notice}", file=sys.stderr)
+    if backgrounds and not (config.masked and config.augment_probability > 0):
+        print("note: --background is used only by background augmentation, which needs the mask and an augmentation "
+              "probability above 0 (this preset's is 0, or --no-mask was given).", file=sys.stderr)
+    mask = None
+    if not args.no_mask:
+        given = api.load_mask(args.mask, size=image.size) if args.mask else None
+        choice = api.choose_mask(image, given, point=args.subject_point)
+        mask = choice.mask
+        if choice.warning == POINT_NOT_FOUND:
+            print(f"warning: nothing stands out at --subject-point; the automatic mask is used: check "
+                  f"{Path(args.output) / 'dataset' / 'mask.png'}, or give your own with --mask.", file=sys.stderr)
+        elif choice.warning:
+            print(f"warning: the automatic mask is unsure: check {Path(args.output) / 'dataset' / 'mask.png'}, "
+                  "or give your own with --mask (white = subject).", file=sys.stderr)
+    try:
+        run = RunFolder.create_at(args.output, config, image, mask, backgrounds, gpus=gpus)
+    except FileExistsError:
+        raise UserError(f"The output folder '{args.output}' already exists and is not empty. Choose a new folder, "
+                        "or add --resume to continue the run in it.") from None
+    return run
+
+
+def _relaunch_on_gpus(gpus: int) -> int:
+    """Run this same command once per GPU under torchrun (which sets RANK / WORLD_SIZE / LOCAL_RANK)."""
+    import subprocess
+
+    import torch
+
+    available = torch.cuda.device_count()
+    if available < gpus:
+        raise UserError(f"--gpus {gpus} asks for more GPUs than this machine has ({available}).")
+    from trainer.jobs.protocol import torchrun_command
+
+    return subprocess.call(torchrun_command(gpus, sys.argv[1:]))
+
+
+def _train_distributed(args, context, should_stop, sink) -> int:
+    """One process of a data-parallel run: the main one creates (or, --prepared, opens) the run folder, the others
+    read it."""
+    from trainer.training.distributed import scaled_learning_rate
+    from trainer.runs.folder import RunFolder
+
+    run = None
+    if context.is_main:
+        run = _prepared_run(args) if args.prepared else _prepare_new_run(args, gpus=context.world_size)
+    context.barrier()  # the run folder exists before any other process opens it
+    if run is None:
+        run = RunFolder.open(args.output)
+        run.writable = False
+    else:
+        lr = run.config.learning_rate
+        unit = "GPUs" if context.device.type == "cuda" else "processes"
+        print(f"{context.world_size} {unit}, batch 1 on each: learning rate {lr:g} x sqrt({context.world_size}) = "
+              f"{scaled_learning_rate(lr, context.world_size):.3g}", file=sys.stderr)
+    return _follow(run, dist=context, should_stop=should_stop, sink=sink)
+
+
+def _resumed_run(args):
+    from trainer.runs.lifecycle import open_for_resume
+
+    _refuse_settings(args, "--resume")
+    return open_for_resume(args.output)
+
+
+def _refuse_settings(args, mode: str) -> None:
+    """``mode`` trains with the settings saved in the run's run.json: any setting given on the command line is an error."""
+    given = [flag for flag, value in (
+        ("--image", args.image), ("--mask", args.mask), ("--caption", args.caption), ("--model", args.model),
+        ("--steps", args.steps), ("--save-every", args.save_every), ("--rank", args.rank), ("--lr", args.lr),
+        ("--resolution", args.resolution), ("--seed", args.seed), ("--name", args.name),
+        ("--sample-prompt", args.sample_prompt or None), ("--no-mask", args.no_mask or None),
+        ("--trigger", args.trigger or None)) if value is not None]
+    if given:
+        raise UserError(f"{mode} trains with the settings saved in the run's run.json; drop {', '.join(given)}.")
+
+
+def _follow(run, resume: bool = False, dist=None, should_stop=lambda: False, sink=None) -> int:
+    from trainer.events import CheckpointSaved, Failed, Finished, PreviewsRendered, Progress, Started, Status
+    from trainer.training.job import run_training
+
+    progress = ProgressLine(quiet=dist is not None and not dist.is_main)  # one progress line for N processes
+    code = 0
+    for event in run_training(run, should_stop=should_stop, token=os.environ.get("HF_TOKEN"), resume=resume,
+                              dist=dist):
+        if sink is not None:
+            sink.write(event)
+        if isinstance(event, Status):
+            progress.message(event.message)
+        elif isinstance(event, Started):
+            progress.message(f"training {event.total_steps} steps at {event.train_width}x{event.train_height}, "
+                             f"checkpoints at {list(event.checkpoint_steps)}")
+        elif isinstance(event, Progress):
+            progress.bar(event)
+        elif isinstance(event, CheckpointSaved):
+            progress.message(f"saved {event.path} ({event.size_bytes / 1e6:.1f} MB)")
+        elif isinstance(event, PreviewsRendered):
+            progress.message(f"previews for step {event.step}: " + ", ".join(str(p.path.name) for p in event.previews))
+        elif isinstance(event, Finished):
+            progress.message(("stopped" if event.stopped else "finished") + f" at step {event.last_step}: {event.run_dir}")
+        elif isinstance(event, Failed):
+            progress.message("")
+            print(f"error: {event.message}", file=sys.stderr)
+            code = EXIT_USER_ERROR if event.kind == "user" else EXIT_TRAINING_FAILED
+    if not progress.quiet:
+        print(run.path)
+    return code
+
+
+class ProgressLine:
+    """A one-line progress bar on stderr; messages go above it."""
+
+    def __init__(self, quiet: bool = False) -> None:
+        self._tty = sys.stderr.isatty()
+        self._last = 0
+        self.quiet = quiet
+
+    def message(self, text: str) -> None:
+        if self.quiet:
+            return
+        if self._tty:
+            sys.stderr.write("\r\033[K")
+        if text:
+            sys.stderr.write(text + "\n")
+        sys.stderr.flush()
+
+    def bar(self, p) -> None:
+        if self.quiet:
+            return
+        width = 30
+        done = int(width * p.step / p.total_steps)
+        line = (f"[{'#' * done}{'.' * (width - done)}] {p.step}/{p.total_steps} loss {p.loss:.4f} "
+                f"{p.steps_per_second:.2f} it/s ETA {int(p.eta_seconds) // 60}:{int(p.eta_seconds) % 60:02d}")
+        if self._tty:
+            sys.stderr.write("\r\033[K" + line)
+        elif p.step == p.total_steps or p.step - self._last >= max(1, p.total_steps // 20):
+            sys.stderr.write(line + "\n")  # a log file gets ~20 lines, not thousands
+            self._last = p.step
+        sys.stderr.flush()
