@@ -77,6 +77,7 @@ _export("trainer.dataset.mask_tools", "TOKEN_PX", "adjust_mask", "apply_strokes"
 _export("trainer.dataset.augment", "MAX_USER_BACKGROUNDS", "load_user_backgrounds")
 # 2. model: ids, what a model costs, memory tiers
 _export("trainer.model.loading", "FLUX_DEV", "TINY_DEMO", "TINY_DEMO_NOTICE", "default_model")
+_export("trainer.families", "FAMILIES", "family_of_spec", "tiny_ids")
 _export("trainer.model.estimates", "plan_summary")
 _export("trainer.model.tiers", "AUTO", "choose_tier", "list_tiers")
 _export("trainer.training.distributed", "scaled_learning_rate")

@@ -32,23 +32,31 @@ def model_spec(choice: str) -> str:
 
 
 def model_notice(choice: str) -> str:
-    spec = model_spec(choice)
-    if spec == api.TINY_DEMO:
-        import torch
-
-        extra = "" if torch.cuda.is_available() else " No CUDA GPU was found, so it is the default here."
-        return f"ℹ️ {api.TINY_DEMO_NOTICE}{extra}"
-    token = "found in the environment (HF_TOKEN)" if os.environ.get("HF_TOKEN") else "not set"
-    lines = []
-    if spec == api.FLUX_DEV:
-        lines.append(f"FLUX.1-dev is gated: accept its license on huggingface.co, and give a token (HF_TOKEN). Token: **{token}**. "
-                     "It downloads about 34 GB once, and trains on a GPU with 24 GB or more.")
-    else:
-        lines.append(f"A Hub id or a local diffusers folder (with model_index.json). Hub token: **{token}**.")
+    """What the chosen model is, its license, what it downloads and needs, before anything is fetched."""
     import torch
 
+    spec = model_spec(choice)
+    tiny = api.tiny_ids()
+    if spec in tiny:
+        extra = "" if torch.cuda.is_available() or spec != api.TINY_DEMO else \
+            " No CUDA GPU was found, so it is the default here."
+        return f"ℹ️ {tiny[spec].tiny_notice}{extra}"
+    try:
+        family = api.family_of_spec(spec)
+    except UserError as err:
+        return f"⚠️ {err}"
+    token = "found in the environment (HF_TOKEN)" if os.environ.get("HF_TOKEN") else "not set"
+    lines = []
+    if spec in family.hub_ids:
+        gated = (f"It is gated: accept its license on huggingface.co, and give a token (HF_TOKEN). Token: **{token}**. "
+                 if family.gated else "")
+        lines.append(f"**{family.label}**. {gated}{family.download_notice}")
+        lines.append(f"License: {family.license_notice}")
+    else:
+        lines.append(f"A Hub id or a local diffusers folder (with model_index.json), trained as {family.label}. "
+                     f"Hub token: **{token}**.")
     if not torch.cuda.is_available():
-        lines.append("⚠️ No CUDA GPU was found: only tiny-demo can train here.")
+        lines.append("⚠️ No CUDA GPU was found: only the tiny models can train here.")
     return "  \n".join(lines)
 
 
@@ -89,7 +97,8 @@ def gpus_note(gpus, learning_rate) -> str:
 
 
 def model_choices() -> list[str]:
-    return [api.FLUX_DEV, api.TINY_DEMO]
+    """Each family's Hub models, then the built-in tiny ones."""
+    return [*(hub_id for family in api.FAMILIES for hub_id in family.hub_ids), *api.tiny_ids()]
 
 
 def prompt_lines(text: str) -> tuple[str, ...]:

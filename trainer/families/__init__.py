@@ -59,7 +59,7 @@ def family_of_spec(spec: str) -> ModelFamily:
     if (folder / "model_index.json").is_file():
         return family_of_folder(folder)
     for family in FAMILIES:
-        if spec == family.default_hub_id:
+        if spec == family.default_hub_id or spec in family.hub_ids:
             return family
     return DEFAULT_FAMILY
 

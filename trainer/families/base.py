@@ -52,6 +52,8 @@ class ModelFamily(ABC):
     name: ClassVar[str]  # short id written into run.json and checkpoint metadata: "flux1"
     label: ClassVar[str]  # what the page shows: "FLUX.1 [dev]"
     default_hub_id: ClassVar[str]
+    hub_ids: ClassVar[tuple[str, ...]] = ()  # every Hub id of the family the page offers (default first)
+    gated: ClassVar[bool] = False  # its Hub repos need an accepted license and a token
     tiny_id: ClassVar[str]  # the built-in random-weight stand-in's model spec ("tiny-demo")
     tiny_version: ClassVar[int]  # bump when the tiny architecture changes, so cached copies are rebuilt
     tiny_notice: ClassVar[str]

@@ -20,6 +20,8 @@ class Flux1(ModelFamily):
     name = "flux1"
     label = "FLUX.1 [dev]"
     default_hub_id = "black-forest-labs/FLUX.1-dev"
+    hub_ids = (default_hub_id,)
+    gated = True
     tiny_id = "tiny-demo"
     tiny_version = 1
     tiny_notice = ("tiny-demo is a built-in Flux-shaped model with random weights, small enough for a CPU. It exists "
