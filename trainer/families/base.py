@@ -43,6 +43,14 @@ class KohyaLayout:
     swapped: frozenset[str] = frozenset()
     double_prefix: str = "double_blocks"
     single_prefix: str = "single_blocks"
+    # How a key is spelled: the layer's name, then ``.{down_key}`` / ``.{up_key}`` / ``.{alpha_key}``. kohya's own
+    # spelling (FLUX.1) joins the original path with underscores under ``lora_unet_``; a family whose consumers read
+    # the original dotted path (FLUX.2) says so. ``alpha_key=None``: no alpha tensors, alpha/rank folded into up.
+    block_format: str = "lora_unet_{prefix}_{index}_{name}"
+    global_format: str = "lora_unet_{name}"
+    down_key: str = "lora_down.weight"
+    up_key: str = "lora_up.weight"
+    alpha_key: str | None = "alpha"
     network_module: str = "networks.lora_flux"  # what kohya's sd-scripts writes as ss_network_module
     base_model_version: str = "flux1"  # ss_base_model_version
 

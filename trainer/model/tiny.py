@@ -38,6 +38,19 @@ def byte_level_tokenizer(max_length: int):
                                    unk_token="<unk>", eos_token="</s>")
 
 
+# A chat template of Qwen's shape (what FLUX.2's pipeline wraps every prompt in): role, content, the assistant's turn.
+_CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def chat_tokenizer(max_length: int):
+    """``byte_level_tokenizer`` with Qwen's chat markers and a chat template (a tiny FLUX.2 [klein]'s tokenizer)."""
+    tok = byte_level_tokenizer(max_length)
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.chat_template = _CHAT_TEMPLATE
+    return tok
+
+
 MARKER = "tiny_demo.json"  # written last into a complete tiny model folder: its family and version
 
 

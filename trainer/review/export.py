@@ -168,11 +168,11 @@ def kohya_groups(modules, layout: KohyaLayout) -> dict[str, tuple[str, ...]]:
                                 f"{', '.join(p for p in parts if p not in present)}; the kohya layout fuses them "
                                 "into one layer, so it needs all of them. Export it in the diffusers layout instead.")
             full = tuple(f"{kind}.{index}.{p}" for p in parts)
-            groups[f"lora_unet_{prefix}_{index}_{kohya}"] = full
+            groups[layout.block_format.format(prefix=prefix, index=index, name=kohya)] = full
             claimed.update(full)
     for kohya, module in layout.global_layers.items():
         if module in modules:
-            groups[f"lora_unet_{kohya}"] = (module,)
+            groups[layout.global_format.format(name=kohya)] = (module,)
             claimed.add(module)
     unknown = sorted(modules - claimed)
     if unknown:
@@ -194,9 +194,12 @@ def to_kohya(lora: LoraWeights) -> dict[str, torch.Tensor]:
             alpha = lora.alpha[module]
         else:
             down, up, alpha = _fuse(lora, parts)
-        out[f"{name}.lora_down.weight"] = down.contiguous()
-        out[f"{name}.lora_up.weight"] = up.contiguous()
-        out[f"{name}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
+        if layout.alpha_key is None:  # the consumer scales by 1 (alpha = rank): fold alpha / rank into up
+            up = up * (alpha / down.shape[0])
+        out[f"{name}.{layout.down_key}"] = down.contiguous()
+        out[f"{name}.{layout.up_key}"] = up.contiguous()
+        if layout.alpha_key is not None:
+            out[f"{name}.{layout.alpha_key}"] = torch.tensor(alpha, dtype=torch.float32)
     return out
 
 

@@ -18,6 +18,8 @@ class PromptEmbedding:
     embeds: torch.Tensor  # (1, T, D) text tokens (FLUX.1: T5)
     pooled: torch.Tensor | None  # (1, D) pooled text (FLUX.1: CLIP); None for a family without one
     text_ids: torch.Tensor  # the text tokens' position ids
+    # the empty prompt's embeds, for a family that renders with classifier-free guidance (FLUX.2 [klein] base)
+    negative: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
