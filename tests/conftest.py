@@ -23,6 +23,15 @@ def tiny_model_dir(tmp_path_factory):
     return ensure_tiny_model(tmp_path_factory.mktemp("models") / "tiny-demo", FLUX1)
 
 
+@pytest.fixture(scope="session")
+def tiny_klein_dir(tmp_path_factory):
+    """The FLUX.2 [klein] stand-in, built once per session (on first use: only the klein tests ask for it)."""
+    from trainer.families import FLUX2_KLEIN
+    from trainer.model.tiny import ensure_tiny_model
+
+    return ensure_tiny_model(tmp_path_factory.mktemp("models") / "tiny-klein", FLUX2_KLEIN)
+
+
 @pytest.fixture(autouse=True)
 def isolated_data_dir(tmp_path_factory, monkeypatch, tiny_model_dir):
     """Every test gets its own data folder, with the session's tiny demo model already in it, and a ``Runtime``

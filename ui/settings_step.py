@@ -71,7 +71,9 @@ def memory_tier_notice(choice: str, model: str = "") -> str:
 
     try:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        picked = api.choose_tier(choice or api.AUTO, device, tiny_model=model_spec(model) == api.TINY_DEMO)
+        spec = model_spec(model)
+        picked = api.choose_tier(choice or api.AUTO, device, tiny_model=spec in api.tiny_ids(),
+                                 family=api.family_of_spec(spec))
     except UserError as err:
         return f"⚠️ {err}"
     return f"ℹ️ {picked.reason}"

@@ -87,6 +87,7 @@ class ModelFamily(ABC):
     quantizable_layer: ClassVar[re.Pattern]  # Linear layers a memory tier may store in fp8/NF4 (inside the blocks)
     kohya: ClassVar[KohyaLayout]
     max_text_tokens: ClassVar[int]  # the most text tokens its text encoder is read to
+    tiers_dir: ClassVar[str] = "presets/memory"  # its GPU memory tiers (trainer.model.tiers), relative to the project
 
     def keeps_full_precision(self, name: str, layer) -> bool:
         """A memory tier's ``skip``: this Linear stays in full precision (``trainer.model.quantize``)."""

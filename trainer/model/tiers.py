@@ -97,17 +97,24 @@ def tier_for_card(total_gib: float, tiers: list[MemoryTier] | None = None) -> Me
     return None
 
 
+def tiers_dir(family=None) -> Path:
+    """A model family's tier files (``ModelFamily.tiers_dir``, relative to the project); FLUX.1's without one."""
+    sub = getattr(family, "tiers_dir", None)
+    return TIERS_DIR.parents[1] / sub if sub else TIERS_DIR
+
+
 def choose_tier(requested: str, device: torch.device, tiny_model: bool = False,
-                gpu: tuple[str, float] | None = None, task: str = "training",
-                model_label: str = "FLUX.1") -> TierChoice:
+                gpu: tuple[str, float] | None = None, task: str = "training", family=None) -> TierChoice:
     """The tier a job runs with. ``requested``: ``auto`` or a tier name. ``gpu`` overrides detection (tests).
-    ``task`` names what needs the memory in the message for a card too small ("training", "rendering"), and
-    ``model_label`` the model (its family's label)."""
-    tiers = list_tiers()
+    ``task`` names what needs the memory in the message for a card too small ("training", "rendering"); ``family``:
+    the model's family, whose own tiers apply (FLUX.1's when None)."""
+    directory = tiers_dir(family)
+    model_label = getattr(family, "label", "FLUX.1")
+    tiers = list_tiers(directory)
     full = next(t for t in tiers if t.weights == "bf16")
     gpu = gpu if gpu is not None else gpu_memory_gib(device)
     if requested != AUTO:
-        tier = load_tier(requested)
+        tier = load_tier(requested, directory)
         where = f" on {gpu[0]} ({gpu[1]:.1f} GiB)" if gpu else ""
         return TierChoice(tier, f"Memory tier '{tier.name}' as chosen{where}: {tier.description}.")
     if tiny_model:

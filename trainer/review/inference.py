@@ -23,7 +23,7 @@ from PIL import Image
 
 from trainer.training.encode import PromptEmbedding, encode_prompts
 from trainer.errors import UserError
-from trainer.families import family_of_folder
+from trainer.families import family_of_folder, family_of_metadata
 from trainer.model.weights import load_lora
 from trainer.model.tiers import AUTO, choose_tier
 from trainer.model.loading import ModelParts, is_tiny_demo, load_parts, pick_device, place_transformer, resolve_model
@@ -85,7 +85,7 @@ class LoraPipeline:
         folder = Path(model_path)
         device, dtype = pick_device(device, dtype)  # the tier is chosen for this device, before loading
         choice = choose_tier(memory_tier, device, tiny_model=is_tiny_demo(folder), task="rendering",
-                             model_label=family_of_folder(folder).label)
+                             family=family_of_folder(folder))
         weights = choice.tier.weights
         parts = load_parts(folder, device, dtype, transformer_on_device=False, encoders_on_device=weights == "bf16")
         place_transformer(parts, weights)
@@ -125,7 +125,11 @@ class LoraPipeline:
                 return self._adapters[key]
             self._counter += 1
             name = f"lora_{self._counter}"
-            load_lora(lora)  # refuse anything but a sane LoRA .safetensors before diffusers opens it
+            _, metadata = load_lora(lora)  # refuse anything but a sane LoRA .safetensors before diffusers opens it
+            trained_on, here = family_of_metadata(metadata), self.parts.family
+            if trained_on is not here:
+                raise UserError(f"'{lora.name}' was trained on {trained_on.label}; the base model here is "
+                                f"{here.label}. Use it with a {trained_on.label} base model.")
             try:
                 self._load_adapter(lora, name)
             except (ValueError, KeyError, RuntimeError, OSError) as err:

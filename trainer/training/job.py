@@ -163,7 +163,7 @@ def _job(run: RunFolder, should_stop, token, resume: bool, dist: DistributedCont
     diskspace.check_before_start(run.path, _save_bytes_estimate(cfg, str(folder)), len(remaining))
     target = torch.device(device) if device else dist.device if dist.enabled else pick_device()[0]
     choice = choose_tier(cfg.memory_tier, target, tiny_model=is_tiny_demo(folder),  # a GPU too small stops here
-                         model_label=family_of_folder(folder).label)
+                         family=family_of_folder(folder))
     tier = choice.tier
     where.tier = tier.name
     yield Placed(model_path=folder, memory_tier=tier.name, devices=_device_labels(target, dist))
