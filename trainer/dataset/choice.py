@@ -48,12 +48,6 @@ def choose_mask(image: Image.Image, given: Image.Image | None = None, auto: bool
     return MaskChoice(mask, source, warning)
 
 
-def training_mask(image: Image.Image, given: Image.Image | None = None, auto: bool = True,
-                  model: str = "u2netp", point: tuple[float, float] | None = None) -> Image.Image | None:
-    """Only the mask of ``choose_mask``."""
-    return choose_mask(image, given, auto, model, point).mask
-
-
 def mask_coverage(mask: Image.Image) -> float:
     return float(np.asarray(mask.convert("L"), dtype=np.float32).mean() / 255.0)
 
