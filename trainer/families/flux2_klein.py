@@ -44,7 +44,8 @@ class Flux2Klein(ModelFamily):
     usage_steps, usage_guidance = 50, 4.0
     download_gb = 16.0
     download_notice = ("It downloads about 16 GB once (transformer 7.8 GB, Qwen3-4B text encoder 8 GB, VAE), needs "
-                       "about 20 GB of host memory while loading, and trains in bf16 on a GPU with 16 GB or more.")
+                       "about 20 GB of host memory while loading, and trains on a GPU with 12 GB or more (fp8 weights on 12 GB, "
+                       "bf16 from 16 GB; measured on an H200 under those caps).")
 
     pipeline_classes = ("Flux2KleinPipeline",)
     transformer_class_name = "Flux2Transformer2DModel"
