@@ -102,8 +102,9 @@ class Flux2Klein(ModelFamily):
     )
     max_text_tokens = 512
     tiers_dir = "presets/memory/flux2-klein"  # a third of FLUX.1's size: bf16 fits cards FLUX.1 needs fp8 on
-    preview_steps = 50  # the base model's own default; the distilled model renders in 4 (render_defaults)
+    preview_steps = 50  # the base model's own default; the distilled model renders in 4 (distilled_render)
     preview_guidance = 4.0
+    distilled_render = (4, 1.0)  # the distilled model's own settings (Flux2KleinPipeline, is_distilled=True)
 
     # ---- classes
     def pipeline_class(self) -> type:
