@@ -71,7 +71,7 @@ _export("trainer.config", "TrainingConfig", "list_presets", "load_preset", "TRIG
 _export("trainer.dataset.images", "MAX_FILE_BYTES", "alpha_mask", "load_image", "load_mask")
 _export("trainer.dataset.advice", "image_advice")
 _export("trainer.dataset.choice", "MaskChoice", "choose_mask", "cut_out", "mask_coverage")
-_export("trainer.dataset.masking", "MASK_MODELS", "auto_mask_result", "mask_warning")
+_export("trainer.dataset.masking", "MASK_MODELS", "auto_mask_result", "mask_warning", "warm_up")
 _export("trainer.dataset.mask_tools", "TOKEN_PX", "adjust_mask", "apply_strokes", "thin_share", "token_grid_view",
         "train_size_for")
 _export("trainer.dataset.augment", "MAX_USER_BACKGROUNDS", "load_user_backgrounds")

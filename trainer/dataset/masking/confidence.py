@@ -60,3 +60,31 @@ def mask_warning(mask: Image.Image | None) -> str | None:
     if mask is None:
         return None
     return mask.info.get(WARNING_KEY) or None
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 1.0
+
+
+def map_features(members: list[np.ndarray], prob: np.ndarray) -> dict[str, float]:
+    """Candidate confidence features of the network's TTA members (in ``network_maps``' order: pairs of a size and
+    its mirror image) and the fused map ``prob``; measured in ``masking_eval/confidence.py``."""
+    sizes = [np.mean(members[i:i + 2], axis=0) for i in range(0, len(members), 2)] if len(members) > 1 else members
+    decs = [decisiveness(m) for m in members]
+    binary = [s > 0.5 for s in sizes]
+    return {
+        "member_decisiveness_min": min(decs), "member_decisiveness_max": max(decs),
+        "first_size_decisiveness": decisiveness(sizes[0]),
+        "size_agreement": min((_iou(binary[0], b) for b in binary[1:]), default=1.0),
+        "flip_agreement": min((_iou(members[i] > 0.5, members[i + 1] > 0.5) for i in range(0, len(members) - 1, 2)),
+                              default=1.0),
+        "uncertain_share": float(((prob > 0.25) & (prob < 0.75)).mean()),
+        "area": float((prob > 0.5).mean()),
+        "peak": float(prob.max()) if prob.size else 0.0,
+    }
+
+
+def is_unsure(widened: bool, features: dict[str, float]) -> bool:
+    """Placeholder until measured."""
+    return widened or features["fused_decisiveness"] < _UNSURE_CRISP
