@@ -286,7 +286,7 @@ def test_fallback_finds_a_clear_subject_the_network_scores_low(u2netp, monkeypat
     rgb, gt = _busy_scene()
     h, w = masking.resolution._work_size(rgb)
     weak = cv2.resize(gt.astype(np.float32), (w, h), interpolation=cv2.INTER_AREA) * 0.4
-    monkeypatch.setattr(masking, "network_mask", lambda rgb, model="u2netp", tta=True, progress=None: weak)
+    monkeypatch.setattr(masking, "network_maps", lambda rgb, model="u2netp", tta=True, progress=None: [(weak, 1.0)])
     result = masking.auto_mask_result(Image.fromarray(rgb))
     assert iou(np.asarray(result.mask), gt) > 0.85
     assert result.widened and result.warning and "unsure" in result.warning
@@ -679,3 +679,36 @@ def test_small_jpeg_with_an_invalid_exif_orientation_masks_like_its_twin(u2netp,
     masking.forget_remembered_masks()
     assert np.array_equal(odd_mask, np.asarray(auto_mask(twin)))
     assert odd_mask.shape == (256, 256) and iou(odd_mask, _figure_alpha(256, 256) > 0.5) > 0.8
+
+
+@pytest.mark.parametrize("name", ["astronaut", "coffee", "chelsea"])
+def test_good_masks_of_real_photos_are_not_called_unsure(u2netp, name):
+    # The new user's photos: the masks are good, yet the old rule (fused decisiveness < 0.85) called every one unsure,
+    # because u2netp at 320 and at 512 px each decide firmly but differently on a frame-filling subject.
+    skdata = pytest.importorskip("skimage.data")
+    result = masking.auto_mask_result(Image.fromarray(getattr(skdata, name)()))
+    assert result.warning is None and masking.mask_warning(result.mask) is None
+    assert 0.2 < np.asarray(result.mask).mean() / 255 < 0.9  # a subject was found: not a silent empty/full mask
+
+
+def test_a_clearly_bad_mask_is_called_unsure(u2netp, monkeypatch):
+    # The network's members all undecided (every pixel near 0.5, as on a camouflaged subject): the mask can only be
+    # a guess, and the rule must say so even though the search was not widened (the map peaks over 0.8).
+    rgb, _ = _busy_scene()
+    h, w = masking.resolution._work_size(rgb)
+    rng = np.random.default_rng(0)
+    undecided = [(np.clip(0.5 + rng.normal(0, 0.15, (h, w)), 0, 1).astype(np.float32), 0.25) for _ in range(4)]
+    monkeypatch.setattr(masking, "network_maps", lambda rgb, model="u2netp", tta=True, progress=None: undecided)
+    result = masking.auto_mask_result(Image.fromarray(rgb))
+    assert not result.widened and result.warning == masking.UNSURE
+
+
+def test_the_unsure_rule_on_measured_features():
+    # The three branches of the rule, on the features masking_eval/confidence.py records (the values of real cases).
+    from trainer.dataset.masking.confidence import is_unsure
+
+    coffee = {"fused_decisiveness": 0.784, "member_decisiveness_max": 0.989, "area": 0.471}  # a good mask
+    assert not is_unsure(False, coffee)
+    assert is_unsure(True, coffee)  # widened search
+    assert is_unsure(False, {**coffee, "member_decisiveness_max": 0.92})  # no member decisive
+    assert is_unsure(False, {**coffee, "area": 0.1})  # the same disagreement about a small subject

@@ -83,6 +83,10 @@ def network_mask(rgb: np.ndarray, model: str = DEFAULT_MODEL, *, tta: bool = Tru
                  progress: Progress | None = None) -> np.ndarray:
     """The network's soft mask of ``rgb`` (HxWx3 uint8), float32 in [0, 1], at the working resolution
     (longest side <= 512, aspect kept): the weighted mean of the TTA members (see ``network_maps``)."""
-    maps = network_maps(rgb, model, tta=tta, progress=progress)
+    return fuse(network_maps(rgb, model, tta=tta, progress=progress))
+
+
+def fuse(maps: list[tuple[np.ndarray, float]]) -> np.ndarray:
+    """The weighted mean of ``network_maps``' members, float32."""
     total = sum(wt for _, wt in maps)
     return (sum(m * wt for m, wt in maps) / total).astype(np.float32)
