@@ -106,7 +106,8 @@ _export("trainer.review.advisor", "advice_from_grid", "advice_spec", "checkpoint
         "load_advice", "save_advice", "set_star", "starred_step")
 _export("trainer.review.grid", "GridImages", "GridSpec", "fill_trigger", "parse_numbers", "plan_grid", "render_grid")
 _export("trainer.review.prompts", "suggest_prompts")
-_export("trainer.review.inference", "InferenceService", "RenderSettings", "base_model_folder")
+_export("trainer.review.inference", "InferenceService", "RenderSettings", "base_model_folder", "default_render_model",
+        "render_defaults", "render_model_folder", "render_options")
 _export("trainer.review.export", "export_lora", "export_name")
 _export("trainer.review.publish", "plan_publish", "publish")
 

@@ -87,7 +87,7 @@ def _prepare_new_run(args, gpus: int = 1):
     overrides = {k: v for k, v in {
         "steps": args.steps, "save_every": args.save_every, "rank": args.rank, "learning_rate": args.lr,
         "resolution": args.resolution, "seed": args.seed, "name": args.name,
-        "memory_tier": args.memory_tier}.items() if v is not None}
+        "memory_tier": args.memory_tier, "preview_model": args.preview_model}.items() if v is not None}
     config, notice = api.training_config(api.RunRequest(
         caption=args.caption, preset=args.preset, trigger=args.trigger, sample_prompts=tuple(args.sample_prompt),
         model=args.model, masked=not args.no_mask, overrides=overrides))
@@ -167,7 +167,7 @@ def _refuse_settings(args, mode: str) -> None:
         ("--image", args.image), ("--mask", args.mask), ("--caption", args.caption), ("--model", args.model),
         ("--steps", args.steps), ("--save-every", args.save_every), ("--rank", args.rank), ("--lr", args.lr),
         ("--resolution", args.resolution), ("--seed", args.seed), ("--name", args.name),
-        ("--sample-prompt", args.sample_prompt or None), ("--no-mask", args.no_mask or None),
+        ("--preview-model", args.preview_model), ("--sample-prompt", args.sample_prompt or None), ("--no-mask", args.no_mask or None),
         ("--trigger", args.trigger or None)) if value is not None]
     if given:
         raise UserError(f"{mode} trains with the settings saved in the run's run.json; drop {', '.join(given)}.")

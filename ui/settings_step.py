@@ -101,6 +101,23 @@ def memory_tier_notice(choice: str, model: str = "") -> str:
     return f"ℹ️ {picked.reason}"
 
 
+def preview_model_options(model: str) -> dict:
+    """The "previews drawn by" choice for this model: the base model being trained, or its family's distilled
+    model (klein). Hidden, and empty, for a family without one."""
+    try:
+        family = api.family_of_spec(model_spec(model))
+    except UserError:
+        family = None
+    if family is None or family.distilled_render is None:
+        return dict(choices=[("the base model being trained", "")], value="", visible=False)
+    steps, guidance = family.distilled_render
+    return dict(choices=[(f"the base model being trained ({family.preview_steps} steps, guidance "
+                          f"{family.preview_guidance:g})", ""),
+                         (f"{family.distilled_hub_id} — the distilled model ({steps} steps, guidance {guidance:g}; "
+                          "downloaded like the base model)", family.distilled_hub_id)],
+                value="", visible=True)
+
+
 def gpus_choices(max_gpus: int) -> list[int]:
     """1 .. the most GPUs one job can have (the job manager's devices: one per CUDA GPU when there are several)."""
     return list(range(1, max(1, int(max_gpus)) + 1))
