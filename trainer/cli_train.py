@@ -92,6 +92,8 @@ def _prepare_new_run(args, gpus: int = 1):
         caption=args.caption, preset=args.preset, trigger=args.trigger, sample_prompts=tuple(args.sample_prompt),
         model=args.model, masked=not args.no_mask, overrides=overrides))
     image = api.load_image(args.image)  # a bad image is the one line the user sees, before any note
+    if api.time_notice(config):  # a CPU run of tiny-demo: 400 steps are about an hour, say so before it starts
+        print(f"note: {api.time_notice(config)}", file=sys.stderr)
     backgrounds = api.load_user_backgrounds(args.background)
     if notice:
         print(f"note: {notice}", file=sys.stderr)

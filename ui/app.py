@@ -31,7 +31,7 @@ def build_app(manager: api.JobManager, runs_root: Path, state_secret: str | None
     api.RunStore(runs_root).mark_interrupted(skip=manager.known_run_paths())
     api.start_temp_sweeper(Path(gr.utils.get_upload_folder()))  # empty files gr.File leaks on every upload
     presets = settings_step.preset_choices()
-    first_preset = "character-rank4-400" if any(v == "character-rank4-400" for _, v in presets) else presets[0][1]
+    first_preset = settings_step.first_preset(presets)  # the short CPU demo when there is no CUDA GPU
     rank0, steps0, lr0, every0 = settings_step.on_preset_change(first_preset)
     model0 = api.default_model()
 
@@ -115,7 +115,8 @@ def build_app(manager: api.JobManager, runs_root: Path, state_secret: str | None
                     steps = gr.Number(value=steps0, label="Steps", precision=0, minimum=1)
                     learning_rate = gr.Number(value=lr0, label="Learning rate")
                     save_every = gr.Number(value=every0, label="Save a checkpoint every N steps", precision=0, minimum=1)
-                plan = gr.Markdown(settings_step.on_plan_change(model0, rank0, steps0, every0), elem_id="plan")
+                plan = gr.Markdown(settings_step.on_plan_change(model0, rank0, steps0, every0, first_preset,
+                                                                settings_step.DEFAULT_PROMPTS), elem_id="plan")
 
                 gr.Markdown("## 5. Base model")
                 model = gr.Dropdown(choices=settings_step.model_choices(), value=model0, allow_custom_value=True,
@@ -202,8 +203,9 @@ def build_app(manager: api.JobManager, runs_root: Path, state_secret: str | None
                       [background_weight, normalize_mask, unmasked_probability, augment_probability], api_name=False)
 
         preset.change(settings_step.on_preset_change, preset, [rank, steps, learning_rate, save_every], api_name=False)
-        for box in (rank, steps, save_every, model):
-            box.change(settings_step.on_plan_change, [model, rank, steps, save_every], plan, api_name=False)
+        for box in (rank, steps, save_every, model, preset, prompts):
+            box.change(settings_step.on_plan_change, [model, rank, steps, save_every, preset, prompts], plan,
+                       api_name=False)
         model.change(settings_step.model_notice, model, notice, api_name=False)
         model.change(lambda m: gr.update(**settings_step.preview_model_options(m)), model, preview_model,
                      api_name=False)
