@@ -4,7 +4,9 @@ The same flow as FLUX.1: a run trains end to end with finite losses, saves klein
 diffusers' own ``Flux2KleinPipeline`` and change its output, resumes bit-identically, exports in the diffusers layout
 and in the original-name layout (ComfyUI's and diffusers' FLUX.2 converter) rendering the same image, and a LoRA of
 one family offered to the other says which family it is for. The full-size 4B architecture is checked on the meta
-device: its LoRA targets and the exported key list.
+device: its LoRA targets, the exported key list (a golden list), and the ComfyUI export in both of its consumers:
+ComfyUI's FLUX.2 LoRA loader (reimplemented from its source, against its model's weights captured from its real code)
+and diffusers' FLUX.2 converter, every key consumed with the trained delta on the right rows.
 """
 from __future__ import annotations
 

@@ -98,6 +98,8 @@ class Flux2Klein(ModelFamily):
             "double_stream_modulation_txt.lin": "double_stream_modulation_txt.linear",
             "single_stream_modulation.lin": "single_stream_modulation.linear",
         },
+        # (shift, scale) as in the original model and ComfyUI; diffusers' FLUX.2 LoRA converter copies this layer
+        # without swapping back (its FLUX.1 one swaps), so only there a LoRA on norm_out would load mis-ordered.
         swapped=frozenset({"norm_out.linear"}),
         block_format="diffusion_model.{prefix}.{index}.{name}", global_format="diffusion_model.{name}",
         down_key="lora_A.weight", up_key="lora_B.weight", alpha_key=None,
