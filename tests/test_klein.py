@@ -4,7 +4,9 @@ The same flow as FLUX.1: a run trains end to end with finite losses, saves klein
 diffusers' own ``Flux2KleinPipeline`` and change its output, resumes bit-identically, exports in the diffusers layout
 and in the original-name layout (ComfyUI's and diffusers' FLUX.2 converter) rendering the same image, and a LoRA of
 one family offered to the other says which family it is for. The full-size 4B architecture is checked on the meta
-device: its LoRA targets and the exported key list.
+device: its LoRA targets, the exported key list (a golden list), and the ComfyUI export in both of its consumers:
+ComfyUI's FLUX.2 LoRA loader (reimplemented from its source, against its model's weights captured from its real code)
+and diffusers' FLUX.2 converter, every key consumed with the trained delta on the right rows.
 """
 from __future__ import annotations
 
@@ -214,3 +216,249 @@ def test_klein_has_its_own_memory_tiers():
     assert tier(11.6, FLUX2_KLEIN).weights == "fp8" and tier(11.6, FLUX1).weights == "nf4"
     with pytest.raises(UserError, match="FLUX.2 \\[klein\\] needs a GPU with at least 12 GB"):
         tier(7.5, FLUX2_KLEIN)
+
+
+# ---------------------------------------------------------------- the full-size 4B exports in their consumers
+#
+# ComfyUI's FLUX.2 LoRA loading, read from its source (Comfy-Org/ComfyUI comfy/lora.py @ 17358c8f73b5,
+# comfy/weight_adapter/lora.py @ 6f98b150e065, comfy/lora_convert.py @ 2bffe2f4ce57, comfy/utils.py @ 09708eae709a;
+# the same functions at rattus128/ComfyUI master 9d8a817985bb, which was also run for real on these exports):
+# * ``model_lora_keys_unet``: for every key ``diffusion_model.<name>.weight`` of the model's state dict, the LoRA
+#   names ``lora_unet_<name with . as _>`` and ``diffusion_model.<name>`` (the "generic lora format") map to it.
+#   For a ``model_base.Flux`` (FLUX.2 is its subclass ``Flux2``) ``transformer.<diffusers name>`` maps through
+#   ``utils.flux_to_diffusers`` too (not used by the original-name layout).
+# * ``load_lora``: per mapped name ``x``: ``x.alpha`` if present, then ``LoRAAdapter.load``: the first of
+#   ``x.lora_up.weight``/``x.lora_down.weight``, ``x_lora.up.weight``/…, ``x.lora_B.weight``/``x.lora_A.weight``,
+#   ``x.lora.up.weight``/…, ``x.lora_B``/``x.lora_A``, ``x.lora_linear_layer.up.weight``/…,
+#   ``x.lora_B.default.weight``/…; every key left over is logged "lora key not loaded".
+# * ``LoRAAdapter.calculate_weight``: ``W += strength * (alpha / rank if alpha else 1.0) * up @ down``, reshaped to W.
+# * ``lora_convert.convert_lora`` rewrites a file only on these markers: BFL control LoRAs (``img_in.lora_A.weight``
+#   with ``single_blocks.0.norm.key_norm.scale``), Wan Fun (``lora_unet__blocks_0_…``), USO (``….processor.qkv_lora…``)
+#   and Krea2 fused ``attn.to_qkv`` adapters in ``transformer_blocks``.
+# The model's own key names and shapes (tests/golden/flux2_klein_4b_comfyui_model.txt) were captured from ComfyUI's
+# real model code; the reimplementation below is the mapping above, line for line, for what these files contain.
+
+KLEIN_GOLDEN = Path(__file__).parent / "golden" / "flux2_klein_4b_comfyui_keys.txt"
+COMFY_MODEL = Path(__file__).parent / "golden" / "flux2_klein_4b_comfyui_model.txt"
+KLEIN_GLOBALS = ("x_embedder", "context_embedder", "time_guidance_embed.timestep_embedder.linear_1",
+                 "time_guidance_embed.timestep_embedder.linear_2", "proj_out", "norm_out.linear",
+                 "double_stream_modulation_img.linear", "double_stream_modulation_txt.linear",
+                 "single_stream_modulation.linear")
+COMFY_ADAPTER_NAMES = ((".lora_up.weight", ".lora_down.weight"), ("_lora.up.weight", "_lora.down.weight"),
+                       (".lora_B.weight", ".lora_A.weight"), (".lora.up.weight", ".lora.down.weight"),
+                       (".lora_B", ".lora_A"), (".lora_linear_layer.up.weight", ".lora_linear_layer.down.weight"),
+                       (".lora_B.default.weight", ".lora_A.default.weight"))
+
+
+def _golden_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    shapes = {}
+    for line in path.read_text().splitlines():
+        if line and not line.startswith("#"):
+            key, shape = line.split(" ", 1)
+            shapes[key] = tuple(json.loads(shape))
+    return shapes
+
+
+@pytest.fixture(scope="module")
+def klein_4b():
+    return FLUX2_KLEIN.meta_transformer()
+
+
+def _klein_linears(model, extra=()) -> dict[str, tuple[int, int]]:
+    import re
+
+    pattern = re.compile(FLUX2_KLEIN.lora_target_modules)
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and pattern.fullmatch(n)]
+    return {n: (model.get_submodule(n).in_features, model.get_submodule(n).out_features) for n in [*names, *extra]}
+
+
+def _klein_lora(linears, rank: int, alpha: float, device: str = "cpu"):
+    """A LoRA on ``linears`` as the trainer's checkpoint holds it (``transformer.`` keys, family and alpha in the
+    metadata), random A and B."""
+    from trainer.review.export import lora_from_state_dict
+
+    gen = torch.Generator().manual_seed(0)
+    state = {}
+    for name, (fan_in, fan_out) in linears.items():
+        shapes = (rank, fan_in), (fan_out, rank)
+        a, b = ((torch.empty(s, device="meta") for s in shapes) if device == "meta"
+                else (torch.randn(s, generator=gen) for s in shapes))
+        state[f"transformer.{name}.lora_A.weight"], state[f"transformer.{name}.lora_B.weight"] = a, b
+    adapter = json.dumps({"transformer.r": rank, "transformer.lora_alpha": alpha})
+    return lora_from_state_dict(state, {"family": "flux2-klein", "lora_adapter_metadata": adapter})
+
+
+def _as_read_from_a_file(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return safetensors.torch.load(safetensors.torch.save(tensors))
+
+
+def _comfyui_key_map(model_keys) -> dict[str, str]:
+    """comfy/lora.py ``model_lora_keys_unet``: the names every model gets (the generic loop)."""
+    key_map = {}
+    for k in model_keys:
+        if k.startswith("diffusion_model."):
+            if k.endswith(".weight"):
+                key_map["lora_unet_{}".format(k[len("diffusion_model."):-len(".weight")].replace(".", "_"))] = k
+                key_map[k[:-len(".weight")]] = k
+            else:
+                key_map[k] = k
+    return key_map
+
+
+def _comfyui_load_lora(lora: dict[str, torch.Tensor], key_map: dict[str, str]):
+    """comfy/lora.py ``load_lora`` with weight_adapter/lora.py ``LoRAAdapter.load``: (patches, keys not loaded)."""
+    patches, loaded = {}, set()
+    for x, target in key_map.items():
+        alpha = None
+        if f"{x}.alpha" in lora:
+            alpha = lora[f"{x}.alpha"].item()
+            loaded.add(f"{x}.alpha")
+        for up, down in COMFY_ADAPTER_NAMES:
+            if x + up in lora:
+                patches[target] = (lora[x + up], lora[x + down], alpha)
+                loaded.update((x + up, x + down))
+                break
+    return patches, sorted(set(lora) - loaded)
+
+
+def _comfyui_convert_lora_would_rewrite(keys) -> bool:
+    """comfy/lora_convert.py ``convert_lora``: the markers on which it rewrites a file instead of passing it on."""
+    import re
+
+    keys = set(keys)
+    return (("img_in.lora_A.weight" in keys and "single_blocks.0.norm.key_norm.scale" in keys)
+            or "lora_unet__blocks_0_cross_attn_k.lora_down.weight" in keys
+            or "single_blocks.37.processor.qkv_lora.up.weight" in keys
+            or any(re.search(r"(.*attn[._]to_)qkv(?=\.|$)", k) and ("text_fusion" in k or "transformer_blocks" in k)
+                   for k in keys))
+
+
+def _original_rows(model_shapes: dict[str, tuple[int, ...]]) -> dict[str, list[tuple[str, torch.Tensor]]]:
+    """Original weight → the diffusers weights its rows become, and which rows, as diffusers' own checkpoint
+    converter (``convert_flux2_transformer_checkpoint_to_diffusers``, what loads the real klein file) moves them."""
+    from diffusers.loaders.single_file_utils import convert_flux2_transformer_checkpoint_to_diffusers
+
+    rows = {k[len("diffusion_model."):]: torch.arange(s[0], dtype=torch.float64).unsqueeze(1)
+            for k, s in model_shapes.items()}
+    out: dict[str, list] = {}
+    for original, row_ids in rows.items():
+        for name, tensor in convert_flux2_transformer_checkpoint_to_diffusers({original: row_ids}).items():
+            out.setdefault(f"diffusion_model.{original}", []).append((name, tensor[:, 0].long()))
+    return out
+
+
+def test_comfyuis_klein_model_is_the_4b_checkpoint_diffusers_loads(klein_4b):
+    """The ComfyUI model's weights (captured from its code) go through diffusers' checkpoint converter to exactly the
+    diffusers 4B transformer: the two consumers agree on every original name, shape and fused layout."""
+    from diffusers.loaders.single_file_utils import convert_flux2_transformer_checkpoint_to_diffusers
+
+    comfy = _golden_shapes(COMFY_MODEL)
+    assert len(comfy) == 149 and comfy["diffusion_model.single_blocks.0.linear1.weight"] == (27648, 3072)
+    converted = convert_flux2_transformer_checkpoint_to_diffusers(
+        {k[len("diffusion_model."):]: torch.empty(s, device="meta") for k, s in comfy.items()})
+    assert {k: tuple(v.shape) for k, v in converted.items()} == \
+        {k: tuple(v.shape) for k, v in klein_4b.state_dict().items()}
+
+
+def test_comfyui_loads_every_key_of_the_4b_export_with_the_trained_delta(klein_4b):
+    """The original-name export of a LoRA on every klein target, the global layers and the shared modulations:
+    ComfyUI's loader consumes every key ("lora key not loaded" never logged), each lands on a weight of its model
+    with the weight's shape, and ``alpha/rank * up @ down`` is the trained delta on exactly the rows diffusers'
+    checkpoint converter assigns to each diffusers module (probed with random vectors; the 4B deltas are large)."""
+    from trainer.review.export import to_kohya
+
+    rank, alpha = 2, 1.0  # alpha != rank: ComfyUI scales by 1 without alpha keys, so the export must fold it
+    lora = _klein_lora(_klein_linears(klein_4b, KLEIN_GLOBALS), rank, alpha)
+    exported = _as_read_from_a_file(to_kohya(lora))
+    comfy = _golden_shapes(COMFY_MODEL)
+    assert not _comfyui_convert_lora_would_rewrite(exported)
+    patches, not_loaded = _comfyui_load_lora(exported, _comfyui_key_map(comfy))
+    assert not_loaded == []
+    assert len(patches) == 5 * 8 + 20 * 2 + len(KLEIN_GLOBALS) and len(exported) == 2 * len(patches)
+    rows = _original_rows(comfy)
+    gen = torch.Generator().manual_seed(1)
+    for target, (up, down, file_alpha) in patches.items():
+        out_features, in_features = comfy[target]
+        assert file_alpha is None and up.shape[0] == out_features and down.shape == (up.shape[1], in_features), target
+        probe = torch.randn(in_features, 2, generator=gen, dtype=torch.float64)
+        got = up.double() @ (down.double() @ probe)  # ComfyUI's delta (scale 1.0) applied to the probe
+        want = torch.zeros(out_features, 2, dtype=torch.float64)
+        for name, row_ids in rows[target]:
+            module = name.removesuffix(".weight")
+            assert module in lora.a, f"{target} patched, but {module} was not trained"
+            want[row_ids] = (lora.b[module].double() @ (lora.a[module].double() @ probe)) * alpha / rank
+        assert torch.allclose(got, want, rtol=1e-6, atol=1e-9), target
+    trained = {m for parts in rows.values() for m, _ in parts}
+    assert {m.removesuffix(".weight") for m in trained} >= set(lora.a)  # nothing trained fell outside
+
+
+def test_diffusers_flux2_converter_takes_the_4b_export_back_to_the_trained_lora(klein_4b):
+    """``Flux2KleinPipeline.lora_state_dict`` (diffusers' ``_convert_non_diffusers_flux2_lora_to_diffusers``) on the
+    export: every key consumed (it raises on leftovers), exactly the trained modules come back, each with its
+    module's shape and the trained product; the fused ``img_attn.qkv`` is split as that converter splits it (one
+    shared A, B cut in three) and the single blocks' ``linear1``/``linear2`` are kept fused, as diffusers' own
+    ``to_qkv_mlp_proj``/``to_out`` are. One consumer difference is pinned: the FLUX.2 converter copies
+    ``final_layer.adaLN_modulation.1`` to ``norm_out.linear`` without swapping its (shift, scale) halves (its FLUX.1
+    converter does swap them), so that layer's delta comes out in the original model's order, the one ComfyUI uses."""
+    from diffusers import Flux2KleinPipeline
+
+    from trainer.review.export import to_kohya
+
+    rank, alpha = 2, 1.0
+    linears = _klein_linears(klein_4b, KLEIN_GLOBALS)
+    lora = _klein_lora(linears, rank, alpha)
+    exported = _as_read_from_a_file(to_kohya(lora))
+    back = Flux2KleinPipeline.lora_state_dict(dict(exported))
+    assert set(back) == {f"transformer.{m}.lora_{p}.weight" for m in linears for p in "AB"}
+    for m in ("attn.to_q", "attn.to_k", "attn.to_v"):  # the fused A is shared, not split
+        assert torch.equal(back[f"transformer.transformer_blocks.0.{m}.lora_A.weight"],
+                           exported["diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight"])
+    assert torch.equal(back["transformer.single_transformer_blocks.3.attn.to_qkv_mlp_proj.lora_B.weight"],
+                       exported["diffusion_model.single_blocks.3.linear1.lora_B.weight"])
+    gen = torch.Generator().manual_seed(2)
+    for module, (fan_in, fan_out) in linears.items():
+        a, b = back[f"transformer.{module}.lora_A.weight"], back[f"transformer.{module}.lora_B.weight"]
+        assert a.shape[1] == fan_in and b.shape[0] == fan_out and a.shape[0] == b.shape[1], module
+        probe = torch.randn(fan_in, 2, generator=gen, dtype=torch.float64)
+        got = b.double() @ (a.double() @ probe)  # no alpha keys: diffusers loads it at scale 1
+        want = lora.b[module].double() @ (lora.a[module].double() @ probe) * alpha / rank
+        if module == "norm_out.linear":
+            want = torch.cat(want.chunk(2)[::-1])
+        assert torch.allclose(got, want, rtol=1e-6, atol=1e-9), module
+
+
+def _klein_golden_lines(klein_4b) -> list[str]:
+    from trainer.review.export import to_kohya
+
+    kohya = to_kohya(_klein_lora(_klein_linears(klein_4b), GOLDEN_RANK_KLEIN, float(GOLDEN_RANK_KLEIN), "meta"))
+    return [f"{key} {list(value.shape)}" for key, value in sorted(kohya.items())]
+
+
+GOLDEN_RANK_KLEIN = 4
+
+
+def test_the_4b_comfyui_export_keys_match_the_golden_list(klein_4b):
+    """The original-name export of the trainer's klein-4B LoRA (rank 4, every target), key by key and shape by
+    shape; regenerate with ``UPDATE_GOLDEN=1`` after a deliberate layout change."""
+    import os
+
+    lines = _klein_golden_lines(klein_4b)
+    if os.environ.get("UPDATE_GOLDEN") == "1":
+        KLEIN_GOLDEN.write_text("\n".join(lines) + "\n")
+    golden = KLEIN_GOLDEN.read_text().splitlines()
+    assert lines == golden
+    # Sanity of the list itself: 5 double blocks x 8 fused layers, 20 single blocks x 2, two keys each, no alpha.
+    assert len(golden) == 2 * (5 * 8 + 20 * 2)
+    assert all(line.startswith("diffusion_model.") and (".lora_A.weight [" in line or ".lora_B.weight [" in line)
+               for line in golden)
+    assert "diffusion_model.double_blocks.0.img_attn.qkv.lora_B.weight [9216, 12]" in golden
+    assert "diffusion_model.double_blocks.4.txt_mlp.0.lora_B.weight [18432, 4]" in golden
+    assert "diffusion_model.single_blocks.19.linear1.lora_B.weight [27648, 4]" in golden
+    assert "diffusion_model.single_blocks.19.linear2.lora_A.weight [4, 12288]" in golden
+    # every key names a weight of ComfyUI's klein model, with that weight's shape
+    comfy = _golden_shapes(COMFY_MODEL)
+    shapes = {line.split(" ", 1)[0]: json.loads(line.split(" ", 1)[1]) for line in golden}
+    for key, shape in shapes.items():
+        layer, half = key.rsplit(".lora_", 1)
+        out_features, in_features = comfy[f"{layer}.weight"]
+        assert shape[0 if half.startswith("B") else 1] == (out_features if half.startswith("B") else in_features)

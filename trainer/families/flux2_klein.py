@@ -94,7 +94,13 @@ class Flux2Klein(ModelFamily):
             "time_in.out_layer": "time_guidance_embed.timestep_embedder.linear_2",
             "final_layer.linear": "proj_out",
             "final_layer.adaLN_modulation.1": "norm_out.linear",
+            # FLUX.2 shares one modulation per stream across all blocks (top-level, not per block)
+            "double_stream_modulation_img.lin": "double_stream_modulation_img.linear",
+            "double_stream_modulation_txt.lin": "double_stream_modulation_txt.linear",
+            "single_stream_modulation.lin": "single_stream_modulation.linear",
         },
+        # (shift, scale) as in the original model and ComfyUI; diffusers' FLUX.2 LoRA converter copies this layer
+        # without swapping back (its FLUX.1 one swaps), so only there a LoRA on norm_out would load mis-ordered.
         swapped=frozenset({"norm_out.linear"}),
         block_format="diffusion_model.{prefix}.{index}.{name}", global_format="diffusion_model.{name}",
         down_key="lora_A.weight", up_key="lora_B.weight", alpha_key=None,

@@ -1,9 +1,14 @@
 """Export a checkpoint in the layouts other tools load.
 
 * ``diffusers``: ``transformer.<module>.lora_A.weight`` / ``lora_B.weight`` plus ``lora_adapter_metadata``;
-  what ``FluxPipeline.load_lora_weights`` loads (and ComfyUI, which maps diffusers names too).
+  what ``FluxPipeline.load_lora_weights`` / ``Flux2KleinPipeline.load_lora_weights`` load. ComfyUI maps FLUX.1's
+  diffusers names, but not all of FLUX.2's in its late-2025 versions (MLPs and single blocks: "lora key not loaded"),
+  and it never reads ``lora_adapter_metadata`` (alpha): ComfyUI users take the other layout.
 * ``kohya``: ``lora_unet_double_blocks_N_img_attn_qkv.lora_down.weight`` / ``lora_up.weight`` / ``.alpha``,
   named after the original (BFL) Flux modules; what ComfyUI, Forge and kohya's sd-scripts load.
+  A family's ``KohyaLayout`` may spell it differently: FLUX.2 [klein] uses the original dotted names,
+  ``diffusion_model.double_blocks.N.img_attn.qkv.lora_A.weight`` / ``lora_B.weight``, alpha folded into B, which both
+  ComfyUI's loader and diffusers' FLUX.2 converter read (tests/test_klein.py checks both on the 4B model).
 
 The original Flux model fuses layers diffusers keeps apart: a double block's ``img_attn.qkv`` is diffusers'
 ``to_q``/``to_k``/``to_v`` and a single block's ``linear1`` is ``to_q``/``to_k``/``to_v``/``proj_mlp``. A LoRA on
