@@ -80,7 +80,8 @@ _export("trainer.model.loading", "FLUX_DEV", "TINY_DEMO", "TINY_DEMO_NOTICE", "d
 _export("trainer.families", "FAMILIES", "family_of_spec", "tiny_ids")
 _export("trainer.model.estimates", "plan_summary")
 _export("trainer.model.tiers", "AUTO", "choose_tier", "list_tiers")
-_export("trainer.training.distributed", "scaled_learning_rate")
+_export("trainer.training.schedule", "epochs_at_step", "learning_rate_note", "samples_per_step", "scaled_learning_rate",
+        "steps_for_epochs")
 # 3. runs and jobs
 _export("trainer.runs.store", "RunListing", "RunStore")
 _export("trainer.runs.folder", "RunFolder")

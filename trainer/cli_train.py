@@ -134,7 +134,6 @@ def _relaunch_on_gpus(gpus: int) -> int:
 def _train_distributed(args, context, should_stop, sink) -> int:
     """One process of a data-parallel run: the main one creates (or, --prepared, opens) the run folder, the others
     read it."""
-    from trainer.training.distributed import scaled_learning_rate
     from trainer.runs.folder import RunFolder
 
     run = None
@@ -144,11 +143,7 @@ def _train_distributed(args, context, should_stop, sink) -> int:
     if run is None:
         run = RunFolder.open(args.output)
         run.writable = False
-    else:
-        lr = run.config.learning_rate
-        unit = "GPUs" if context.device.type == "cuda" else "processes"
-        print(f"{context.world_size} {unit}, batch 1 on each: learning rate {lr:g} x sqrt({context.world_size}) = "
-              f"{scaled_learning_rate(lr, context.world_size):.3g}", file=sys.stderr)
+    # the scaled learning rate is told by the loop (a Status from trainer.training.schedule.learning_rate_note)
     return _follow(run, dist=context, should_stop=should_stop, sink=sink)
 
 
