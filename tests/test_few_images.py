@@ -406,3 +406,27 @@ def test_cli_repeated_image_and_one_image_dataset_match_the_single_image_run(tmp
     two = cli("train", "--image", tmp_path / "one" / "ball.png", "--image", tmp_path / "other.png", "--caption", "x",
               "--mask", tmp_path / "mask.png", "--model", "tiny-demo", "--output", tmp_path / "c")
     assert two.returncode == 2 and "--mask and --subject-point are for one --image" in two.stderr
+
+
+def test_two_processes_train_different_pictures_of_a_set_into_one_identical_lora(tmp_path):
+    """Data parallel on the CPU (gloo): each process takes its own picture of the step, the LoRA stays identical."""
+    import os
+    import subprocess
+    import sys
+
+    write_folder(tmp_path / "set", 3)
+    out = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "trainer", "train",
+         "--dataset", str(tmp_path / "set"), "--trigger", "ohwx", "--model", "tiny-demo", "--epochs", "2",
+         "--save-every", "3", "--resolution", "64", "--no-mask", "--output", str(out)],
+        cwd=Path(__file__).resolve().parent.parent, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    err = result.stderr
+    assert "training 3 steps = 2 epochs of 3 pictures (batch 1 x 2 processes per step" in err  # 3 x 2 / (1 x 2)
+    assert "2 processes: 2 images per step, learning rate 0.0004 x sqrt(2) = 0.000566" in err
+    assert "LoRA identical in all 2 processes at step 3" in err
+    manifest = json.loads((out / "run.json").read_text())
+    assert [(c["step"], c["epoch"]) for c in manifest["checkpoints"]] == [(3, 2.0)]
+    assert manifest["schedule"]["gpus"] == 2
