@@ -36,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    # The background-removal network loads in the background now, not on the first upload (rembg's import, the
+    # sessions and onnxruntime's first run took a first mask to 36-108 s on a busy 2-core machine).
+    api.warm_up()
     runs = api.runs_dir(runtime)
     runs.mkdir(parents=True, exist_ok=True)
     manager = api.JobManager(devices=api.gpu_devices())  # several GPUs: queued jobs of different visitors run side by side

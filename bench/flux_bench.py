@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
-"""Speed and memory of one Flux.1-dev LoRA training step, plain baseline vs this project, in one run.
+"""Speed and memory of one Flux LoRA training step, plain baseline vs this project, in one run.
 
-Builds the full-size FLUX.1-dev transformer with random bf16 weights directly on the GPU (same FLOPs and bytes
-as the real model: no weights can be downloaded on the GPU machines), a synthetic cached example (16-channel latent, 512 T5 tokens x 4096,
-pooled 768, a mask), and times:
+Builds the full-size transformer of the model family (``--family``: FLUX.1-dev by default, or FLUX.2 [klein] 4B)
+with random bf16 weights directly on the GPU (same FLOPs and bytes as the real model: no weights can be downloaded
+on the GPU machines), a synthetic cached example shaped like the family's (FLUX.1: 16-channel latent, 512 T5 tokens
+x 4096, pooled 768; klein: 128-channel 2x2-patched latent, 512 Qwen3 tokens x 7680, no pooled text), a mask, and
+times:
   baseline  the plain diffusers + peft step the team measures every speed-up against (LORA_FP32=1: fp32 LoRA under bf16
             autocast, fused AdamW, no compile) for rank 16 and 4, 512 and 1024 px, with/without checkpointing;
   project   ``trainer.training.step.training_step`` + loss.item() + backward + clip + AdamW, exactly as ``train_lora``
@@ -19,11 +21,14 @@ pooled 768, a mask), and times:
   preview   one 20-step preview through ``trainer.training.previews.PreviewRenderer`` with a real-config VAE (random
             weights), eager and compiled;
   profile   kernel time per step by category (torch.profiler);
-  tiers     which configurations fit under 24 / 16 / 12 GB (``torch.cuda.set_per_process_memory_fraction``).
+  tiers     which configurations fit under 24 / 16 / 12 GB (``torch.cuda.set_per_process_memory_fraction``);
+  floor     the FLOPs of one training step counted by ``torch.utils.flop_counter`` and a bf16 GEMM's measured
+            rate: the step's floor (FLOPs / rate), to say how far the shipped step is from it.
 Each figure is the median of several CUDA-synchronised steps after warm-up. Rows are written to the JSON file
 after every case (a run cut short keeps what it measured); a short table is printed last.
 
 GPU:  python bench/flux_bench.py --out-dir bench/results --commit $(git rev-parse HEAD)
+      python bench/flux_bench.py --family flux2-klein --plan baseline,compile+graph,floor,preview-compile,run:500:50
 CPU smoke test (tiny model, a few minutes on 2 cores):  python bench/flux_bench.py --tiny --out-dir /tmp/bench
 """
 from __future__ import annotations
@@ -71,6 +76,12 @@ TINY_VAE = dict(in_channels=3, out_channels=3, block_out_channels=[8, 16, 32, 32
                 down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
                 latent_channels=4, norm_num_groups=4, layers_per_block=1, sample_size=64,
                 use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035)
+# FLUX.2 [klein]'s AutoencoderKLFlux2 (black-forest-labs/FLUX.2-klein-4B vae/config.json), random weights.
+KLEIN_VAE = dict(block_out_channels=[128, 256, 512, 512], layers_per_block=2, latent_channels=32, norm_num_groups=32,
+                 patch_size=(2, 2), batch_norm_eps=1e-4, batch_norm_momentum=0.1, use_quant_conv=True,
+                 use_post_quant_conv=True, sample_size=1024)
+TINY_KLEIN_VAE = dict(block_out_channels=[8, 16, 16, 16], layers_per_block=1, latent_channels=4, norm_num_groups=4,
+                      sample_size=64, use_quant_conv=False, use_post_quant_conv=False)
 GIB = 2 ** 30
 TIERS_GB = (24, 16, 12)
 DEFAULT_PLAN = ("baseline,none,preview,graph@r16@nockpt,compile@nockpt,compile@ckpt,compile+graph,"
@@ -85,9 +96,21 @@ class Bench:
         self.device = torch.device("cpu" if args.tiny else "cuda")
         self.cuda = self.device.type == "cuda"
         self.dtype = torch.float32 if args.tiny else torch.bfloat16
-        self.model_cfg = TINY if args.tiny else DEV
+        from trainer.families import FLUX1, family_named
+
+        self.family = family_named(args.family)
+        self.flux1 = self.family is FLUX1
+        if self.flux1:  # the team's reference configs, kept as the FLUX.1 figures were measured with them
+            self.model_cfg = TINY if args.tiny else DEV
+        else:
+            self.model_cfg = dict(self.family.tiny_transformer_config if args.tiny else self.family.transformer_config)
         self.txt_len = 12 if args.tiny else 512
-        self.latent_ch = self.model_cfg["in_channels"] // 4
+        # FLUX.1 caches 16-channel latents at 1/8 size (packed 2x2 at the forward); klein caches them already in
+        # 2x2 patches: 128 channels at 1/16.
+        self.latent_ch = self.model_cfg["in_channels"] // 4 if self.flux1 else self.model_cfg["in_channels"]
+        self.latent_div = 8 if self.flux1 else 16
+        self.preview_guidance = args.preview_guidance if args.preview_guidance is not None else \
+            (3.5 if self.flux1 else 1.0)  # klein: the distilled model's 4 steps at guidance 1 (docs/PRACTICE.md §9)
         self.t0 = time.time()
         self.rows: list[dict] = []
         self.info: dict = {}
@@ -121,8 +144,6 @@ class Bench:
                     reserved_gib=round(torch.cuda.max_memory_reserved() / GIB, 2))
 
     def build_transformer(self):
-        from diffusers import FluxTransformer2DModel
-
         if self.transformer is not None:
             self.transformer = None
             self.free()
@@ -131,7 +152,7 @@ class Bench:
         torch.set_default_dtype(self.dtype)
         try:
             with torch.device(self.device):
-                model = FluxTransformer2DModel(**self.model_cfg)
+                model = self.family.transformer_class()(**self.model_cfg)
         finally:
             torch.set_default_dtype(torch.float32)
         model.requires_grad_(False)
@@ -145,43 +166,56 @@ class Bench:
 
     def preview_parts(self):
         """What PreviewRenderer needs: the transformer in hand plus a VAE of the real config (random weights)."""
-        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
+        from diffusers import AutoencoderKL, AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler
 
         torch.manual_seed(0)
         torch.set_default_dtype(self.dtype)
         try:
             with torch.device(self.device):
-                vae = AutoencoderKL(**(TINY_VAE if self.tiny else FLUX_VAE))
+                if self.flux1:
+                    vae = AutoencoderKL(**(TINY_VAE if self.tiny else FLUX_VAE))
+                else:
+                    vae = AutoencoderKLFlux2(**(TINY_KLEIN_VAE if self.tiny else KLEIN_VAE))
         finally:
             torch.set_default_dtype(torch.float32)
         vae.requires_grad_(False).eval()
-        from trainer.families import FLUX1
-
         return SimpleNamespace(scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER), vae=vae,
-                               transformer=self.transformer, device=self.device, dtype=self.dtype, family=FLUX1)
+                               transformer=self.transformer, device=self.device, dtype=self.dtype, family=self.family)
 
     def resolution_list(self):
         return [64, 128] if self.tiny else self.args.resolutions
 
     def example(self, res: int):
         """Synthetic cached example, shaped exactly like ``encode_example``'s output."""
-        from trainer.training.encode import EncodedExample, PromptEmbedding
+        from trainer.training.encode import EncodedExample
         from trainer.dataset.prepare import latent_weights
-        from trainer.training.flow import latent_image_ids
 
         g = torch.Generator().manual_seed(res)
-        h = w = res // 8
+        h = w = res // self.latent_div
         latents = torch.randn(1, self.latent_ch, h, w, generator=g).to(self.device, self.dtype)
         mask = torch.zeros(1, 1, res, res)
         mask[..., res // 8: res - res // 8, res // 4: res - res // 4] = 1.0  # a centered subject, ~56% of the frame
         weights = latent_weights(mask, h, w, 0.0).to(self.device)
-        caption = PromptEmbedding(
-            prompt="a photo of sks",
-            embeds=torch.randn(1, self.txt_len, self.model_cfg["joint_attention_dim"], generator=g).to(self.device, self.dtype),
-            pooled=torch.randn(1, self.model_cfg["pooled_projection_dim"], generator=g).to(self.device, self.dtype),
-            text_ids=torch.zeros(self.txt_len, 3, device=self.device, dtype=self.dtype))
-        return EncodedExample(latents=latents, weights=weights, image_ids=latent_image_ids(h, w, self.device, self.dtype),
-                              caption=caption)
+        caption = self.prompt_embedding("a photo of sks", g)
+        return EncodedExample(latents=latents, weights=weights,
+                              image_ids=self.family.image_ids(h, w, self.device, self.dtype), caption=caption)
+
+    def prompt_embedding(self, prompt: str, g: torch.Generator):
+        """Random text conditioning shaped like the family's encoder output (FLUX.1: T5 tokens + pooled CLIP, 3-D
+        ids; klein: stacked Qwen3 tokens, 4-D integer ids, the empty prompt's embeds for CFG)."""
+        from trainer.training.encode import PromptEmbedding
+
+        def tokens():
+            return torch.randn(1, self.txt_len, self.model_cfg["joint_attention_dim"], generator=g).to(self.device,
+                                                                                                      self.dtype)
+        if self.flux1:
+            return PromptEmbedding(
+                prompt=prompt, embeds=tokens(),
+                pooled=torch.randn(1, self.model_cfg["pooled_projection_dim"], generator=g).to(self.device, self.dtype),
+                text_ids=torch.zeros(self.txt_len, 3, device=self.device, dtype=self.dtype))
+        ids = torch.zeros(1, self.txt_len, 4, dtype=torch.long, device=self.device)
+        ids[..., 3] = torch.arange(self.txt_len, device=self.device)
+        return PromptEmbedding(prompt=prompt, embeds=tokens(), pooled=None, text_ids=ids, negative=tokens())
 
     def timed(self, step, n: int, warmup: int, max_s: float) -> tuple[list[float], float]:
         """Run ``warmup`` untimed steps (first one timed separately: compile/caching), then up to ``n`` timed."""
@@ -253,25 +287,22 @@ class Bench:
 
     # ---------------------------------------------------------------- baseline (the reference script)
     def baseline_inputs(self, res):
-        h = w = res // 16
-        img = torch.randn(1, h * w, self.model_cfg["in_channels"], device=self.device, dtype=self.dtype)
-        txt = torch.randn(1, self.txt_len, self.model_cfg["joint_attention_dim"], device=self.device, dtype=self.dtype)
-        pooled = torch.randn(1, self.model_cfg["pooled_projection_dim"], device=self.device, dtype=self.dtype)
-        ids = torch.zeros(h, w, 3)
-        ids[..., 1] += torch.arange(h)[:, None]
-        ids[..., 2] += torch.arange(w)[None, :]
-        img_ids = ids.reshape(-1, 3).to(self.device, self.dtype)
-        txt_ids = torch.zeros(self.txt_len, 3, device=self.device, dtype=self.dtype)
-        return img, txt, pooled, img_ids, txt_ids
+        h = w = res // self.latent_div  # the cached latent's size; the family packs it into res/16 squared tokens
+        img = torch.randn(1, (res // 16) ** 2, self.model_cfg["in_channels"], device=self.device, dtype=self.dtype)
+        caption = self.prompt_embedding("baseline", torch.Generator().manual_seed(1))
+        return img, caption, self.family.image_ids(h, w, self.device, self.dtype)
 
     def run_baseline(self, grid):
         from peft import LoraConfig
 
         model = self.build_transformer()
+        # FLUX.1: the reference script's list; klein: the family's targets (what its peers' scripts train), so the
+        # baseline and the project's step train the same LoRA.
+        targets = REF_TARGETS if self.flux1 else self.family.lora_target_modules
         for rank in sorted({r for r, _, _ in grid}, reverse=True):
             name = f"r{rank}"
             model.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
-                                         target_modules=REF_TARGETS), adapter_name=name)
+                                         target_modules=targets), adapter_name=name)
             model.set_adapter(name)
             params = [p for n, p in model.named_parameters() if name in n]
             for p in params:
@@ -284,12 +315,11 @@ class Bench:
                 x = self.baseline_inputs(res)
 
                 def step(x=x):
-                    img, txt, pooled, img_ids, txt_ids = x
+                    img, caption, img_ids = x
                     t = torch.rand(1, device=self.device, dtype=self.dtype)
-                    g = torch.full((1,), 1.0, device=self.device, dtype=self.dtype)
+                    inputs = self.family.transformer_inputs(model, img, t, caption, img_ids, 1.0)
                     with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cuda):
-                        out = model(hidden_states=img, encoder_hidden_states=txt, pooled_projections=pooled,
-                                    timestep=t, img_ids=img_ids, txt_ids=txt_ids, guidance=g, return_dict=False)[0]
+                        out = model(**inputs, return_dict=False)[0]
                     loss = (out.float() - img.float()).pow(2).mean()
                     loss.backward()
                     opt.step()
@@ -343,8 +373,9 @@ class Bench:
             model.disable_gradient_checkpointing()
         model.train()
         example = self.example(res)
-        h, w = example.latent_size
-        mu = flow.resolution_shift((h // 2) * (w // 2))  # FLUX.1-dev scheduler defaults
+        tokens = self.family.pack(example.latents).shape[1]
+        # FLUX.1-dev scheduler defaults; klein: the sampler's empirical shift (as the trainer computes it)
+        mu = flow.resolution_shift(tokens) if self.flux1 else self.family.training_shift(None, tokens)
         generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
         return SimpleNamespace(cfg=cfg, params=params, example=example, mu=mu, generator=generator,
                                lora_params_M=round(sum(p.numel() for p in params) / 1e6, 2))
@@ -525,7 +556,7 @@ class Bench:
         res = 64 if self.tiny else 512
         steps = 4 if self.tiny else self.args.preview_steps
         base = dict(impl="project", accel=accel, kind="preview", rank=16 if not self.tiny else 4, resolution=res,
-                    checkpointing=False, preview_steps=steps, batch=batch,
+                    checkpointing=False, preview_steps=steps, batch=batch, guidance=self.preview_guidance,
                     attention=attention_backend(self.transformer))
 
         def measure():
@@ -536,23 +567,24 @@ class Bench:
             prompts = [prompt.prompt] * batch
             times = []
             t = time.perf_counter()
-            img = renderer.render_batch(prompts, 1, res, res, steps, 3.5)[0]
+            img = renderer.render_batch(prompts, 1, res, res, steps, self.preview_guidance)[0]
             self.sync()
             first = time.perf_counter() - t
             for _ in range(n):
                 t = time.perf_counter()
-                img = renderer.render_batch(prompts, 1, res, res, steps, 3.5)[0]
+                img = renderer.render_batch(prompts, 1, res, res, steps, self.preview_guidance)[0]
                 self.sync()
                 times.append((time.perf_counter() - t) / batch)
             if self.cuda and "profile" in accel:
                 from torch.profiler import ProfilerActivity, profile
 
                 with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
-                    renderer.render_batch(prompts, 1, res, res, steps, 3.5)
+                    renderer.render_batch(prompts, 1, res, res, steps, self.preview_guidance)
                     self.sync()
                 self.report_profile(prof, f"preview_{accel}_b{batch}", per=steps)
             # The VAE decode alone (part of each preview above).
-            lat = torch.randn(1, parts.vae.config.latent_channels, res // 8, res // 8, device=self.device, dtype=self.dtype)
+            lat = torch.randn(1, parts.vae.config.latent_channels, res // 8, res // 8, device=self.device,
+                              dtype=self.dtype)
             with torch.no_grad():
                 parts.vae.decode(lat).sample
                 self.sync()
@@ -651,17 +683,14 @@ class Bench:
             for p in s.params:  # make the LoRA do something (B starts at zero)
                 p.data.add_(torch.randn_like(p) * 0.02)
             ex = s.example
-            from trainer.training.flow import pack_latents
 
             def inputs(seed):
                 g = torch.Generator(device=self.device).manual_seed(seed)
-                return dict(hidden_states=pack_latents(torch.randn(ex.latents.shape, generator=g, device=self.device,
-                                                                   dtype=self.dtype)),
-                            timestep=torch.rand(1, generator=g, device=self.device).to(self.dtype),
-                            guidance=torch.full((1,), 3.5, device=self.device, dtype=self.dtype),
-                            pooled_projections=ex.caption.pooled, encoder_hidden_states=ex.caption.embeds,
-                            txt_ids=ex.caption.text_ids, img_ids=ex.image_ids, joint_attention_kwargs=None,
-                            return_dict=False)
+                tokens = self.family.pack(torch.randn(ex.latents.shape, generator=g, device=self.device,
+                                                      dtype=self.dtype))
+                t = torch.rand(1, generator=g, device=self.device).to(self.dtype)
+                return dict(**self.family.transformer_inputs(model, tokens, t, ex.caption, ex.image_ids, 3.5),
+                            joint_attention_kwargs=None, return_dict=False)
 
             def rel(a, b):
                 return float((a.float() - b.float()).norm() / b.float().norm())
@@ -697,14 +726,14 @@ class Bench:
         checkpoint (each ``every`` steps), LoRA saved at each checkpoint; wall-clock from a cold compile."""
         import tempfile
 
-        from trainer.training.encode import PromptEmbedding
         from trainer.model.lora import save_lora
         from trainer.training.previews import PreviewRenderer
         from trainer.training.step import TrainStep, adamw_options
 
         res = self.resolution_list()[0]
         base = dict(impl="project", accel="run", kind="full_run", rank=rank, resolution=res, checkpointing=ckpt,
-                    steps=steps, save_every=every, preview_images=n_prompts)
+                    steps=steps, save_every=every, preview_images=n_prompts,
+                    preview_steps=self.args.preview_steps, guidance=self.preview_guidance)
 
         def measure():
             t_all = time.perf_counter()
@@ -713,10 +742,7 @@ class Bench:
             cfg = s.cfg.replace(steps=steps, save_every=every)
             parts = self.preview_parts()
             g = torch.Generator().manual_seed(7)
-            c = s.example.caption
-            prompts = {f"prompt {i}": PromptEmbedding(f"prompt {i}", torch.randn(c.embeds.shape, generator=g).to(c.embeds),
-                                                      torch.randn(c.pooled.shape, generator=g).to(c.pooled), c.text_ids)
-                       for i in range(n_prompts)}
+            prompts = {f"prompt {i}": self.prompt_embedding(f"prompt {i}", g) for i in range(n_prompts)}
             renderer = PreviewRenderer(parts, prompts)
             opt = torch.optim.AdamW(s.params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                     **adamw_options(self.device))
@@ -728,8 +754,8 @@ class Bench:
             def previews(step):
                 for i, prompt in enumerate(prompts):
                     t = time.perf_counter()
-                    img = renderer.render(prompt, cfg.preview_seed, res, res, cfg.preview_steps if not self.tiny else 4,
-                                          cfg.preview_guidance)
+                    img = renderer.render(prompt, cfg.preview_seed, res, res, 4 if self.tiny else self.args.preview_steps,
+                                          self.preview_guidance)
                     img.save(tmp / f"{step:06d}-{i}.png")
                     preview_times.append(time.perf_counter() - t)
 
@@ -772,6 +798,60 @@ class Bench:
             return out
 
         self.case(measure, base, est_s=60 if self.tiny else 200)
+
+    # ---------------------------------------------------------------- the floor
+    def gemm_rate(self, m: int, k: int, n: int) -> float:
+        """Measured bf16 matmul rate (FLOP/s) at one shape, median of 20 CUDA-synchronised calls."""
+        a = torch.randn(m, k, device=self.device, dtype=self.dtype)
+        b = torch.randn(k, n, device=self.device, dtype=self.dtype)
+        for _ in range(5):
+            a @ b
+        self.sync()
+        times = []
+        for _ in range(20):
+            t = time.perf_counter()
+            a @ b
+            self.sync()
+            times.append(time.perf_counter() - t)
+        return 2 * m * k * n / statistics.median(times)
+
+    def run_floor(self):
+        """FLOPs of one training step (forward + backward into the LoRA + clip + AdamW) counted by PyTorch's
+        ``FlopCounterMode`` on the eager model (matmuls and attention: what the floor is made of), divided by the
+        bf16 GEMM rate measured on this GPU: at a large square GEMM (the chip's practical peak) and at the step's own
+        widest projection (its tokens x width x the fused single-block projection)."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        from trainer.training.accel.compile import is_accelerated
+
+        if self.transformer is None:
+            self.build_transformer()
+        if is_accelerated(self.transformer):
+            self.log("floor: the transformer is compiled; FLOPs are counted on eager modules only, put floor first")
+        width = self.model_cfg["num_attention_heads"] * self.model_cfg["attention_head_dim"]
+        peak = self.gemm_rate(8192, 8192, 8192) if self.cuda else None
+        for res in self.resolution_list():
+            base = dict(impl="floor", accel="none", kind="floor", rank=16, resolution=res, checkpointing=False)
+
+            def measure(res=res):
+                s = self.project_setup(16, res, False)
+                step = self.eager_step(s)
+                step()  # warm (lazy inits outside the count)
+                with FlopCounterMode(display=False) as counter:
+                    step()
+                flops = counter.get_total_flops()
+                tokens = (res // 16) ** 2 + self.txt_len
+                fused_out = int(width * (3 + 2 * self.model_cfg.get("mlp_ratio", 4.0)))
+                shape_rate = self.gemm_rate(tokens, width, fused_out) if self.cuda else None
+                s.__dict__.pop("opt", None)
+                self.project_teardown(s)
+                out = dict(step_tflop=round(flops / 1e12, 2), tokens=tokens)
+                if self.cuda:
+                    out.update(peak_gemm_tflops=round(peak / 1e12, 1), shape_gemm_tflops=round(shape_rate / 1e12, 1),
+                               floor_s_at_peak=round(flops / peak, 4), floor_s_at_shape=round(flops / shape_rate, 4))
+                return out
+
+            self.case(measure, base, est_s=30)
 
     # ---------------------------------------------------------------- memory tiers
     def run_tiers(self, grid, accel):
@@ -849,7 +929,7 @@ class Bench:
         import peft
 
         gpu = torch.cuda.get_device_name(0) if self.cuda else "cpu"
-        self.info.update(gpu=gpu, date=datetime.date.today().isoformat(), torch=torch.__version__,
+        self.info.update(gpu=gpu, family=self.family.name, date=datetime.date.today().isoformat(), torch=torch.__version__,
                          diffusers=diffusers.__version__, peft=peft.__version__, python=platform.python_version(),
                          tiny=self.tiny, steps=a.steps, warmup=a.warmup, plan=a.plan,
                          cudnn_sdp=False if self.cuda else None, git_here=_git_head())
@@ -859,7 +939,8 @@ class Bench:
         slug = "cpu-tiny" if self.tiny else _slug(gpu)
         out_dir = Path(a.out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        self.out_path = out_dir / f"{self.info['date']}-{slug}{a.tag}.json"
+        family = "" if self.flux1 else f"-{self.family.name}"
+        self.out_path = out_dir / f"{self.info['date']}-{slug}{family}{a.tag}.json"
         self.log("info", json.dumps(self.info))
         self.compiled_shapes: set = set()
 
@@ -885,6 +966,8 @@ class Bench:
                 if "compile" in acc:
                     self.ensure_compiled()
                 self.run_profile(acc)
+            elif label == "floor":
+                self.run_floor()
             elif label == "stepcheck":
                 self.run_stepcheck()
             elif label == "graphcheck":
@@ -923,6 +1006,10 @@ def print_table(rows, info, commit):
                     f"(first {r.get('first_step_s')} s, median {r.get('median_step_s')} s) + {r.get('n_previews')} previews "
                     f"{r.get('previews_total_s')} s (first {r.get('first_preview_s')} s) + saves {r.get('saves_total_s')} s; "
                     f"graphed={r.get('graphed')} " + note)
+        if r.get("kind") == "floor":
+            val = r.get("floor_s_at_peak")
+            note = (f"FLOOR {r.get('step_tflop')} TFLOP/step; GEMM {r.get('peak_gemm_tflops')} TFLOP/s peak, "
+                    f"{r.get('shape_gemm_tflops')} at the step's shape -> {r.get('floor_s_at_shape')} s " + note)
         if r.get("kind") == "preview":
             note = f"preview {r.get('preview_steps')} steps, s/image; VAE decode {r.get('vae_decode_s')} s " + note
         if r.get("first_step_s") is not None and "compile" in r.get("accel", ""):
@@ -974,6 +1061,8 @@ def _git_head() -> str | None:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="CPU smoke test with the tiny Flux")
+    p.add_argument("--family", default="flux1", choices=("flux1", "flux2-klein"),
+                   help="the model family whose full-size transformer is measured")
     p.add_argument("--out-dir", default=str(ROOT / "bench" / "results"))
     p.add_argument("--tag", default="", help="suffix for the JSON file name")
     p.add_argument("--commit", default=os.environ.get("BENCH_COMMIT") or _git_head())
@@ -986,13 +1075,17 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=12, help="timed steps per case (fewer if a case runs past --max-case-s)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--max-case-s", type=float, default=12.0)
-    p.add_argument("--preview-steps", type=int, default=20)
+    p.add_argument("--preview-steps", type=int, default=None,
+                   help="sampler steps per preview (FLUX.1 20; klein 4, the distilled model's)")
+    p.add_argument("--preview-guidance", type=float, default=None, help="FLUX.1 3.5; klein 1.0 (distilled)")
     p.add_argument("--budget-s", type=float, default=540.0, help="skip cases that would not finish within this")
     p.add_argument("--compile-mode", default=None)
     p.add_argument("--tiny-backend", default="aot_eager", help="torch.compile backend for the CPU smoke test")
     args = p.parse_args(argv)
     if args.tiny and args.plan == DEFAULT_PLAN:
         args.plan = TINY_PLAN
+    if args.preview_steps is None:
+        args.preview_steps = 20 if args.family == "flux1" else 4
     Bench(args).run()
 
 

@@ -1,8 +1,10 @@
-"""A whole training job under each memory tier's cap, at full FLUX.1-dev size, on one GPU (issue 4).
+"""A whole training job under each memory tier's cap, at full FLUX.1-dev (or, ``--family flux2-klein``, FLUX.2
+[klein] 4B) size, on one GPU (issues 4 and 13).
 
 For each tier (presets/memory/) a fresh process caps itself to the tier's memory with
 ``torch.cuda.set_per_process_memory_fraction`` *before anything touches the GPU*, then runs the job's own code
-(``trainer.training.job.train_with_parts``): full-size T5-XXL and CLIP-L encode the prompts on the GPU and are freed,
+(``trainer.training.job.train_with_parts``): full-size T5-XXL and CLIP-L (klein: Qwen3-4B) encode the prompts on the
+GPU and are freed,
 the VAE encodes the image, the transformer — in host memory, as ``load_parts`` leaves it — is placed as the tier
 says (bf16, or quantized layer by layer to fp8 / NF4), then ``train_lora`` trains with preview rounds and
 checkpoint saves. Nothing can be downloaded: every part is built in code with the real configs and random weights
@@ -30,7 +32,7 @@ from PIL import Image, ImageDraw
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.flux_bench import DEV, FLUX_SCHEDULER, FLUX_VAE, TINY, TINY_VAE  # noqa: E402
+from bench.flux_bench import DEV, FLUX_SCHEDULER, FLUX_VAE, KLEIN_VAE, TINY, TINY_KLEIN_VAE, TINY_VAE  # noqa: E402
 
 GIB = 2 ** 30
 # The released text encoders' configs (google/t5-v1_1-xxl as FLUX.1-dev's text_encoder_2, openai CLIP ViT-L/14).
@@ -39,6 +41,10 @@ T5_XXL = dict(d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24, vo
 CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
               projection_dim=768, vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu",
               bos_token_id=0, eos_token_id=2, pad_token_id=1)
+# Qwen/Qwen3-4B as FLUX.2 [klein] 4B's text_encoder (hidden 2560 x 36 layers; the pipeline reads layers 9/18/27).
+QWEN3_4B = dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
+                rope_theta=1000000, tie_word_embeddings=True)
 
 
 @torch.no_grad()
@@ -60,9 +66,11 @@ def random_fill(module: torch.nn.Module, fill_device: torch.device, seed: int = 
             tensor.fill_(0.0 if name.endswith("bias") else 1.0)
 
 
-def build_parts(device: torch.device, dtype: torch.dtype, tiny: bool):
+def build_parts(device: torch.device, dtype: torch.dtype, tiny: bool, family_name: str = "flux1"):
     """ModelParts as ``load_parts(..., transformer_on_device=False)`` returns them: encoders and VAE on ``device``,
     the transformer in host memory."""
+    if family_name != "flux1":
+        return build_klein_parts(device, dtype, tiny)
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
@@ -93,20 +101,58 @@ def build_parts(device: torch.device, dtype: torch.dtype, tiny: bool):
                      model_path=Path("random-weights"))
 
 
+def build_klein_parts(device: torch.device, dtype: torch.dtype, tiny: bool):
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from trainer.families import FLUX2_KLEIN
+    from trainer.model.loading import ModelParts
+    from trainer.model.tiny import chat_tokenizer
+
+    qwen = dict(QWEN3_4B, vocab_size=1000, hidden_size=16, intermediate_size=37, num_hidden_layers=4,
+                num_attention_heads=2, num_key_value_heads=1, head_dim=8) if tiny else QWEN3_4B
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            transformer = FLUX2_KLEIN.transformer_class()(**(FLUX2_KLEIN.tiny_transformer_config if tiny
+                                                               else FLUX2_KLEIN.transformer_config))
+            text_encoder = Qwen3ForCausalLM(Qwen3Config(**qwen))
+        vae = AutoencoderKLFlux2(**(TINY_KLEIN_VAE if tiny else KLEIN_VAE))
+    finally:
+        torch.set_default_dtype(torch.float32)
+    random_fill(transformer, device, seed=1)
+    random_fill(text_encoder, device, seed=2)
+    # random_fill leaves the rotary inverse frequencies (a float buffer) at 1: rebuild them as the model computes them
+    rotary = text_encoder.model.rotary_emb
+    fresh = type(rotary)(rotary.config)  # off the meta device: computes its frequencies
+    rotary.inv_freq.copy_(fresh.inv_freq)
+    rotary.original_inv_freq.copy_(fresh.original_inv_freq)
+    for module in (transformer, text_encoder, vae):
+        module.requires_grad_(False).eval()
+    for module in (text_encoder, vae):
+        module.to(device)
+    return ModelParts(transformer=transformer, vae=vae, text_encoder=text_encoder, text_encoder_2=None,
+                     tokenizer=chat_tokenizer(512), tokenizer_2=None,
+                     scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER), device=device, dtype=dtype,
+                     model_path=Path("random-weights"), family=FLUX2_KLEIN)
+
+
 def run_tier(tier_name: str, steps: int, save_every: int, rank: int, resolution: int, tiny: bool,
-             checkpointing: bool | None = None) -> dict:
+             checkpointing: bool | None = None, family_name: str = "flux1") -> dict:
     from trainer.config import TrainingConfig
     from trainer.events import CheckpointSaved, Failed, Finished, PreviewsRendered, Progress, Started, Status
-    from trainer.model.tiers import load_tier
+    from trainer.families import family_named
+    from trainer.model.tiers import load_tier, tiers_dir
     from trainer.runs.folder import RunFolder
     from trainer.training.job import train_with_parts
 
-    tier = load_tier(tier_name)
+    family = family_named(family_name)
+    tier = load_tier(tier_name, tiers_dir(family))
     if checkpointing is not None:  # a variant: the tier's weights with checkpointing forced on/off
         tier = dataclasses.replace(tier, gradient_checkpointing=checkpointing)
     cuda = torch.cuda.is_available() and not tiny
     device, dtype = (torch.device("cuda"), torch.bfloat16) if cuda else (torch.device("cpu"), torch.float32)
-    row = dict(impl="project", kind="tier_job", tier=tier.name, weights=tier.weights, rank=rank,
+    row = dict(impl="project", kind="tier_job", family=family.name, tier=tier.name, weights=tier.weights, rank=rank,
                resolution=resolution, checkpointing=tier.gradient_checkpointing, cap_gib=tier.cap_gib,
                lean_previews=tier.lean_previews)
     if cuda:
@@ -131,7 +177,7 @@ def run_tier(tier_name: str, steps: int, save_every: int, rank: int, resolution:
             torch.cuda.synchronize()
 
     t0 = time.perf_counter()
-    parts = build_parts(device, dtype, tiny)
+    parts = build_parts(device, dtype, tiny, family_name)
     row["build_s"] = round(time.perf_counter() - t0, 1)
     row["build_peak_gib"] = peak()[0]
     image = Image.new("RGB", (1024, 1024), (40, 110, 190))
@@ -141,7 +187,9 @@ def run_tier(tier_name: str, steps: int, save_every: int, rank: int, resolution:
     cfg = TrainingConfig(rank=rank, steps=steps, save_every=save_every, learning_rate=1e-4, resolution=resolution,
                          trigger="ohwx", caption="a photo of [trigger], a red ball", memory_tier=tier.name,
                          sample_prompts=("[trigger] as a watercolor", "[trigger] on a beach"), model="random-weights",
-                         preview_steps=4 if tiny else 20)
+                         # klein: previews as the distilled model renders them (4 steps, guidance 1)
+                         preview_steps=4 if tiny or family.name != "flux1" else 20,
+                         **({} if family.name == "flux1" else dict(preview_guidance=1.0)))
     run = RunFolder.create(Path(tempfile.mkdtemp()), cfg, image, mask)
 
     phase, phase_start = "encode", time.perf_counter()
@@ -200,13 +248,14 @@ def main(argv=None) -> int:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--resolution", type=int, default=512)
     parser.add_argument("--tiny", action="store_true", help="CPU smoke test with the tiny model")
+    parser.add_argument("--family", default="flux1", choices=("flux1", "flux2-klein"))
     parser.add_argument("--checkpointing", choices=("on", "off"), help="override the tiers' gradient checkpointing")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run this tier in this process
     parser.add_argument("--out", type=Path)
     parser.add_argument("--commit", help="the commit measured, when the copy's .git is not the working tree's")
     args = parser.parse_args(argv)
     common = dict(steps=args.steps, save_every=args.save_every, rank=args.rank, resolution=args.resolution,
-                  tiny=args.tiny, checkpointing=None if args.checkpointing is None else args.checkpointing == "on")
+                  tiny=args.tiny, family_name=args.family, checkpointing=None if args.checkpointing is None else args.checkpointing == "on")
     if args.one:
         print("ROW " + json.dumps(run_tier(args.one, **common)), flush=True)
         return 0
@@ -215,7 +264,8 @@ def main(argv=None) -> int:
         # One process per tier: a cap can only be set before the allocator has grown, and nothing of one tier's
         # job (compiled code, cached blocks) may help the next one.
         command = [sys.executable, __file__, "--one", name, "--steps", str(args.steps), "--save-every",
-                   str(args.save_every), "--rank", str(args.rank), "--resolution", str(args.resolution)]
+                   str(args.save_every), "--rank", str(args.rank), "--resolution", str(args.resolution),
+                   "--family", args.family]
         if args.tiny:
             command.append("--tiny")
         if args.checkpointing:

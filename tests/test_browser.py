@@ -310,3 +310,32 @@ def test_a_full_run_in_the_browser_and_the_readme_screenshot(app, browser, tmp_p
     ActionChains(browser).move_to_element_with_offset(picture, -picture.size["width"] // 2 + 6,
                                                       -picture.size["height"] // 2 + 6).click().perform()
     wait_until(browser, lambda d: "Nothing stands out" in text_of(d, "#image-info"), 120, "the answer to the click")
+
+
+def test_a_klein_run_in_the_browser(app, browser, tmp_path, isolated_data_dir, tiny_klein_dir):
+    """FLUX.2 [klein] through the page: picking tiny-klein shows its notice and the 'Previews drawn by' choice (the
+    distilled model), and a short run streams its previews and checkpoints."""
+    (isolated_data_dir / "models" / "tiny-klein").symlink_to(tiny_klein_dir, target_is_directory=True)
+    open_page(browser, app.url)
+    upload_image(browser, write_subject_png(tmp_path))
+    model = browser.find_element(By.CSS_SELECTOR, "#model input")
+    model.send_keys(Keys.CONTROL, "a")
+    model.send_keys("tiny-klein", Keys.ENTER)
+    wait_until(browser, lambda d: "FLUX.2 [klein]-shaped" in text_of(d, "#model-notice"), 30, "the tiny-klein notice")
+    wait_until(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#preview-model input"), 30,
+               "the 'Previews drawn by' choice")
+    set_number(browser, "Steps", 2)
+    set_number(browser, "Save a checkpoint every N steps", 2)
+    wait_until(browser, lambda d: "steps 2" in text_of(d, "#plan"), 30, "the plan to follow the new settings")
+    browser.find_element(By.ID, "train").click()
+    wait_until(browser, lambda d: "Finished" in text_of(d, "#progress"), RUN_TIMEOUT, "Finished")
+    assert "Finished: 2 steps, 1 checkpoint(s)." in text_of(browser, "#progress")
+    wait_until(browser, lambda d: len(loaded_gallery_images(d)) >= 2, 60, "the previews in the gallery")
+    assert "step 2" in text_of(browser, "#previews")
+    saved = list(app.runs_root.rglob("lora-000002.safetensors"))
+    assert len(saved) == 1
+    import safetensors
+
+    with safetensors.safe_open(str(saved[0]), "pt") as f:
+        assert f.metadata()["family"] == "flux2-klein"
+        assert any("single_transformer_blocks.0.attn.to_qkv_mlp_proj.lora_A" in k for k in f.keys())

@@ -106,3 +106,25 @@ def test_bad_arguments_are_one_line(tmp_path):
     result = cli("train", "--image", tmp_path / "i.png", "--caption", "x", "--model", "tiny-demo", "--no-mask",
                  "--output", tmp_path / "full")
     assert result.returncode == 2 and "already exists and is not empty" in result.stderr
+
+
+def test_train_on_tiny_klein_with_the_distilled_preview_model(tmp_path, isolated_data_dir, tiny_klein_dir):
+    """FLUX.2 [klein] from the command line: --model tiny-klein trains klein LoRA keys, and --preview-model (here
+    tiny-klein itself, standing in for its distilled twin: same family and architecture) draws the previews."""
+    (isolated_data_dir / "models" / "tiny-klein").symlink_to(tiny_klein_dir, target_is_directory=True)
+    image, _ = subject_image((96, 128))
+    image.save(tmp_path / "in.png")
+    out_dir = tmp_path / "run"
+    result = cli("train", "--image", tmp_path / "in.png", "--caption", "a photo of [trigger]", "--trigger", "ohwx",
+                 "--preset", "klein-character-rank16-500", "--model", "tiny-klein", "--steps", 2, "--save-every", 2,
+                 "--resolution", 64, "--output", out_dir, "--preview-model", "tiny-klein")
+    assert result.returncode == 0, result.stderr
+    assert "Previews render with tiny-klein (4 steps, guidance 1)" in result.stderr + result.stdout
+    manifest = json.loads((out_dir / "run.json").read_text())
+    assert manifest["status"] == "finished" and manifest["config"]["preview_model"] == "tiny-klein"
+    with safetensors.safe_open(str(out_dir / "lora-000002.safetensors"), "pt") as f:
+        assert f.metadata()["family"] == "flux2-klein"
+        assert any(".to_qkv_mlp_proj.lora_A" in k for k in f.keys())
+    bad = cli("train", "--image", tmp_path / "in.png", "--caption", "a photo of [trigger]", "--model", "tiny-klein",
+              "--steps", 2, "--resolution", 64, "--output", tmp_path / "bad", "--preview-model", "tiny-demo")
+    assert bad.returncode != 0 and "is FLUX.1" in bad.stderr and "Traceback" not in bad.stderr

@@ -10,9 +10,9 @@ from trainer.errors import UserError
 def test_presets_exist_with_their_documented_settings():
     presets = {p.name: p.config() for p in list_presets()}
     assert set(presets) == {"character-rank4-400", "character-rank16-500", "style-rank16-2000", "quick-test-250",
-                            "klein-character-rank16-500"}
+                            "klein-character-rank16-500", "cpu-demo-40"}
     expected = {"character-rank4-400": (4, 400, 50), "character-rank16-500": (16, 500, 50),
-                "style-rank16-2000": (16, 2000, 250), "quick-test-250": (4, 250, 50)}
+                "style-rank16-2000": (16, 2000, 250), "quick-test-250": (4, 250, 50), "cpu-demo-40": (4, 40, 20)}
     for name, (rank, steps, every) in expected.items():
         cfg = presets[name]
         assert (cfg.rank, cfg.steps, cfg.save_every, cfg.resolution) == (rank, steps, every, 512)

@@ -131,3 +131,17 @@ def test_gradio_is_pinned_past_the_file_route_advisories():
     assert version(pins["gradio_client"]) >= (2, 6, 0)
     assert version(gradio.__version__) == version(pins["gradio"])  # what is installed is what is pinned
     assert version(gradio_client.__version__) == version(pins["gradio_client"])
+
+
+def test_app_starts_loading_the_mask_network_at_start_up(launches, isolated_data_dir, monkeypatch):
+    # The first upload used to pay for loading the background-removal network (36-108 s on a busy 2-core
+    # machine): the app starts loading it in the background before the page is built.
+    import app
+    from trainer import api
+
+    order = []
+    monkeypatch.setattr(api, "warm_up", lambda *a, **k: order.append("warm_up"), raising=False)
+    real_build = __import__("ui.app", fromlist=["build_app"]).build_app
+    monkeypatch.setattr("ui.app.build_app", lambda *a, **k: order.append("build_app") or real_build(*a, **k))
+    assert app.main([]) == 0
+    assert order == ["warm_up", "build_app"]

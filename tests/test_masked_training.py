@@ -24,6 +24,7 @@ from trainer.config import load_preset
 from trainer.training.encode import encode_example, encode_prompts, free_encoders
 from trainer.dataset.prepare import latent_weights, prepare_image
 from trainer.events import Finished, Progress
+from trainer.families import family_of_transformer
 from trainer.training.loop import train_lora
 from trainer.model.loading import load_parts, resolve_model
 from trainer.runs.folder import RunFolder
@@ -70,7 +71,7 @@ def region_errors(transformer, example, cfg, subject: torch.Tensor, background: 
     x0 = example.latents.float()
     h, w = example.latent_size
     generator = torch.Generator().manual_seed(1234)
-    guidance = torch.full((1,), cfg.guidance_scale) if transformer.config.guidance_embeds else None
+    family = family_of_transformer(transformer)  # FLUX.1 or klein: their own packing and conditioning
     total = torch.zeros(h, w)
     count = 0
     for sigma in EVAL_SIGMAS:
@@ -78,11 +79,10 @@ def region_errors(transformer, example, cfg, subject: torch.Tensor, background: 
             noise = torch.randn(x0.shape, generator=generator)
             s = torch.tensor([sigma])
             x_t = flow.noisy_latents(x0, noise, s)
-            v = transformer(hidden_states=flow.pack_latents(x_t.to(example.latents.dtype)), timestep=s,
-                            guidance=guidance, pooled_projections=example.caption.pooled,
-                            encoder_hidden_states=example.caption.embeds, txt_ids=example.caption.text_ids,
-                            img_ids=example.image_ids, return_dict=False)[0]
-            x0_hat = x_t - sigma * flow.unpack_latents(v, h, w).float()
+            inputs = family.transformer_inputs(transformer, family.pack(x_t.to(example.latents.dtype)), s,
+                                               example.caption, example.image_ids, cfg.guidance_scale)
+            v = transformer(**inputs, return_dict=False)[0]
+            x0_hat = x_t - sigma * family.unpack(v, h, w).float()
             total += (x0_hat - x0).pow(2).mean(dim=(0, 1))
             count += 1
     error = total / count
@@ -93,7 +93,7 @@ def train_and_measure(tmp_path, masked: bool, **overrides) -> dict:
     cfg = config(masked=masked, **overrides)
     image, mask = striped_subject()
     run = RunFolder.create(tmp_path, cfg, image, mask)
-    parts = load_parts(resolve_model("tiny-demo"))
+    parts = load_parts(resolve_model(cfg.model))
     train_image = prepare_image(image, mask, cfg.resolution)  # the mask is needed for the regions either way
     run.train_size = train_image.size
     prompts = encode_prompts(parts, cfg.preview_prompts, cfg.max_text_tokens)
@@ -147,6 +147,29 @@ def test_masked_training_learns_the_subject_not_the_background(tmp_path):
     # backgrounds in general; the subject is still learned as well, and the training background less than unmasked.
     assert aug_subject_ratio >= 0.7, "background augmentation cost too much of the subject's learning"
     assert aug_background_ratio <= 0.75, "with augmentation the training background was learned almost fully"
+
+
+def test_masked_training_learns_the_subject_not_the_background_on_klein(tmp_path, isolated_data_dir,
+                                                                         tiny_klein_dir):
+    """The same measurement on tiny-klein (FLUX.2 [klein]'s architecture, random weights). Its latents are 2x2
+    patches (1/16 of the image), so it trains at 256 px to get the same 16x16 latent as tiny-demo at 128 px."""
+    (isolated_data_dir / "models" / "tiny-klein").symlink_to(tiny_klein_dir, target_is_directory=True)
+    settings = dict(model="tiny-klein", resolution=2 * SIZE)
+    started = time.perf_counter()
+    unmasked = train_and_measure(tmp_path / "unmasked", masked=False, **settings)
+    masked = train_and_measure(tmp_path / "masked", masked=True, **settings)
+    subject_ratio = masked["subject_gain"] / unmasked["subject_gain"]
+    background_ratio = masked["background_gain"] / unmasked["background_gain"]
+    print()
+    print(f"tiny-klein, latent pixels: subject {masked['subject_pixels']}, background {masked['background_pixels']}; "
+          f"{STEPS} steps, lr {LEARNING_RATE}, seed 3, {time.perf_counter() - started:.1f} s")
+    print(describe("unmasked", unmasked))
+    print(describe("masked", masked))
+    print(f"masked / unmasked: subject gain ratio {subject_ratio:.2f}, background gain ratio {background_ratio:.2f}")
+    assert unmasked["subject_gain"] > 0.1 * unmasked["subject_before"], "the unmasked run did not learn measurably"
+    assert unmasked["background_gain"] > 0.1 * unmasked["background_before"], "the unmasked run did not learn the background"
+    assert subject_ratio >= 0.7, "the masked run learned the subject much less than the unmasked run"
+    assert background_ratio <= 0.5, "the masked run's background moved almost as much as the unmasked run's"
 
 
 # ---- background augmentation ---------------------------------------------------------------------

@@ -42,6 +42,20 @@ class RunRequest:
     epochs: float | None = None
 
 
+def time_notice(config: TrainingConfig) -> str:
+    """"≈ N min on this machine" before Train, for a tiny model on a machine without a CUDA GPU ("" otherwise): the
+    page and the CLI say the same (``trainer.training.estimate``)."""
+    import torch
+
+    from trainer.families import tiny_ids
+    from trainer.training.estimate import cpu_time_notice
+
+    return cpu_time_notice(config, tiny=config.model in tiny_ids(), cuda=torch.cuda.is_available())
+
+
+CPU_DEMO_PRESET = "cpu-demo-40"  # offered first by the page on a machine without a CUDA GPU
+
+
 def training_config(request: RunRequest) -> tuple[TrainingConfig, str]:
     """The job's settings, and a notice for the user ("" when none): preset + overrides, then what the model changes
     (the tiny demo previews with fewer denoising steps, to stay quick on a CPU)."""
@@ -86,7 +100,7 @@ _export("trainer.dataset.images", "MAX_FILE_BYTES", "alpha_mask", "load_image", 
 _export("trainer.dataset.advice", "image_advice", "set_advice")
 _export("trainer.dataset.imageset", "MAX_IMAGES", "LoadedSet", "SetImage", "load_folder", "load_images")
 _export("trainer.dataset.choice", "MaskChoice", "choose_mask", "cut_out", "mask_coverage")
-_export("trainer.dataset.masking", "MASK_MODELS", "auto_mask_result", "mask_warning")
+_export("trainer.dataset.masking", "MASK_MODELS", "auto_mask_result", "mask_warning", "warm_up")
 _export("trainer.dataset.mask_tools", "TOKEN_PX", "adjust_mask", "apply_strokes", "thin_share", "token_grid_view",
         "train_size_for")
 _export("trainer.dataset.augment", "MAX_USER_BACKGROUNDS", "load_user_backgrounds")
@@ -94,6 +108,7 @@ _export("trainer.dataset.augment", "MAX_USER_BACKGROUNDS", "load_user_background
 _export("trainer.model.loading", "FLUX_DEV", "TINY_DEMO", "TINY_DEMO_NOTICE", "default_model")
 _export("trainer.families", "FAMILIES", "family_of_spec", "tiny_ids")
 _export("trainer.model.estimates", "plan_summary")
+_export("trainer.training.estimate", "cpu_time_notice")
 _export("trainer.model.tiers", "AUTO", "choose_tier", "list_tiers")
 _export("trainer.training.schedule", "epochs_at_step", "learning_rate_note", "samples_per_step", "scaled_learning_rate",
         "steps_for_epochs")
@@ -107,11 +122,13 @@ _export("trainer.review.advisor", "advice_from_grid", "advice_spec", "checkpoint
         "load_advice", "save_advice", "set_star", "starred_step")
 _export("trainer.review.grid", "GridImages", "GridSpec", "fill_trigger", "parse_numbers", "plan_grid", "render_grid")
 _export("trainer.review.prompts", "suggest_prompts")
-_export("trainer.review.inference", "InferenceService", "RenderSettings", "base_model_folder")
+_export("trainer.review.inference", "InferenceService", "RenderSettings", "base_model_folder", "default_render_model",
+        "render_defaults", "render_model_folder", "render_options")
 _export("trainer.review.export", "export_lora", "export_name")
 _export("trainer.review.publish", "plan_publish", "publish")
 
-__all__ = sorted({"DEFAULT_PRESET", "RunRequest", "UserError", "training_config", *_EXPORTS})
+__all__ = sorted({"CPU_DEMO_PRESET", "DEFAULT_PRESET", "RunRequest", "UserError", "time_notice", "training_config",
+                  *_EXPORTS})
 
 
 def __getattr__(name: str) -> Any:

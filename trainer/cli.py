@@ -67,6 +67,10 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--output", required=True, type=Path, help="run folder (created; must be new or empty)")
     train.add_argument("--memory-tier", help="GPU memory tier: auto (default: picked from the GPU), full, 24gb, 16gb or "
                                               "12gb (presets/memory/: fp8/NF4 weights, gradient checkpointing)")
+    train.add_argument("--preview-model", metavar="MODEL",
+                       help="FLUX.2 [klein] only: draw the previews with this model of the same architecture, the "
+                            "LoRA copied in each round — its distilled model, black-forest-labs/FLUX.2-klein-4B (4 "
+                            "steps, guidance 1), or a local folder of it (default: the base model being trained)")
     train.add_argument("--gpus", type=int, default=1,
                        help="data-parallel GPUs (each trains --batch-size pictures per step; learning rate x "
                             "sqrt(N x batch)); runs itself under torchrun")

@@ -110,11 +110,13 @@ def _prepare_new_run(args, gpus: int = 1):
     overrides = {k: v for k, v in {
         "steps": args.steps, "save_every": args.save_every, "rank": args.rank, "learning_rate": args.lr,
         "resolution": args.resolution, "seed": args.seed, "name": args.name, "batch_size": args.batch_size,
-        "memory_tier": args.memory_tier}.items() if v is not None}
+        "memory_tier": args.memory_tier, "preview_model": args.preview_model}.items() if v is not None}
     config, notice = api.training_config(api.RunRequest(
         caption=items[0].caption, preset=args.preset, trigger=args.trigger, sample_prompts=tuple(args.sample_prompt),
         model=args.model, masked=not args.no_mask, overrides=overrides, images=len(items), gpus=gpus,
         epochs=args.epochs))
+    if api.time_notice(config):  # a CPU run of tiny-demo: 400 steps are about an hour, say so before it starts
+        print(f"note: {api.time_notice(config)}", file=sys.stderr)
     backgrounds = api.load_user_backgrounds(args.background)
     if notice:
         print(f"note: {notice}", file=sys.stderr)
@@ -200,7 +202,8 @@ def _refuse_settings(args, mode: str) -> None:
         ("--model", args.model), ("--epochs", args.epochs), ("--batch-size", args.batch_size),
         ("--steps", args.steps), ("--save-every", args.save_every), ("--rank", args.rank), ("--lr", args.lr),
         ("--resolution", args.resolution), ("--seed", args.seed), ("--name", args.name),
-        ("--sample-prompt", args.sample_prompt or None), ("--no-mask", args.no_mask or None),
+        ("--preview-model", args.preview_model), ("--sample-prompt", args.sample_prompt or None),
+        ("--no-mask", args.no_mask or None),
         ("--trigger", args.trigger or None)) if value is not None]
     if given:
         raise UserError(f"{mode} trains with the settings saved in the run's run.json; drop {', '.join(given)}.")

@@ -70,6 +70,9 @@ class TrainingConfig:
     preview_guidance: float = 3.5
     preview_seed: int = 1
     preview_at_start: bool = True  # a step-0 preview shows the base model, the reference every checkpoint is judged against
+    # A model of the same architecture that draws the previews instead (klein: its distilled model, which is where
+    # a base-trained LoRA is used; trainer/training/preview_model.py): a Hub id or a local folder; "" = the base model.
+    preview_model: str = ""
 
     def __post_init__(self) -> None:
         problems = []

@@ -84,6 +84,8 @@ class PreviewsRendered:
     """Sample images for one step; step 0 is the base model before any training."""
     step: int
     previews: tuple[Preview, ...]
+    # which model drew them when not the base model being trained (a preview model: klein's distilled one)
+    rendered_with: str = ""
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ def build_app(manager: api.JobManager, runs_root: Path, state_secret: str | None
     api.RunStore(runs_root).mark_interrupted(skip=manager.known_run_paths())
     api.start_temp_sweeper(Path(gr.utils.get_upload_folder()))  # empty files gr.File leaks on every upload
     presets = settings_step.preset_choices()
-    first_preset = "character-rank4-400" if any(v == "character-rank4-400" for _, v in presets) else presets[0][1]
+    first_preset = settings_step.first_preset(presets)  # the short CPU demo when there is no CUDA GPU
     rank0, steps0, lr0, every0 = settings_step.on_preset_change(first_preset)
     model0 = api.default_model()
 
@@ -115,7 +115,8 @@ def build_app(manager: api.JobManager, runs_root: Path, state_secret: str | None
                     steps = gr.Number(value=steps0, label="Steps", precision=0, minimum=1)
                     learning_rate = gr.Number(value=lr0, label="Learning rate")
                     save_every = gr.Number(value=every0, label="Save a checkpoint every N steps", precision=0, minimum=1)
-                plan = gr.Markdown(settings_step.on_plan_change(model0, rank0, steps0, every0), elem_id="plan")
+                plan = gr.Markdown(settings_step.on_plan_change(model0, rank0, steps0, every0, first_preset,
+                                                                settings_step.DEFAULT_PROMPTS), elem_id="plan")
 
                 gr.Markdown("## 5. Base model")
                 model = gr.Dropdown(choices=settings_step.model_choices(), value=model0, allow_custom_value=True,
@@ -127,12 +128,19 @@ def build_app(manager: api.JobManager, runs_root: Path, state_secret: str | None
                                           info="Smaller tiers store the frozen model in 8 or 4 bits and recompute "
                                                "activations: they fit smaller cards and train slower")
                 tier_notice = gr.Markdown(settings_step.memory_tier_notice("auto", model0), elem_id="tier-notice")
+                # klein LoRAs train on the base model and are used on the distilled one: previews can show that.
+                preview_model = gr.Dropdown(**settings_step.preview_model_options(model0), allow_custom_value=True,
+                                            label="Previews drawn by", elem_id="preview-model",
+                                            info="The distilled model (or a local folder of it) renders what users "
+                                                 "of the LoRA will see, in 4 steps; it needs room for a second "
+                                                 "transformer on the GPU (24 GB cards and up)")
                 # One job on several GPUs: only offered when the job manager has several (one per CUDA GPU).
                 several = manager.max_gpus > 1
                 gpus = gr.Dropdown(choices=settings_step.gpus_choices(manager.max_gpus), value=1, visible=several,
                                    label="GPUs for this job", elem_id="gpus",
                                    info="Data parallel: batch 1 on each GPU, learning rate scaled by √N")
                 gpus_info = gr.Markdown(settings_step.gpus_note(1, lr0), visible=several, elem_id="gpus-note")
+                api_preview_model = gr.Textbox(value="", visible=False)  # /train: "" = the base model
                 api_gpus = gr.Number(value=1, precision=0, visible=False)  # /train: any number, checked by the controller
 
                 gr.Markdown("## 6. Train")
@@ -195,9 +203,12 @@ def build_app(manager: api.JobManager, runs_root: Path, state_secret: str | None
                       [background_weight, normalize_mask, unmasked_probability, augment_probability], api_name=False)
 
         preset.change(settings_step.on_preset_change, preset, [rank, steps, learning_rate, save_every], api_name=False)
-        for box in (rank, steps, save_every, model):
-            box.change(settings_step.on_plan_change, [model, rank, steps, save_every], plan, api_name=False)
+        for box in (rank, steps, save_every, model, preset, prompts):
+            box.change(settings_step.on_plan_change, [model, rank, steps, save_every, preset, prompts], plan,
+                       api_name=False)
         model.change(settings_step.model_notice, model, notice, api_name=False)
+        model.change(lambda m: gr.update(**settings_step.preview_model_options(m)), model, preview_model,
+                     api_name=False)
         for box in (memory_tier, model):
             box.change(settings_step.memory_tier_notice, [memory_tier, model], tier_notice, api_name=False)
         for box in (gpus, learning_rate):
@@ -209,7 +220,7 @@ def build_app(manager: api.JobManager, runs_root: Path, state_secret: str | None
                   background_weight_, normalize_, unmasked_, augment_, memory_tier_,
                   request: gr.Request, profile: gr.OAuthProfile | None = None,
                   oauth_token: gr.OAuthToken | None = None,
-                  gpus_=1, backgrounds_=None):  # the inputs after memory_tier (gradio slots request/profile/token in
+                  gpus_=1, backgrounds_=None, preview_model_=""):  # the inputs after memory_tier (gradio slots request/profile/token in
                                                  # by their type)
             owner, token = owner_and_token_of(stored, request, profile, oauth_token)
             try:
@@ -217,7 +228,8 @@ def build_app(manager: api.JobManager, runs_root: Path, state_secret: str | None
                                            lr_, every_, model_, token=token,
                                            loss_settings=dataset_step.loss_settings(
                                                background_weight_, normalize_, unmasked_, augment_),
-                                           memory_tier=memory_tier_, gpus=gpus_, backgrounds=backgrounds_)
+                                           memory_tier=memory_tier_, gpus=gpus_, backgrounds=backgrounds_,
+                                           preview_model=preview_model_)
             except UserError as err:
                 raise gr.Error(str(err), print_exception=False) from None
             return message, gr.update(interactive=False), gr.update(interactive=True)
@@ -249,26 +261,26 @@ def build_app(manager: api.JobManager, runs_root: Path, state_secret: str | None
         train_btn.click(
             start, [owner_state, dataset_state, caption, trigger, prompts, preset, rank, steps, learning_rate,
                     save_every, model, background_weight, normalize_mask, unmasked_probability, augment_probability,
-                    memory_tier, gpus, own_backgrounds],
+                    memory_tier, gpus, own_backgrounds, preview_model],
             [progress, train_btn, stop_btn], api_name=False, concurrency_limit=None,
         ).success(follow, owner_state, stream_outputs, api_name="follow", concurrency_limit=None)
 
         def start_api(stored, dataset, caption, trigger, prompts, preset, rank=None, steps=None, learning_rate=None,
                       save_every=None, model=None, background_weight=None, normalize_mask=None,
                       unmasked_probability=None, augment_probability=None, memory_tier="auto", gpus=1,
-                      backgrounds=None, request: gr.Request = None, profile: gr.OAuthProfile | None = None,
-                      oauth_token: gr.OAuthToken | None = None):
+                      backgrounds=None, preview_model="", request: gr.Request = None,
+                      profile: gr.OAuthProfile | None = None, oauth_token: gr.OAuthToken | None = None):
             # The page's inputs in the page's order; a preset setting left out (None) is the named preset's.
             return start(stored, dataset, caption, trigger, prompts, preset, rank, steps, learning_rate, save_every,
                          model, background_weight, normalize_mask, unmasked_probability, augment_probability,
-                         memory_tier, request, profile, oauth_token, gpus, backgrounds)
+                         memory_tier, request, profile, oauth_token, gpus, backgrounds, preview_model)
 
         # /train for API clients: gradio_client fills a left-out input with its component's initial value, which
         # for the page's controls is the first preset's; these inputs have none.
         api_train.click(
             start_api, [owner_state, dataset_state, caption, trigger, prompts, preset, api_rank, api_steps, api_lr,
                         api_every, model, api_background_weight, api_normalize, api_unmasked, api_augment,
-                        memory_tier, api_gpus, own_backgrounds],
+                        memory_tier, api_gpus, own_backgrounds, api_preview_model],
             [progress, train_btn, stop_btn], api_name="train", concurrency_limit=None)
         stop_btn.click(stop, owner_state, progress, api_name="stop", concurrency_limit=None)
         resume_btn.click(resume, owner_state, [progress, train_btn, stop_btn, resume_btn], api_name="resume",

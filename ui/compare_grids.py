@@ -25,30 +25,33 @@ class GridSession:
     run_name: str
     grids: api.GridImages
     files: list[str]
+    render_with: str = ""  # the model that drew them ("" = the run's base model), for Try it when a cell is clicked
 
 
 def grid_spec(run: api.RunFolder, steps, seeds: str, weights: str, prompts: str, width, height,
-              sample_steps) -> api.GridSpec:
+              sample_steps, render_with: str = "") -> api.GridSpec:
     lines = tuple(line.strip() for line in (prompts or "").splitlines() if line.strip())
     if not steps:
         raise UserError("Tick at least one checkpoint to compare.")
     return api.GridSpec(prompts=lines, seeds=api.parse_numbers(seeds, int, "seeds"),
                         weights=api.parse_numbers(weights, float, "LoRA weights"), steps=tuple(int(s) for s in steps),
                         width=int(width) if width else None, height=int(height) if height else None,
-                        sample_steps=int(sample_steps) if sample_steps else None)
+                        sample_steps=int(sample_steps) if sample_steps else None,
+                        guidance=api.render_defaults(run, render_with)[1])
 
 
 def stream_grid(service: api.InferenceService, runs_root: Path, owner: str, name: str, spec_args: tuple,
-                progress: Callable[[float, str], None] = lambda f, d: None) -> Iterator[tuple]:
+                progress: Callable[[float, str], None] = lambda f, d: None,
+                render_with: str = "") -> Iterator[tuple]:
     """Yield (status, grid image, prompt picker update, files, session) after every rendered row."""
     run = open_owned_run(runs_root, owner, name)
-    plan = api.plan_grid(run, grid_spec(run, *spec_args))
+    plan = api.plan_grid(run, grid_spec(run, *spec_args, render_with=render_with))
     grids = api.GridImages(plan, cell_size=GRID_CELL)
-    session = GridSession(name, grids, [])
+    session = GridSession(name, grids, [], render_with)
     picker = gr.update(choices=[(_short(p), i) for i, p in enumerate(plan.prompts)], value=0)
     progress(0.0, "loading the base model")
     yield ("Loading the base model…", grids.compose(0)[0], picker, None, session)
-    engine = service.get(api.base_model_folder(run))
+    engine = service.get(api.render_model_folder(run, render_with))
     out_dir = run.path / "grids" / time.strftime("%Y%m%d-%H%M%S")
     for row in api.render_grid(engine, plan):
         grids.add(row)

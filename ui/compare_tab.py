@@ -68,7 +68,8 @@ def on_run_selected(runs_root: Path, owner: str, name: str | None) -> dict[str, 
         "prompts": "\n".join(s.text for s in api.suggest_prompts(run.config)),
         "width": (run.train_size or (run.config.resolution,) * 2)[0],
         "height": (run.train_size or (run.config.resolution,) * 2)[1],
-        "sample_steps": run.config.preview_steps,
+        "sample_steps": api.render_defaults(run, api.default_render_model(run))[0],
+        "render_with": gr.update(choices=api.render_options(run), value=api.default_render_model(run)),
         "checkpoint": gr.update(choices=choices, value=(star if star in steps else (steps[-1] if steps else None))),
     }
 
@@ -118,7 +119,7 @@ def stream_advice(service: api.InferenceService, runs_root: Path, owner: str, na
     plan = api.plan_grid(run, api.advice_spec(run))
     grids = api.GridImages(plan)
     yield ("Loading the base model…", gr.update(), gr.update(), gr.update())
-    engine = service.get(api.base_model_folder(run))
+    engine = service.get(api.base_model_folder(run))  # scores compare against the run's own base model
     for row in api.render_grid(engine, plan):
         grids.add(row)
         progress(row.done_cells / row.total_cells, f"scoring samples {row.done_cells}/{row.total_cells}")
@@ -177,6 +178,10 @@ def build(runs_root: Path, service: api.InferenceService, owner_state) -> Compar
                 width = gr.Number(label="Width", precision=0)
                 height = gr.Number(label="Height", precision=0)
                 sample_steps = gr.Number(label="Steps", precision=0)
+            render_with = gr.Dropdown(label="Render with", choices=[("the run's base model", "")], value="",
+                                      allow_custom_value=True, elem_id="grid-render-with",
+                                      info="klein: its distilled model renders the LoRA as it will be used (4 steps, "
+                                           "guidance 1); the base column is that model without the LoRA")
             prompts = gr.Textbox(label="Test prompts (one grid per line; [trigger] is replaced)", lines=6,
                                  info="Suggested: the caption (memorisation), a colour change, a back view, other "
                                       "hair/clothes, watercolor, short/medium/long. Edit freely.",
@@ -216,7 +221,8 @@ def build(runs_root: Path, service: api.InferenceService, owner_state) -> Compar
             publish_status = gr.Markdown("Uses your own token (HF_TOKEN, or your login on a Space); never saved.")
 
     # ---- wiring
-    selected_outputs = [summary, table, scores_plot, grid_checkpoints, prompts, width, height, sample_steps, checkpoint]
+    selected_outputs = [summary, table, scores_plot, grid_checkpoints, prompts, width, height, sample_steps, checkpoint,
+                        render_with]
 
     def refresh_runs(stored, request: gr.Request, profile: gr.OAuthProfile | None = None):
         choices = owner_runs(runs_root, owner_of(stored, request, profile))
@@ -228,13 +234,21 @@ def build(runs_root: Path, service: api.InferenceService, owner_state) -> Compar
             return tuple(gr.update() for _ in selected_outputs)
         shown = on_run_selected(runs_root, owner_of(stored, request, profile), name)
         return tuple(shown[k] for k in ("summary", "table", "scores", "grid_checkpoints", "prompts", "width",
-                                        "height", "sample_steps", "checkpoint"))
+                                        "height", "sample_steps", "checkpoint", "render_with"))
 
     @user_errors
-    def grid(stored, name, steps, seeds_, weights_, prompts_, w, h, n, request: gr.Request,
+    def pick_renderer(stored, name, choice, request: gr.Request, profile: gr.OAuthProfile | None = None):
+        if not name:
+            return gr.update()
+        run_ = open_owned_run(runs_root, owner_of(stored, request, profile), name)
+        return api.render_defaults(run_, choice)[0]
+
+    @user_errors
+    def grid(stored, name, steps, seeds_, weights_, prompts_, w, h, n, render_with_="", request: gr.Request = None,
              profile: gr.OAuthProfile | None = None, progress=gr.Progress()):
         yield from stream_grid(service, runs_root, owner_of(stored, request, profile), name,
-                               (steps, seeds_, weights_, prompts_, w, h, n), lambda f, d: progress(f, desc=d))
+                               (steps, seeds_, weights_, prompts_, w, h, n), lambda f, d: progress(f, desc=d),
+                               render_with=render_with_ or "")
 
     @user_errors
     def score(stored, name, request: gr.Request, profile: gr.OAuthProfile | None = None, progress=gr.Progress()):
@@ -273,8 +287,9 @@ def build(runs_root: Path, service: api.InferenceService, owner_state) -> Compar
     tab.select(refresh_runs, owner_state, run, api_name=False)
     refresh.click(refresh_runs, owner_state, run, api_name=False)
     run.change(select_run, [owner_state, run], selected_outputs, api_name=False)
+    render_with.input(pick_renderer, [owner_state, run, render_with], sample_steps, api_name=False)
     grid_event = render.click(grid, [owner_state, run, grid_checkpoints, seeds, weights, prompts, width, height,
-                                     sample_steps], [grid_status, grid_image, prompt_pick, grid_files, session],
+                                     sample_steps, render_with], [grid_status, grid_image, prompt_pick, grid_files, session],
                               api_name="grid", concurrency_limit=1, concurrency_id=RENDER_QUEUE)
     stop.click(None, cancels=[grid_event], api_name=False)
     prompt_pick.input(show_prompt, [session, prompt_pick], grid_image, api_name=False)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+import gradio as gr
 import numpy as np
 from PIL import Image, ImageOps
 
@@ -24,15 +25,17 @@ class Dataset:
     mask_warning: str | None = None  # the automatic mask's own warning (it is unsure), shown with the mask
 
 
-def build_dataset(image_file: str | None, mask_file: str | None, use_mask: bool, mask_model: str) -> Dataset | None:
-    """Raises UserError with a message for the page; None when nothing is uploaded."""
+def build_dataset(image_file: str | None, mask_file: str | None, use_mask: bool, mask_model: str,
+                  stage=None) -> Dataset | None:
+    """Raises UserError with a message for the page; None when nothing is uploaded. ``stage(fraction, what)``: the
+    automatic mask's progress (the page's progress bar)."""
     if not image_file:
         return None
     image = api.load_image(image_file)
     if not use_mask:
         return Dataset(image, None, "none")
     given = api.load_mask(mask_file, size=image.size) if mask_file else None
-    choice = api.choose_mask(image, given, auto=True, model=mask_model)
+    choice = api.choose_mask(image, given, auto=True, model=mask_model, stage=stage)
     return Dataset(image, choice.mask, choice.source, mask_warning=choice.warning)
 
 
@@ -82,10 +85,12 @@ def describe(dataset: Dataset) -> str:
     return "  \n".join(lines)
 
 
-def on_dataset_change(image_file, mask_file, use_mask, mask_model):
-    """Gradio handler: (dataset state, overlay image, description markdown)."""
+def on_dataset_change(image_file, mask_file, use_mask, mask_model, progress=gr.Progress()):
+    """Gradio handler: (dataset state, overlay image, description markdown). ``progress`` (Gradio fills it in) shows
+    the automatic mask's stages rather than a bare spinner, whose ETA was far below a loaded CPU's real time."""
     try:
-        dataset = build_dataset(image_file, mask_file, use_mask, mask_model)
+        dataset = build_dataset(image_file, mask_file, use_mask, mask_model,
+                                stage=lambda fraction, what: progress(fraction, desc=what))
     except UserError as err:
         return None, None, f"❌ {err}"
     if dataset is None:
@@ -183,8 +188,8 @@ def mask_summary(dataset: Dataset, resolution: int, background_weight: float) ->
     w, h = api.train_size_for(dataset.image.size, resolution)
     lines = [f"The subject covers **{100 * api.mask_coverage(dataset.mask):.0f} %** of the frame. Training size "
              f"{w}×{h} px = {w // api.TOKEN_PX}×{h // api.TOKEN_PX} tokens of {api.TOKEN_PX}×{api.TOKEN_PX} px."]
-    if dataset.mask_warning:
-        lines.append(f"⚠️ {dataset.mask_warning}")
+    # The automatic mask's own warning (unsure, or a click that found nothing) is not repeated here: ``describe``
+    # shows it under the step-1 picture, where the click that fixes it is made, and the page showed it twice.
     thin = api.thin_share(dataset.mask, (w, h))
     if thin > 0.25:
         lines.append(f"⚠️ {100 * thin:.0f} % of the subject lies in tokens it covers less than half: thin parts (hair, "

@@ -19,12 +19,34 @@ def on_preset_change(name: str):
     return cfg.rank, cfg.steps, cfg.learning_rate, cfg.save_every
 
 
-def on_plan_change(model: str, rank, steps, save_every) -> str:
+def on_plan_change(model: str, rank, steps, save_every, preset: str | None = None, prompts: str = "") -> str:
+    """Checkpoints and their size, and before Train how long it will take on a CPU (``api.time_notice``: the CLI says
+    the same), from the preset's resolution and the preview prompts."""
     try:
         cfg = api.TrainingConfig(rank=int(rank), steps=int(steps), save_every=int(save_every))
+        full, _ = api.training_config(api.RunRequest(
+            caption="[trigger]", preset=preset or api.DEFAULT_PRESET, sample_prompts=prompt_lines(prompts),
+            model=model_spec(model), overrides={"rank": cfg.rank, "steps": cfg.steps, "save_every": cfg.save_every}))
     except (UserError, TypeError, ValueError) as err:
         return f"❌ {err}"
-    return api.plan_summary(model_spec(model), cfg.rank, cfg.checkpoint_steps)
+    lines = [api.plan_summary(model_spec(model), cfg.rank, cfg.checkpoint_steps)]
+    timing = api.time_notice(full)
+    if timing:
+        lines.append(f"⏱️ {timing}")
+        if preset != api.CPU_DEMO_PRESET and any(p.name == api.CPU_DEMO_PRESET for p in api.list_presets()):
+            lines.append(f"No GPU here: the **{api.CPU_DEMO_PRESET}** preset tries the whole workflow in a few minutes.")
+    return "  \n".join(lines)
+
+
+def first_preset(presets: list[tuple[str, str]]) -> str:
+    """The preset the page starts with: the short CPU demo on a machine without a CUDA GPU, else the default."""
+    import torch
+
+    names = [value for _, value in presets]
+    wanted = api.DEFAULT_PRESET if torch.cuda.is_available() else api.CPU_DEMO_PRESET
+    if wanted not in names:
+        wanted = api.DEFAULT_PRESET
+    return wanted if wanted in names else names[0]
 
 
 def model_spec(choice: str) -> str:
@@ -77,6 +99,23 @@ def memory_tier_notice(choice: str, model: str = "") -> str:
     except UserError as err:
         return f"⚠️ {err}"
     return f"ℹ️ {picked.reason}"
+
+
+def preview_model_options(model: str) -> dict:
+    """The "previews drawn by" choice for this model: the base model being trained, or its family's distilled
+    model (klein). Hidden, and empty, for a family without one."""
+    try:
+        family = api.family_of_spec(model_spec(model))
+    except UserError:
+        family = None
+    if family is None or family.distilled_render is None:
+        return dict(choices=[("the base model being trained", "")], value="", visible=False)
+    steps, guidance = family.distilled_render
+    return dict(choices=[(f"the base model being trained ({family.preview_steps} steps, guidance "
+                          f"{family.preview_guidance:g})", ""),
+                         (f"{family.distilled_hub_id} — the distilled model ({steps} steps, guidance {guidance:g}; "
+                          "downloaded like the base model)", family.distilled_hub_id)],
+                value="", visible=True)
 
 
 def gpus_choices(max_gpus: int) -> list[int]:

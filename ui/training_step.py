@@ -38,7 +38,7 @@ class TrainingController:
     def start(self, owner: str, dataset, caption: str, trigger: str, prompts: str, preset: str, rank, steps,
               learning_rate, save_every, model: str, token: str | None = None,
               loss_settings: dict | None = None, memory_tier: str = "auto",
-              gpus: int = 1, backgrounds=()) -> str:
+              gpus: int = 1, backgrounds=(), preview_model: str = "") -> str:
         """Create the run folder and queue the job. Returns a message for the page. ``rank``, ``steps``,
         ``learning_rate`` and ``save_every`` override the preset's; None keeps the preset's value. ``backgrounds``:
         paths of the user's own photos for background augmentation."""
@@ -56,7 +56,7 @@ class TrainingController:
         config, _ = api.training_config(api.RunRequest(
             caption=caption, preset=preset, trigger=trigger or "", sample_prompts=prompt_lines(prompts),
             model=model_spec(model), masked=dataset.mask is not None,
-            overrides={**overrides, "memory_tier": memory_tier or "auto",
+            overrides={**overrides, "memory_tier": memory_tier or "auto", "preview_model": (preview_model or "").strip(),
                        **(loss_settings or {})}))  # the mask step's background weight / normalise / unmasked / augmentation
         gpus = _whole(1 if gpus is None else gpus, "GPUs")  # N > 1: data parallel, batch 1 each, lr x sqrt(N)
         if gpus != 1 and not 1 <= gpus <= self.manager.max_gpus:

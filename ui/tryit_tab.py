@@ -37,13 +37,15 @@ def run_defaults(runs_root: Path, owner: str, name: str) -> dict[str, Any]:
     """What picking a run fills in: its checkpoints, its caption, training size and preview settings."""
     run = open_owned_run(runs_root, owner, name)
     width, height = run.train_size or (run.config.resolution, run.config.resolution)
+    render_with = api.default_render_model(run)  # what drew its previews: the same images come back
+    steps, guidance = api.render_defaults(run, render_with)
     return {"checkpoint": checkpoint_choices_update(runs_root, owner, name), "prompt": run.config.training_caption,
-            "width": width, "height": height, "steps": run.config.preview_steps,
-            "guidance": run.config.preview_guidance}
+            "width": width, "height": height, "steps": steps, "guidance": guidance,
+            "render_with": gr.update(choices=api.render_options(run), value=render_with)}
 
 
 def generate(service: api.InferenceService, runs_root: Path, owner: str, name: str, step, weight: float, prompt: str,
-             seed, width, height, steps, guidance):
+             seed, width, height, steps, guidance, render_with: str = ""):
     """(LoRA image, base image, caption line) for the chosen checkpoint and weight."""
     run = open_owned_run(runs_root, owner, name)
     if step in (None, ""):
@@ -57,7 +59,7 @@ def generate(service: api.InferenceService, runs_root: Path, owner: str, name: s
     settings = api.RenderSettings(width=int(width), height=int(height), steps=int(steps), guidance=float(guidance),
                               max_text_tokens=run.config.max_text_tokens)
     prompt = api.fill_trigger(prompt, run.config.trigger)
-    engine = service.get(api.base_model_folder(run))
+    engine = service.get(api.render_model_folder(run, render_with))
     with engine.lock:  # both images from one uninterrupted turn on the pipeline
         lora_image = engine.render(prompt, int(seed), settings, checkpoint, weight)
         base_image = engine.render(prompt, int(seed), settings)
@@ -77,6 +79,7 @@ class TryItTab:
     steps: Any
     guidance: Any
     status: Any
+    render_with: Any = None
 
 
 def build(runs_root: Path, service: api.InferenceService, owner_state) -> TryItTab:
@@ -96,6 +99,10 @@ def build(runs_root: Path, service: api.InferenceService, owner_state) -> TryItT
             height = gr.Number(value=512, label="Height", precision=0, step=16)
             steps = gr.Number(value=20, label="Steps", precision=0, minimum=1, maximum=200)
             guidance = gr.Number(value=3.5, label="Guidance")
+        render_with = gr.Dropdown(label="Render with", choices=[("the run's base model", "")], value="",
+                                  allow_custom_value=True, elem_id="tryit-render-with",
+                                  info="klein: its distilled model (4 steps, guidance 1) is where a LoRA trained on "
+                                       "the base model is used; the right-hand image is then that model without it")
         go = gr.Button("Generate", variant="primary", elem_id="tryit-generate")
         status = gr.Markdown("")
         with gr.Row():
@@ -112,39 +119,47 @@ def build(runs_root: Path, service: api.InferenceService, owner_state) -> TryItT
     @user_errors
     def pick_run(stored, name, request: gr.Request, profile: gr.OAuthProfile | None = None):
         if not name:
-            return tuple(gr.update() for _ in range(6))
+            return tuple(gr.update() for _ in range(7))
         d = run_defaults(runs_root, owner_of(stored, request, profile), name)
-        return d["checkpoint"], d["prompt"], d["width"], d["height"], d["steps"], d["guidance"]
+        return d["checkpoint"], d["prompt"], d["width"], d["height"], d["steps"], d["guidance"], d["render_with"]
 
     @user_errors
-    def make(stored, name, step, weight_, prompt_, seed_, w, h, n, g, request: gr.Request,
+    def pick_renderer(stored, name, choice, request: gr.Request, profile: gr.OAuthProfile | None = None):
+        if not name:
+            return gr.update(), gr.update()
+        return api.render_defaults(open_owned_run(runs_root, owner_of(stored, request, profile), name), choice)
+
+    @user_errors
+    def make(stored, name, step, weight_, prompt_, seed_, w, h, n, g, render_with_="", request: gr.Request = None,
              profile: gr.OAuthProfile | None = None, progress=gr.Progress()):
-        progress(0.1, desc="Rendering (the first render loads the base model)")
+        progress(0.1, desc="Rendering (the first render loads the model)")
         return generate(service, runs_root, owner_of(stored, request, profile), name, step, weight_, prompt_, seed_,
-                        w, h, n, g)
+                        w, h, n, g, render_with_ or "")
 
     @user_errors
     def fill_first_time(stored, name, step, request: gr.Request, profile: gr.OAuthProfile | None = None):
         if step not in (None, ""):  # already chosen (by hand or by a grid click): keep it
-            return tuple(gr.update() for _ in range(6))
+            return tuple(gr.update() for _ in range(7))
         return pick_run(stored, name, request, profile)
 
     # .input, not .change: a grid click sets the run programmatically and must not reset its settings.
     tab.select(refresh_runs, [owner_state, run], run, api_name=False).then(
-        fill_first_time, [owner_state, run, checkpoint], [checkpoint, prompt, width, height, steps, guidance],
-        api_name=False)
+        fill_first_time, [owner_state, run, checkpoint], [checkpoint, prompt, width, height, steps, guidance,
+                                                           render_with], api_name=False)
     refresh.click(refresh_runs, [owner_state, run], run, api_name=False)
-    run.input(pick_run, [owner_state, run], [checkpoint, prompt, width, height, steps, guidance], api_name=False)
-    go.click(make, [owner_state, run, checkpoint, weight, prompt, seed, width, height, steps, guidance],
+    run.input(pick_run, [owner_state, run], [checkpoint, prompt, width, height, steps, guidance, render_with],
+              api_name=False)
+    render_with.input(pick_renderer, [owner_state, run, render_with], [steps, guidance], api_name=False)
+    go.click(make, [owner_state, run, checkpoint, weight, prompt, seed, width, height, steps, guidance, render_with],
              [lora_image, base_image, status], api_name="try_it", concurrency_limit=1, concurrency_id=RENDER_QUEUE)
     return TryItTab(tab=tab, run=run, checkpoint=checkpoint, weight=weight, prompt=prompt, seed=seed, width=width,
-                    height=height, steps=steps, guidance=guidance, status=status)
+                    height=height, steps=steps, guidance=guidance, status=status, render_with=render_with)
 
 
 def connect_to_compare(compare: CompareTab, tryit: TryItTab, tabs) -> None:
     """Clicking a grid cell opens that checkpoint, weight, prompt and seed in the Try it tab."""
     outputs = [tabs, tryit.run, tryit.checkpoint, tryit.weight, tryit.prompt, tryit.seed, tryit.width, tryit.height,
-               tryit.steps, tryit.guidance, tryit.status]
+               tryit.steps, tryit.guidance, tryit.render_with, tryit.status]
 
     @user_errors
     def on_click(stored, session, index, evt: gr.SelectData, request: gr.Request,
@@ -160,6 +175,8 @@ def connect_to_compare(compare: CompareTab, tryit: TryItTab, tabs) -> None:
                 checkpoint_choices_update(compare.runs_root, owner, cell["run"], step),
                 cell["weight"] if step else 0.0, cell["prompt"], cell["seed"], cell["width"], cell["height"],
                 cell["steps"], cell["guidance"],
+                gr.update(choices=api.render_options(open_owned_run(compare.runs_root, owner, cell["run"])),
+                          value=session.render_with),
                 f"Opened from the grid: {f'step {step}' if step else 'the base model (weight 0)'}, seed {cell['seed']}.")
 
     compare.grid_image.select(on_click, [compare.owner_state, compare.session, compare.prompt_pick], outputs,

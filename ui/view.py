@@ -53,6 +53,8 @@ class RunView:
             self.checkpoints.append((event.step, str(event.path), event.size_bytes))
         elif isinstance(event, PreviewsRendered):
             name = "base model (step 0)" if event.step == 0 else f"step {event.step}"
+            if event.rendered_with:  # a preview model drew them: say which, or they look like the base model's
+                name = ("no LoRA yet (step 0)" if event.step == 0 else name) + f" · {event.rendered_with}"
             for p in event.previews:
                 self.previews.append((str(p.path), f"{name} · {p.prompt}"))
         elif isinstance(event, Finished):

@@ -29,9 +29,10 @@ class MaskChoice:
 
 
 def choose_mask(image: Image.Image, given: Image.Image | None = None, auto: bool = True, model: str = "u2netp",
-                point: tuple[float, float] | None = None) -> MaskChoice:
+                point: tuple[float, float] | None = None, stage=None) -> MaskChoice:
     """``given``: the user's own mask (already sized to the image); ``auto``: make one when neither it nor the image's
-    transparency is there; ``point`` (x, y): a pixel on the subject, for the automatic mask."""
+    transparency is there; ``point`` (x, y): a pixel on the subject, for the automatic mask; ``stage(fraction, what)``:
+    the automatic mask's progress (see ``auto_mask_result``)."""
     source: MaskSource
     warning = None
     if given is not None:
@@ -41,7 +42,7 @@ def choose_mask(image: Image.Image, given: Image.Image | None = None, auto: bool
         if mask is None and auto:
             from trainer.dataset.masking import auto_mask, mask_warning
 
-            mask, source = auto_mask(image, model=model, point=point), "automatic"
+            mask, source = auto_mask(image, model=model, point=point, stage=stage), "automatic"
             warning = mask_warning(mask)
     if mask is None or mask_coverage(mask) >= FULL_FRAME:
         return MaskChoice(None, "none")

@@ -87,6 +87,10 @@ class ModelFamily(ABC):
     quantizable_layer: ClassVar[re.Pattern]  # Linear layers a memory tier may store in fp8/NF4 (inside the blocks)
     kohya: ClassVar[KohyaLayout]
     max_text_tokens: ClassVar[int]  # the most text tokens its text encoder is read to
+    # (steps, guidance) of the family's distilled model, which can draw a job's previews and render in Compare /
+    # Try it (trainer/training/preview_model.py); None where the family has none to offer.
+    distilled_render: ClassVar[tuple[int, float] | None] = None
+    distilled_hub_id: ClassVar[str | None] = None
     tiers_dir: ClassVar[str] = "presets/memory"  # its GPU memory tiers (trainer.model.tiers), relative to the project
 
     def keeps_full_precision(self, name: str, layer) -> bool:

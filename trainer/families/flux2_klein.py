@@ -44,7 +44,8 @@ class Flux2Klein(ModelFamily):
     usage_steps, usage_guidance = 50, 4.0
     download_gb = 16.0
     download_notice = ("It downloads about 16 GB once (transformer 7.8 GB, Qwen3-4B text encoder 8 GB, VAE), needs "
-                       "about 20 GB of host memory while loading, and trains in bf16 on a GPU with 16 GB or more.")
+                       "about 20 GB of host memory while loading, and trains on a GPU with 12 GB or more (fp8 weights on 12 GB, "
+                       "bf16 from 16 GB; measured on an H200 under those caps).")
 
     pipeline_classes = ("Flux2KleinPipeline",)
     transformer_class_name = "Flux2Transformer2DModel"
@@ -101,8 +102,9 @@ class Flux2Klein(ModelFamily):
     )
     max_text_tokens = 512
     tiers_dir = "presets/memory/flux2-klein"  # a third of FLUX.1's size: bf16 fits cards FLUX.1 needs fp8 on
-    preview_steps = 50  # the base model's own default; the distilled model renders in 4 (render_defaults)
+    preview_steps = 50  # the base model's own default; the distilled model renders in 4 (distilled_render)
     preview_guidance = 4.0
+    distilled_render = (4, 1.0)  # the distilled model's own settings (Flux2KleinPipeline, is_distilled=True)
 
     # ---- classes
     def pipeline_class(self) -> type:

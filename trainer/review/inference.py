@@ -23,7 +23,7 @@ from PIL import Image
 
 from trainer.training.encode import PromptEmbedding, encode_prompts
 from trainer.errors import UserError
-from trainer.families import family_of_folder, family_of_metadata
+from trainer.families import family_of_folder, family_of_metadata, family_of_spec
 from trainer.model.weights import load_lora
 from trainer.model.tiers import AUTO, choose_tier
 from trainer.model.loading import ModelParts, is_tiny_demo, load_parts, pick_device, place_transformer, resolve_model
@@ -57,6 +57,46 @@ def base_model_folder(run, token: str | None = None) -> Path:
     if run.model_path and Path(run.model_path).is_dir():
         return Path(run.model_path)
     return resolve_model(run.model, token)
+
+
+def render_options(run) -> list[tuple[str, str]]:
+    """The models a run's checkpoints can render with: its base model, and its family's distilled model (klein),
+    or the preview model the run was previewed with. (label, model spec); "" is the base model."""
+    family = family_of_spec(run.model)
+    options = [(f"the run's base model ({run.config.preview_steps} steps, guidance {run.config.preview_guidance:g})",
+                "")]
+    if family.distilled_render is not None:
+        steps, guidance = family.distilled_render
+        for spec in dict.fromkeys(s for s in (run.config.preview_model, family.distilled_hub_id) if s):
+            options.append((f"{Path(spec).name} — distilled ({steps} steps, guidance {guidance:g})", spec))
+    return options
+
+
+def default_render_model(run) -> str:
+    """What the run's previews were drawn by (its preview model, or "" for the base model)."""
+    return run.config.preview_model or ""
+
+
+def render_defaults(run, render_with: str) -> tuple[int, float]:
+    """(steps, guidance) to render with ``render_with``: the distilled model's own, or the run's preview settings."""
+    family = family_of_spec(run.model)
+    if (render_with or "").strip() and family.distilled_render is not None:
+        return family.distilled_render
+    return run.config.preview_steps, run.config.preview_guidance
+
+
+def render_model_folder(run, render_with: str = "", token: str | None = None) -> Path:
+    """The folder of the model that renders a run's checkpoints: its base model, or (``render_with``) another model
+    of the same family — klein's distilled model, where a base-trained LoRA is used."""
+    spec = (render_with or "").strip()
+    if not spec:
+        return base_model_folder(run, token)
+    folder = resolve_model(spec, token)
+    family, trained_on = family_of_folder(folder), family_of_spec(run.model)
+    if family is not trained_on:
+        raise UserError(f"'{folder.name}' is {family.label}; this run was trained on {trained_on.label}. Render it "
+                        f"with a {trained_on.label} model.")
+    return folder
 
 
 class LoraPipeline:
@@ -146,12 +186,20 @@ class LoraPipeline:
         that widen layers reads every targeted Linear's weight as a 2-D matrix (an NF4-stored layer keeps its codes
         packed in one dimension, so the 12 GB tier could load no LoRA), and its text-encoder part (prompts are
         encoded without a LoRA and cached). ``lora_state_dict`` still converts kohya / other trainers' keys."""
-        state_dict, alphas, metadata = self.pipe.lora_state_dict(str(lora), return_alphas=True,
-                                                                 return_lora_metadata=True)
+        import inspect
+
+        # FLUX.1's loader returns and takes kohya network alphas; FLUX.2's folds them in (no alphas argument).
+        with_alphas = "network_alphas" in inspect.signature(self.pipe.load_lora_into_transformer).parameters
+        if with_alphas:
+            state_dict, alphas, metadata = self.pipe.lora_state_dict(str(lora), return_alphas=True,
+                                                                     return_lora_metadata=True)
+        else:
+            (state_dict, metadata), alphas = self.pipe.lora_state_dict(str(lora), return_lora_metadata=True), None
         if not any("lora" in key for key in state_dict):
             raise ValueError("the file holds no LoRA weights")
-        self.pipe.load_lora_into_transformer(state_dict, network_alphas=alphas, transformer=self.pipe.transformer,
-                                             adapter_name=name, metadata=metadata, _pipeline=self.pipe)
+        extra = dict(network_alphas=alphas) if with_alphas else {}
+        self.pipe.load_lora_into_transformer(state_dict, transformer=self.pipe.transformer, adapter_name=name,
+                                             metadata=metadata, _pipeline=self.pipe, **extra)
 
     def use(self, lora: Path | None, weight: float = 1.0) -> None:
         """Make the next render use ``lora`` at ``weight``; ``None`` renders the base model."""

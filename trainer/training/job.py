@@ -14,6 +14,7 @@ import gc
 import logging
 import traceback
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
@@ -34,6 +35,7 @@ from trainer.families import family_of_folder
 from trainer.model.tiers import choose_tier
 from trainer.model.loading import is_tiny_demo, load_parts, pick_device, place_transformer, resolve_model
 from trainer.runs.folder import RunFolder
+from trainer.training.preview_model import check_preview_folder, load_preview_model
 from trainer.training.previews import PreviewRenderer
 
 log = logging.getLogger(__name__)
@@ -160,6 +162,7 @@ def _job(run: RunFolder, should_stop, token, resume: bool, dist: DistributedCont
         yield from _saved_so_far(run)
     yield Status(f"Resolving model {cfg.model}")
     folder = resolve_model(cfg.model, token)  # every hub/token/folder problem surfaces here, before the GPU is touched
+    preview_folder = _resolve_preview_model(cfg, folder, token)
     remaining = [s for s in cfg.checkpoint_steps if s > where.last_step]
     diskspace.check_before_start(run.path, _save_bytes_estimate(cfg, str(folder)), len(remaining))
     target = torch.device(device) if device else dist.device if dist.enabled else pick_device()[0]
@@ -172,7 +175,19 @@ def _job(run: RunFolder, should_stop, token, resume: bool, dist: DistributedCont
     yield Status("Loading model")
     # The transformer stays in host memory until the text encoders have run and left the GPU (memory tiers).
     parts = load_parts(folder, device=target, transformer_on_device=False)
-    yield from train_with_parts(parts, run, tier, should_stop, resume=point, dist=dist)
+    yield from train_with_parts(parts, run, tier, should_stop, resume=point, dist=dist, preview_folder=preview_folder)
+
+
+def _resolve_preview_model(cfg, folder: Path, token: str | None) -> Path | None:
+    """The preview model's folder (downloaded like the base model), checked against the model being trained."""
+    if not cfg.preview_model:
+        return None
+    family = family_of_folder(folder)
+    if family.distilled_render is None:
+        raise UserError(f"{family.label} has no distilled model to draw the previews; leave the preview model empty.")
+    preview_folder = resolve_model(cfg.preview_model, token)
+    check_preview_folder(preview_folder, folder)
+    return preview_folder
 
 
 def _device_labels(target: torch.device, dist: DistributedContext) -> tuple[str, ...]:
@@ -184,7 +199,7 @@ def _device_labels(target: torch.device, dist: DistributedContext) -> tuple[str,
 
 def train_with_parts(parts, run: RunFolder, tier, should_stop: Callable[[], bool] = lambda: False,
                      resume: "lifecycle.ResumePoint | None" = None,
-                     dist: DistributedContext | None = None) -> Iterator[Event]:
+                     dist: DistributedContext | None = None, preview_folder: Path | None = None) -> Iterator[Event]:
     """The job once the parts are loaded (transformer still in host memory): encode the set's images and prompts once,
     free the encoders, place the transformer as ``tier`` says, train. ``bench/tier_bench.py`` runs this same code on
     full-size parts built in code, under each tier's memory cap."""
@@ -206,7 +221,11 @@ def train_with_parts(parts, run: RunFolder, tier, should_stop: Callable[[], bool
     yield Status(_placing_message(tier.weights))
     place_transformer(parts, tier.weights, tier.gradient_checkpointing, tier.lean_previews)
     gc.collect()
-    renderer = PreviewRenderer(parts, prompts)
+    preview_model = None
+    if preview_folder is not None:
+        preview_model, message = load_preview_model(parts, preview_folder, cfg, tier)
+        yield Status(message)
+    renderer = PreviewRenderer(parts, prompts, preview_model)
     gpus = dist.world_size if dist is not None else 1
     yield Started(run_dir=run.path, total_steps=cfg.steps, checkpoint_steps=tuple(cfg.checkpoint_steps),
                   train_width=run.train_size[0], train_height=run.train_size[1], images=len(items),

@@ -1,9 +1,13 @@
 """Render preview images with the transformer already in memory, LoRA active, from cached embeddings.
 
 No reload and no text encoders: the prompts were encoded once before training. The same seed is used for
-every checkpoint so the previews of one prompt differ only by what the LoRA learned.
+every checkpoint so the previews of one prompt differ only by what the LoRA learned. With a preview model
+(``trainer.training.preview_model``: klein's distilled model) the images come from it, the training LoRA's
+weights copied in first, at its own steps and guidance.
 """
 from __future__ import annotations
+
+import dataclasses
 
 from typing import Callable
 
@@ -15,14 +19,25 @@ from trainer.training.accel.graphs import preview_autocast
 
 
 class PreviewRenderer:
-    def __init__(self, parts, prompts: dict[str, PromptEmbedding]):
+    def __init__(self, parts, prompts: dict[str, PromptEmbedding], preview_model=None):
         self._prompts = prompts
         # A pipeline of the parts already loaded: no text encoders (embeddings are cached), same transformer.
         self._family = parts.family
-        self._pipe = self._family.pipeline_for(parts, text_encoders=False)
+        self._training_transformer = parts.transformer
+        self._preview_model = preview_model
+        if preview_model is not None:
+            parts_for_pipe = dataclasses.replace(parts, transformer=preview_model.transformer)
+        else:
+            parts_for_pipe = parts
+        self._pipe = self._family.pipeline_for(parts_for_pipe, text_encoders=False)
         self._parts = parts
         self._device = parts.device
         self._dtype = parts.dtype
+
+    @property
+    def rendered_with(self) -> str:
+        """Which model draws the previews, as the page says it."""
+        return self._preview_model.label if self._preview_model is not None else "the base model"
 
     def render(self, prompt: str, seed: int, width: int, height: int, steps: int, guidance: float,
                should_stop: Callable[[], bool] = lambda: False) -> Image.Image | None:
@@ -54,6 +69,9 @@ class PreviewRenderer:
         """
         embeddings = [self._prompts[p] for p in prompts]
         stopped = False
+        if self._preview_model is not None:  # its own sampler settings, the LoRA as trained so far
+            steps, guidance = self._preview_model.steps, self._preview_model.guidance
+            self._preview_model.sync_lora(self._training_transformer)
 
         def check_stop(pipe, step, timestep, callback_kwargs):
             nonlocal stopped

@@ -8,6 +8,8 @@ prediction. Everything here needs a loaded model
 
 from __future__ import annotations
 
+from typing import Callable
+
 import cv2
 import numpy as np
 from PIL import Image
@@ -49,7 +51,12 @@ def _run_u2net(sess, rgb: np.ndarray, side: int, flip: bool) -> np.ndarray:
     return np.ascontiguousarray(out[:, ::-1] if flip else out)
 
 
-def network_maps(rgb: np.ndarray, model: str = DEFAULT_MODEL, *, tta: bool = True) -> list[tuple[np.ndarray, float]]:
+# ``progress(done, total)``: called after each network pass (the page shows it; see ``auto_mask_result``).
+Progress = Callable[[int, int], None]
+
+
+def network_maps(rgb: np.ndarray, model: str = DEFAULT_MODEL, *, tta: bool = True,
+                 progress: Progress | None = None) -> list[tuple[np.ndarray, float]]:
     """The network's soft masks of ``rgb`` (HxWx3 uint8) at the working resolution, float32 in [0, 1], each
     with its weight: one per TTA member (for models with TTA and ``tta``), else the single rembg prediction."""
     sess = _get_session(model)
@@ -57,19 +64,29 @@ def network_maps(rgb: np.ndarray, model: str = DEFAULT_MODEL, *, tta: bool = Tru
     members = _TTA.get(model) if tta else None
     free = _free_session(model) if members else None
     if free is None:
-        return [(cv2.resize(_predict(sess, model, rgb), (w, h), interpolation=cv2.INTER_LINEAR), 1.0)]
-    out = []
+        out = [(cv2.resize(_predict(sess, model, rgb), (w, h), interpolation=cv2.INTER_LINEAR), 1.0)]
+        if progress:
+            progress(1, 1)
+        return out
+    flips = (False, True) if _TTA_FLIP else (False,)
+    out, total = [], len(members) * len(flips)
     for side, weight in members:
-        flips = (False, True) if _TTA_FLIP else (False,)
         for flip in flips:
             m = np.clip(_run_u2net(free, rgb, side, flip), 0.0, 1.0)
             out.append((cv2.resize(m, (w, h), interpolation=cv2.INTER_LINEAR), weight / len(flips)))
+            if progress:
+                progress(len(out), total)
     return out
 
 
-def network_mask(rgb: np.ndarray, model: str = DEFAULT_MODEL, *, tta: bool = True) -> np.ndarray:
+def network_mask(rgb: np.ndarray, model: str = DEFAULT_MODEL, *, tta: bool = True,
+                 progress: Progress | None = None) -> np.ndarray:
     """The network's soft mask of ``rgb`` (HxWx3 uint8), float32 in [0, 1], at the working resolution
     (longest side <= 512, aspect kept): the weighted mean of the TTA members (see ``network_maps``)."""
-    maps = network_maps(rgb, model, tta=tta)
+    return fuse(network_maps(rgb, model, tta=tta, progress=progress))
+
+
+def fuse(maps: list[tuple[np.ndarray, float]]) -> np.ndarray:
+    """The weighted mean of ``network_maps``' members, float32."""
     total = sum(wt for _, wt in maps)
     return (sum(m * wt for m, wt in maps) / total).astype(np.float32)

@@ -135,3 +135,29 @@ def _free_session(model: str):
                 sess = None
         _FREE_SESSIONS[model] = sess
         return sess
+
+
+def is_loaded(model: str) -> bool:
+    """Whether ``model``'s session is loaded already (the first mask of a process pays for loading it)."""
+    return model in _SESSIONS
+
+
+def warm_up(model: str = DEFAULT_MODEL) -> threading.Thread:
+    """Load ``model`` (rembg's import, both sessions, one small pass) in a background thread, so that the first
+    upload does not pay for it: the app calls this at start-up. A failure is left for the first mask to report
+    (as a ``UserError`` the user sees), so the thread swallows it. Returns the (daemon) thread."""
+
+    def load() -> None:
+        try:
+            import numpy as np
+
+            free = _free_session(model)  # loads the rembg session first
+            if free is not None:  # onnxruntime's first run allocates and plans: pay for it here too
+                free.run(None, {free.get_inputs()[0].name: np.zeros((1, 3, 320, 320), np.float32)})
+        except Exception:  # noqa: BLE001 - reported by the first real mask instead
+            pass
+
+    thread = threading.Thread(target=load, name=f"warm-up {model}", daemon=True)
+    thread.start()
+    return thread
+

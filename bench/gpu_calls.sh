@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The device calls of 2026-12-03 (issues 12 and 13), one per argument, each within one 600 s device call:
+#   bash bench/gpu_calls.sh steps COMMIT   FLUX.1 baseline vs shipped (after the refactor) + klein step figures
+#   bash bench/gpu_calls.sh jobs COMMIT    klein 500-step job with previews, klein memory tiers as whole jobs,
+#                                          FLUX.1 through diffusers' attention dispatcher
+# Wheels the GPU image lacks travel in .whl/ (carry it); results land in $OUT.
+set -u
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}; C=${2:-unknown}
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+case "$1" in
+steps)
+  timeout 250 python3 bench/flux_bench.py --out-dir "$OUT" --commit "$C" --tag=-after-refactor \
+    --plan baseline@nockpt,compile+graph@nockpt --ranks 16 --resolutions 512 --budget-s 230 2>&1 | tail -6
+  timeout 330 python3 bench/flux_bench.py --family flux2-klein --out-dir "$OUT" --commit "$C" \
+    --plan baseline@nockpt,floor,compile+graph@nockpt,preview-compile:3,compile+graph@ckpt@512 --ranks 16 \
+    --resolutions 512 1024 --budget-s 310 2>&1 | tail -14 ;;
+jobs)
+  timeout 200 python3 bench/flux_bench.py --family flux2-klein --out-dir "$OUT" --commit "$C" --tag=-job \
+    --plan run:500:50 --ranks 16 --resolutions 512 --budget-s 190 2>&1 | tail -4
+  timeout 380 python3 bench/tier_bench.py --family flux2-klein --tiers full,24gb,16gb,12gb --steps 40 --save-every 20 \
+    --commit "$C" --out "$OUT/$(date +%F)-h200-flux2-klein-tiers.json" 2>&1 | cut -c1-600 ;;
+esac
+case "$1" in
+flux1)
+  timeout 280 python3 bench/flux_bench.py --out-dir "$OUT" --commit "$C" --tag=-after-refactor \
+    --plan baseline@nockpt,compile+graph@nockpt --ranks 16 --resolutions 512 --budget-s 260 2>&1 | tail -6
+  ONE_IMAGE_LORA_ATTENTION=flash DIFFUSERS_ATTN_BACKEND=_native_cudnn timeout 250 python3 bench/flux_bench.py \
+    --out-dir "$OUT" --commit "$C" --tag=-after-refactor-dispatcher --plan compile+graph@nockpt --ranks 16 \
+    --resolutions 512 --budget-s 230 2>&1 | tail -4 ;;
+esac

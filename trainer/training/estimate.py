@@ -1,0 +1,52 @@
+"""How long a job will take, said before Train: from figures measured on a CPU, never a guess presented as a fact.
+
+A new user found nothing warned that tiny-demo's default preset (400 steps) takes about an hour on a 2-core CPU.
+Before Train, the page (step 4's plan) and ``python -m trainer train`` say "≈ N min" for a tiny model on a machine
+without a CUDA GPU, from the figures below, measured on this project's 2-core x86_64 CPU (shared with other work, load
+~4) on 2026-12-03 with ``python -m trainer train --model tiny-demo --preset cpu-demo-40`` (timestamped output). They are
+that machine's figures, not this one's: the words say so. Nothing is said for a GPU or a full-size model (no figure is
+kept for them here; the page shows the measured speed once training runs).
+
+The estimate: setup (loading, encoding, mask variants) + steps x seconds per step + preview rounds (step 0 and every
+checkpoint) x prompts x denoising steps x seconds per denoising step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from trainer.config import TrainingConfig
+
+
+@dataclass(frozen=True)
+class CpuFigures:
+    """Measured seconds for a tiny model on the reference CPU, at 512 px (the cost of a step scales with the tokens)."""
+    setup_s: float
+    step_s: float  # one training step (forward, backward, AdamW) at 512x512
+    denoise_s: float  # one denoising step of one preview image at 512x512
+    machine: str
+
+
+# Measured 2026-12-03 (see the module's docstring): setup = model load + encoding (27 s); a step 2.8-3.3 s at load
+# 4-7 (6.6 s while tests also ran); a step-0 or checkpoint preview round of 1 prompt x 4 denoising steps 14.1-14.5 s
+# (text encoding and VAE decoding included, so per denoising step 3.6 s). The new user's figures (400 steps ~1 hour,
+# quick-test 18 min) were on a busier machine: the notice says whose figures these are.
+TINY_CPU = CpuFigures(setup_s=27.0, step_s=3.0, denoise_s=3.6, machine="a 2-core x86_64 CPU, shared (load 4-7)")
+
+
+def minutes(config: TrainingConfig, figures: CpuFigures = TINY_CPU) -> float:
+    """The estimated minutes of a job with ``config`` on the reference CPU."""
+    scale = (config.resolution / 512) ** 2  # tokens, hence the work of a step, grow with the area
+    rounds = len(config.checkpoint_steps) + (1 if config.preview_at_start else 0)
+    previews = rounds * len(config.preview_prompts) * config.preview_steps * figures.denoise_s * scale
+    return (figures.setup_s + config.steps * figures.step_s * scale + previews) / 60.0
+
+
+def cpu_time_notice(config: TrainingConfig, tiny: bool, cuda: bool) -> str:
+    """"≈ N min" for a tiny model trained on the CPU (no CUDA GPU), saying what the figure is; "" otherwise."""
+    if cuda or not tiny:
+        return ""
+    n = minutes(config)
+    when = f"≈ {n:.0f} min" if n >= 1.5 else "≈ 1 min"
+    return (f"{when} on this machine without a GPU ({config.steps} steps, estimated from steps and previews timed on "
+            f"{TINY_CPU.machine}; a faster or idle CPU takes less).")
