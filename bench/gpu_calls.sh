@@ -30,3 +30,10 @@ flux1)
     --out-dir "$OUT" --commit "$C" --tag=-after-refactor-dispatcher --plan compile+graph@nockpt --ranks 16 \
     --resolutions 512 --budget-s 230 2>&1 | tail -4 ;;
 esac
+case "$1" in
+sets)  # issue 14: one picture vs a set of 4 of different shapes, the same job otherwise (full tier, FLUX.1-dev)
+  timeout 285 python3 bench/tier_bench.py --tiers full --steps 40 --save-every 40 --images 1 \
+    --commit "$C" --out "$OUT/$(date +%F)-h200-set-1-image.json" 2>&1 | cut -c1-500
+  timeout 285 python3 bench/tier_bench.py --tiers full --steps 40 --save-every 40 --images 4 \
+    --commit "$C" --out "$OUT/$(date +%F)-h200-set-4-images.json" 2>&1 | cut -c1-500 ;;
+esac

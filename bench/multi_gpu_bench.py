@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.flux_bench import DEV  # noqa: E402  the FLUX.1-dev transformer config
 from trainer.training import distributed  # noqa: E402
+from trainer.training.schedule import scaled_learning_rate  # noqa: E402
 from trainer.config import TrainingConfig  # noqa: E402
 from trainer.training.encode import EncodedExample, PromptEmbedding
 from trainer.dataset.prepare import latent_weights  # noqa: E402
@@ -73,7 +74,7 @@ def main() -> None:
     ctx.broadcast_parameters(params)
     transformer.train()
     model = transformer if args.mode == "flat" else ctx.data_parallel(transformer, compress_bf16=args.mode == "ddp-bf16")
-    optimizer = torch.optim.AdamW(params, lr=distributed.scaled_learning_rate(cfg.learning_rate, ctx.world_size),
+    optimizer = torch.optim.AdamW(params, lr=scaled_learning_rate(cfg.learning_rate, ctx.world_size),
                                   weight_decay=cfg.weight_decay, fused=True)
     generator = torch.Generator(device=device).manual_seed(ctx.noise_seed(cfg.seed))
     example = synthetic_example(device)

@@ -138,7 +138,7 @@ def build_klein_parts(device: torch.device, dtype: torch.dtype, tiny: bool):
 
 
 def run_tier(tier_name: str, steps: int, save_every: int, rank: int, resolution: int, tiny: bool,
-             checkpointing: bool | None = None, family_name: str = "flux1") -> dict:
+             checkpointing: bool | None = None, family_name: str = "flux1", images: int = 1) -> dict:
     from trainer.config import TrainingConfig
     from trainer.events import CheckpointSaved, Failed, Finished, PreviewsRendered, Progress, Started, Status
     from trainer.families import family_named
@@ -190,7 +190,16 @@ def run_tier(tier_name: str, steps: int, save_every: int, rank: int, resolution:
                          # klein: previews as the distilled model renders them (4 steps, guidance 1)
                          preview_steps=4 if tiny or family.name != "flux1" else 20,
                          **({} if family.name == "flux1" else dict(preview_guidance=1.0)))
-    run = RunFolder.create(Path(tempfile.mkdtemp()), cfg, image, mask)
+    if images == 1:
+        run = RunFolder.create(Path(tempfile.mkdtemp()), cfg, image, mask)
+    else:  # a set (issue 14): the practitioners' 4 shapes (1024x1024, 512x1024, 384x1024, 768x1024), cycled
+        from trainer.dataset.imageset import SetImage
+
+        shapes = [(1024, 1024), (512, 1024), (384, 1024), (768, 1024)]
+        items = [SetImage(f"image-{i}.png", image.resize(shapes[i % 4]), mask.resize(shapes[i % 4]), "")
+                 for i in range(images)]
+        run = RunFolder.create_set_at(Path(tempfile.mkdtemp()) / "run", cfg, items)
+    row["images"] = images
 
     phase, phase_start = "encode", time.perf_counter()
     job_start = phase_start
@@ -249,12 +258,15 @@ def main(argv=None) -> int:
     parser.add_argument("--resolution", type=int, default=512)
     parser.add_argument("--tiny", action="store_true", help="CPU smoke test with the tiny model")
     parser.add_argument("--family", default="flux1", choices=("flux1", "flux2-klein"))
+    parser.add_argument("--images", type=int, default=1, help="a set of this many pictures (shapes of different "
+                                                                "aspect, same area), one per step")
     parser.add_argument("--checkpointing", choices=("on", "off"), help="override the tiers' gradient checkpointing")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run this tier in this process
     parser.add_argument("--out", type=Path)
     parser.add_argument("--commit", help="the commit measured, when the copy's .git is not the working tree's")
     args = parser.parse_args(argv)
     common = dict(steps=args.steps, save_every=args.save_every, rank=args.rank, resolution=args.resolution,
+                  images=args.images,
                   tiny=args.tiny, family_name=args.family, checkpointing=None if args.checkpointing is None else args.checkpointing == "on")
     if args.one:
         print("ROW " + json.dumps(run_tier(args.one, **common)), flush=True)
@@ -265,7 +277,7 @@ def main(argv=None) -> int:
         # job (compiled code, cached blocks) may help the next one.
         command = [sys.executable, __file__, "--one", name, "--steps", str(args.steps), "--save-every",
                    str(args.save_every), "--rank", str(args.rank), "--resolution", str(args.resolution),
-                   "--family", args.family]
+                   "--family", args.family, "--images", str(args.images)]
         if args.tiny:
             command.append("--tiny")
         if args.checkpointing:

@@ -18,7 +18,8 @@ import torch
 import torch.multiprocessing as mp
 
 from tests.conftest import subject_image
-from trainer.training.distributed import DistributedContext, context_from_environment, scaled_learning_rate
+from trainer.training.distributed import DistributedContext, context_from_environment
+from trainer.training.schedule import scaled_learning_rate
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -5,7 +5,8 @@ enters it. ``ui/`` imports only ``trainer.api``, ``trainer.events`` and ``traine
 keeps it so); the CLI makes the same decisions through the same functions:
 
 - ``RunRequest`` → ``training_config``: a preset, the user's overrides and the model's own adjustments become one
-  ``TrainingConfig`` (the page's step 4–5 and ``python -m trainer train`` both go through it);
+  ``TrainingConfig`` (the page's step 4–5 and ``python -m trainer train`` both go through it); the length may be
+  asked in epochs of the set (``trainer.training.schedule`` converts, both ways);
 - ``choose_mask``: which mask trains, where it came from, and its warning (``trainer.dataset.choice``);
 - ``RunStore``: owner folders, the run listing and the path guard (``trainer.runs.store``);
 - the rest is the public surface of each stage, listed below by stage. Names are imported on first use, so importing
@@ -32,9 +33,13 @@ class RunRequest:
     sample_prompts: tuple[str, ...] = ()
     model: str | None = None  # None: the default for this machine (FLUX.1-dev with a CUDA GPU, else tiny-demo)
     masked: bool = True
-    # TrainingConfig fields that replace the preset's (rank, steps, learning_rate, save_every, memory_tier, the mask
-    # step's loss settings, ...); a key that is not a setting is a UserError naming the known ones.
+    # TrainingConfig fields that replace the preset's (rank, steps, learning_rate, save_every, memory_tier, batch_size,
+    # the mask step's loss settings, ...); a key that is not a setting is a UserError naming the known ones.
     overrides: Mapping[str, Any] = field(default_factory=dict)
+    images: int = 1  # the set's size (trainer.dataset.imageset): what an epoch counts
+    gpus: int = 1  # the data-parallel processes that will train it
+    # the length in epochs instead of steps (each image seen once = 1 epoch): steps = images x epochs / (batch x gpus)
+    epochs: float | None = None
 
 
 def time_notice(config: TrainingConfig) -> str:
@@ -63,6 +68,15 @@ def training_config(request: RunRequest) -> tuple[TrainingConfig, str]:
         caption=caption, trigger=(request.trigger or "").strip(),
         sample_prompts=tuple(p.strip() for p in request.sample_prompts if p.strip()),
         model=(request.model or default_model()).strip(), masked=request.masked, **dict(request.overrides))
+    if request.epochs is not None:
+        from trainer.training.schedule import steps_for_epochs
+
+        if "steps" in request.overrides:
+            raise UserError("Give the length in steps or in epochs, not both.")
+        if not request.epochs > 0:
+            raise UserError(f"Epochs must be more than 0, got {request.epochs:g}.")
+        config = config.replace(steps=steps_for_epochs(request.epochs, request.images, config.batch_size,
+                                                       request.gpus))
     return adjust_for_model(config)
 
 
@@ -83,7 +97,8 @@ _export("trainer.libraries", "quiet_libraries")
 _export("trainer.config", "TrainingConfig", "list_presets", "load_preset", "TRIGGER_PLACEHOLDER")
 # 1. dataset: the untrusted-image gate, advice, masks and the user's corrections, own backgrounds
 _export("trainer.dataset.images", "MAX_FILE_BYTES", "alpha_mask", "load_image", "load_mask")
-_export("trainer.dataset.advice", "image_advice")
+_export("trainer.dataset.advice", "image_advice", "set_advice")
+_export("trainer.dataset.imageset", "MAX_IMAGES", "LoadedSet", "SetImage", "load_folder", "load_images")
 _export("trainer.dataset.choice", "MaskChoice", "choose_mask", "cut_out", "mask_coverage")
 _export("trainer.dataset.masking", "MASK_MODELS", "auto_mask_result", "mask_warning", "warm_up")
 _export("trainer.dataset.mask_tools", "TOKEN_PX", "adjust_mask", "apply_strokes", "thin_share", "token_grid_view",
@@ -95,7 +110,8 @@ _export("trainer.families", "FAMILIES", "family_of_spec", "tiny_ids")
 _export("trainer.model.estimates", "plan_summary")
 _export("trainer.training.estimate", "cpu_time_notice")
 _export("trainer.model.tiers", "AUTO", "choose_tier", "list_tiers")
-_export("trainer.training.distributed", "scaled_learning_rate")
+_export("trainer.training.schedule", "epochs_at_step", "learning_rate_note", "samples_per_step", "scaled_learning_rate",
+        "steps_for_epochs")
 # 3. runs and jobs
 _export("trainer.runs.store", "RunListing", "RunStore")
 _export("trainer.runs.folder", "RunFolder")

@@ -1,6 +1,7 @@
 """Headless command line: the same code path as the app, for rented GPUs, Docker and scripts.
 
     python -m trainer train --image PATH --caption TEXT --output DIR [options]
+    python -m trainer train --image A --image B ... | --dataset DIR  (a set of up to 10 pictures) --output DIR
     python -m trainer train --output DIR --resume      (continue a stopped or killed run)
     python -m trainer train --output DIR --prepared --events-jsonl FILE --stop-file FILE   (how the app runs a
                                                        multi-GPU job: a run folder it created, events as JSON lines)
@@ -25,24 +26,37 @@ from trainer.runtime import current as current_runtime
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m trainer", description="Train a Flux.1 LoRA from one image.")
+    parser = argparse.ArgumentParser(prog="python -m trainer", description="Train a Flux LoRA from one image, or a few.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train a LoRA")
-    train.add_argument("--image", type=Path, help="PNG, JPEG or WEBP; a transparent PNG's alpha is its mask")
-    train.add_argument("--mask", type=Path, help="black/white mask image (white = subject, trained)")
+    train.add_argument("--image", type=Path, action="append",
+                       help="PNG, JPEG or WEBP; a transparent PNG's alpha is its mask. Repeat it for a set of up to 10 "
+                            "pictures of the subject (4 from different angles make a character more poseable)")
+    train.add_argument("--dataset", type=Path, metavar="DIR",
+                       help="a set of up to 10 pictures in the kohya layout: NAME.png with its caption in NAME.txt and "
+                            "an optional mask in masks/NAME.png (else its transparency, else the automatic mask); "
+                            "--caption is the caption of pictures without a NAME.txt")
+    train.add_argument("--mask", type=Path, help="black/white mask image (white = subject, trained); one --image only")
     train.add_argument("--no-mask", action="store_true", help="train on the whole image (no masked loss)")
     train.add_argument("--subject-point", type=_point, metavar="X,Y",
                        help="a pixel on the subject, for the automatic mask (see: mask --point)")
     train.add_argument("--background", type=Path, action="append", default=[], metavar="IMAGE",
                        help="a photo of your own for background augmentation: the subject is pasted onto it in some "
                             "steps (repeatable, at most 6)")
-    train.add_argument("--caption", help="caption; [trigger] is replaced by the trigger word")
-    train.add_argument("--trigger", default="", help="trigger word, e.g. ohwx")
+    train.add_argument("--caption", action="append",
+                       help="caption; [trigger] is replaced by the trigger word. With several --image: once for all, "
+                            "or once per image in the same order")
+    train.add_argument("--trigger", default="", help="trigger word, e.g. ohwx (shared by every picture of a set)")
     train.add_argument("--preset", default="character-rank4-400", help="preset name (see: python -m trainer presets)")
     train.add_argument("--model", help="tiny-demo, a Hugging Face id, or a local diffusers folder "
                                         "(default: FLUX.1-dev with a CUDA GPU, otherwise tiny-demo)")
-    train.add_argument("--steps", type=int)
+    train.add_argument("--steps", type=int, help="optimizer steps (checkpoints are named by step)")
+    train.add_argument("--epochs", type=float, help="the length in epochs instead of steps: each picture of the set "
+                                                     "seen EPOCHS times (steps = images x epochs / (batch size x GPUs))")
+    train.add_argument("--batch-size", type=int,
+                       help="pictures per step on each GPU (default 1, which trains best: each picture gets its own "
+                            "update; a larger batch is faster per epoch and scales the learning rate by sqrt(batch))")
     train.add_argument("--save-every", type=int)
     train.add_argument("--rank", type=int)
     train.add_argument("--lr", type=float, help="learning rate")
@@ -58,7 +72,8 @@ def _parser() -> argparse.ArgumentParser:
                             "LoRA copied in each round — its distilled model, black-forest-labs/FLUX.2-klein-4B (4 "
                             "steps, guidance 1), or a local folder of it (default: the base model being trained)")
     train.add_argument("--gpus", type=int, default=1,
-                       help="data-parallel GPUs (batch 1 on each; learning rate x sqrt(N)); runs itself under torchrun")
+                       help="data-parallel GPUs (each trains --batch-size pictures per step; learning rate x "
+                            "sqrt(N x batch)); runs itself under torchrun")
     train.add_argument("--resume", action="store_true",
                        help="continue the run in --output from its newest checkpoint, with the settings in its run.json")
     train.add_argument("--prepared", action="store_true",

@@ -1,5 +1,8 @@
 """``python -m trainer train``: a new run, a prepared one (the app's multi-GPU job), or a resumed one, followed to its end.
 
+A new run trains one picture (``--image``) or a set of up to 10 (``--image`` repeated, or ``--dataset DIR`` in the
+kohya layout: ``trainer.dataset.imageset``); a set of one is exactly the one-image run.
+
 The same decisions as the page (``trainer.api``: the config from preset + overrides, the mask and its warning), the
 same job (``run_training``), its events printed as one progress line; with ``--gpus N`` it re-runs itself under
 torchrun, one process per GPU (``trainer.jobs.protocol``).
@@ -8,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from trainer import api
@@ -76,22 +80,41 @@ def _prepared_run(args):
 
 
 def _prepare_new_run(args, gpus: int = 1):
-    """Validate the inputs, decide the mask, and create the run folder (config, image, mask, run.json); ``gpus``:
-    the data-parallel processes that will train it."""
-    from trainer.dataset.masking import POINT_NOT_FOUND
+    """Validate the inputs, decide each picture's mask, and create the run folder (config, every picture with its
+    mask and caption, run.json); ``gpus``: the data-parallel processes that will train it."""
     from trainer.runs.folder import RunFolder
 
-    missing = [flag for flag, value in (("--image", args.image), ("--caption", args.caption)) if value is None]
+    captions = [c.strip() for c in args.caption or []]
+    if args.image and args.dataset:
+        raise UserError("Give the pictures with --image (repeatable) or with --dataset DIR, not both.")
+    missing = [flag for flag, value in (("--image", args.image or args.dataset),
+                                        ("--caption", captions or args.dataset)) if not value]
     if missing:
         raise UserError(f"train needs {' and '.join(missing)} (or --resume to continue the run in --output).")
+    if args.dataset and len(captions) > 1:
+        raise UserError("With --dataset, captions come from each picture's NAME.txt; give at most one --caption, "
+                        "for the pictures without one.")
+    # the pictures first: a bad one is the one line the user sees, before any note
+    loaded = api.load_folder(args.dataset) if args.dataset else api.load_images(args.image, captions)
+    for note in loaded.skipped:
+        print(f"warning: {note}", file=sys.stderr)
+    items = [replace(item, caption=(item.caption or (captions[0] if captions else "")).strip())
+             for item in loaded.images]
+    uncaptioned = [item.name for item in items if not item.caption]
+    if uncaptioned:
+        raise UserError(f"No caption for {', '.join(repr(n) for n in uncaptioned)}: write NAME.txt next to each "
+                        "picture, or give --caption for the pictures without one.")
+    if len(items) > 1 and (args.mask or args.subject_point):
+        raise UserError("--mask and --subject-point are for one --image. A set's own masks go in masks/NAME.png of a "
+                        "--dataset folder (or use each picture's transparency); the others are made automatically.")
     overrides = {k: v for k, v in {
         "steps": args.steps, "save_every": args.save_every, "rank": args.rank, "learning_rate": args.lr,
-        "resolution": args.resolution, "seed": args.seed, "name": args.name,
+        "resolution": args.resolution, "seed": args.seed, "name": args.name, "batch_size": args.batch_size,
         "memory_tier": args.memory_tier, "preview_model": args.preview_model}.items() if v is not None}
     config, notice = api.training_config(api.RunRequest(
-        caption=args.caption, preset=args.preset, trigger=args.trigger, sample_prompts=tuple(args.sample_prompt),
-        model=args.model, masked=not args.no_mask, overrides=overrides))
-    image = api.load_image(args.image)  # a bad image is the one line the user sees, before any note
+        caption=items[0].caption, preset=args.preset, trigger=args.trigger, sample_prompts=tuple(args.sample_prompt),
+        model=args.model, masked=not args.no_mask, overrides=overrides, images=len(items), gpus=gpus,
+        epochs=args.epochs))
     if api.time_notice(config):  # a CPU run of tiny-demo: 400 steps are about an hour, say so before it starts
         print(f"note: {api.time_notice(config)}", file=sys.stderr)
     backgrounds = api.load_user_backgrounds(args.background)
@@ -100,23 +123,39 @@ def _prepare_new_run(args, gpus: int = 1):
     if backgrounds and not (config.masked and config.augment_probability > 0):
         print("note: --background is used only by background augmentation, which needs the mask and an augmentation "
               "probability above 0 (this preset's is 0, or --no-mask was given).", file=sys.stderr)
-    mask = None
-    if not args.no_mask:
-        given = api.load_mask(args.mask, size=image.size) if args.mask else None
-        choice = api.choose_mask(image, given, point=args.subject_point)
-        mask = choice.mask
-        if choice.warning == POINT_NOT_FOUND:
-            print(f"warning: nothing stands out at --subject-point; the automatic mask is used: check "
-                  f"{Path(args.output) / 'dataset' / 'mask.png'}, or give your own with --mask.", file=sys.stderr)
-        elif choice.warning:
-            print(f"warning: the automatic mask is unsure: check {Path(args.output) / 'dataset' / 'mask.png'}, "
-                  "or give your own with --mask (white = subject).", file=sys.stderr)
+    for advice in api.set_advice(items):
+        print(f"advice: {advice.message}", file=sys.stderr)
+    items = _choose_masks(args, items)
     try:
-        run = RunFolder.create_at(args.output, config, image, mask, backgrounds, gpus=gpus)
+        run = RunFolder.create_set_at(args.output, config, items, backgrounds, gpus=gpus)
     except FileExistsError:
         raise UserError(f"The output folder '{args.output}' already exists and is not empty. Choose a new folder, "
                         "or add --resume to continue the run in it.") from None
     return run
+
+
+def _choose_masks(args, items: list) -> list:
+    """Each picture's training mask (None with --no-mask): --mask, the set's masks/NAME.png, the picture's
+    transparency, or the automatic one, with its warning naming the file to check."""
+    from trainer.dataset.masking import POINT_NOT_FOUND
+    from trainer.runs.folder import dataset_files
+
+    if args.no_mask:
+        return [replace(item, mask=None) for item in items]
+    out = []
+    for index, item in enumerate(items):
+        given = api.load_mask(args.mask, size=item.image.size) if args.mask else item.mask
+        choice = api.choose_mask(item.image, given, point=args.subject_point)
+        check = Path(args.output) / dataset_files(index)[1]
+        of = f" of '{item.name}'" if len(items) > 1 else ""
+        if choice.warning == POINT_NOT_FOUND:
+            print(f"warning: nothing stands out at --subject-point; the automatic mask is used: check "
+                  f"{check}, or give your own with --mask.", file=sys.stderr)
+        elif choice.warning:
+            print(f"warning: the automatic mask{of} is unsure: check {check}, or give your own with "
+                  f"{'masks/NAME.png in the --dataset folder' if of else '--mask'} (white = subject).", file=sys.stderr)
+        out.append(replace(item, mask=choice.mask))
+    return out
 
 
 def _relaunch_on_gpus(gpus: int) -> int:
@@ -136,7 +175,6 @@ def _relaunch_on_gpus(gpus: int) -> int:
 def _train_distributed(args, context, should_stop, sink) -> int:
     """One process of a data-parallel run: the main one creates (or, --prepared, opens) the run folder, the others
     read it."""
-    from trainer.training.distributed import scaled_learning_rate
     from trainer.runs.folder import RunFolder
 
     run = None
@@ -146,11 +184,7 @@ def _train_distributed(args, context, should_stop, sink) -> int:
     if run is None:
         run = RunFolder.open(args.output)
         run.writable = False
-    else:
-        lr = run.config.learning_rate
-        unit = "GPUs" if context.device.type == "cuda" else "processes"
-        print(f"{context.world_size} {unit}, batch 1 on each: learning rate {lr:g} x sqrt({context.world_size}) = "
-              f"{scaled_learning_rate(lr, context.world_size):.3g}", file=sys.stderr)
+    # the scaled learning rate is told by the loop (a Status from trainer.training.schedule.learning_rate_note)
     return _follow(run, dist=context, should_stop=should_stop, sink=sink)
 
 
@@ -164,10 +198,12 @@ def _resumed_run(args):
 def _refuse_settings(args, mode: str) -> None:
     """``mode`` trains with the settings saved in the run's run.json: any setting given on the command line is an error."""
     given = [flag for flag, value in (
-        ("--image", args.image), ("--mask", args.mask), ("--caption", args.caption), ("--model", args.model),
+        ("--image", args.image), ("--dataset", args.dataset), ("--mask", args.mask), ("--caption", args.caption),
+        ("--model", args.model), ("--epochs", args.epochs), ("--batch-size", args.batch_size),
         ("--steps", args.steps), ("--save-every", args.save_every), ("--rank", args.rank), ("--lr", args.lr),
         ("--resolution", args.resolution), ("--seed", args.seed), ("--name", args.name),
-        ("--preview-model", args.preview_model), ("--sample-prompt", args.sample_prompt or None), ("--no-mask", args.no_mask or None),
+        ("--preview-model", args.preview_model), ("--sample-prompt", args.sample_prompt or None),
+        ("--no-mask", args.no_mask or None),
         ("--trigger", args.trigger or None)) if value is not None]
     if given:
         raise UserError(f"{mode} trains with the settings saved in the run's run.json; drop {', '.join(given)}.")
@@ -186,8 +222,7 @@ def _follow(run, resume: bool = False, dist=None, should_stop=lambda: False, sin
         if isinstance(event, Status):
             progress.message(event.message)
         elif isinstance(event, Started):
-            progress.message(f"training {event.total_steps} steps at {event.train_width}x{event.train_height}, "
-                             f"checkpoints at {list(event.checkpoint_steps)}")
+            progress.message(_started_line(event))
         elif isinstance(event, Progress):
             progress.bar(event)
         elif isinstance(event, CheckpointSaved):
@@ -203,6 +238,17 @@ def _follow(run, resume: bool = False, dist=None, should_stop=lambda: False, sin
     if not progress.quiet:
         print(run.path)
     return code
+
+
+def _started_line(event) -> str:
+    """What training will do: steps and size; for a set or a batch also its epochs, each picture's size, the rate."""
+    if event.images == 1 and event.batch_size == 1:
+        return (f"training {event.total_steps} steps at {event.train_width}x{event.train_height}, "
+                f"checkpoints at {list(event.checkpoint_steps)}")
+    sizes = ", ".join(f"{w}x{h}" for w, h in event.train_sizes)
+    return (f"training {event.total_steps} steps = {event.epochs:g} epochs of {event.images} pictures (batch "
+            f"{event.batch_size} x {event.gpus} process{'es' if event.gpus > 1 else ''} per step, learning rate "
+            f"{event.learning_rate:.3g}) at {sizes}, checkpoints at {list(event.checkpoint_steps)}")
 
 
 class ProgressLine:

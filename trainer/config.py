@@ -18,6 +18,7 @@ from trainer.errors import UserError
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
 TRIGGER_PLACEHOLDER = "[trigger]"  # ai-toolkit's convention: replaced by the trigger word in captions and prompts
+MAX_BATCH_SIZE = 16  # a set holds at most 10 images: a larger batch would only repeat them within one step
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,11 @@ class TrainingConfig:
     weight_decay: float = 1e-4
     max_grad_norm: float = 1.0
     seed: int = 42
+    # Images per step on each GPU. 1 is best for one subject (docs/PRACTICE.md §7): every image gets its own update,
+    # where a batch averages them into one. Larger batches only buy speed on big sets; the learning rate is then scaled
+    # by sqrt(batch) (trainer.training.schedule.scaled_learning_rate). Images of different shapes can share a batch:
+    # it is trained as that many one-image passes whose gradients are averaged before one optimizer step.
+    batch_size: int = 1
 
     # --- data
     resolution: int = 512  # training area is resolution**2 pixels, aspect ratio kept
@@ -76,6 +82,8 @@ class TrainingConfig:
             problems.append("steps must be at least 1")
         if self.save_every < 1:
             problems.append("save_every must be at least 1")
+        if not (1 <= self.batch_size <= MAX_BATCH_SIZE):
+            problems.append(f"batch_size must be between 1 and {MAX_BATCH_SIZE}")
         if not (0 < self.learning_rate < 1):
             problems.append("learning_rate must be between 0 and 1")
         if self.resolution < 64 or self.resolution % 16:

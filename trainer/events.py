@@ -38,20 +38,29 @@ class Placed:
 
 @dataclass(frozen=True)
 class Started:
+    """Training begins. ``train_width`` x ``train_height``: the first image's training size (the previews'); a set's
+    images each train at their own size of the same area (``train_sizes``, in the set's order)."""
     run_dir: Path
     total_steps: int
     checkpoint_steps: tuple[int, ...]
     train_width: int
     train_height: int
+    images: int = 1  # the set's size
+    batch_size: int = 1  # images per step on each process
+    gpus: int = 1  # data-parallel processes
+    learning_rate: float = 0.0  # the rate the optimizer trains with: sqrt(batch_size x gpus) x the setting (0: untold)
+    epochs: float = 0.0  # total_steps in epochs of this set (each image seen once = 1 epoch; 0: untold)
+    train_sizes: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass(frozen=True)
 class Progress:
     step: int
     total_steps: int
-    loss: float
+    loss: float  # the mean over the step's images
     steps_per_second: float
     eta_seconds: float
+    epoch: float = 0.0  # epochs of the set trained by this step
 
 
 @dataclass(frozen=True)
@@ -60,6 +69,7 @@ class CheckpointSaved:
     path: Path
     size_bytes: int
     losses: tuple[tuple[int, float], ...] = ()  # (step, loss) of the steps since the previous save (run.json keeps them)
+    epoch: float | None = None  # epochs of the set trained by this step (checkpoints are named by step)
 
 
 @dataclass(frozen=True)
@@ -134,6 +144,8 @@ def event_to_dict(event: Event) -> dict[str, Any]:
             value = [{"path": str(p.path), "prompt": p.prompt, "seed": p.seed} for p in value]
         elif f.name in _POINT_FIELDS:
             value = [[step, loss] for step, loss in value]
+        elif f.name == "train_sizes":
+            value = [list(size) for size in value]
         elif isinstance(value, tuple):
             value = list(value)
         data[f.name] = value
@@ -159,6 +171,8 @@ def event_from_dict(data: dict[str, Any]) -> Event:
             value = tuple(Preview(path=Path(p["path"]), prompt=p["prompt"], seed=p["seed"]) for p in value)
         elif name in ("checkpoint_steps", "devices"):
             value = tuple(value)
+        elif name == "train_sizes":
+            value = tuple((int(w), int(h)) for w, h in value)
         elif name in _POINT_FIELDS:
             value = tuple((int(step), float(loss)) for step, loss in value)
         values[name] = value

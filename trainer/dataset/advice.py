@@ -1,12 +1,15 @@
-"""Advice on the training picture, from what practitioners found when training a Flux LoRA from one image.
+"""Advice on the training pictures, from what practitioners found when training a Flux LoRA from one image or a few.
 
 Advice never blocks training: it is shown next to the picture. Each check is a small pure function of the
-image (and its mask) that returns an ``Advice`` or None; ``image_advice`` runs them all.
+image (and its mask) that returns an ``Advice`` or None; ``image_advice`` runs them all for one picture, and
+``set_advice`` the checks of a set of several (mixed shapes, one much smaller, near-duplicates).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import combinations
+from typing import Sequence
 
 import numpy as np
 from PIL import Image
@@ -26,11 +29,18 @@ SHARPNESS_SIDE = 1024
 TILE = 32
 BORDER_FRACTION = 0.03
 FLAT_BORDER_SHARE = 0.9
+# A set: shapes further apart than 1.5x (a 3:2 landscape next to a 1:1 or a 2:3 portrait), an image with a quarter of
+# the others' pixels or less (upscaled 2x or more on each side to the shared training area), and two pictures whose
+# 64-bit difference hashes differ in at most 6 bits (re-saves, small crops, brightness changes of the same shot).
+MIXED_ASPECT_SPREAD = 1.5
+SMALLER_SHARE = 0.25
+NEAR_DUPLICATE_BITS = 6
 
 
 @dataclass(frozen=True)
 class Advice:
-    code: str  # small, blurry, elongated, small_subject, flat_background
+    # small, blurry, elongated, small_subject, flat_background; a set's: mixed_aspect, much_smaller, near_duplicate
+    code: str
     message: str  # what is wrong, why it matters with one training image, what to do
 
 
@@ -169,3 +179,70 @@ def flat_border_colour(image: Image.Image) -> str | None:
     if (border.max(axis=1) <= 20).mean() >= FLAT_BORDER_SHARE:
         return "black"
     return None
+
+
+# --- a set of several pictures -----------------------------------------------------------------------------
+
+
+def set_advice(images: Sequence) -> list[Advice]:
+    """What is worth telling about a set as a whole (each picture's own advice is ``image_advice``). ``images``: the
+    set's pictures, each with ``name`` and ``image`` (``trainer.dataset.imageset.SetImage``)."""
+    if len(images) < 2:
+        return []
+    checks = (check_mixed_aspects(images), *check_much_smaller(images), *check_near_duplicates(images))
+    return [advice for advice in checks if advice is not None]
+
+
+def check_mixed_aspects(images: Sequence) -> Advice | None:
+    ratios = [(item.image.width / item.image.height, item.name) for item in images]
+    (low, tallest), (high, widest) = min(ratios), max(ratios)
+    if high / low <= MIXED_ASPECT_SPREAD:
+        return None
+    return Advice(
+        "mixed_aspect",
+        f"The set mixes shapes: '{widest}' is {_shape(high)} and '{tallest}' is {_shape(low)}. Each picture trains "
+        "at its own shape (no square crop), which works, but the previews use the first picture's shape and the LoRA "
+        "learns its framing from all of them: crop them to similar shapes if you want one framing.",
+    )
+
+
+def check_much_smaller(images: Sequence) -> list[Advice]:
+    out = []
+    pixels = [item.image.width * item.image.height for item in images]
+    for index, item in enumerate(images):
+        others = float(np.median(pixels[:index] + pixels[index + 1:]))
+        if pixels[index] <= SMALLER_SHARE * others:
+            out.append(Advice(
+                "much_smaller",
+                f"'{item.name}' is {item.image.width}x{item.image.height}, {others / pixels[index]:.0f} times fewer "
+                "pixels than the others: it is upscaled to the set's shared training size, so the LoRA learns its "
+                "softness next to their detail. Use a larger original, or leave it out.",
+            ))
+    return out
+
+
+def check_near_duplicates(images: Sequence) -> list[Advice]:
+    hashes = [difference_hash(item.image) for item in images]
+    out = []
+    for (i, a), (j, b) in combinations(enumerate(hashes), 2):
+        if bin(a ^ b).count("1") <= NEAR_DUPLICATE_BITS:
+            out.append(Advice(
+                "near_duplicate",
+                f"'{images[i].name}' and '{images[j].name}' are nearly the same picture: the second adds no new view, "
+                "it only doubles that one's weight. Replace one with another angle, pose or expression.",
+            ))
+    return out
+
+
+def difference_hash(image: Image.Image, side: int = 8) -> int:
+    """64 bits: is each pixel of a 9x8 greyscale thumbnail brighter than its right neighbour? Equal for re-saves,
+    small resizes and brightness changes of one picture; far apart for different pictures."""
+    small = np.asarray(image.convert("L").resize((side + 1, side), Image.Resampling.LANCZOS), dtype=np.int16)
+    bits = (small[:, 1:] > small[:, :-1]).flatten()
+    return int("".join("1" if b else "0" for b in bits), 2)
+
+
+def _shape(ratio: float) -> str:
+    if ratio >= 1:
+        return f"wide ({ratio:.2g}:1)"
+    return f"tall (1:{1 / ratio:.2g})"

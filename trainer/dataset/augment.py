@@ -177,15 +177,16 @@ def enabled(cfg: TrainingConfig, image: TrainingImage) -> bool:
 
 @torch.no_grad()
 def with_background_bank(parts, example: EncodedExample, image: TrainingImage, cfg: TrainingConfig,
-                         backgrounds: Iterable[Image.Image] | Path | str = ()) -> EncodedExample:
+                         backgrounds: Iterable[Image.Image] | Path | str = (), index: int = 0) -> EncodedExample:
     """``example`` with its bank of augmented latents (encoded once, now, while the VAE encoder is loaded);
     unchanged when augmentation is off or there is no mask. ``backgrounds``: user photos, or a run folder
-    whose ``dataset/backgrounds`` holds them (read only when augmentation is on)."""
+    whose ``dataset/backgrounds`` holds them (read only when augmentation is on). ``index``: the image's place in
+    its set, so each image gets its own backgrounds (the first, or only, one those of the run's seed)."""
     if not enabled(cfg, image) or example.weights is None:
         return example
     if isinstance(backgrounds, (str, Path)):
         backgrounds = user_backgrounds(backgrounds)
-    pixels = augmented_pixels(image, BANK_SIZE, cfg.seed, backgrounds)
+    pixels = augmented_pixels(image, BANK_SIZE, cfg.seed + index, backgrounds)
     latents = [encode_image(parts, TrainingImage(pixels=chunk, mask=None)) for chunk in pixels.split(ENCODE_BATCH)]
     return dataclasses.replace(example, augmented=torch.cat(latents))
 

@@ -123,11 +123,19 @@ def model_card(run: RunFolder, repo_id: str, name: str, step: int, weight: float
                                                                        if run.train_size else "")),
                 ("masked loss", "yes (background not trained)" if cfg.masked else "no"),
                 ("caption", cfg.training_caption), ("seed", cfg.seed)]
+    images = run.image_count
+    if images > 1 or cfg.batch_size > 1:  # a set: how its steps counted (a one-image card says what it always said)
+        from trainer.training.schedule import epochs_at_step
+
+        settings[1:2] = [("trained steps", f"{step} ({epochs_at_step(step, images, cfg.batch_size, run.gpus):g} "
+                                           f"epochs of {images} images, batch {cfg.batch_size} x {run.gpus} GPU(s))")]
+        settings[-2] = ("captions", "; ".join(cfg.with_trigger(e["caption"]) for e in run.set_entries()))
     pipeline = family.pipeline_classes[0]
     lines = [
         "---", front.strip(), "---", "",
         f"# {repo_id.split('/', 1)[1]}", "",
-        f"A {family.label} LoRA trained from a single image with one-image-lora, on {base_line}.", "",
+        f"A {family.label} LoRA trained from "
+        f"{'a single image' if images == 1 else f'a set of {images} images'} with one-image-lora, on {base_line}.", "",
         f"**Trigger word:** {trigger}", "",
         f"**Recommended:** the checkpoint at step {step}, at LoRA weight **{weight:g}** ({why}). "
         "One-image LoRAs overfit easily: if outputs copy the training image or show a rough texture, lower the weight.",

@@ -1,4 +1,4 @@
-"""A run folder on disk: the training image and mask, checkpoints, previews and ``run.json``.
+"""A run folder on disk: the training images with their masks and captions, checkpoints, previews and ``run.json``.
 
 ``run.json`` is the run's record: the full config, the base model (the spec and the resolved local
 folder), the training size, and every checkpoint with its previews and losses. It is rewritten atomically
@@ -31,6 +31,7 @@ from typing import Any, Sequence
 from PIL import Image
 
 from trainer.config import TrainingConfig
+from trainer.dataset.imageset import SetImage
 from trainer.fsutil import atomic_write_bytes, atomic_write_json
 
 MANIFEST = "run.json"
@@ -56,6 +57,10 @@ class RunFolder:
     message: str = ""
     gpus: int = 1  # data-parallel processes that trained it (the learning rate was scaled by sqrt(gpus))
     memory_tier: str = ""  # the tier the job ran with (presets/memory/): config.memory_tier may say "auto"
+    # the set: per image {"name", "image", "mask" (None: none), "caption"}, paths inside the folder, in training order
+    dataset: list[dict[str, Any]] = field(default_factory=list)
+    # how the steps were counted, from Started: images, batch_size, gpus, epochs, learning_rate (the one trained with)
+    schedule: dict[str, Any] = field(default_factory=dict)
     writable: bool = field(default=True, repr=False)  # False in the non-main processes of a multi-GPU run
 
     # ---- creating and opening
@@ -70,15 +75,35 @@ class RunFolder:
     def create_at(cls, path: Path, config: TrainingConfig, image: Image.Image,
                   mask: Image.Image | None, backgrounds: Sequence[Image.Image] = (), gpus: int = 1) -> "RunFolder":
         """Write the dataset (image + mask as PNG, the user's own backgrounds if any) and a first ``run.json`` into
-        ``path`` (new or empty)."""
+        ``path`` (new or empty): a set of one image, captioned by ``config.caption``."""
+        return cls.create_set_at(path, config, [SetImage("image.png", image, mask, "")], backgrounds, gpus)
+
+    @classmethod
+    def create_set(cls, root: Path, config: TrainingConfig, images: Sequence[SetImage], run_id: str | None = None,
+                   backgrounds: Sequence[Image.Image] = (), gpus: int = 1) -> "RunFolder":
+        return cls.create_set_at(Path(root) / (run_id or new_run_id(config.name)), config, images, backgrounds, gpus)
+
+    @classmethod
+    def create_set_at(cls, path: Path, config: TrainingConfig, images: Sequence[SetImage],
+                      backgrounds: Sequence[Image.Image] = (), gpus: int = 1) -> "RunFolder":
+        """A run of a set of images (``trainer.dataset.imageset``), each with its mask (or None) and caption ("": the
+        config's caption). The first keeps the one-image names (dataset/image.png, dataset/mask.png), so a set of one
+        is the same folder as before sets existed; the others are dataset/image-01.png, dataset/mask-01.png, ..."""
         path = Path(path)
+        if not images:
+            raise ValueError("a run needs at least one image")
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
             raise FileExistsError(path)
         path.mkdir(parents=True, exist_ok=True)
         run = cls(path=path, config=config, model=config.model, gpus=int(gpus))
-        atomic_write_bytes(path / IMAGE_FILE, _png_bytes(image))
-        if mask is not None:
-            atomic_write_bytes(path / MASK_FILE, _png_bytes(mask.convert("L")))
+        for index, item in enumerate(images):
+            image_file, mask_file = dataset_files(index)
+            atomic_write_bytes(path / image_file, _png_bytes(item.image))
+            if item.mask is not None:
+                atomic_write_bytes(path / mask_file, _png_bytes(item.mask.convert("L")))
+            run.dataset.append({"name": item.name, "image": image_file,
+                                "mask": mask_file if item.mask is not None else None,
+                                "caption": item.caption or config.caption})
         for index, background in enumerate(backgrounds):
             atomic_write_bytes(path / BACKGROUNDS_DIR / f"{index:02d}.png", _png_bytes(background.convert("RGB")))
         run.save()
@@ -92,17 +117,36 @@ class RunFolder:
                    train_size=tuple(data["train_size"]) if data.get("train_size") else None,
                    checkpoints=data.get("checkpoints", []), base_previews=data.get("base_previews", []),
                    message=data.get("message", ""), gpus=int(data.get("gpus", 1)),
-                   memory_tier=str(data.get("memory_tier", "")))
+                   memory_tier=str(data.get("memory_tier", "")), dataset=_dataset_entries(path, data),
+                   schedule=dict(data.get("schedule") or {}))
 
     # ---- the dataset
+    def set_entries(self) -> list[dict[str, Any]]:
+        """``dataset``, or for an object made without one, the one image of the one-image layout."""
+        return self.dataset or _dataset_entries(self.path, {"config": {"caption": self.config.caption}})
+
+    @property
+    def image_count(self) -> int:
+        return len(self.set_entries())
+
     def load_dataset(self) -> tuple[Image.Image, Image.Image | None]:
-        image = Image.open(self.path / IMAGE_FILE)
-        image.load()
-        mask = None
-        if (self.path / MASK_FILE).is_file():
-            mask = Image.open(self.path / MASK_FILE)
-            mask.load()
-        return image, mask
+        """The first image of the set and its mask (the one image of a one-image run)."""
+        first = self.load_set()[0]
+        return first.image, first.mask
+
+    def load_set(self) -> list[SetImage]:
+        """Every image of the set, in order, with its mask (None: unmasked) and its caption (before the trigger)."""
+        items = []
+        for entry in self.set_entries():
+            image = Image.open(self.path / entry["image"])
+            image.load()
+            mask = None
+            if entry.get("mask") and (self.path / entry["mask"]).is_file():
+                mask = Image.open(self.path / entry["mask"])
+                mask.load()
+            items.append(SetImage(name=entry.get("name", ""), image=image, mask=mask,
+                                  caption=entry.get("caption") or self.config.caption))
+        return items
 
     # ---- file names
     def checkpoint_path(self, step: int) -> Path:
@@ -112,15 +156,22 @@ class RunFolder:
         return self.path / "samples" / f"{self.config.name}-{step:06d}-{index:02d}.png"
 
     # ---- recording progress: ``note_*`` change this object only; ``save`` writes it
-    def note_checkpoint(self, step: int, path: Path, losses: Sequence[tuple[int, float]] = ()) -> None:
+    def note_checkpoint(self, step: int, path: Path, losses: Sequence[tuple[int, float]] = (),
+                        epoch: float | None = None) -> None:
         """A saved checkpoint; ``losses``: the (step, loss) of the steps trained since the previous one (a resume
-        restores the loss curve from them). The same step and file again keep its previews."""
+        restores the loss curve from them); ``epoch``: the set's epochs trained by then. The same step and file again
+        keep its previews."""
         name = Path(path).name
         old = next((c for c in self.checkpoints if c["step"] == step), None)
         previews = old.get("previews", []) if old is not None and old.get("path") == name else []
         self.checkpoints = [c for c in self.checkpoints if c["step"] != step]
-        self.checkpoints.append({"step": step, "path": name, "previews": previews,
-                                 "losses": [[int(s), round(float(loss), 6)] for s, loss in losses]})
+        entry = {"step": step, "path": name, "previews": previews,
+                 "losses": [[int(s), round(float(loss), 6)] for s, loss in losses]}
+        if epoch is None and old is not None and "epoch" in old:
+            epoch = old["epoch"]
+        if epoch is not None:
+            entry["epoch"] = round(float(epoch), 4)
+        self.checkpoints.append(entry)
         self.checkpoints.sort(key=lambda c: c["step"])
 
     def note_previews(self, step: int, previews: Sequence[dict[str, Any]]) -> None:
@@ -164,7 +215,10 @@ class RunFolder:
             "gpus": self.gpus,
             "memory_tier": self.memory_tier,
             "train_size": list(self.train_size) if self.train_size else None,
-            "dataset": {"image": IMAGE_FILE, "mask": MASK_FILE if (self.path / MASK_FILE).is_file() else None},
+            # "image" / "mask": the first image's, as run.json had them before sets ("images" lists them all)
+            "dataset": {"image": IMAGE_FILE, "mask": MASK_FILE if (self.path / MASK_FILE).is_file() else None,
+                        "images": self.set_entries()},
+            "schedule": self.schedule,
             "base_previews": self.base_previews,
             "checkpoints": self.checkpoints,
         }
@@ -173,6 +227,23 @@ class RunFolder:
         """Write run.json atomically: the one place it is serialised."""
         if self.writable:
             atomic_write_json(self.path / MANIFEST, self.to_dict())
+
+
+def dataset_files(index: int) -> tuple[str, str]:
+    """The image and mask file of the set's ``index``-th image, inside the run folder."""
+    if index == 0:
+        return IMAGE_FILE, MASK_FILE
+    return f"dataset/image-{index:02d}.png", f"dataset/mask-{index:02d}.png"
+
+
+def _dataset_entries(path: Path, data: dict[str, Any]) -> list[dict[str, Any]]:
+    """The set from run.json; a run folder from before sets is its one image, captioned by its config."""
+    entries = (data.get("dataset") or {}).get("images")
+    if entries:
+        return [dict(e) for e in entries]
+    return [{"name": "image.png", "image": IMAGE_FILE,
+             "mask": MASK_FILE if (Path(path) / MASK_FILE).is_file() else None,
+             "caption": data["config"].get("caption", TrainingConfig.caption)}]
 
 
 def _png_bytes(image: Image.Image) -> bytes:

@@ -62,8 +62,10 @@ def open_for_resume(path: Path) -> RunFolder:
     if run.status == "finished":
         raise UserError(f"The run in '{path.name}' already finished all {run.config.steps} steps; there is nothing "
                         "to resume. Start a new run to train longer.")
-    if not (path / "dataset" / "image.png").is_file():
-        raise UserError(f"The run in '{path.name}' has lost its training image (dataset/image.png); it can't be resumed.")
+    for entry in run.set_entries():
+        if not (path / entry["image"]).is_file():
+            raise UserError(f"The run in '{path.name}' has lost its training image ({entry['image']}); it can't be "
+                            "resumed.")
     return run
 
 

@@ -8,8 +8,10 @@ the run.json the job wrote.
 What each event records (the others, Status, Progress and LossHistory, record nothing):
 
 - ``Placed``: the resolved model folder and the memory tier; status "loading".
-- ``Started``: the training size; status "running".
-- ``CheckpointSaved``: the checkpoint, with the losses of its steps (a resumed job repeats the ones it had: no change).
+- ``Started``: the training size, how steps are counted (``schedule``: images, batch, GPUs, epochs, the learning rate
+  trained with, every image's size); status "running".
+- ``CheckpointSaved``: the checkpoint, with the losses of its steps and its epoch (a resumed job repeats the ones it
+  had: no change).
 - ``PreviewsRendered``: the previews of that step (step 0: the base model's).
 - ``Finished``: status "finished", or "stopped"; ``Failed``: status "failed" and its message.
 
@@ -40,9 +42,14 @@ class RunRecorder:
             run.note_status("loading")
         elif isinstance(event, Started):
             run.train_size = (event.train_width, event.train_height)
+            if event.learning_rate:  # an event line from before sets carries no schedule
+                run.schedule = {"images": event.images, "batch_size": event.batch_size, "gpus": event.gpus,
+                                "steps": event.total_steps, "epochs": round(event.epochs, 4),
+                                "learning_rate": event.learning_rate,
+                                "train_sizes": [list(size) for size in event.train_sizes]}
             run.note_status("running")
         elif isinstance(event, CheckpointSaved):
-            run.note_checkpoint(event.step, event.path, event.losses)
+            run.note_checkpoint(event.step, event.path, event.losses, event.epoch)
         elif isinstance(event, PreviewsRendered):
             run.note_previews(event.step, [{"path": p.path, "prompt": p.prompt, "seed": p.seed}
                                            for p in event.previews])

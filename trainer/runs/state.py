@@ -2,7 +2,8 @@
 
 At every checkpoint the loop also writes ``training_state/state-NNNNNN.safetensors`` (the LoRA weights in
 float32, AdamW's moments and step counts, every random-number state: torch's global CPU and CUDA states, the
-loop's noise generator and its mask generator — the whole "data/augmentation" state of a one-image run) and
+loop's noise generator and its mask generator — the whole "data/augmentation" state; a set's image order is a pure
+function of the seed and the step, ``trainer.training.schedule``, so it needs no state) and
 ``state-NNNNNN.json`` next to it (step, optimizer hyper-parameters, the parameter names in order, a
 fingerprint of the settings, and the SHA-256 of the tensor file). No pickle anywhere: tensors are
 safetensors, everything else is JSON. Both files are written atomically and the JSON last, so it is the
@@ -23,6 +24,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -42,6 +44,9 @@ TRAINING_FIELDS = ("model", "name", "caption", "trigger", "rank", "learning_rate
                    "seed", "resolution", "max_text_tokens", "guidance_scale", "logit_mean", "logit_std",
                    "gradient_checkpointing", "masked", "background_weight", "normalize_mask", "unmasked_probability",
                    "augment_probability")
+# Settings added later, with the value every earlier run trained with: in the fingerprint only when they differ from
+# it, so the states of earlier runs still resume.
+LATER_FIELDS = {"batch_size": 1}
 STATE_NAME = re.compile(r"^state-(\d{6,})\.json$")
 
 
@@ -67,9 +72,19 @@ def state_files(run_dir: Path, step: int) -> tuple[Path, Path]:
     return folder / f"state-{step:06d}.safetensors", folder / f"state-{step:06d}.json"
 
 
-def config_fingerprint(config) -> str:
+def config_fingerprint(config, captions: Sequence[str] = ()) -> str:
+    """The settings that shape the training math; ``captions``: a set's per-image captions (its order and its
+    captions shape the steps too). A one-image run's fingerprint is what it was before sets and batches."""
     values = {name: getattr(config, name, None) for name in TRAINING_FIELDS}
+    values.update({name: getattr(config, name) for name, default in LATER_FIELDS.items()
+                   if getattr(config, name, default) != default})
+    if len(captions) > 1:
+        values["captions"] = list(captions)
     return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def run_captions(run: RunFolder) -> list[str]:
+    return [entry.get("caption", "") for entry in run.set_entries()]
 
 
 def lora_named_parameters(transformer) -> list[tuple[str, torch.nn.Parameter]]:
@@ -80,7 +95,8 @@ def lora_named_parameters(transformer) -> list[tuple[str, torch.nn.Parameter]]:
 # ---- saving -------------------------------------------------------------------------------------------------
 
 def snapshot_state(transformer, optimizer: torch.optim.Optimizer, generator: torch.Generator,
-                   mask_generator: torch.Generator, config) -> tuple[dict[str, torch.Tensor], dict]:
+                   mask_generator: torch.Generator, config,
+                   captions: Sequence[str] = ()) -> tuple[dict[str, torch.Tensor], dict]:
     """Copies (on the CPU) of everything a resume needs, as of now: training may go on while they are written."""
     named = lora_named_parameters(transformer)
     tensors: dict[str, torch.Tensor] = {}
@@ -104,7 +120,7 @@ def snapshot_state(transformer, optimizer: torch.optim.Optimizer, generator: tor
     tensors["rng.noise"] = generator.get_state()
     tensors["rng.mask"] = mask_generator.get_state()
     meta = {
-        "config_fingerprint": config_fingerprint(config),
+        "config_fingerprint": config_fingerprint(config, captions),
         "params": [[name, list(param.shape)] for name, param in named],
         "optimizer": {"class": type(optimizer).__name__, "param_groups": groups, "plain_state": plain_state},
         "noise_device": str(generator.device.type),
@@ -147,9 +163,10 @@ class StateWriter:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 
-    def save(self, run_dir: Path, step: int, transformer, optimizer, generator, mask_generator, config) -> None:
+    def save(self, run_dir: Path, step: int, transformer, optimizer, generator, mask_generator, config,
+             captions: Sequence[str] = ()) -> None:
         self.wait()
-        tensors, meta = snapshot_state(transformer, optimizer, generator, mask_generator, config)
+        tensors, meta = snapshot_state(transformer, optimizer, generator, mask_generator, config, captions)
         self._thread = threading.Thread(target=self._write, args=(Path(run_dir), step, tensors, meta),
                                         name=f"state-writer-{step}", daemon=True)
         self._thread.start()
@@ -191,7 +208,7 @@ def load_state(run: RunFolder, step: int) -> TrainingState:
         raise DamagedState(f"'{json_path.name}' was not written by this app (or by an incompatible version).")
     if meta.get("step") != step or meta.get("tensors") != tensor_path.name:
         raise DamagedState(f"'{json_path.name}' does not describe step {step}.")
-    if meta.get("config_fingerprint") != config_fingerprint(run.config):
+    if meta.get("config_fingerprint") != config_fingerprint(run.config, run_captions(run)):
         raise DamagedState(f"The training state of step {step} was saved with different settings than run.json "
                            "holds now; it can't continue this run.")
     if tensor_path.is_symlink() or not tensor_path.is_file():

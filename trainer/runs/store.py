@@ -16,6 +16,7 @@ from PIL import Image
 
 from trainer.config import TrainingConfig
 from trainer.errors import UserError
+from trainer.dataset.imageset import SetImage
 from trainer.runs.folder import MANIFEST, RunFolder
 
 
@@ -42,6 +43,11 @@ class RunStore:
         """A new run folder for ``owner`` (dataset and first run.json written); ``gpus``: the devices the job manager
         gives its job."""
         return RunFolder.create(self.owner_root(owner), config, image, mask, backgrounds=backgrounds, gpus=gpus)
+
+    def create_set(self, owner: str, config: TrainingConfig, images: Sequence[SetImage],
+                   backgrounds: Sequence[Image.Image] = (), gpus: int = 1) -> RunFolder:
+        """A new run of a set of images (``trainer.dataset.imageset.SetImage``: each with its mask and caption)."""
+        return RunFolder.create_set(self.owner_root(owner), config, images, backgrounds=backgrounds, gpus=gpus)
 
     def listing(self, owner: str) -> list[RunListing]:
         """The owner's runs, newest first (run ids start with a timestamp); a damaged run.json hides only its run."""

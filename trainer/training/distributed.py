@@ -1,11 +1,12 @@
-"""One job on several GPUs: data parallel, batch 1 on each GPU (what practitioners recommend over larger batches).
+"""One job on several GPUs: data parallel, batch 1 on each GPU by default (what practitioners recommend).
 
-Every process holds the whole model and the same cached image; each draws its own noise and noise level, so
-N GPUs see N noised copies per step. The LoRA gradients are averaged across processes by PyTorch's
+Every process holds the whole model and the same cached images; each draws its own noise and noise level, so with
+one image N GPUs see N noised copies per step. The LoRA gradients are averaged across processes by PyTorch's
 DistributedDataParallel, in buckets that are sent while backward is still running (a single all-reduce after
 backward measured 1.43x on 2 GPUs: bench/RESULTS.md), so every process applies the identical update and the
-LoRA stays identical everywhere. The learning rate is scaled by sqrt(N) (docs/PRACTICE.md §7: lr = sqrt(batch) x lr at batch 1). Only the
-main process writes checkpoints, previews and run.json.
+LoRA stays identical everywhere. The learning rate is scaled by sqrt(N x batch size) (docs/PRACTICE.md §7; the rule is
+``trainer.training.schedule.scaled_learning_rate``). With a set of several images each process trains its own slice of
+the step's samples (``schedule.sample_indices``). Only the main process writes checkpoints, previews and run.json.
 
 Processes are started by ``torchrun``/``accelerate launch`` (RANK, WORLD_SIZE, LOCAL_RANK in the
 environment) or by ``python -m trainer train --gpus N``, which re-launches itself through torchrun.
@@ -13,7 +14,6 @@ NCCL on CUDA; gloo on the CPU, which is how the tests run it.
 """
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 
@@ -114,10 +114,6 @@ class DistributedContext:
 
     def _collective_device(self) -> torch.device:
         return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
-
-
-def scaled_learning_rate(learning_rate: float, world_size: int) -> float:
-    return learning_rate * math.sqrt(max(1, world_size))
 
 
 def context_from_environment(environ=os.environ) -> DistributedContext:

@@ -22,8 +22,9 @@ import torch
 from trainer.runs import diskspace, lifecycle
 from trainer.runs.recorder import RunRecorder
 from trainer.config import list_presets
-from trainer.dataset.augment import with_background_bank
+from trainer.dataset.augment import user_backgrounds, with_background_bank
 from trainer.training.distributed import DistributedContext
+from trainer.training.schedule import epochs_at_step, scaled_learning_rate
 from trainer.training.encode import encode_example, encode_prompts, free_encoders
 from trainer.dataset.prepare import prepare_image
 from trainer.errors import UserError
@@ -199,17 +200,22 @@ def _device_labels(target: torch.device, dist: DistributedContext) -> tuple[str,
 def train_with_parts(parts, run: RunFolder, tier, should_stop: Callable[[], bool] = lambda: False,
                      resume: "lifecycle.ResumePoint | None" = None,
                      dist: DistributedContext | None = None, preview_folder: Path | None = None) -> Iterator[Event]:
-    """The job once the parts are loaded (transformer still in host memory): encode the image and prompts once,
+    """The job once the parts are loaded (transformer still in host memory): encode the set's images and prompts once,
     free the encoders, place the transformer as ``tier`` says, train. ``bench/tier_bench.py`` runs this same code on
     full-size parts built in code, under each tier's memory cap."""
     cfg = run.config
-    image, mask = run.load_dataset()
-    train_image = prepare_image(image, mask if cfg.masked else None, cfg.resolution)
-    run.train_size = train_image.size  # in memory, for the loop's previews; run.json gets it from Started
-    yield Status("Encoding the image and prompts (once; cached for the whole run)")
-    prompts = encode_prompts(parts, [cfg.training_caption, *cfg.preview_prompts], cfg.max_text_tokens)
-    example = encode_example(parts, train_image, cfg.training_caption, prompts, cfg.masked, cfg.background_weight)
-    example = with_background_bank(parts, example, train_image, cfg, run.path)
+    items = run.load_set()
+    # aspect buckets: each image at its own size of about resolution**2 pixels, its shape kept (no square crop)
+    train_images = [prepare_image(i.image, i.mask if cfg.masked else None, cfg.resolution) for i in items]
+    captions = [cfg.with_trigger(i.caption) for i in items]  # the trigger word is the set's
+    run.train_size = train_images[0].size  # in memory, for the loop's previews; run.json gets it from Started
+    what = "the image" if len(items) == 1 else f"the {len(items)} images"
+    yield Status(f"Encoding {what} and prompts (once; cached for the whole run)")
+    prompts = encode_prompts(parts, [*captions, *cfg.preview_prompts], cfg.max_text_tokens)
+    backgrounds = user_backgrounds(run.path) if cfg.masked and cfg.augment_probability > 0 else []
+    examples = [with_background_bank(parts, encode_example(parts, t, c, prompts, cfg.masked, cfg.background_weight),
+                                     t, cfg, backgrounds, index)
+                for index, (t, c) in enumerate(zip(train_images, captions))]
     free_encoders(parts)
     gc.collect()
     yield Status(_placing_message(tier.weights))
@@ -220,9 +226,14 @@ def train_with_parts(parts, run: RunFolder, tier, should_stop: Callable[[], bool
         preview_model, message = load_preview_model(parts, preview_folder, cfg, tier)
         yield Status(message)
     renderer = PreviewRenderer(parts, prompts, preview_model)
+    gpus = dist.world_size if dist is not None else 1
     yield Started(run_dir=run.path, total_steps=cfg.steps, checkpoint_steps=tuple(cfg.checkpoint_steps),
-                  train_width=train_image.size[0], train_height=train_image.size[1])
-    yield from train_lora(parts, example, cfg, run, renderer, should_stop, resume=resume, dist=dist)
+                  train_width=run.train_size[0], train_height=run.train_size[1], images=len(items),
+                  batch_size=cfg.batch_size, gpus=gpus,
+                  learning_rate=scaled_learning_rate(cfg.learning_rate, gpus, cfg.batch_size),
+                  epochs=epochs_at_step(cfg.steps, len(items), cfg.batch_size, gpus),
+                  train_sizes=tuple(t.size for t in train_images))
+    yield from train_lora(parts, examples, cfg, run, renderer, should_stop, resume=resume, dist=dist)
 
 
 def _placing_message(weights: str) -> str:
@@ -243,7 +254,8 @@ def _saved_so_far(run: RunFolder) -> Iterator[Event]:
         path = run.path / c["path"]
         if path.is_file():
             yield CheckpointSaved(step=c["step"], path=path, size_bytes=path.stat().st_size,
-                                  losses=tuple((int(s), float(loss)) for s, loss in c.get("losses", [])))
+                                  losses=tuple((int(s), float(loss)) for s, loss in c.get("losses", [])),
+                                  epoch=c.get("epoch"))
         if c.get("previews"):
             yield PreviewsRendered(step=c["step"], previews=_previews(run, c["previews"]))
 

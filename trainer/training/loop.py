@@ -1,7 +1,10 @@
 """The training loop: ``train_lora(...)`` yields typed events; the caller decides what to show.
 
-One image, batch 1. Each step draws fresh noise and a fresh noise level from one seeded generator, so a
-run is reproducible on the CPU. Stop is checked before every step and at every denoising step of a preview round.
+A set of 1 to 10 cached images, batch 1 by default. Each step trains the images ``trainer.training.schedule`` gives it
+(every epoch a seeded shuffle of the set; with one image always that image), each with fresh noise and a fresh noise
+level from one seeded generator, so a run is reproducible on the CPU, and a resumed one continues the same order. A
+batch of B images is B one-image passes whose gradients are averaged before one optimizer step (images of different
+shapes can't share a tensor). Stop is checked before every step and at every denoising step of a preview round.
 """
 from __future__ import annotations
 
@@ -9,7 +12,7 @@ import math
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -17,7 +20,8 @@ from trainer.runs import diskspace, lifecycle, state
 from trainer.config import TrainingConfig
 from trainer.dataset.augment import augmented_step, pick as pick_augmented
 from trainer.training.encode import EncodedExample
-from trainer.training.distributed import DistributedContext, scaled_learning_rate
+from trainer.training.distributed import DistributedContext
+from trainer.training.schedule import epochs_at_step, learning_rate_note, sample_indices, scaled_learning_rate
 from trainer.events import CheckpointSaved, Event, Failed, Finished, Preview, PreviewsRendered, Progress, Status
 from trainer.model.lora import add_lora, save_lora
 from trainer.runs.folder import RunFolder
@@ -44,10 +48,11 @@ class StepTimer:
         return 1.0 / max(statistics.median(self._times), 1e-9)
 
 
-def train_lora(parts, example: EncodedExample, cfg: TrainingConfig, run: RunFolder, renderer: PreviewRenderer,
-               should_stop: Callable[[], bool], resume: "lifecycle.ResumePoint | None" = None,
-               dist: DistributedContext | None = None) -> Iterator[Event]:
-    """Train, yielding events. ``resume`` (from ``trainer.runs.lifecycle.prepare_resume``) continues a saved run exactly.
+def train_lora(parts, example: EncodedExample | Sequence[EncodedExample], cfg: TrainingConfig, run: RunFolder,
+               renderer: PreviewRenderer, should_stop: Callable[[], bool],
+               resume: "lifecycle.ResumePoint | None" = None, dist: DistributedContext | None = None) -> Iterator[Event]:
+    """Train, yielding events. ``example``: the one image's cached example, or the set's, in the set's order.
+    ``resume`` (from ``trainer.runs.lifecycle.prepare_resume``) continues a saved run exactly.
 
     With ``dist`` (several GPUs, data parallel) every process runs this loop in lockstep; only the main process
     saves checkpoints and renders previews, and stop / non-finite decisions are agreed by all processes.
@@ -66,10 +71,14 @@ def train_lora(parts, example: EncodedExample, cfg: TrainingConfig, run: RunFold
         writer.close()
 
 
-def _train_lora(parts, example: EncodedExample, cfg: TrainingConfig, run: RunFolder, renderer: PreviewRenderer,
-                should_stop: Callable[[], bool], resume, dist: DistributedContext | None,
+def _train_lora(parts, example: EncodedExample | Sequence[EncodedExample], cfg: TrainingConfig, run: RunFolder,
+                renderer: PreviewRenderer, should_stop: Callable[[], bool], resume, dist: DistributedContext | None,
                 writer: "state.StateWriter") -> Iterator[Event]:
     dist = dist or DistributedContext()
+    examples = (example,) if isinstance(example, EncodedExample) else tuple(example)
+    example = examples[0]
+    images, batch = len(examples), cfg.batch_size
+    captions = state.run_captions(run) if images > 1 else ()  # in the training states' fingerprint
     transformer = parts.transformer
     params = add_lora(transformer, cfg.rank, cfg.alpha, cfg.seed)
     dist.broadcast_parameters(params)
@@ -80,7 +89,7 @@ def _train_lora(parts, example: EncodedExample, cfg: TrainingConfig, run: RunFol
     # passes its self-test at this job's sequence length: bench/RESULTS.md has the gains.
     # A small-card tier's lean previews go without the preview CUDA graph (its memory pool would stay reserved).
     lean_previews = getattr(parts, "lean_previews", False)
-    tokens = example.image_ids.shape[0] + example.caption.text_ids.shape[0]
+    tokens = max(e.image_ids.shape[0] + e.caption.text_ids.shape[0] for e in examples)
     if accelerate_transformer(transformer, parts.device, inference_graphs=False if lean_previews else None,
                               attention_tokens=tokens):
         attention = "cuDNN" if attention_backend(transformer) == "cudnn" else "PyTorch's default"
@@ -89,12 +98,19 @@ def _train_lora(parts, example: EncodedExample, cfg: TrainingConfig, run: RunFol
                      "jobs")
     # On CUDA the LoRA gradients are all-reduced in bf16: half the bytes (1.80x vs 1.71x on 2 H200s, bench/RESULTS.md).
     model = dist.data_parallel(transformer, compress_bf16=parts.device.type == "cuda")
-    optimizer = torch.optim.AdamW(params, lr=scaled_learning_rate(cfg.learning_rate, dist.world_size),
-                                  weight_decay=cfg.weight_decay, **adamw_options(parts.device))
+    learning_rate = scaled_learning_rate(cfg.learning_rate, dist.world_size, batch)  # the one rule (schedule.py)
+    note = learning_rate_note(cfg.learning_rate, batch, dist.world_size,
+                              "GPUs" if parts.device.type == "cuda" else "processes")
+    if note:
+        yield Status(note[0].upper() + note[1:])
+    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=cfg.weight_decay,
+                                  **adamw_options(parts.device))
     generator = torch.Generator(device=parts.device).manual_seed(dist.noise_seed(cfg.seed))
     # separate stream: unmasked_probability can't shift the noise
     mask_generator = torch.Generator().manual_seed(dist.noise_seed(cfg.seed) + 1)
-    mu = parts.family.training_shift(parts.scheduler, parts.family.pack(example.latents).shape[1])
+    # each image's own resolution shift: the set's aspect buckets have about, not exactly, the same token count
+    mus = [parts.family.training_shift(parts.scheduler, parts.family.pack(e.latents).shape[1]) for e in examples]
+    mu = mus[0]
     checkpoint_steps = set(cfg.checkpoint_steps)
     save_dtype = parts.dtype
     timer = StepTimer()
@@ -119,8 +135,10 @@ def _train_lora(parts, example: EncodedExample, cfg: TrainingConfig, run: RunFol
 
     # One step = forward + backward, then clip + AdamW; after a few eager steps on CUDA it is replayed as CUDA
     # graphs (not with several GPUs, whose all-reduce runs inside backward). On the CPU it is the plain eager step.
+    # A set or a batch trains eager too: the graph replays one image's whole step, and a set's steps change the image
+    # (its size, caption and shift) and a batch adds several passes' gradients into one step.
     stepper = TrainStep(model, example, cfg, generator, mu, params, optimizer,
-                        graphs=False if dist.enabled else None)
+                        graphs=False if dist.enabled or images > 1 or batch > 1 else None)
 
     if cfg.preview_at_start and start == 0 and dist.is_main:
         yield Status("Rendering base-model previews (step 0)")
@@ -137,12 +155,10 @@ def _train_lora(parts, example: EncodedExample, cfg: TrainingConfig, run: RunFol
             yield Finished(run_dir=run.path, last_step=step - 1, stopped=True)
             return
         started = time.perf_counter()
-        use_mask = example.weights is not None and (
-            cfg.unmasked_probability == 0.0 or torch.rand((), generator=mask_generator).item() >= cfg.unmasked_probability)
-        step_example = example
-        if augmented_step(example, cfg, mask_generator):  # the subject on another background, whole image trained
-            step_example, use_mask = pick_augmented(example, mask_generator), False
-        loss_value = dist.average(stepper.forward_backward(use_mask, step_example))
+        picked = sample_indices(images, cfg.seed, step, batch, dist.world_size, dist.rank)
+        losses = [_forward_backward(stepper, examples[i], cfg, mask_generator, 1.0 / len(picked), mus[i])
+                  for i in picked]
+        loss_value = dist.average(losses[0] if len(losses) == 1 else statistics.fmean(losses))
         if not math.isfinite(loss_value):
             # Stop before the optimizer touches the weights: nothing non-finite is ever saved.
             stepper.discard()
@@ -154,8 +170,9 @@ def _train_lora(parts, example: EncodedExample, cfg: TrainingConfig, run: RunFol
         if parts.device.type == "cuda":
             torch.cuda.synchronize()
         rate = timer.add(time.perf_counter() - started)
+        epoch = epochs_at_step(step, images, batch, dist.world_size)
         yield Progress(step=step, total_steps=cfg.steps, loss=loss_value, steps_per_second=rate,
-                       eta_seconds=(cfg.steps - step) / rate)
+                       eta_seconds=(cfg.steps - step) / rate, epoch=epoch)
         losses_since_save.append((step, loss_value))
 
         if step in checkpoint_steps:
@@ -172,9 +189,13 @@ def _train_lora(parts, example: EncodedExample, cfg: TrainingConfig, run: RunFol
                 continue
             diskspace.check_before_save(run.path, save_size, step)  # DiskFullError: stop before writing anything
             path = run.checkpoint_path(step)
-            size = save_lora(transformer, path, dtype=save_dtype, extra_metadata=_checkpoint_metadata(cfg, run, step))
-            writer.save(run.path, step, transformer, optimizer, generator, mask_generator, cfg)
-            saved = CheckpointSaved(step=step, path=path, size_bytes=size, losses=tuple(losses_since_save))
+            metadata = _checkpoint_metadata(cfg, run, step)
+            if images > 1 or batch > 1 or dist.enabled:  # a one-image file says what it always said
+                metadata.update(images=str(images), batch_size=str(batch), gpus=str(dist.world_size),
+                                epoch=f"{epoch:.4g}", trained_learning_rate=f"{learning_rate:g}")
+            size = save_lora(transformer, path, dtype=save_dtype, extra_metadata=metadata)
+            writer.save(run.path, step, transformer, optimizer, generator, mask_generator, cfg, captions)
+            saved = CheckpointSaved(step=step, path=path, size_bytes=size, losses=tuple(losses_since_save), epoch=epoch)
             losses_since_save = []
             yield saved
             yield Status(f"Rendering previews for step {step}")
@@ -186,6 +207,18 @@ def _train_lora(parts, example: EncodedExample, cfg: TrainingConfig, run: RunFol
                 return
     stepper.close()
     yield Finished(run_dir=run.path, last_step=step, stopped=False)
+
+
+def _forward_backward(stepper: TrainStep, example: EncodedExample, cfg: TrainingConfig,
+                      mask_generator: torch.Generator, scale: float, mu: float) -> float:
+    """One image's pass of a step: whether it trains masked, or on another background (draws from the mask
+    stream in this order, as one-image runs always did), then its gradients (times ``scale``) are added."""
+    use_mask = example.weights is not None and (
+        cfg.unmasked_probability == 0.0 or torch.rand((), generator=mask_generator).item() >= cfg.unmasked_probability)
+    step_example = example
+    if augmented_step(example, cfg, mask_generator):  # the subject on another background, whole image trained
+        step_example, use_mask = pick_augmented(example, mask_generator), False
+    return stepper.forward_backward(use_mask, step_example, scale, mu)
 
 
 def _render_previews(step: int, cfg: TrainingConfig, run: RunFolder, renderer: PreviewRenderer,

@@ -48,6 +48,11 @@ def training_step(transformer, example: EncodedExample, cfg: TrainingConfig, gen
     return flow.masked_mse(prediction, flow.velocity_target(latents, noise), weights, cfg.normalize_mask)
 
 
+def _backward(loss: torch.Tensor, scale: float) -> None:
+    # ``loss * 1.0`` is exact, but a batch-1 step must stay the very same graph as before batches existed
+    (loss if scale == 1.0 else loss * scale).backward()
+
+
 def adamw_options(device, runtime: Runtime | None = None) -> dict:
     """Keyword arguments for ``torch.optim.AdamW`` that suit ``TrainStep`` on ``device``: fused on CUDA, and
     capturable (its step counter on the GPU) where the step will be replayed from a CUDA graph."""
@@ -96,23 +101,23 @@ class TrainStep:
         return self._graphs is not None
 
     # ---- eager
-    def _forward_loss(self, example, use_mask: bool) -> torch.Tensor:
+    def _forward_loss(self, example, use_mask: bool, mu: float | None = None) -> torch.Tensor:
         for m in self._lora:
             m.cast_input_dtype_enabled = False
         try:
             step_fn = self._step_fn or training_step
-            return step_fn(self.transformer, example, self.cfg, self.generator, self.mu, use_mask)
+            return step_fn(self.transformer, example, self.cfg, self.generator, self.mu if mu is None else mu, use_mask)
         finally:
             for m in self._lora:
                 m.cast_input_dtype_enabled = True
 
-    def _eager_forward_backward(self, use_mask: bool, example=None) -> float:
+    def _eager_forward_backward(self, use_mask: bool, example=None, scale: float = 1.0, mu: float | None = None) -> float:
         example = self.example if example is None else example
         first_compiled = self.eager_steps == 0 and is_accelerated(self.transformer)
         rng_state = self.generator.get_state() if first_compiled else None
         try:
-            loss = self._forward_loss(example, use_mask)
-            loss.backward()
+            loss = self._forward_loss(example, use_mask, mu)
+            _backward(loss, scale)
         except torch.OutOfMemoryError:
             raise
         except Exception:
@@ -124,8 +129,8 @@ class TrainStep:
             self.optimizer.zero_grad(set_to_none=True)
             restore_eager(self.transformer)
             self.generator.set_state(rng_state)
-            loss = self._forward_loss(example, use_mask)
-            loss.backward()
+            loss = self._forward_loss(example, use_mask, mu)
+            _backward(loss, scale)
         self.eager_steps += 1
         return loss.item()
 
@@ -168,11 +173,17 @@ class TrainStep:
                                    and example.latents.dtype == mine.latents.dtype
                                    and example.caption is mine.caption and example.image_ids is mine.image_ids)
 
-    def forward_backward(self, use_mask: bool, example=None) -> float:
+    def forward_backward(self, use_mask: bool, example=None, scale: float = 1.0, mu: float | None = None) -> float:
         """Compute the loss and the LoRA gradients for one noised copy of ``example`` (default: the run's
-        example; ``use_mask`` is then only honoured if that example has weights); returns the loss value."""
+        example; ``use_mask`` is then only honoured if that example has weights); returns the loss value.
+
+        ``scale``: the gradients are those of ``scale x loss``, added to the ones already there (a batch of B images
+        is B calls with ``scale=1/B`` before one ``apply``: the batch's mean loss). ``mu``: the example's own
+        resolution shift (an image of another size), default the one the step was made with."""
         example = self.example if example is None else example
         use_mask = bool(use_mask and example.weights is not None)
+        if scale != 1.0 or (mu is not None and mu != self.mu):  # the graph replays one whole step at this mu
+            return self._eager_once(example, use_mask, scale, mu)
         if not self._fits_graph(example) or (use_mask and example.weights.shape != self.example.weights.shape):
             return self._eager_once(example, use_mask)
         if self._graphs is None and self.graphs_wanted and self.graph_error is None \
@@ -202,11 +213,11 @@ class TrainStep:
                 return self._eager_forward_backward(use_mask, example)
         return self._eager_forward_backward(use_mask, example)
 
-    def _eager_once(self, example, use_mask: bool) -> float:
+    def _eager_once(self, example, use_mask: bool, scale: float = 1.0, mu: float | None = None) -> float:
         """A step the graph can't express: eager; its gradients are applied eagerly by ``apply``."""
         if self._graphs is not None:
             self.optimizer.zero_grad(set_to_none=False)  # keep the graph's gradient tensors; backward adds into them
-        value = self._eager_forward_backward(use_mask, example)
+        value = self._eager_forward_backward(use_mask, example, scale, mu)
         self._eager_pending = self._graphs is not None
         return value
 
