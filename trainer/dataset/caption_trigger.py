@@ -34,7 +34,7 @@ _STOP = frozenset("""
     of with in on at by for from to into onto over under behind near and or but is are was were be being has have
     shows show showing depicts depicting features featuring looks looking appears seems that which who while as
 """.split())
-_LOWER_FIRST = frozenset({"a", "an", "the", "this", "these", "there", "in", "it"})
+_LOWER_FIRST = frozenset("a an the this these there in it on at one two three four five several some many".split())
 _WORD = re.compile(r"[A-Za-z][A-Za-z'-]*|[^\sA-Za-z]")
 
 

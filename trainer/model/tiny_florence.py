@@ -60,7 +60,7 @@ def build_tiny_florence(seed: int = 0):
     processor = Florence2Processor(image_processor=images, tokenizer=tokenizer,
                                    post_processor_config={"pure_text": {}})
     config = Florence2Config(
-        text_config=dict(model_type="bart", vocab_size=len(tokenizer), max_position_embeddings=256, d_model=16,
+        text_config=dict(model_type="bart", vocab_size=len(tokenizer), max_position_embeddings=512, d_model=16,
                          encoder_layers=1, encoder_ffn_dim=32, encoder_attention_heads=2, decoder_layers=1,
                          decoder_ffn_dim=32, decoder_attention_heads=2, bos_token_id=0, pad_token_id=1,
                          eos_token_id=2, decoder_start_token_id=2, forced_bos_token_id=0),
