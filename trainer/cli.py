@@ -6,6 +6,7 @@
     python -m trainer train --output DIR --prepared --events-jsonl FILE --stop-file FILE   (how the app runs a
                                                        multi-GPU job: a run folder it created, events as JSON lines)
     python -m trainer mask IMAGE --output OUT.png
+    python -m trainer caption IMAGE... [--model ID] [--trigger WORD]   (writes NAME.txt next to each picture)
     python -m trainer presets
     python -m trainer export CHECKPOINT --format kohya|diffusers --output FILE
     python -m trainer grid RUN_DIR --seeds 1,2 --weights 0.5,1.0 [--prompt TEXT]... --output grid.png
@@ -93,6 +94,20 @@ def _parser() -> argparse.ArgumentParser:
     mask.add_argument("--point", type=_point, metavar="X,Y",
                       help="a pixel on the subject, for when the automatic mask picks something else or nothing")
 
+    caption = sub.add_parser("caption", help="write a detailed caption NAME.txt next to each picture (Florence-2), "
+                                             "the layout train --dataset DIR reads")
+    caption.add_argument("images", type=Path, nargs="+", metavar="IMAGE",
+                         help="PNG, JPEG or WEBP pictures, or a folder of them")
+    caption.add_argument("--model", default=None,
+                         help="florence-community/Florence-2-base (default), 'large' (Florence-2-large), another "
+                              "Hub id of a transformers-native Florence-2, a local folder of one, or tiny-caption")
+    caption.add_argument("--trigger", default="", help="write this word where the subject is named (default: the "
+                                                        "[trigger] placeholder, which train --trigger fills in)")
+    caption.add_argument("--max-tokens", type=int, default=None,
+                         help="the longest caption, in tokens (default 384; a detailed caption is about 60-120)")
+    caption.add_argument("--overwrite", action="store_true", help="replace NAME.txt files that exist (default: "
+                                                                  "keep them, they may hold your edits)")
+
     sub.add_parser("presets", help="list presets and their settings")
 
     export = sub.add_parser("export", help="write a checkpoint in the kohya/ComfyUI or diffusers layout")
@@ -129,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
             return _presets()
         if args.command == "mask":
             return _mask(args)
+        if args.command == "caption":
+            return _caption(args)
         if args.command == "export":
             return _export(args)
         if args.command == "grid":
@@ -178,6 +195,57 @@ def _mask(args) -> int:
         print(f"warning: the automatic mask is unsure: check {args.output} (its alpha is the mask), or paint a "
               "black/white mask (white = subject) and train with --mask.", file=sys.stderr)
     return 0
+
+
+def _caption(args) -> int:
+    from trainer.dataset.imageset import IMAGE_SUFFIXES
+    from trainer.fsutil import atomic_write_bytes
+
+    pictures: list[Path] = []
+    for path in args.images:
+        if path.is_dir():
+            pictures += sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            pictures.append(path)
+    todo = [p for p in pictures if args.overwrite or not p.with_suffix(".txt").exists()]
+    for kept in sorted(set(pictures) - set(todo)):
+        print(f"kept {kept.with_suffix('.txt')} (it exists; --overwrite replaces it)", file=sys.stderr)
+    if not todo:
+        return 0
+    images = [api.load_image(p, what=f"image '{p.name}'") for p in todo]
+    captions = api.caption_images(images, model=args.model or api.DEFAULT_CAPTION_MODEL,
+                                  trigger=args.trigger or api.TRIGGER_PLACEHOLDER, progress=_caption_progress(),
+                                  token=os.environ.get("HF_TOKEN"),
+                                  **({"max_new_tokens": args.max_tokens} if args.max_tokens else {}))
+    if sys.stderr.isatty():
+        sys.stderr.write("\r\033[K")
+    for picture, text in zip(todo, captions):
+        target = picture.with_suffix(".txt")
+        try:
+            atomic_write_bytes(target, (text + "\n").encode("utf-8"))
+        except OSError as err:
+            raise UserError(f"Could not write '{target}': {err.strerror or err}.") from None
+        print(f"{target}: {text}")
+    return 0
+
+
+def _caption_progress():
+    """Progress on stderr: one line rewritten in place on a terminal; in a log, each new stage and every tenth of a
+    download."""
+    last = {"stage": "", "tenth": -1}
+
+    def show(fraction: float, message: str) -> None:
+        if sys.stderr.isatty():
+            sys.stderr.write("\r\033[K" + message)
+        else:
+            stage, tenth = message.split(":")[0], int(fraction * 10)
+            if stage == last["stage"] and tenth == last["tenth"]:
+                return
+            last.update(stage=stage, tenth=tenth)
+            sys.stderr.write(message + "\n")
+        sys.stderr.flush()
+
+    return show
 
 
 def _export(args) -> int:

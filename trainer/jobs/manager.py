@@ -275,6 +275,9 @@ class JobManager:
                     self._changed.notify_all()
 
     def _run(self, job: Job) -> None:
+        from trainer.dataset.caption import free as free_captioner
+
+        free_captioner()  # the page's caption model gives its (GPU) memory back before any training starts
         try:
             extra: dict = {"resume": True} if job.resume else {}
             runner = self._runner
