@@ -121,6 +121,13 @@ def describe(name: str, r: dict) -> str:
             f"training loss {r['first_loss']:.3f} -> {r['last_loss']:.3f}")
 
 
+def assert_masked_learns_the_subject(unmasked: dict, subject_ratio: float, background_ratio: float) -> None:
+    assert unmasked["subject_gain"] > 0.1 * unmasked["subject_before"], "the unmasked run did not learn measurably"
+    assert unmasked["background_gain"] > 0.1 * unmasked["background_before"], "the unmasked run did not learn the background"
+    assert subject_ratio >= 0.7, "the masked run learned the subject much less than the unmasked run"
+    assert background_ratio <= 0.5, "the masked run's background moved almost as much as the unmasked run's"
+
+
 def test_masked_training_learns_the_subject_not_the_background(tmp_path):
     started = time.perf_counter()
     unmasked = train_and_measure(tmp_path / "unmasked", masked=False)
@@ -139,10 +146,7 @@ def test_masked_training_learns_the_subject_not_the_background(tmp_path):
     print(f"masked / unmasked: subject gain ratio {subject_ratio:.2f}, background gain ratio {background_ratio:.2f}")
     print(f"augmented / unmasked: subject gain ratio {aug_subject_ratio:.2f}, "
           f"background gain ratio {aug_background_ratio:.2f}")
-    assert unmasked["subject_gain"] > 0.1 * unmasked["subject_before"], "the unmasked run did not learn measurably"
-    assert unmasked["background_gain"] > 0.1 * unmasked["background_before"], "the unmasked run did not learn the background"
-    assert subject_ratio >= 0.7, "the masked run learned the subject much less than the unmasked run"
-    assert background_ratio <= 0.5, "the masked run's background moved almost as much as the unmasked run's"
+    assert_masked_learns_the_subject(unmasked, subject_ratio, background_ratio)
     # Augmented steps train whole images (the subject on other backgrounds), so the model also gets better at
     # backgrounds in general; the subject is still learned as well, and the training background less than unmasked.
     assert aug_subject_ratio >= 0.7, "background augmentation cost too much of the subject's learning"
@@ -166,10 +170,7 @@ def test_masked_training_learns_the_subject_not_the_background_on_klein(tmp_path
     print(describe("unmasked", unmasked))
     print(describe("masked", masked))
     print(f"masked / unmasked: subject gain ratio {subject_ratio:.2f}, background gain ratio {background_ratio:.2f}")
-    assert unmasked["subject_gain"] > 0.1 * unmasked["subject_before"], "the unmasked run did not learn measurably"
-    assert unmasked["background_gain"] > 0.1 * unmasked["background_before"], "the unmasked run did not learn the background"
-    assert subject_ratio >= 0.7, "the masked run learned the subject much less than the unmasked run"
-    assert background_ratio <= 0.5, "the masked run's background moved almost as much as the unmasked run's"
+    assert_masked_learns_the_subject(unmasked, subject_ratio, background_ratio)
 
 
 # ---- background augmentation ---------------------------------------------------------------------
