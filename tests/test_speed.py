@@ -123,6 +123,10 @@ def test_the_self_test_verdicts(monkeypatch, use_runtime):
     assert attention.choose_attention("cuda:0", 64) == "default"
     assert attention.choose_attention("cuda:1", 80) == "cudnn"
     assert attention.choose_attention("cuda:0", None) == "default"  # no sequence length to test at
+    # a set of pictures of several shapes: cuDNN only if every length passed (80 on GPU 1 did, 96 on GPU 0 did not)
+    monkeypatch.setitem(attention._attention_verdicts, (96, 1), False)
+    assert attention.choose_attention("cuda:1", (80,)) == "cudnn"
+    assert attention.choose_attention("cuda:1", (80, 96)) == "default"
     use_runtime(attention="cudnn")  # the user's override skips the test
     assert attention.choose_attention("cuda:0", 64) == "cudnn"
     use_runtime(attention="flash")

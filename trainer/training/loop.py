@@ -89,7 +89,8 @@ def _train_lora(parts, example: EncodedExample | Sequence[EncodedExample], cfg: 
     # passes its self-test at this job's sequence length: bench/RESULTS.md has the gains.
     # A small-card tier's lean previews go without the preview CUDA graph (its memory pool would stay reserved).
     lean_previews = getattr(parts, "lean_previews", False)
-    tokens = max(e.image_ids.shape[0] + e.caption.text_ids.shape[0] for e in examples)
+    # every sequence length the job trains at (a set's pictures have several shapes): the attention self-test runs at each
+    tokens = tuple(sorted({e.image_ids.shape[-2] + e.caption.text_ids.shape[-2] for e in examples}))
     if accelerate_transformer(transformer, parts.device, inference_graphs=False if lean_previews else None,
                               attention_tokens=tokens):
         attention = "cuDNN" if attention_backend(transformer) == "cudnn" else "PyTorch's default"

@@ -88,8 +88,12 @@ def cudnn_attention_works(tokens: int, device_index: int = 0, timeout_s: float =
     return _attention_verdicts[key]
 
 
-def choose_attention(device, tokens: int | None, runtime: Runtime | None = None) -> str:
+def choose_attention(device, tokens: int | tuple[int, ...] | None, runtime: Runtime | None = None) -> str:
     """``"cudnn"`` or ``"default"`` (PyTorch's own choice: flash attention on these GPUs).
+
+    ``tokens``: the job's sequence length, or every length it trains at (a set of pictures of several shapes): cuDNN
+    only if it passes at each one. A set of 4 shapes crashed in cuBLAS after cuDNN's backward on an H200 when only
+    the longest length had been tested (2026-12-03).
 
     The ``Runtime``'s ``attention`` (``ONE_IMAGE_LORA_ATTENTION``): ``auto`` (default) runs the self-test, ``cudnn``
     skips it, ``flash`` keeps PyTorch's choice. Off CUDA, or without a sequence length to test, always the default."""
@@ -102,7 +106,8 @@ def choose_attention(device, tokens: int | None, runtime: Runtime | None = None)
     if setting != "auto" or not tokens:
         return "default"
     index = device.index if device.index is not None else torch.cuda.current_device()
-    return "cudnn" if cudnn_attention_works(tokens, index) else "default"
+    lengths = (tokens,) if isinstance(tokens, int) else tuple(tokens)
+    return "cudnn" if all(cudnn_attention_works(t, index) for t in lengths) else "default"
 
 
 def _cudnn_first(forward: Callable) -> Callable:

@@ -39,7 +39,7 @@ def can_compile(device, runtime: Runtime | None = None) -> bool:
 
 
 def accelerate_transformer(transformer, device, *, force: bool = False, inference_graphs: bool | None = None,
-                           attention_tokens: int | None = None, runtime: Runtime | None = None,
+                           attention_tokens: int | tuple[int, ...] | None = None, runtime: Runtime | None = None,
                            **compile_kwargs) -> bool:
     """Compile every Flux block in place; ``True`` if it did. Quietly ``False`` where it can't (CPU, no Triton).
 
