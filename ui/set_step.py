@@ -184,7 +184,7 @@ def _connect_api(e: Editor, after) -> None:
 
     def answer(images: ImageSet):
         live = images.items[images.current].dataset if images.items else None
-        return live, images, strip_value(images), image_set.set_summary(images)
+        return live, images, image_set.thumbnails(images), image_set.set_summary(images)  # plain: the API's answer
 
     @user_errors
     def add_api(files, use_mask, model, images, dataset, caption="a photo of [trigger]"):
@@ -200,7 +200,7 @@ def _connect_api(e: Editor, after) -> None:
     @user_errors
     def caption_api(index, text, images, dataset):
         images = image_set.with_caption(image_set.save_live(images, dataset), index, text)
-        return images, strip_value(images), image_set.set_summary(images)
+        return images, image_set.thumbnails(images), image_set.set_summary(images)
 
     def remove_api(images, dataset):
         return answer(image_set.removed(image_set.save_live(images, dataset)))
