@@ -64,7 +64,7 @@ def build_app(manager: api.JobManager, runs_root: Path, state_secret: str | None
                                              label="Background-removal model",
                                              info="u2netp works offline; the others download on first use")
                     mask_file = gr.File(label="Or upload your own mask (white = trained)", file_types=IMAGE_TYPES,
-                                        type="filepath")
+                                        type="filepath", elem_id="own-mask")
                 gr.Markdown(dataset_step.MASK_HELP)
                 bg0, norm0, unmasked0, augment0 = dataset_step.mask_defaults(first_preset)
                 with gr.Row():

@@ -29,9 +29,10 @@ def _whole(value, default: int = 1) -> int:
 
 def epochs_of(steps, image_set, batch, gpus) -> float | None:
     try:
-        return round(api.epochs_at_step(int(steps), set_size(image_set), _whole(batch), _whole(gpus)), 2)
+        shown = round(api.epochs_at_step(int(steps), set_size(image_set), _whole(batch), _whole(gpus)), 2)
     except (TypeError, ValueError):
         return None
+    return int(shown) if shown == int(shown) else shown  # "2", not "2.0", in the box
 
 
 def on_steps_change(steps, epochs, image_set, batch, gpus):
