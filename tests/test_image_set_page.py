@@ -174,3 +174,35 @@ def test_a_set_of_three_through_the_api_trains_each_image_with_its_mask_and_capt
         disc = np.asarray(subject_image(sizes["third.png"])[1]) > 127
         found = np.asarray(automatic) > 127
         assert (disc & found).sum() / (disc | found).sum() > 0.8  # the automatic mask found the disc
+
+
+def test_train_passes_the_batch_size_and_a_length_in_epochs_and_a_set_of_one_trains_as_before(tmp_path):
+    from trainer.jobs.manager import JobManager
+    from ui.training_step import TrainingController
+
+    manager = JobManager(runner=lambda run, should_stop, token=None: iter(()))
+    try:
+        controller = TrainingController(manager, tmp_path / "runs")
+        image, mask = subject_image()
+        first = Dataset(image, mask, "uploaded mask")
+        images, _ = one(tmp_path)
+        images = image_set.add_files(images, [str(picture(tmp_path, "b.png", (240, 180))),
+                                              str(picture(tmp_path, "c.png", (200, 200)))], False, "u2netp")
+        args = ("alice", first, "a photo of [trigger]", TRIGGER, "", "quick-test-250", 4, None, 4e-4, 2, "tiny-demo")
+        controller.start(*args, batch_size=2, epochs=4, images=image_set.training_images(images, first, "cap a"))
+        job = manager.latest_for("alice")
+        list(job.follow())
+        config = job.run.config
+        assert (config.batch_size, config.steps, config.learning_rate) == (2, 6, 4e-4)  # 3 x 4 / 2; the rule is the job's
+        assert config.caption == "cap a" and job.run.image_count == 3
+        assert (job.run.path / "dataset" / "image-02.png").is_file()
+
+        controller.start("bob", first, "a photo of [trigger]", TRIGGER, "", "quick-test-250", 4, 8, 4e-4, 4,
+                         "tiny-demo", images=image_set.training_images(one(tmp_path, "solo.png")[0], first, "x"))
+        job = manager.latest_for("bob")
+        list(job.follow())
+        assert job.run.image_count == 1 and job.run.config.batch_size == 1 and job.run.config.steps == 8
+        assert job.run.config.caption == "a photo of [trigger]"
+        assert not list((job.run.path / "dataset").glob("image-*.png"))  # the one-image layout
+    finally:
+        manager.shutdown()
