@@ -144,7 +144,7 @@ def build_app(manager: api.JobManager, runs_root: Path, state_secret: str | None
                 several = manager.max_gpus > 1
                 gpus = gr.Dropdown(choices=settings_step.gpus_choices(manager.max_gpus), value=1, visible=several,
                                    label="GPUs for this job", elem_id="gpus",
-                                   info="Data parallel: batch 1 on each GPU, learning rate scaled by √N")
+                                   info="Data parallel: the batch on each GPU, learning rate scaled by √(N × batch)")
                 gpus_info = gr.Markdown(settings_step.gpus_note(1, lr0), visible=several, elem_id="gpus-note")
                 api_preview_model = gr.Textbox(value="", visible=False)  # /train: "" = the base model
                 api_gpus = gr.Number(value=1, precision=0, visible=False)  # /train: any number, checked by the controller
