@@ -339,3 +339,98 @@ def test_a_klein_run_in_the_browser(app, browser, tmp_path, isolated_data_dir, t
     with safetensors.safe_open(str(saved[0]), "pt") as f:
         assert f.metadata()["family"] == "flux2-klein"
         assert any("single_transformer_blocks.0.attn.to_qkv_mlp_proj.lora_A" in k for k in f.keys())
+
+
+def strip_thumbnails(driver) -> list:
+    return driver.find_elements(By.CSS_SELECTOR, "#image-strip .grid-container button")
+
+
+def set_caption(driver, text: str) -> None:
+    box = driver.find_element(By.CSS_SELECTOR, "#caption textarea")
+    box.send_keys(Keys.CONTROL, "a")
+    box.send_keys(text)
+    wait_until(driver, lambda d: d.find_element(By.CSS_SELECTOR, "#caption textarea").get_attribute("value") == text,
+               10, f"the caption {text!r}")
+
+
+def edit_image(driver, index: int, name: str) -> None:
+    """Pick the strip's ``index``-th thumbnail (0-based) and wait until the editor edits it."""
+    strip_thumbnails(driver)[index].click()
+    wait_until(driver, lambda d: f"editing {index + 1}. {name}" in text_of(d, "#set-info"), 60, f"editing {name}")
+
+
+def test_a_set_of_three_images_in_the_browser(app, browser, tmp_path):
+    """Three pictures of different sizes: the first through the one-image upload, two more through Add images; the
+    second gets its own mask; each its own caption; the length set in epochs; a tiny-demo run streams its previews,
+    and the run folder holds the three images, masks and captions."""
+    import json
+
+    import numpy as np
+
+    from tests.conftest import subject_image
+
+    sizes = {"first.png": (160, 200), "second.png": (240, 180), "third.png": (200, 200)}
+    paths = {name: write_subject_png(tmp_path, name, size) for name, size in sizes.items()}
+    own_mask = tmp_path / "second mask.png"
+    square = Image.new("L", sizes["second.png"], 0)
+    square.paste(255, (60, 40, 180, 150))
+    square.save(own_mask)
+
+    open_page(browser, app.url)
+    upload_image(browser, paths["first.png"])
+    browser.find_element(By.CSS_SELECTOR, "#add-images input[type=file]").send_keys(
+        f"{paths['second.png']}\n{paths['third.png']}")
+    wait_until(browser, lambda d: "3 images" in text_of(d, "#set-info") and len(strip_thumbnails(d)) == 3, 180,
+               "three images in the strip")
+    assert "editing 1. first.png" in text_of(browser, "#set-info") and "160×200" in text_of(browser, "#image-info")
+    set_caption(browser, "a photo of [trigger], close up")
+
+    edit_image(browser, 1, "second.png")
+    wait_until(browser, lambda d: "240×180" in text_of(d, "#image-info"), 30, "the second image in the editor")
+    browser.find_element(By.CSS_SELECTOR, "#own-mask input[type=file]").send_keys(str(own_mask))
+    wait_until(browser, lambda d: "your mask" in text_of(d, "#image-info"), 60, "the second image's own mask")
+    set_caption(browser, "a side view of [trigger]")
+
+    edit_image(browser, 2, "third.png")
+    wait_until(browser, lambda d: "200×200" in text_of(d, "#image-info"), 30, "the third image in the editor")
+    assert "automatic background removal" in text_of(browser, "#image-info")
+    set_caption(browser, "[trigger] on a table")
+
+    edit_image(browser, 1, "second.png")  # each image kept its own mask and caption
+    wait_until(browser, lambda d: "your mask" in text_of(d, "#image-info"), 30, "the second image's mask again")
+    assert browser.find_element(By.CSS_SELECTOR, "#caption textarea").get_attribute("value") == \
+        "a side view of [trigger]"
+
+    ensure_tiny_demo(browser)
+    set_number(browser, "Steps", 3)  # 3 steps of a 3-image set = 1 epoch
+    wait_until(browser, lambda d: number_input(d, "Epochs").get_attribute("value") == "1", 30, "1 epoch")
+    set_number(browser, "Epochs", 2)  # the length in epochs: the steps follow
+    wait_until(browser, lambda d: number_input(d, "Steps").get_attribute("value") == "6", 30, "6 steps for 2 epochs")
+    set_number(browser, "Save a checkpoint every N steps", 3)
+    wait_until(browser, lambda d: "step 3 (epoch 1.00), step 6 (epoch 2.00)" in text_of(d, "#schedule"), 30,
+               "the checkpoints' epochs")
+    browser.find_element(By.ID, "train").click()
+    wait_until(browser, lambda d: "epoch" in text_of(d, "#progress") and current_step(d) >= 1, RUN_TIMEOUT,
+               "the first step, with its epoch")
+    wait_until(browser, lambda d: "Finished" in text_of(d, "#progress"), RUN_TIMEOUT, "Finished")
+    progress = text_of(browser, "#progress")
+    assert "Finished: 6 steps, 2 checkpoint(s)." in progress and "epoch 2.00 / 2.00 of 3 images" in progress
+    wait_until(browser, lambda d: len(loaded_gallery_images(d)) >= 9, 60, "nine preview images in the gallery")
+    assert "step 6 · epoch 2.00" in text_of(browser, "#previews")
+
+    run = app.jobs[0].run.path
+    entries = json.loads((run / "run.json").read_text())["dataset"]
+    entries = entries["images"] if isinstance(entries, dict) else entries
+    assert [(e["name"], e["caption"]) for e in entries] == [
+        ("first.png", "a photo of [trigger], close up"), ("second.png", "a side view of [trigger]"),
+        ("third.png", "[trigger] on a table")]
+    for entry, size in zip(entries, sizes.values()):
+        with Image.open(run / entry["image"]) as stored:
+            assert stored.size == size
+        assert entry["mask"]
+    with Image.open(run / entries[1]["mask"]) as stored:
+        assert np.array_equal(np.asarray(stored), np.asarray(square))
+    with Image.open(run / entries[2]["mask"]) as automatic:
+        disc = np.asarray(subject_image(sizes["third.png"])[1]) > 127
+        found = np.asarray(automatic) > 127
+        assert (disc & found).sum() / (disc | found).sum() > 0.8

@@ -180,3 +180,40 @@ def test_the_devices_come_from_placed():
     assert shown(("cpu:0",))[0] == ""
     # a Status that reads like the job manager's old note is only a status now
     assert replay([Status("Running on GPUs 0, 1")]).gpu == ""
+
+
+def set_history(images: int = 3, batch: int = 2, total: int = 6, every: int = 3) -> list:
+    """A set's run: Started tells its size, batch and rate; Progress and CheckpointSaved tell their epochs."""
+    per_epoch = images / batch
+    events = [Started(run_dir=RUN, total_steps=total, checkpoint_steps=tuple(range(every, total + 1, every)),
+                      train_width=448, train_height=560, images=images, batch_size=batch, gpus=1,
+                      learning_rate=4e-4 * 2 ** 0.5, epochs=total / per_epoch), previews(0)]
+    for step in range(1, total + 1):
+        events.append(Progress(step=step, total_steps=total, loss=0.5, steps_per_second=2.0, eta_seconds=0.0,
+                               epoch=step / per_epoch))
+        if step % every == 0:
+            events += [CheckpointSaved(step=step, path=RUN / f"lora-{step:06d}.safetensors", size_bytes=1000,
+                                       epoch=step / per_epoch), previews(step)]
+    return events
+
+
+def test_a_sets_run_shows_epochs_beside_steps_and_its_checkpoints_epochs():
+    view = replay(set_history()[:6])  # Started, base previews, steps 1-3 and the checkpoint at 3
+    view.running = True
+    text = view.progress_markdown()
+    assert "Step **1 / 6** (17%)" not in text and "Step **3 / 6** (50%) · epoch **2.00 / 4.00** of 3 images" in text
+    assert "2 images per step (batch 2 × 1 process(es)): learning rate 0.000566 (√ rule)" in text
+    assert "Checkpoints: step 3 (epoch 2.00)" in text
+    assert view.checkpoint_files == [str(RUN / "lora-000003.safetensors")]  # named by step, as before
+    full = replay(set_history())
+    assert "Checkpoints: step 3 (epoch 2.00), step 6 (epoch 4.00)" in full.progress_markdown()
+    assert [label for _, label in full.previews][2:4] == [f"step 3 · epoch 2.00 · {CAPTION}",
+                                                          f"step 3 · epoch 2.00 · {EXTRA}"]
+    assert full.previews[0][1] == f"base model (step 0) · {CAPTION}"
+
+
+def test_one_image_at_batch_1_reads_exactly_as_before_sets():
+    view = replay(history())  # Started with the defaults: images=1, batch 1, one GPU
+    text = view.progress_markdown()
+    assert "epoch" not in text and "images per step" not in text and "Checkpoints:" not in text
+    assert [label for _, label in view.previews][2] == f"step 2 · {CAPTION}"

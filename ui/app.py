@@ -11,7 +11,7 @@ import gradio as gr
 
 from trainer import api
 from trainer.errors import UserError
-from ui import compare_tab, dataset_step, settings_step, tryit_tab
+from ui import compare_tab, dataset_step, image_set, schedule_step, set_step, settings_step, tryit_tab
 from ui.hosting import hosting_notices, on_space
 from ui.session import owner_and_token_of, user_errors
 from ui.training_step import TrainingController
@@ -38,7 +38,7 @@ def build_app(manager: api.JobManager, runs_root: Path, state_secret: str | None
     # Gradio's cache (uploads, outputs) is pruned daily and emptied on restart; run files live in runs_root.
     with gr.Blocks(title="One-image Flux LoRA", delete_cache=(3600, 24 * 3600)) as demo:
         owner_state = gr.BrowserState(None, storage_key="one-image-lora-owner", secret=state_secret)
-        dataset_state = gr.State(None)
+        dataset_state, set_state = gr.State(None), gr.State(None)  # the image being edited; the set (ui.image_set)
         gr.Markdown(INTRO)
         if on_space():
             gr.LoginButton()  # on a Space, jobs belong to the logged-in user and their token fetches the model
@@ -55,6 +55,7 @@ def build_app(manager: api.JobManager, runs_root: Path, state_secret: str | None
                                        type="pil", elem_id="mask-preview", height=360, buttons=["download"])
                 image_info = gr.Markdown("Upload one image. A transparent PNG's transparency is used as its mask.",
                                          elem_id="image-info")
+                strip, set_info, add_images, earlier, later, remove = set_step.build_strip()
 
                 gr.Markdown("## 2. Mask")
                 with gr.Row():
@@ -63,7 +64,7 @@ def build_app(manager: api.JobManager, runs_root: Path, state_secret: str | None
                                              label="Background-removal model",
                                              info="u2netp works offline; the others download on first use")
                     mask_file = gr.File(label="Or upload your own mask (white = trained)", file_types=IMAGE_TYPES,
-                                        type="filepath")
+                                        type="filepath", elem_id="own-mask")
                 gr.Markdown(dataset_step.MASK_HELP)
                 bg0, norm0, unmasked0, augment0 = dataset_step.mask_defaults(first_preset)
                 with gr.Row():
@@ -113,8 +114,13 @@ def build_app(manager: api.JobManager, runs_root: Path, state_secret: str | None
                 with gr.Row():
                     rank = gr.Number(value=rank0, label="LoRA rank", precision=0, minimum=1, maximum=256)
                     steps = gr.Number(value=steps0, label="Steps", precision=0, minimum=1)
+                    epochs = gr.Number(value=schedule_step.epochs_of(steps0, None, 1, 1), label="Epochs",
+                                       info=schedule_step.EPOCHS_INFO, minimum=0.01, elem_id="epochs")
+                    batch_size = gr.Number(value=1, label="Batch size", precision=0, minimum=1, maximum=16,
+                                           info=schedule_step.BATCH_INFO, elem_id="batch-size")
                     learning_rate = gr.Number(value=lr0, label="Learning rate")
                     save_every = gr.Number(value=every0, label="Save a checkpoint every N steps", precision=0, minimum=1)
+                schedule = gr.Markdown(schedule_step.schedule_note(steps0, every0, None, 1, 1, lr0), elem_id="schedule")
                 plan = gr.Markdown(settings_step.on_plan_change(model0, rank0, steps0, every0, first_preset,
                                                                 settings_step.DEFAULT_PROMPTS), elem_id="plan")
 
@@ -138,10 +144,11 @@ def build_app(manager: api.JobManager, runs_root: Path, state_secret: str | None
                 several = manager.max_gpus > 1
                 gpus = gr.Dropdown(choices=settings_step.gpus_choices(manager.max_gpus), value=1, visible=several,
                                    label="GPUs for this job", elem_id="gpus",
-                                   info="Data parallel: batch 1 on each GPU, learning rate scaled by √N")
+                                   info="Data parallel: the batch on each GPU, learning rate scaled by √(N × batch)")
                 gpus_info = gr.Markdown(settings_step.gpus_note(1, lr0), visible=several, elem_id="gpus-note")
                 api_preview_model = gr.Textbox(value="", visible=False)  # /train: "" = the base model
                 api_gpus = gr.Number(value=1, precision=0, visible=False)  # /train: any number, checked by the controller
+                api_batch, api_epochs, api_no_epochs = (gr.Number(value=None, visible=False) for _ in range(3))
 
                 gr.Markdown("## 6. Train")
                 with gr.Row():
@@ -168,18 +175,24 @@ def build_app(manager: api.JobManager, runs_root: Path, state_secret: str | None
         tryit_tab.connect_to_compare(compare, tryit, tabs)
 
         # ---- wiring: the data flows one way, upload → dataset → config → job → events → page
-        dataset_inputs = [image_file, mask_file, use_mask, mask_model]
+        dataset_inputs = [image_file, mask_file, use_mask, mask_model, set_state, caption]  # + the set, for a switch's echo
         dataset_outputs = [dataset_state, preview, image_info]
         # The upload handler is also the API's first call: it fills this session's dataset for /train.
         # Then the mask step: a new base mask clears the painted strokes and applies the controls to it.
-        new_mask = dict(fn=dataset_step.on_new_mask, api_name=False, concurrency_limit=2,
+        new_mask = dict(fn=set_step.new_mask_if_fresh, api_name=False, concurrency_limit=2,
                         inputs=[dataset_state, mask_threshold, mask_softness, mask_grow, preset, background_weight],
                         outputs=[dataset_state, preview, mask_editor, mask_full, mask_tokens, mask_info])
-        image_file.change(dataset_step.on_dataset_change, dataset_inputs, dataset_outputs,
-                          api_name="prepare_dataset", concurrency_limit=2).then(**new_mask)
-        for trigger_event in (mask_file.change, use_mask.change, mask_model.change):
-            trigger_event(dataset_step.on_dataset_change, dataset_inputs, dataset_outputs,
-                          api_name=False, concurrency_limit=2).then(**new_mask)
+        refresh_set = dict(fn=set_step.refresh, inputs=set_state, outputs=[strip, set_info], api_name=False)
+        for trigger_event, name in ((image_file.change, "prepare_dataset"), (mask_file.change, False),
+                                    (use_mask.change, False), (mask_model.change, False)):
+            trigger_event(set_step.on_source_change, dataset_inputs, [*dataset_outputs, set_state], api_name=name,
+                          concurrency_limit=2).then(**new_mask).then(**refresh_set)
+        editor = set_step.Editor(set_state, dataset_state, preview, image_info, image_file, mask_file, use_mask,
+                                 mask_model, mask_threshold, mask_softness, mask_grow, mask_editor, mask_full,
+                                 mask_tokens, mask_info, caption, preset, background_weight, strip, set_info)
+        follow_set = schedule_step.connect(steps, epochs, batch_size, gpus, set_state, save_every, learning_rate,
+                                           schedule)
+        set_step.connect(editor, add_images, earlier, later, remove, then=follow_set)
         # A click on the preview says where the subject is: the automatic mask looks for it there.
         @user_errors
         def on_preview_click(dataset, mask_model_, evt: gr.SelectData):
@@ -211,8 +224,8 @@ def build_app(manager: api.JobManager, runs_root: Path, state_secret: str | None
                      api_name=False)
         for box in (memory_tier, model):
             box.change(settings_step.memory_tier_notice, [memory_tier, model], tier_notice, api_name=False)
-        for box in (gpus, learning_rate):
-            box.change(settings_step.gpus_note, [gpus, learning_rate], gpus_info, api_name=False)
+        for box in (gpus, learning_rate, batch_size):
+            box.change(settings_step.gpus_note, [gpus, learning_rate, batch_size], gpus_info, api_name=False)
 
         stream_outputs = [progress, loss_plot, gallery, checkpoints, train_btn, stop_btn]
 
@@ -220,7 +233,7 @@ def build_app(manager: api.JobManager, runs_root: Path, state_secret: str | None
                   background_weight_, normalize_, unmasked_, augment_, memory_tier_,
                   request: gr.Request, profile: gr.OAuthProfile | None = None,
                   oauth_token: gr.OAuthToken | None = None,
-                  gpus_=1, backgrounds_=None, preview_model_=""):  # the inputs after memory_tier (gradio slots request/profile/token in
+                  gpus_=1, backgrounds_=None, preview_model_="", batch_=None, epochs_=None, images_=None):  # the inputs after memory_tier (gradio slots request/profile/token in
                                                  # by their type)
             owner, token = owner_and_token_of(stored, request, profile, oauth_token)
             try:
@@ -229,7 +242,8 @@ def build_app(manager: api.JobManager, runs_root: Path, state_secret: str | None
                                            loss_settings=dataset_step.loss_settings(
                                                background_weight_, normalize_, unmasked_, augment_),
                                            memory_tier=memory_tier_, gpus=gpus_, backgrounds=backgrounds_,
-                                           preview_model=preview_model_)
+                                           preview_model=preview_model_, batch_size=batch_, epochs=epochs_,
+                                           images=image_set.training_images(images_, dataset, caption_))
             except UserError as err:
                 raise gr.Error(str(err), print_exception=False) from None
             return message, gr.update(interactive=False), gr.update(interactive=True)
@@ -261,26 +275,28 @@ def build_app(manager: api.JobManager, runs_root: Path, state_secret: str | None
         train_btn.click(
             start, [owner_state, dataset_state, caption, trigger, prompts, preset, rank, steps, learning_rate,
                     save_every, model, background_weight, normalize_mask, unmasked_probability, augment_probability,
-                    memory_tier, gpus, own_backgrounds, preview_model],
+                    memory_tier, gpus, own_backgrounds, preview_model, batch_size, api_no_epochs, set_state],
             [progress, train_btn, stop_btn], api_name=False, concurrency_limit=None,
         ).success(follow, owner_state, stream_outputs, api_name="follow", concurrency_limit=None)
 
         def start_api(stored, dataset, caption, trigger, prompts, preset, rank=None, steps=None, learning_rate=None,
                       save_every=None, model=None, background_weight=None, normalize_mask=None,
                       unmasked_probability=None, augment_probability=None, memory_tier="auto", gpus=1,
-                      backgrounds=None, preview_model="", request: gr.Request = None,
+                      backgrounds=None, preview_model="", batch_size=None, epochs=None, images=None,
+                      request: gr.Request = None,
                       profile: gr.OAuthProfile | None = None, oauth_token: gr.OAuthToken | None = None):
             # The page's inputs in the page's order; a preset setting left out (None) is the named preset's.
             return start(stored, dataset, caption, trigger, prompts, preset, rank, steps, learning_rate, save_every,
                          model, background_weight, normalize_mask, unmasked_probability, augment_probability,
-                         memory_tier, request, profile, oauth_token, gpus, backgrounds, preview_model)
+                         memory_tier, request, profile, oauth_token, gpus, backgrounds, preview_model, batch_size,
+                         epochs, images)
 
         # /train for API clients: gradio_client fills a left-out input with its component's initial value, which
         # for the page's controls is the first preset's; these inputs have none.
         api_train.click(
             start_api, [owner_state, dataset_state, caption, trigger, prompts, preset, api_rank, api_steps, api_lr,
                         api_every, model, api_background_weight, api_normalize, api_unmasked, api_augment,
-                        memory_tier, api_gpus, own_backgrounds, api_preview_model],
+                        memory_tier, api_gpus, own_backgrounds, api_preview_model, api_batch, api_epochs, set_state],
             [progress, train_btn, stop_btn], api_name="train", concurrency_limit=None)
         stop_btn.click(stop, owner_state, progress, api_name="stop", concurrency_limit=None)
         resume_btn.click(resume, owner_state, [progress, train_btn, stop_btn, resume_btn], api_name="resume",

@@ -123,18 +123,19 @@ def gpus_choices(max_gpus: int) -> list[int]:
     return list(range(1, max(1, int(max_gpus)) + 1))
 
 
-def gpus_note(gpus, learning_rate) -> str:
-    """What N GPUs do to one job: N data-parallel processes, batch 1 on each, the learning rate x sqrt(N)."""
+def gpus_note(gpus, learning_rate, batch_size=1) -> str:
+    """What N GPUs do to one job: N data-parallel processes, the batch on each, the learning rate x sqrt(N x batch)."""
     try:
-        n, lr = int(gpus or 1), float(learning_rate)
+        n, lr, b = int(gpus or 1), float(learning_rate), max(1, int(batch_size or 1))
     except (TypeError, ValueError):
         return "❌ The learning rate must be a number."
     if n <= 1:
-        return ("One GPU, batch 1. With several GPUs one job trains data-parallel: batch 1 on each GPU, learning "
-                "rate scaled by √N.")
-    return (f"{n} GPUs, **batch 1 on each GPU** (each sees its own noised copy of the image every step). The "
-            f"learning rate is scaled by √{n}: {lr:g} × √{n} = **{api.scaled_learning_rate(lr, n):.3g}**. The job "
-            f"waits until {n} GPUs are free; each holds the whole model.")
+        return (f"One GPU, batch {b}. With several GPUs one job trains data-parallel: batch {b} on each GPU, "
+                f"learning rate scaled by √(N × batch).")
+    per = n * b
+    return (f"{n} GPUs, **batch {b} on each GPU** (each sees its own noised copy of its image every step). The "
+            f"learning rate is scaled by √{per}: {lr:g} × √{per} = **{api.scaled_learning_rate(lr, n, b):.3g}**. The "
+            f"job waits until {n} GPUs are free; each holds the whole model.")
 
 
 def model_choices() -> list[str]:

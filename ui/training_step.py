@@ -38,10 +38,13 @@ class TrainingController:
     def start(self, owner: str, dataset, caption: str, trigger: str, prompts: str, preset: str, rank, steps,
               learning_rate, save_every, model: str, token: str | None = None,
               loss_settings: dict | None = None, memory_tier: str = "auto",
-              gpus: int = 1, backgrounds=(), preview_model: str = "") -> str:
+              gpus: int = 1, backgrounds=(), preview_model: str = "", batch_size=None, epochs=None,
+              images=None) -> str:
         """Create the run folder and queue the job. Returns a message for the page. ``rank``, ``steps``,
-        ``learning_rate`` and ``save_every`` override the preset's; None keeps the preset's value. ``backgrounds``:
-        paths of the user's own photos for background augmentation."""
+        ``learning_rate``, ``save_every`` and ``batch_size`` override the preset's; None keeps the preset's value;
+        ``epochs`` (with no ``steps``): the length in epochs of the set. ``backgrounds``: paths of the user's own
+        photos for background augmentation. ``images``: a set of 2 or more (``api.SetImage``s, ui.image_set); None:
+        the one image of ``dataset``, exactly as before sets existed."""
         if dataset is None:
             raise UserError("Upload an image first (step 1).")
         if not (caption or "").strip():
@@ -49,20 +52,29 @@ class TrainingController:
         if self.manager.active_for(owner) is not None:
             raise UserError("A training job of yours is already running. Stop it first, or wait for it to finish.")
         overrides = {name: _whole(value, label) for name, value, label in (
-            ("rank", rank, "Rank"), ("steps", steps, "Steps"), ("save_every", save_every, "Save every"))
-            if value is not None}
+            ("rank", rank, "Rank"), ("steps", steps, "Steps"), ("save_every", save_every, "Save every"),
+            ("batch_size", batch_size, "Batch size")) if value is not None}
         if learning_rate is not None:
             overrides["learning_rate"] = float(learning_rate)
-        config, _ = api.training_config(api.RunRequest(
-            caption=caption, preset=preset, trigger=trigger or "", sample_prompts=prompt_lines(prompts),
-            model=model_spec(model), masked=dataset.mask is not None,
-            overrides={**overrides, "memory_tier": memory_tier or "auto", "preview_model": (preview_model or "").strip(),
-                       **(loss_settings or {})}))  # the mask step's background weight / normalise / unmasked / augmentation
-        gpus = _whole(1 if gpus is None else gpus, "GPUs")  # N > 1: data parallel, batch 1 each, lr x sqrt(N)
+        gpus = _whole(1 if gpus is None else gpus, "GPUs")  # N > 1: data parallel, the batch on each, lr x sqrt(N x B)
         if gpus != 1 and not 1 <= gpus <= self.manager.max_gpus:
             raise UserError(f"This server can give a job at most {self.manager.max_gpus} GPU(s); {gpus} were asked for.")
+        images = list(images or [])
+        if len(images) > 1:  # the previews' caption is the first image's; each image trains with its own
+            caption = images[0].caption or caption
+        config, _ = api.training_config(api.RunRequest(
+            caption=caption, preset=preset, trigger=trigger or "", sample_prompts=prompt_lines(prompts),
+            model=model_spec(model), masked=any(i.mask is not None for i in images) if len(images) > 1
+            else dataset.mask is not None,
+            overrides={**overrides, "memory_tier": memory_tier or "auto", "preview_model": (preview_model or "").strip(),
+                       **(loss_settings or {})},  # the mask step's background weight / normalise / unmasked / augmentation
+            images=max(1, len(images)), gpus=gpus,
+            epochs=float(epochs) if epochs is not None and steps is None else None))
         own_backgrounds = api.load_user_backgrounds(_file_paths(backgrounds))
-        run = self.store.create(owner, config, dataset.image, dataset.mask, backgrounds=own_backgrounds, gpus=gpus)
+        if len(images) > 1:
+            run = self.store.create_set(owner, config, images, backgrounds=own_backgrounds, gpus=gpus)
+        else:
+            run = self.store.create(owner, config, dataset.image, dataset.mask, backgrounds=own_backgrounds, gpus=gpus)
         try:
             self.manager.submit(owner, run, token=token)
         except UserError:

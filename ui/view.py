@@ -28,6 +28,13 @@ class RunView:
     error: str = ""
     queue_position: int = 0
     gpu: str = ""  # "GPU 1" / "GPUs 0, 1" / "2 CPU processes …": the devices the job was given (none for one CPU)
+    images: int = 1  # the set's size; epochs are shown only for a set (one image at batch 1: an epoch is a step)
+    batch_size: int = 1
+    gpus: int = 1
+    learning_rate: float = 0.0  # the rate trained with (sqrt(images per step) x the setting); 0: untold
+    epoch: float = 0.0
+    total_epochs: float = 0.0
+    checkpoint_epochs: dict[int, float] = field(default_factory=dict)  # step -> epochs trained by it
 
     def apply(self, event: Event) -> None:
         if isinstance(event, Status):
@@ -42,17 +49,24 @@ class RunView:
             self.total_steps = event.total_steps
             self.train_size = (event.train_width, event.train_height)
             self.status = f"Training at {event.train_width}x{event.train_height}"
+            self.images, self.batch_size, self.gpus = event.images, event.batch_size, event.gpus
+            self.learning_rate, self.total_epochs = event.learning_rate, event.epochs
         elif isinstance(event, Progress):
             self.step, self.total_steps = event.step, event.total_steps
             self.loss, self.steps_per_second, self.eta_seconds = event.loss, event.steps_per_second, event.eta_seconds
             self.losses.append((event.step, event.loss))
+            self.epoch = event.epoch
             self.status = "Training"
         elif isinstance(event, LossHistory):  # a resumed run: the steps trained before the interruption
             self.losses.extend(event.points)
         elif isinstance(event, CheckpointSaved):
             self.checkpoints.append((event.step, str(event.path), event.size_bytes))
+            if event.epoch is not None:
+                self.checkpoint_epochs[event.step] = event.epoch
         elif isinstance(event, PreviewsRendered):
             name = "base model (step 0)" if event.step == 0 else f"step {event.step}"
+            if event.step and self.shows_epochs:
+                name += f" · epoch {self.epoch_at(event.step):.2f}"
             if event.rendered_with:  # a preview model drew them: say which, or they look like the base model's
                 name = ("no LoRA yet (step 0)" if event.step == 0 else name) + f" · {event.rendered_with}"
             for p in event.previews:
@@ -76,7 +90,12 @@ class RunView:
         lines = [f"**{self.status}**" + (f" · on {self.gpu}" if self.gpu else "") if self.status else ""]
         if self.total_steps:
             pct = 100 * self.step / self.total_steps
-            lines.append(f"Step **{self.step} / {self.total_steps}** ({pct:.0f}%)")
+            lines.append(f"Step **{self.step} / {self.total_steps}** ({pct:.0f}%)" + (
+                f" · epoch **{self.epoch:.2f} / {self.total_epochs:.2f}** of {self.images} images"
+                if self.shows_epochs else ""))
+            if self.learning_rate and self.batch_size * self.gpus > 1:
+                lines.append(f"{self.batch_size * self.gpus} images per step (batch {self.batch_size} × "
+                             f"{self.gpus} process(es)): learning rate {self.learning_rate:.3g} (√ rule)")
             if self.loss is not None and self.running:
                 lines.append(f"loss {self.loss:.4f} · {self.steps_per_second:.2f} it/s · ETA {format_duration(self.eta_seconds)}")
             elif self.loss is not None:
@@ -84,9 +103,23 @@ class RunView:
         if self.checkpoints:
             total = sum(size for _, _, size in self.checkpoints)
             lines.append(f"{len(self.checkpoints)} checkpoint(s) saved, {total / 1e6:.1f} MB in all")
+            if self.shows_epochs:
+                lines.append("Checkpoints: " + ", ".join(f"step {step} (epoch {self.epoch_at(step):.2f})"
+                                                         for step, _, _ in self.checkpoints))
         if self.error:
             lines.append(f"⚠️ {self.error}")
         return "  \n".join(line for line in lines if line)
+
+    @property
+    def shows_epochs(self) -> bool:
+        """Epochs are worth showing for a set (for one image they only repeat the step count)."""
+        return self.images > 1
+
+    def epoch_at(self, step: int) -> float:
+        """Epochs trained by ``step``: the checkpoint's own figure, else from the set's size, batch and GPUs."""
+        if step in self.checkpoint_epochs:
+            return self.checkpoint_epochs[step]
+        return step * self.batch_size * self.gpus / max(1, self.images)
 
     @property
     def checkpoint_files(self) -> list[str]:
