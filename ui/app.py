@@ -175,7 +175,8 @@ def build_app(manager: api.JobManager, runs_root: Path, state_secret: str | None
         tryit_tab.connect_to_compare(compare, tryit, tabs)
 
         # ---- wiring: the data flows one way, upload → dataset → config → job → events → page
-        dataset_inputs = [image_file, mask_file, use_mask, mask_model, set_state, caption]  # + the set, for a switch's echo
+        dataset_inputs = [image_file, mask_file, use_mask, mask_model, set_state, caption, dataset_state]
+        # (+ the set and the live dataset: a switch echoes the upload, answered without a new mask)
         dataset_outputs = [dataset_state, preview, image_info]
         # The upload handler is also the API's first call: it fills this session's dataset for /train.
         # Then the mask step: a new base mask clears the painted strokes and applies the controls to it.

@@ -100,12 +100,18 @@ def _saved(images, dataset, caption, mask_file, use_mask, model, threshold, soft
                                controls=(mask_file, use_mask, model, threshold, softness, grow), editor=editor)
 
 
-def on_source_change(image_file, mask_file, use_mask, mask_model, images, caption, progress=gr.Progress()):
+def on_source_change(image_file, mask_file, use_mask, mask_model, images, caption, dataset=None,
+                     progress=gr.Progress()):
     """The editor's upload, own mask or mask settings changed: make the edited image anew, unless it is the echo of
-    loading it (a switch). (dataset state, preview, description, set state)."""
+    loading it (a switch) or the same file again. (dataset state, preview, description, set state).
+
+    Unchanged, the states are kept (no new mask: painted corrections survive) but the preview and description are
+    answered again from the live ``dataset``: an API client that uploads the same file twice still gets its image."""
     images = images or ImageSet()
     if not image_set.source_changed(images, image_file, mask_file, use_mask, mask_model):
-        return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        if dataset is None:
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        return gr.skip(), dataset_step.overlay(dataset), dataset_step.describe(dataset), gr.skip()
     if not image_file and images.size > 1:
         return (gr.skip(), gr.skip(), "The image being edited stays in the set: **Remove this image** takes it out.",
                 gr.skip())
