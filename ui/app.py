@@ -11,7 +11,7 @@ import gradio as gr
 
 from trainer import api
 from trainer.errors import UserError
-from ui import compare_tab, dataset_step, image_set, schedule_step, set_step, settings_step, tryit_tab
+from ui import caption_step, compare_tab, dataset_step, image_set, schedule_step, set_step, settings_step, tryit_tab
 from ui.hosting import hosting_notices, on_space
 from ui.session import owner_and_token_of, user_errors
 from ui.training_step import TrainingController
@@ -104,6 +104,7 @@ def build_app(manager: api.JobManager, runs_root: Path, state_secret: str | None
                 caption = gr.Textbox(value="a photo of [trigger]", label="Caption",
                                      info="Describe everything in the image. [trigger] is replaced by the trigger word.",
                                      elem_id="caption")
+                caption_step.build(caption, set_state, dataset_state, strip, set_info)
                 with gr.Row():
                     trigger = gr.Textbox(value="ohwx", label="Trigger word", info="A rare word that will mean your subject")
                     prompts = gr.Textbox(value=settings_step.DEFAULT_PROMPTS, lines=3, label="Extra preview prompts (one per line)",
