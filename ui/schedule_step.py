@@ -80,7 +80,9 @@ def connect(steps, epochs, batch_size, gpus, set_state, save_every, learning_rat
     """Keep epochs and steps in step, and the note current. Returns the ``.then`` kwargs a change to the set runs."""
     inputs = [set_state, batch_size, gpus]
     steps.change(on_steps_change, [steps, epochs, *inputs], epochs, api_name=False)
-    epochs.change(on_epochs_change, [epochs, steps, *inputs], steps, api_name=False)
+    # .input, not .change: only the user's own edit of the epochs moves the steps. With .change, typing "40" in Steps
+    # sent epochs 4 then 40, and the late echo of the 4 set the steps back to 4 (a browser test caught it).
+    epochs.input(on_epochs_change, [epochs, steps, *inputs], steps, api_name=False)
     for box in (batch_size, gpus):
         box.change(on_steps_change, [steps, epochs, *inputs], epochs, api_name=False)
     note_inputs = [steps, save_every, *inputs, learning_rate]
