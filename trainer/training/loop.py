@@ -239,8 +239,7 @@ def _render_previews(step: int, cfg: TrainingConfig, run: RunFolder, renderer: P
         path.parent.mkdir(parents=True, exist_ok=True)
         image.save(path)
         previews.append(Preview(path=path, prompt=prompt, seed=cfg.preview_seed))
-    return PreviewsRendered(step=step, previews=tuple(previews), rendered_with=renderer.rendered_with
-                            if renderer.rendered_with != "the base model" else "")
+    return PreviewsRendered(step=step, previews=tuple(previews), rendered_with=renderer.rendered_with)
 
 
 def _checkpoint_metadata(cfg: TrainingConfig, run: RunFolder, step: int) -> dict[str, str]:

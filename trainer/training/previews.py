@@ -36,8 +36,8 @@ class PreviewRenderer:
 
     @property
     def rendered_with(self) -> str:
-        """Which model draws the previews, as the page says it."""
-        return self._preview_model.label if self._preview_model is not None else "the base model"
+        """Which preview model draws the previews ("" when it is the base model being trained)."""
+        return self._preview_model.label if self._preview_model is not None else ""
 
     def render(self, prompt: str, seed: int, width: int, height: int, steps: int, guidance: float,
                should_stop: Callable[[], bool] = lambda: False) -> Image.Image | None:
