@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The device calls of 2026-12-03 (issues 12 and 13), one per argument, each within one 600 s device call:
+# The device calls of 2026-12-03 (issues 12, 13, 14, 18), one per argument, each within one 600 s device call:
 #   bash bench/gpu_calls.sh steps COMMIT   FLUX.1 baseline vs shipped (after the refactor) + klein step figures
 #   bash bench/gpu_calls.sh jobs COMMIT    klein 500-step job with previews, klein memory tiers as whole jobs,
 #                                          FLUX.1 through diffusers' attention dispatcher
@@ -36,4 +36,9 @@ sets)  # issue 14: one picture vs a set of 4 of different shapes, the same job o
     --commit "$C" --out "$OUT/$(date +%F)-h200-set-1-image.json" 2>&1 | cut -c1-500
   timeout 285 python3 bench/tier_bench.py --tiers full --steps 40 --save-every 40 --images 4 \
     --commit "$C" --out "$OUT/$(date +%F)-h200-set-4-images.json" 2>&1 | cut -c1-500 ;;
+esac
+case "$1" in
+demo)  # issue 18: train the shapes-demo model (scripts/train_shapes_demo.py), about 8 minutes in all
+  timeout 570 python3 scripts/train_shapes_demo.py --out "$OUT" --vae-seconds 140 --transformer-seconds 310 2>&1 \
+    | grep -v "Loading" | tail -40 ;;
 esac

@@ -23,7 +23,7 @@ _CORPUS = [
 ]
 
 
-def byte_level_tokenizer(max_length: int):
+def byte_level_tokenizer(max_length: int, corpus: list[str] | None = None):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -33,7 +33,7 @@ def byte_level_tokenizer(max_length: int):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=1000, special_tokens=["<pad>", "<unk>", "</s>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(_CORPUS, trainer=trainer)
+    tok.train_from_iterator(_CORPUS + list(corpus or []), trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=max_length, pad_token="<pad>",
                                    unk_token="<unk>", eos_token="</s>")
 
