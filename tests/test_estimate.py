@@ -34,12 +34,13 @@ def test_the_measured_figures_put_the_presets_in_the_reported_order():
     assert estimate.TINY_CPU.step_s > 0 and estimate.TINY_CPU.denoise_s > 0  # measured, not left at zero
 
 
-def test_the_notice_only_for_a_tiny_model_without_a_gpu():
+def test_the_notice_only_for_a_built_in_model_without_a_gpu():
     config = _config("character-rank4-400")
-    text = estimate.cpu_time_notice(config, tiny=True, cuda=False)
+    text = estimate.cpu_time_notice(config, cuda=False)
     assert text.startswith("≈ ") and " min on this machine" in text and estimate.TINY_CPU.machine in text
-    assert estimate.cpu_time_notice(config, tiny=True, cuda=True) == ""  # a GPU: no CPU figure applies
-    assert estimate.cpu_time_notice(config, tiny=False, cuda=False) == ""  # no figure for a full-size model
+    assert estimate.cpu_time_notice(config, cuda=True) == ""  # a GPU: no CPU figure applies
+    full = config.replace(model="black-forest-labs/FLUX.1-dev")
+    assert estimate.cpu_time_notice(full, cuda=False) == ""  # no figure for a full-size model
 
 
 def test_the_page_says_it_before_train_and_offers_the_cpu_demo(monkeypatch):

@@ -47,10 +47,9 @@ def time_notice(config: TrainingConfig) -> str:
     page and the CLI say the same (``trainer.training.estimate``)."""
     import torch
 
-    from trainer.families import tiny_ids
     from trainer.training.estimate import cpu_time_notice
 
-    return cpu_time_notice(config, tiny=config.model in tiny_ids(), cuda=torch.cuda.is_available())
+    return cpu_time_notice(config, cuda=torch.cuda.is_available())
 
 
 CPU_DEMO_PRESET = "cpu-demo-40"  # offered first by the page on a machine without a CUDA GPU
@@ -108,8 +107,9 @@ _export("trainer.dataset.caption", "CAPTION_MODELS", "DEFAULT_CAPTION_MODEL", "c
 _export("trainer.dataset.caption_trigger", "place_trigger")
 _export("trainer.dataset.augment", "MAX_USER_BACKGROUNDS", "load_user_backgrounds")
 # 2. model: ids, what a model costs, memory tiers
-_export("trainer.model.loading", "FLUX_DEV", "TINY_DEMO", "TINY_DEMO_NOTICE", "default_model")
-_export("trainer.families", "FAMILIES", "family_of_spec", "tiny_ids")
+_export("trainer.model.loading", "FLUX_DEV", "SHAPES_DEMO", "SHAPES_DEMO_NOTICE", "TINY_DEMO", "TINY_DEMO_NOTICE",
+        "default_model")
+_export("trainer.families", "FAMILIES", "builtin_ids", "family_of_spec", "tiny_ids")
 _export("trainer.model.estimates", "plan_summary")
 _export("trainer.training.estimate", "cpu_time_notice")
 _export("trainer.model.tiers", "AUTO", "choose_tier", "list_tiers")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from trainer.runtime import SPACE_VOLUME, Runtime, current
 
-__all__ = ["SPACE_VOLUME", "data_dir", "runs_dir", "tiny_model_dir"]
+__all__ = ["SPACE_VOLUME", "data_dir", "runs_dir", "shipped_model_dir", "tiny_model_dir"]
 
 
 def data_dir(environ: Mapping[str, str] | None = None, space_volume: Path = SPACE_VOLUME, *,
@@ -31,3 +31,9 @@ def runs_dir(runtime: Runtime | None = None) -> Path:
 def tiny_model_dir(tiny_id: str, runtime: Runtime | None = None) -> Path:
     """Where a built-in tiny model (``tiny-demo``) is built once and kept."""
     return data_dir(runtime=runtime) / "models" / tiny_id
+
+
+def shipped_model_dir(model_id: str) -> Path:
+    """Where a built-in model with trained weights (``shapes-demo``) lies: ``models/<id>`` in the repository, read
+    only (a checkout, the Docker image or a Space all carry it)."""
+    return Path(__file__).resolve().parents[1] / "models" / model_id

@@ -127,7 +127,7 @@ def build_app(manager: api.JobManager, runs_root: Path, state_secret: str | None
 
                 gr.Markdown("## 5. Base model")
                 model = gr.Dropdown(choices=settings_step.model_choices(), value=model0, allow_custom_value=True,
-                                    label="Model: FLUX.1-dev, another Hub id, a local diffusers folder, or tiny-demo",
+                                    label="Model: FLUX.1-dev, another Hub id, a local diffusers folder, or a built-in demo",
                                     elem_id="model")
                 notice = gr.Markdown(settings_step.model_notice(model0), elem_id="model-notice")
                 memory_tier = gr.Dropdown(choices=settings_step.memory_tier_choices(), value="auto",

@@ -58,10 +58,12 @@ def model_notice(choice: str) -> str:
     import torch
 
     spec = model_spec(choice)
+    extra = " No CUDA GPU was found, so it is the default here." \
+        if not torch.cuda.is_available() and spec == api.default_model() else ""
+    if spec == api.SHAPES_DEMO:
+        return f"ℹ️ {api.SHAPES_DEMO_NOTICE}{extra}"
     tiny = api.tiny_ids()
     if spec in tiny:
-        extra = "" if torch.cuda.is_available() or spec != api.TINY_DEMO else \
-            " No CUDA GPU was found, so it is the default here."
         return f"ℹ️ {tiny[spec].tiny_notice}{extra}"
     try:
         family = api.family_of_spec(spec)
@@ -78,7 +80,7 @@ def model_notice(choice: str) -> str:
         lines.append(f"A Hub id or a local diffusers folder (with model_index.json), trained as {family.label}. "
                      f"Hub token: **{token}**.")
     if not torch.cuda.is_available():
-        lines.append("⚠️ No CUDA GPU was found: only the tiny models can train here.")
+        lines.append("⚠️ No CUDA GPU was found: only the built-in small models (shapes-demo, tiny-demo) can train here.")
     return "  \n".join(lines)
 
 
@@ -94,7 +96,7 @@ def memory_tier_notice(choice: str, model: str = "") -> str:
     try:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         spec = model_spec(model)
-        picked = api.choose_tier(choice or api.AUTO, device, tiny_model=spec in api.tiny_ids(),
+        picked = api.choose_tier(choice or api.AUTO, device, tiny_model=spec in api.builtin_ids(),
                                  family=api.family_of_spec(spec))
     except UserError as err:
         return f"⚠️ {err}"
@@ -139,8 +141,9 @@ def gpus_note(gpus, learning_rate, batch_size=1) -> str:
 
 
 def model_choices() -> list[str]:
-    """Each family's Hub models, then the built-in tiny ones."""
-    return [*(hub_id for family in api.FAMILIES for hub_id in family.hub_ids), *api.tiny_ids()]
+    """Each family's Hub models, then the built-in small ones (shapes-demo first: it learns something visible)."""
+    return [*(hub_id for family in api.FAMILIES for hub_id in family.hub_ids), api.SHAPES_DEMO,
+            *(spec for spec in api.builtin_ids() if spec != api.SHAPES_DEMO)]
 
 
 def prompt_lines(text: str) -> tuple[str, ...]:

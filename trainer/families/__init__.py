@@ -19,7 +19,13 @@ FAMILIES: tuple[ModelFamily, ...] = (FLUX1, FLUX2_KLEIN)
 DEFAULT_FAMILY = FLUX1  # a Hub id we do not know: assume the FLUX.1 architecture, as before there were families
 
 __all__ = ["DEFAULT_FAMILY", "FAMILIES", "FLUX1", "FLUX2_KLEIN", "KohyaLayout", "ModelFamily", "family_named",
-           "family_of_folder", "family_of_metadata", "family_of_spec", "family_of_transformer", "tiny_ids"]
+           "family_of_folder", "family_of_metadata", "family_of_spec", "family_of_transformer", "tiny_ids",
+           "DEMO_IDS", "builtin_ids"]
+
+# Built-in models with *trained* weights, shipped in the repository (``models/<id>/``, a diffusers folder), and their
+# families. ``shapes-demo`` (trained by scripts/train_shapes_demo.py) really draws simple scenes, so a CPU user sees
+# what a LoRA does; the tiny ids are built in code with random weights and exist for the fastest tests.
+DEMO_IDS: dict[str, ModelFamily] = {"shapes-demo": FLUX1}
 
 
 def family_named(name: str) -> ModelFamily:
@@ -32,6 +38,11 @@ def family_named(name: str) -> ModelFamily:
 def tiny_ids() -> dict[str, ModelFamily]:
     """The built-in tiny stand-ins' model specs ("tiny-demo", ...) and their families."""
     return {family.tiny_id: family for family in FAMILIES}
+
+
+def builtin_ids() -> dict[str, ModelFamily]:
+    """Every built-in model small enough for a CPU: the tiny stand-ins and the shipped demos, with their families."""
+    return {**tiny_ids(), **DEMO_IDS}
 
 
 def family_of_folder(folder: Path) -> ModelFamily:
@@ -54,8 +65,8 @@ def family_of_folder(folder: Path) -> ModelFamily:
 def family_of_spec(spec: str) -> ModelFamily:
     """The family of a model spec (a tiny id, a Hub id, a local folder) without downloading anything."""
     spec = (spec or "").strip()
-    if spec in tiny_ids():
-        return tiny_ids()[spec]
+    if spec in builtin_ids():
+        return builtin_ids()[spec]
     folder = Path(spec).expanduser()
     if (folder / "model_index.json").is_file():
         return family_of_folder(folder)

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from trainer.errors import UserError
-from trainer.families import DEFAULT_FAMILY, ModelFamily, family_of_spec, tiny_ids
+from trainer.families import DEFAULT_FAMILY, DEMO_IDS, ModelFamily, builtin_ids, family_of_spec, tiny_ids
 from trainer.model.lora import lora_size_bytes
 
 
@@ -25,6 +25,10 @@ def transformer_config_for(model: str) -> tuple[ModelFamily, dict]:
         family = DEFAULT_FAMILY
     if model in tiny_ids():
         return family, dict(family.tiny_transformer_config)
+    if model in DEMO_IDS:
+        from trainer.paths import shipped_model_dir
+
+        model = str(shipped_model_dir(model))
     config_file = Path(model).expanduser() / "transformer" / "config.json"
     if config_file.is_file():
         try:
@@ -47,8 +51,8 @@ def checkpoint_bytes(model: str, rank: int, bytes_per_value: int = 2) -> int:
 
 
 def bytes_per_saved_value(model: str) -> int:
-    """Checkpoints are saved in the training dtype: bf16 on a GPU, float32 for the tiny demo on a CPU."""
-    return 4 if model in tiny_ids() and not torch.cuda.is_available() else 2
+    """Checkpoints are saved in the training dtype: bf16 on a GPU, float32 for a built-in small model on a CPU."""
+    return 4 if model in builtin_ids() and not torch.cuda.is_available() else 2
 
 
 def plan_summary(model: str, rank: int, checkpoint_steps: list[int]) -> str:

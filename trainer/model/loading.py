@@ -17,11 +17,19 @@ from typing import Any
 import torch
 
 from trainer.errors import UserError
-from trainer.families import FLUX1, ModelFamily, family_of_folder, family_of_spec, tiny_ids
+from trainer.families import DEMO_IDS, FLUX1, ModelFamily, family_of_folder, family_of_spec, tiny_ids
 from trainer.model.tiny import MARKER, ensure_tiny_model
-from trainer.paths import tiny_model_dir
+from trainer.paths import shipped_model_dir, tiny_model_dir
 
 TINY_DEMO = FLUX1.tiny_id
+SHAPES_DEMO = "shapes-demo"
+SHAPES_DEMO_NOTICE = (
+    "shapes-demo is a small built-in FLUX.1-shaped model trained on coloured shapes and little figures on plain, "
+    "striped, checkered, dotted and gradient backgrounds (scripts/train_shapes_demo.py). It is no photo model, but a "
+    "LoRA visibly pulls its pictures toward your image within minutes on a CPU: try the workflow, masking and "
+    "checkpoint picking with it. It draws at 256 px, so it trains at 256 px.")
+SHAPES_DEMO_RESOLUTION = 256  # the size it was trained at (scripts/train_shapes_demo.py's buckets)
+SHAPES_DEMO_PREVIEW_STEPS = 12  # its pictures settle by ~12 denoising steps; 20 costs a CPU user more for no change
 FLUX_DEV = FLUX1.default_hub_id
 TINY_DEMO_NOTICE = FLUX1.tiny_notice
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -55,13 +63,16 @@ class ModelParts:
 
 
 def is_tiny_demo(folder: Path) -> bool:
-    """A built-in tiny model (random weights, any family)."""
+    """A built-in small model (tiny-demo's random weights, any family, or shapes-demo's trained ones): fine on a CPU."""
     return (Path(folder) / MARKER).is_file()
 
 
 def default_model() -> str:
-    """FLUX.1-dev where a CUDA GPU can train it, otherwise the CPU tiny demo."""
-    return FLUX_DEV if torch.cuda.is_available() else TINY_DEMO
+    """FLUX.1-dev where a CUDA GPU can train it; otherwise shapes-demo (it learns something a user can see), or
+    tiny-demo where a checkout lacks shapes-demo's files."""
+    if torch.cuda.is_available():
+        return FLUX_DEV
+    return SHAPES_DEMO if (shipped_model_dir(SHAPES_DEMO) / "model_index.json").is_file() else TINY_DEMO
 
 
 TINY_DEMO_PREVIEW_STEPS = 4
@@ -69,6 +80,9 @@ TINY_DEMO_PREVIEW_STEPS = 4
 
 def adjust_for_model(config):
     """Settings a tiny model changes so a CPU run stays quick; returns (config, notice or "")."""
+    if config.model == SHAPES_DEMO:
+        return config.replace(resolution=SHAPES_DEMO_RESOLUTION,
+                              preview_steps=min(config.preview_steps, SHAPES_DEMO_PREVIEW_STEPS)), SHAPES_DEMO_NOTICE
     family = tiny_ids().get(config.model)
     if family is None:
         return config, ""
@@ -80,6 +94,13 @@ def resolve_model(spec: str, token: str | None = None) -> Path:
     spec = (spec or "").strip()
     if spec in tiny_ids():
         return ensure_tiny_model(tiny_model_dir(spec), tiny_ids()[spec])
+    if spec in DEMO_IDS:
+        folder = shipped_model_dir(spec)
+        if not (folder / "model_index.json").is_file():
+            raise UserError(f"The built-in model '{spec}' is missing from {folder} (a partial copy of the app?). "
+                            f"Get a complete checkout, or use '{TINY_DEMO}' to try the workflow.")
+        check_diffusers_folder(folder)
+        return folder
     local = Path(spec).expanduser()
     if local.is_dir():
         check_diffusers_folder(local)

@@ -20,11 +20,13 @@ from trainer.config import TrainingConfig
 
 @dataclass(frozen=True)
 class CpuFigures:
-    """Measured seconds for a tiny model on the reference CPU, at 512 px (the cost of a step scales with the tokens)."""
+    """Measured seconds for a small model on the reference CPU, at ``resolution`` px (the cost of a step scales with
+    the tokens)."""
     setup_s: float
-    step_s: float  # one training step (forward, backward, AdamW) at 512x512
-    denoise_s: float  # one denoising step of one preview image at 512x512
+    step_s: float  # one training step (forward, backward, AdamW) at resolution x resolution
+    denoise_s: float  # one denoising step of one preview image at resolution x resolution
     machine: str
+    resolution: int = 512
 
 
 # Measured 2026-12-03 (see the module's docstring): setup = model load + encoding (27 s); a step 2.8-3.3 s at load
@@ -32,21 +34,32 @@ class CpuFigures:
 # (text encoding and VAE decoding included, so per denoising step 3.6 s). The new user's figures (400 steps ~1 hour,
 # quick-test 18 min) were on a busier machine: the notice says whose figures these are.
 TINY_CPU = CpuFigures(setup_s=27.0, step_s=3.0, denoise_s=3.6, machine="a 2-core x86_64 CPU, shared (load 4-7)")
+SHAPES_CPU = None  # TODO-MEASURE
+
+
+def figures_for(model: str) -> CpuFigures | None:
+    """The measured CPU figures of a built-in small model; None for any other model (no figure is kept for it)."""
+    from trainer.families import tiny_ids
+
+    if model == "shapes-demo":
+        return SHAPES_CPU
+    return TINY_CPU if model in tiny_ids() else None
 
 
 def minutes(config: TrainingConfig, figures: CpuFigures = TINY_CPU) -> float:
     """The estimated minutes of a job with ``config`` on the reference CPU."""
-    scale = (config.resolution / 512) ** 2  # tokens, hence the work of a step, grow with the area
+    scale = (config.resolution / figures.resolution) ** 2  # tokens, hence the work of a step, grow with the area
     rounds = len(config.checkpoint_steps) + (1 if config.preview_at_start else 0)
     previews = rounds * len(config.preview_prompts) * config.preview_steps * figures.denoise_s * scale
     return (figures.setup_s + config.steps * figures.step_s * scale + previews) / 60.0
 
 
-def cpu_time_notice(config: TrainingConfig, tiny: bool, cuda: bool) -> str:
-    """"≈ N min" for a tiny model trained on the CPU (no CUDA GPU), saying what the figure is; "" otherwise."""
-    if cuda or not tiny:
+def cpu_time_notice(config: TrainingConfig, cuda: bool) -> str:
+    """"≈ N min" for a built-in small model trained on the CPU (no CUDA GPU), saying what the figure is; "" otherwise."""
+    figures = figures_for(config.model)
+    if cuda or figures is None:
         return ""
-    n = minutes(config)
+    n = minutes(config, figures)
     when = f"≈ {n:.0f} min" if n >= 1.5 else "≈ 1 min"
     return (f"{when} on this machine without a GPU ({config.steps} steps, estimated from steps and previews timed on "
-            f"{TINY_CPU.machine}; a faster or idle CPU takes less).")
+            f"{figures.machine}; a faster or idle CPU takes less).")
