@@ -264,7 +264,7 @@ def _grid(args) -> int:
     run = open_run(args.run)
     prompts = list(args.prompt) or list(run.config.preview_prompts)
     if args.suggested:
-        prompts += [s.text for s in suggest_prompts(run.config)]
+        prompts += [s.text for s in suggest_prompts(run.config, run.captions())]
     width = height = None
     if args.size:
         try:
