@@ -17,7 +17,8 @@ def test_the_views_a_caption_shows_by_the_stated_rule():
     assert caption_views("[trigger] seen from behind, full-body shot") == {"back", "full body"}
     assert caption_views("A Close-Up of [trigger] in profile") == {"close-up", "side"}
     assert caption_views("[trigger], closeup, three-quarter view") == {"close-up", "three-quarter"}
-    assert caption_views("[trigger] in the background, on the left side of the picture") == {"front"}  # words, not parts
+    # phrases as words: not "background", nor "side" alone
+    assert caption_views("[trigger] in the background, on the left side of the picture") == {"front"}
     assert views_shown(["[trigger], front view", "[trigger], side view", "[trigger] from the back"]) == {
         "front", "side", "back"}
 
