@@ -158,3 +158,104 @@ def test_keep_last_is_refused_while_training(tmp_path):
     with pytest.raises(UserError, match="still training"):
         keep_last(run.path, 1)
     assert len(RunFolder.open(run.path).checkpoints) == 4
+
+
+# ---------------------------------------------------------------- a set: the nearest training image
+
+def _three_pictures():
+    """Three training images that look nothing alike: the subject, and two smooth scenes."""
+    from trainer.dataset.imageset import SetImage
+
+    subject, mask = subject_image((96, 128))
+    return [SetImage("a.png", subject, mask), SetImage("b.png", _scene(101, (128, 96))),
+            SetImage("c.png", _scene(202, (96, 96)))]
+
+
+def test_one_image_scores_are_the_numbers_of_before_sets():
+    """A one-image run scores exactly as before: the mean copy score against its one image (recomputed here the way it
+    was computed before sets, and pinned to the numbers the code of before gave), whether the image comes alone or as
+    a set of one; and the advice names no image."""
+    from trainer.dataset.imageset import SetImage
+
+    training, mask = subject_image((96, 128))
+    base = [_scene(s) for s in range(3)]
+    samples = {100: [_scene(s + 20) for s in range(3)], 300: [_noisy(b, 14, s) for s, b in enumerate(base)],
+               400: [training.resize((80, 100)) for _ in range(3)]}
+    alone = score_checkpoints(samples, base, training)
+    assert score_checkpoints(samples, base, [SetImage("image.png", training, mask)]) == alone
+    base_copy = np.mean([copy_score(b, training) for b in base])
+    for score in alone:
+        copy = np.mean([copy_score(im, training) for im in samples[score.step]])
+        assert (score.copy, score.copy_rise, score.nearest) == (copy, copy - base_copy, "")
+    pinned = {100: (0.3396813431441168, 0.05013629055513863, -0.18823683284800763),
+              300: (0.26481924681632113, -0.02472580577265704, 3.2753751348392175),
+              400: (0.9632143973177089, 0.6736693447287307, -0.5332768819495531)}
+    for score in alone:
+        assert (score.copy, score.copy_rise, score.artefact) == pytest.approx(pinned[score.step], rel=1e-9, abs=1e-12)
+    advice = suggest([s for s in alone if s.step != 300])  # 400 copies: named as before, no image name
+    assert "copying the training image" in advice.reason and "nearest" not in advice.markdown()
+
+
+def test_a_set_scores_each_sample_against_its_nearest_training_image_and_the_advice_names_it():
+    pictures = _three_pictures()
+    third = pictures[2].image
+    base = [_scene(s) for s in range(4)]
+    samples = {100: [_scene(s + 30) for s in range(4)],
+               200: [third.resize((80, 80)) for _ in range(3)] + [_scene(7)],  # 3 of 4 copy the third picture
+               300: [third.copy() for _ in range(4)]}
+    scores = {s.step: s for s in score_checkpoints(samples, base, pictures)}
+    # every sample scores against the image it is nearest to: the copies of c.png score as copies of it
+    expected = np.mean([max(copy_score(im, p.image) for p in pictures) for im in samples[200]])
+    assert scores[200].copy == pytest.approx(expected, abs=1e-12)
+    assert scores[200].copy > np.mean([copy_score(im, pictures[0].image) for im in samples[200]]) + COPY_RISE
+    assert scores[200].nearest == "c.png" and scores[300].nearest == "c.png"
+    assert scores[200].copying and not scores[100].copying
+    base_copy = np.mean([max(copy_score(b, p.image) for p in pictures) for b in base])  # the base: nearest too
+    assert scores[100].copy_rise == pytest.approx(scores[100].copy - base_copy, abs=1e-12)
+    # compared with the first image only (the one-image way), the copying of c.png would go unseen
+    assert not score_checkpoints(samples, base, pictures[0].image)[1].copying
+
+    advice = suggest(list(scores.values()))
+    assert advice.step == 100 and "copying training image 'c.png'" in advice.reason
+    assert f"come nearest to training image '{scores[100].nearest}'" in advice.markdown()
+
+
+def test_a_sets_scores_name_the_nearest_image_on_disk_and_in_the_compare_tab(tmp_path):
+    """The Compare tab's scoring of a set run: every image of run.json's dataset.images is compared (through
+    ``stream_advice`` with a stand-in renderer whose checkpoint samples copy the set's third image)."""
+    from trainer.review.advisor import load_advice, save_advice
+    from trainer.review.inference import InferenceService
+    from trainer.runs.store import RunStore
+    from ui.compare_tab import checkpoint_table, stream_advice, summary_markdown
+
+    pictures = _three_pictures()
+    cfg = TrainingConfig(caption="a photo of [trigger]", trigger="ohwx", steps=20, save_every=10)
+    run = RunStore(tmp_path / "runs").create_set("alice", cfg, pictures)
+    run.train_size, run.model_path = (48, 64), str(tmp_path)
+    for step in (10, 20):
+        run.checkpoint_path(step).write_bytes(b"x")
+        run.record_checkpoint(step, run.checkpoint_path(step))
+    run.set_status("finished")
+
+    class Renderer:
+        def embed(self, prompts, max_tokens):
+            pass
+
+        def render(self, prompt, seed, settings, checkpoint=None, weight=1.0):
+            step = int(Path(checkpoint).stem.rsplit("-", 1)[1]) if checkpoint else 0
+            if step < 20:  # the base model, and a checkpoint that draws what it draws
+                return _scene(seed + len(prompt), (48, 64))
+            return pictures[2].image.resize((48, 64))  # copies the set's third image
+
+    service = InferenceService(loader=lambda path: Renderer())
+    *_, (status, summary, table, _) = stream_advice(service, tmp_path / "runs", "alice", run.path.name)
+    advice = load_advice(run.path)
+    assert [(s.step, s.nearest) for s in advice.scores][1] == (20, "c.png") and advice.scores[1].copying
+    assert (advice.step, advice.weight) == (10, 1.0) and "'c.png'" in advice.reason
+    assert list(table["nearest image"])[1] == "c.png" and "nearest to training image" in summary
+    save_advice(run.path, advice)
+    assert load_advice(run.path) == advice  # the nearest image survives advice.json
+
+    one = _run_with_checkpoints(tmp_path / "one", steps=(10,))
+    save_advice(one.path, suggest([CheckpointScore(10, 0.2, 0.0, 0.0)]))
+    assert "nearest image" not in checkpoint_table(one).columns and "nearest" not in summary_markdown(one)

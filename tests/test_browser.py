@@ -353,6 +353,28 @@ def set_caption(driver, text: str) -> None:
                10, f"the caption {text!r}")
 
 
+def subject_share(driver) -> int:
+    """The mask step's "The subject covers N % of the frame" (-1 before there is one)."""
+    found = re.search(r"The subject covers (\d+) %", text_of(driver, "#mask-info"))
+    return int(found.group(1)) if found else -1
+
+
+def paint_across_the_top(driver) -> None:
+    """Drag the green brush (the corrections editor's default colour: adds to the subject) rightwards from the middle
+    of the edited picture's top tenth: the editor shows the picture centred and as high as its canvas, so the stroke
+    covers about the top fifth of the picture's right half."""
+    canvas = driver.find_elements(By.CSS_SELECTOR, "#mask-editor canvas")[-1]
+    driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", canvas)
+    driver.find_element(By.CSS_SELECTOR, "#mask-editor button[aria-label=Brush]").click()
+    height = canvas.size["height"]
+    # a stroke must start on the picture: the offsets are from the canvas's centre
+    chain = ActionChains(driver).move_to_element_with_offset(canvas, 0, -height // 2 + int(height * 0.12))
+    chain = chain.pause(0.2).click_and_hold().pause(0.2)
+    for _ in range(12):
+        chain = chain.move_by_offset(10, 0).pause(0.03)
+    chain.pause(0.2).release().perform()
+
+
 def edit_image(driver, index: int, name: str) -> None:
     """Pick the strip's ``index``-th thumbnail (0-based) and wait until the editor edits it."""
     strip_thumbnails(driver)[index].click()
@@ -361,13 +383,18 @@ def edit_image(driver, index: int, name: str) -> None:
 
 def test_a_set_of_three_images_in_the_browser(app, browser, tmp_path):
     """Three pictures of different sizes: the first through the one-image upload, two more through Add images; the
-    second gets its own mask; each its own caption; the length set in epochs; a tiny-demo run streams its previews,
-    and the run folder holds the three images, masks and captions."""
+    first gets a correction painted in the editor, the second its own mask; Caption all images writes each one's
+    caption (the tiny Florence-2 built in code), then each is edited; the length set in epochs; a tiny-demo run
+    streams its previews, and the run folder holds the three images, masks (the painted one as painted) and
+    captions."""
     import json
 
     import numpy as np
 
     from tests.conftest import subject_image
+    from trainer import api
+    from trainer.dataset.images import load_image
+    from trainer.model.tiny_florence import ensure_tiny_florence
 
     sizes = {"first.png": (160, 200), "second.png": (240, 180), "third.png": (200, 200)}
     paths = {name: write_subject_png(tmp_path, name, size) for name, size in sizes.items()}
@@ -383,10 +410,27 @@ def test_a_set_of_three_images_in_the_browser(app, browser, tmp_path):
     wait_until(browser, lambda d: "3 images" in text_of(d, "#set-info") and len(strip_thumbnails(d)) == 3, 180,
                "three images in the strip")
     assert "editing 1. first.png" in text_of(browser, "#set-info") and "160×200" in text_of(browser, "#image-info")
-    set_caption(browser, "a photo of [trigger], close up")
+    # a correction painted on the first picture: green over background, so more of the frame is subject
+    automatic_share = subject_share(browser)
+    assert automatic_share > 0
+    paint_across_the_top(browser)
+    wait_until(browser, lambda d: subject_share(d) >= automatic_share + 5, 60, "the painted stroke in the mask")
+
+    # Caption all images, on the tiny Florence-2: each picture's caption is written into its own slot
+    tiny = str(ensure_tiny_florence(tmp_path / "models" / "tiny-caption"))
+    written = api.caption_images([load_image(path) for path in paths.values()], model=tiny)
+    assert all(text.strip() and text != "a photo of [trigger]" for text in written)
+    caption_model = browser.find_element(By.CSS_SELECTOR, "#caption-model input")
+    caption_model.send_keys(Keys.CONTROL, "a")
+    caption_model.send_keys(tiny, Keys.ENTER)
+    browser.find_element(By.ID, "caption-all").click()
+    wait_until(browser, lambda d: d.find_element(By.CSS_SELECTOR, "#caption textarea").get_attribute("value")
+               == written[0], 180, "the first picture's written caption")
+    set_caption(browser, "a photo of [trigger], close up")  # then edited
 
     edit_image(browser, 1, "second.png")
     wait_until(browser, lambda d: "240×180" in text_of(d, "#image-info"), 30, "the second image in the editor")
+    assert browser.find_element(By.CSS_SELECTOR, "#caption textarea").get_attribute("value") == written[1]
     browser.find_element(By.CSS_SELECTOR, "#own-mask input[type=file]").send_keys(str(own_mask))
     wait_until(browser, lambda d: "your mask" in text_of(d, "#image-info"), 60, "the second image's own mask")
     set_caption(browser, "a side view of [trigger]")
@@ -394,6 +438,7 @@ def test_a_set_of_three_images_in_the_browser(app, browser, tmp_path):
     edit_image(browser, 2, "third.png")
     wait_until(browser, lambda d: "200×200" in text_of(d, "#image-info"), 30, "the third image in the editor")
     assert "automatic background removal" in text_of(browser, "#image-info")
+    assert browser.find_element(By.CSS_SELECTOR, "#caption textarea").get_attribute("value") == written[2]
     set_caption(browser, "[trigger] on a table")
 
     edit_image(browser, 1, "second.png")  # each image kept its own mask and caption
@@ -434,3 +479,13 @@ def test_a_set_of_three_images_in_the_browser(app, browser, tmp_path):
         disc = np.asarray(subject_image(sizes["third.png"])[1]) > 127
         found = np.asarray(automatic) > 127
         assert (disc & found).sum() / (disc | found).sum() > 0.8
+    # the first picture's mask: the automatic disc, and the painted stroke in the background above it
+    with Image.open(run / entries[0]["mask"]) as stored:
+        painted = np.asarray(stored) > 127
+    disc = np.asarray(subject_image(sizes["first.png"])[1]) > 127
+    top = slice(0, 40)  # the top fifth of the 200-pixel-high picture: background (the disc starts at row 50)
+    assert not disc[top].any()
+    assert painted[top, 80:].mean() > 0.3, "the painted stroke did not reach the saved mask"
+    assert not painted[top, :40].any()  # the stroke began mid-picture: its left side is still background
+    below = slice(50, 200)
+    assert (disc[below] & painted[below]).sum() / (disc[below] | painted[below]).sum() > 0.8

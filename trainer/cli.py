@@ -123,7 +123,7 @@ def _parser() -> argparse.ArgumentParser:
     grid.add_argument("--prompt", action="append", default=[], help="prompt (repeatable; [trigger] is replaced); "
                       "default: the run's preview prompts")
     grid.add_argument("--suggested", action="store_true", help="add the suggested test prompts (caption, a colour "
-                      "change, back view, other clothes, watercolor, short / medium / long)")
+                      "change, the views the captions do not show, other clothes, watercolor, short / medium / long)")
     grid.add_argument("--checkpoints", help="checkpoint steps to show, e.g. 250,500 (default: all)")
     grid.add_argument("--size", help="WIDTHxHEIGHT of each image (default: the training size)")
     grid.add_argument("--sample-steps", type=int, help="denoising steps (default: the run's preview steps)")
@@ -264,7 +264,7 @@ def _grid(args) -> int:
     run = open_run(args.run)
     prompts = list(args.prompt) or list(run.config.preview_prompts)
     if args.suggested:
-        prompts += [s.text for s in suggest_prompts(run.config)]
+        prompts += [s.text for s in suggest_prompts(run.config, run.captions())]
     width = height = None
     if args.size:
         try:

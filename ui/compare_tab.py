@@ -19,8 +19,9 @@ from ui.owned_runs import checkpoint_choices, checkpoint_path, open_owned_run, o
 from ui.session import RENDER_QUEUE, owner_of, token_of, user_errors
 
 ADVICE_NOTE = ("Scores are a **heuristic**: the copy score measures how close samples of *other* prompts come to "
-               "the training image (pixels and structure), the artefact score the extra fine-grain energy compared "
-               "with the base model's image. They cannot judge likeness or taste. On tiny-demo they mean nothing.")
+               "the training image (pixels and structure; a set: the nearest of its images, named in the advice), "
+               "the artefact score the extra fine-grain energy compared with the base model's image. They cannot "
+               "judge likeness or taste. On tiny-demo they mean nothing.")
 
 
 # ---------------------------------------------------------------- checkpoints: table, star, disk
@@ -28,13 +29,16 @@ ADVICE_NOTE = ("Scores are a **heuristic**: the copy score measures how close sa
 def checkpoint_table(run: api.RunFolder) -> pd.DataFrame:
     advice = api.load_advice(run.path)
     scores = {s.step: s for s in advice.scores} if advice else {}
+    columns = ["step", "size (MB)", "starred", "copy score", "artefact score"]
+    if any(s.nearest for s in scores.values()):
+        columns.append("nearest image")  # a set: the training image the checkpoint's samples come nearest to
     rows = []
     for f in api.checkpoint_files(run):
         s = scores.get(f.step)
         rows.append({"step": f.step, "size (MB)": round(f.size_bytes / 1e6, 1), "starred": "★" if f.starred else "",
                      "copy score": round(s.copy, 3) if s else None,
-                     "artefact score": round(s.artefact, 3) if s else None})
-    return pd.DataFrame(rows, columns=["step", "size (MB)", "starred", "copy score", "artefact score"])
+                     "artefact score": round(s.artefact, 3) if s else None, "nearest image": s.nearest if s else None})
+    return pd.DataFrame(rows, columns=columns)
 
 
 def summary_markdown(run: api.RunFolder) -> str:
@@ -65,7 +69,7 @@ def on_run_selected(runs_root: Path, owner: str, name: str | None) -> dict[str, 
         "table": checkpoint_table(run),
         "scores": scores_frame(run),
         "grid_checkpoints": gr.update(choices=choices, value=steps),
-        "prompts": "\n".join(s.text for s in api.suggest_prompts(run.config)),
+        "prompts": "\n".join(s.text for s in api.suggest_prompts(run.config, run.captions())),
         "width": (run.train_size or (run.config.resolution,) * 2)[0],
         "height": (run.train_size or (run.config.resolution,) * 2)[1],
         "sample_steps": api.render_defaults(run, api.default_render_model(run))[0],
@@ -124,8 +128,7 @@ def stream_advice(service: api.InferenceService, runs_root: Path, owner: str, na
         grids.add(row)
         progress(row.done_cells / row.total_cells, f"scoring samples {row.done_cells}/{row.total_cells}")
         yield (f"Rendering scoring samples: {row.done_cells}/{row.total_cells}", gr.update(), gr.update(), gr.update())
-    training, _ = run.load_dataset()
-    advice = api.advice_from_grid(grids, training)
+    advice = api.advice_from_grid(grids, run.load_set())  # a set: each sample against its nearest image
     api.save_advice(run.path, advice)
     yield (ADVICE_NOTE, summary_markdown(run), checkpoint_table(run), scores_frame(run))
 
@@ -183,8 +186,9 @@ def build(runs_root: Path, service: api.InferenceService, owner_state) -> Compar
                                       info="klein: its distilled model renders the LoRA as it will be used (4 steps, "
                                            "guidance 1); the base column is that model without the LoRA")
             prompts = gr.Textbox(label="Test prompts (one grid per line; [trigger] is replaced)", lines=6,
-                                 info="Suggested: the caption (memorisation), a colour change, a back view, other "
-                                      "hair/clothes, watercolor, short/medium/long. Edit freely.",
+                                 info="Suggested: the caption (memorisation), a colour change, the views no training "
+                                      "image's caption names (a back view, ...), other hair/clothes, watercolor, "
+                                      "short/medium/long. Edit freely.",
                                  elem_id="grid-prompts")
             with gr.Row():
                 render = gr.Button("Render grid", variant="primary", elem_id="grid-render")

@@ -3,10 +3,12 @@
 A heuristic, and presented as one. Practitioners pick "the checkpoint where the model has learned the subject
 but still generalises" by eye (docs/PRACTICE.md §5-6); two failure signs can be measured:
 
-* **copying**: samples of prompts that are *not* the caption come out close to the training image. The copy
+* **copying**: samples of prompts that are *not* the caption come out close to a training image. The copy
   score is the mean of a structure term (SSIM of downscaled grayscale images) and a pixel term (correlation of
   downscaled colour images); 1 = the training image itself. No image-embedding model is used (none can be
-  fetched offline); the score is pixel- and structure-based only.
+  fetched offline); the score is pixel- and structure-based only, over the whole picture (the mask is not used).
+  A set of images: each sample is compared with every training image and scores against the nearest one (the
+  highest copy score); the advice names the image the samples come nearest to. One image: its one score.
 * **artefacts**: the rough fabric/paper texture, fuzzy edges and ghosting of an overfit LoRA add high-frequency
   energy that the base model's image of the same prompt and seed does not have. The artefact score is
   ``log2(high-frequency energy of the sample / that of the base sample)``: 0 = as clean as the base model,
@@ -22,10 +24,12 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageFilter, ImageOps
 
+from trainer.dataset.imageset import SetImage
 from trainer.errors import UserError
 from trainer.fsutil import atomic_write_json
 from trainer.runs.folder import RunFolder
@@ -78,6 +82,14 @@ def copy_score(sample: Image.Image, training: Image.Image) -> float:
     return float(np.clip((max(structure, 0.0) + max(pixel, 0.0)) / 2, 0.0, 1.0))
 
 
+def nearest_copy(sample: Image.Image, training: Sequence[Image.Image]) -> tuple[float, int]:
+    """The copy score of ``sample`` against its nearest training image, and that image's index in ``training``
+    (the first of equal scores)."""
+    scores = [copy_score(sample, t) for t in training]
+    best = int(np.argmax(scores))
+    return scores[best], best
+
+
 def high_frequency_energy(image: Image.Image) -> float:
     """Mean squared difference between the image and its blur: fine texture, noise, sharp edges."""
     gray = image.convert("L")
@@ -101,6 +113,7 @@ class CheckpointScore:
     copy: float  # mean copy score of the non-caption samples
     copy_rise: float  # copy minus the base model's copy score for the same prompts and seeds
     artefact: float  # mean artefact score
+    nearest: str = ""  # a set: the training image most of the samples came nearest to ("" for one image)
 
     @property
     def copying(self) -> bool:
@@ -119,25 +132,53 @@ class Advice:
     reason: str
 
     def markdown(self) -> str:
-        return (f"**Suggested: step {self.step} at LoRA weight {self.weight:g}** — a heuristic, not a verdict: "
+        text = (f"**Suggested: step {self.step} at LoRA weight {self.weight:g}** — a heuristic, not a verdict: "
                 f"{self.reason} Compare the grid with your own eyes before choosing.")
+        picked = next((s for s in self.scores if s.step == self.step), None)
+        if picked is not None and picked.nearest:
+            text += (f" The samples of step {picked.step} come nearest to training image '{picked.nearest}' "
+                     f"(copy score {picked.copy:.2f}).")
+        return text
 
 
 def score_checkpoints(samples: dict[int, list[Image.Image]], base: list[Image.Image],
-                      training: Image.Image) -> list[CheckpointScore]:
-    """``samples[step]`` and ``base`` hold images of the same (non-caption) prompts and seeds, in the same order."""
+                      training: Image.Image | Sequence[SetImage]) -> list[CheckpointScore]:
+    """``samples[step]`` and ``base`` hold images of the same (non-caption) prompts and seeds, in the same order.
+    ``training``: the one training image, or the set's images (``SetImage``s, their names for the advice); every
+    sample scores against its nearest training image, the base model's samples too."""
     if not base:
         raise UserError("Scoring needs at least one sample of a prompt other than the caption.")
-    base_copy = float(np.mean([copy_score(b, training) for b in base]))
+    names, images = _references(training)
+    base_copy = float(np.mean([nearest_copy(b, images)[0] for b in base]))
     out = []
     for step in sorted(samples):
-        images = samples[step]
-        if len(images) != len(base):
+        of_step = samples[step]
+        if len(of_step) != len(base):
             raise ValueError("every checkpoint needs one sample per base sample")
-        copy = float(np.mean([copy_score(im, training) for im in images]))
-        artefact = float(np.mean([artefact_score(im, b) for im, b in zip(images, base)]))
-        out.append(CheckpointScore(step=step, copy=copy, copy_rise=copy - base_copy, artefact=artefact))
+        nearest = [nearest_copy(im, images) for im in of_step]
+        copy = float(np.mean([score for score, _ in nearest]))
+        artefact = float(np.mean([artefact_score(im, b) for im, b in zip(of_step, base)]))
+        out.append(CheckpointScore(step=step, copy=copy, copy_rise=copy - base_copy, artefact=artefact,
+                                   nearest=_most_often(names, [index for _, index in nearest])))
     return out
+
+
+def _references(training) -> tuple[list[str], list[Image.Image]]:
+    """(names, images) of the training images: one image has no name (the advice does not name it)."""
+    if isinstance(training, Image.Image):
+        return [""], [training]
+    items = list(training)
+    if not items:
+        raise ValueError("no training images to compare with")
+    if len(items) == 1:
+        return [""], [items[0].image]
+    return [item.name for item in items], [item.image for item in items]
+
+
+def _most_often(names: list[str], indices: list[int]) -> str:
+    """The name of the training image nearest for most samples; of equally often, the earliest in the set."""
+    counts = np.bincount(indices, minlength=len(names))
+    return names[int(np.argmax(counts))]
 
 
 def suggest(scores: list[CheckpointScore]) -> Advice:
@@ -146,7 +187,8 @@ def suggest(scores: list[CheckpointScore]) -> Advice:
     scores = sorted(scores, key=lambda s: s.step)
     for i, score in enumerate(scores):
         if score.copying or score.artefacted:
-            signs = " and ".join(n for n, flag in (("copying the training image", score.copying),
+            copied = f"copying training image '{score.nearest}'" if score.nearest else "copying the training image"
+            signs = " and ".join(n for n, flag in ((copied, score.copying),
                                                      ("artefacts", score.artefacted)) if flag)
             if i == 0:
                 return Advice(tuple(scores), score.step, 0.6,
@@ -162,20 +204,24 @@ def suggest(scores: list[CheckpointScore]) -> Advice:
 
 # ---------------------------------------------------------------- from a rendered grid
 
-ADVICE_PROMPT_KINDS = ("extreme (back view)", "flexibility (other hair and clothes)", "flexibility (another medium)")
+ADVICE_PROMPT_KINDS = ("flexibility (other hair and clothes)", "flexibility (another medium)")  # + the first view
 
 
 def advice_spec(run: RunFolder, seeds: tuple[int, ...] = (1, 2), sample_steps: int | None = None):
-    """The grid the advice is computed from: non-caption test prompts, every checkpoint, weight 1.0."""
+    """The grid the advice is computed from: non-caption test prompts (the most extreme view the training images do
+    not show, other hair and clothes, another medium), every checkpoint, weight 1.0."""
     from trainer.review.grid import GridSpec
-    from trainer.review.prompts import suggest_prompts
+    from trainer.review.prompts import NEW_VIEW, suggest_prompts
 
-    prompts = tuple(s.text for s in suggest_prompts(run.config) if s.kind in ADVICE_PROMPT_KINDS)
+    suggested = suggest_prompts(run.config, run.captions())
+    views = [s.text for s in suggested if s.kind.startswith(NEW_VIEW)][:1]
+    prompts = tuple(views + [s.text for s in suggested if s.kind in ADVICE_PROMPT_KINDS])
     return GridSpec(prompts=prompts, seeds=seeds, weights=(1.0,), sample_steps=sample_steps)
 
 
-def advice_from_grid(grids, training: Image.Image) -> Advice:
-    """Score a fully rendered ``GridImages`` (base column first) and suggest a checkpoint."""
+def advice_from_grid(grids, training: Image.Image | Sequence[SetImage]) -> Advice:
+    """Score a fully rendered ``GridImages`` (base column first) and suggest a checkpoint. ``training``: the one
+    image, or the set's images (``RunFolder.load_set()``, from run.json's ``dataset.images``)."""
     plan = grids.plan
     base, samples = [], {c.step: [] for c in plan.columns[1:]}
     for prompt_cells in grids.cells:
@@ -191,15 +237,15 @@ def advice_from_grid(grids, training: Image.Image) -> Advice:
 def save_advice(run_dir: Path, advice: Advice) -> None:
     atomic_write_json(Path(run_dir) / ADVICE_FILE, {
         "step": advice.step, "weight": advice.weight, "reason": advice.reason,
-        "scores": [{"step": s.step, "copy": s.copy, "copy_rise": s.copy_rise, "artefact": s.artefact}
-                   for s in advice.scores]})
+        "scores": [{"step": s.step, "copy": s.copy, "copy_rise": s.copy_rise, "artefact": s.artefact,
+                    "nearest": s.nearest} for s in advice.scores]})
 
 
 def load_advice(run_dir: Path) -> Advice | None:
     try:
         data = json.loads((Path(run_dir) / ADVICE_FILE).read_text())
-        scores = tuple(CheckpointScore(int(s["step"]), float(s["copy"]), float(s["copy_rise"]), float(s["artefact"]))
-                       for s in data.get("scores", []))
+        scores = tuple(CheckpointScore(int(s["step"]), float(s["copy"]), float(s["copy_rise"]), float(s["artefact"]),
+                                       str(s.get("nearest") or "")) for s in data.get("scores", []))
         return Advice(scores, int(data["step"]), float(data["weight"]), str(data.get("reason", "")))
     except (OSError, ValueError, KeyError, TypeError):
         return None

@@ -129,6 +129,10 @@ class RunFolder:
     def image_count(self) -> int:
         return len(self.set_entries())
 
+    def captions(self) -> list[str]:
+        """Each image's caption, in order (before the trigger; the config's caption where an image has none)."""
+        return [entry.get("caption") or self.config.caption for entry in self.set_entries()]
+
     def load_dataset(self) -> tuple[Image.Image, Image.Image | None]:
         """The first image of the set and its mask (the one image of a one-image run)."""
         first = self.load_set()[0]
@@ -137,7 +141,7 @@ class RunFolder:
     def load_set(self) -> list[SetImage]:
         """Every image of the set, in order, with its mask (None: unmasked) and its caption (before the trigger)."""
         items = []
-        for entry in self.set_entries():
+        for entry, caption in zip(self.set_entries(), self.captions()):
             image = Image.open(self.path / entry["image"])
             image.load()
             mask = None
@@ -145,7 +149,7 @@ class RunFolder:
                 mask = Image.open(self.path / entry["mask"])
                 mask.load()
             items.append(SetImage(name=entry.get("name", ""), image=image, mask=mask,
-                                  caption=entry.get("caption") or self.config.caption))
+                                  caption=caption))
         return items
 
     # ---- file names
