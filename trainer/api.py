@@ -31,7 +31,7 @@ class RunRequest:
     preset: str = DEFAULT_PRESET
     trigger: str = ""
     sample_prompts: tuple[str, ...] = ()
-    model: str | None = None  # None: the default for this machine (FLUX.1-dev with a CUDA GPU, else tiny-demo)
+    model: str | None = None  # None: the default for this machine (FLUX.1-dev with a CUDA GPU, else shapes-demo)
     masked: bool = True
     # TrainingConfig fields that replace the preset's (rank, steps, learning_rate, save_every, memory_tier, batch_size,
     # the mask step's loss settings, ...); a key that is not a setting is a UserError naming the known ones.

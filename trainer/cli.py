@@ -50,8 +50,8 @@ def _parser() -> argparse.ArgumentParser:
                             "or once per image in the same order")
     train.add_argument("--trigger", default="", help="trigger word, e.g. ohwx (shared by every picture of a set)")
     train.add_argument("--preset", default="character-rank4-400", help="preset name (see: python -m trainer presets)")
-    train.add_argument("--model", help="tiny-demo, a Hugging Face id, or a local diffusers folder "
-                                        "(default: FLUX.1-dev with a CUDA GPU, otherwise tiny-demo)")
+    train.add_argument("--model", help="shapes-demo or tiny-demo (built in), a Hugging Face id, or a local diffusers "
+                                        "folder (default: FLUX.1-dev with a CUDA GPU, otherwise shapes-demo)")
     train.add_argument("--steps", type=int, help="optimizer steps (checkpoints are named by step)")
     train.add_argument("--epochs", type=float, help="the length in epochs instead of steps: each picture of the set "
                                                      "seen EPOCHS times (steps = images x epochs / (batch size x GPUs))")

@@ -1,0 +1,144 @@
+#!/usr/bin/env python
+"""What masking does, seen on ``shapes-demo``: the same subject trained masked and unmasked, read off the previews.
+
+On the random-weight ``tiny-demo`` the effect of masking could only be measured inside the model (one-step
+reconstruction errors, ``TRAINING_EFFECT.md``). ``shapes-demo`` really draws scenes, so here it is measured where a
+user sees it: in the preview pictures the real training loop renders at each checkpoint (``python -m trainer train``,
+the CLI a user runs), with prompts that put the subject on *other* backgrounds.
+
+The subject is new to the model: a purple figure wearing a yellow crown, on a green and white checkered background,
+with its exact mask. Two runs, identical except ``--no-mask``; per checkpoint and prompt, three shares of pixels:
+
+* **subject**: pixels near the subject's purple or the crown's yellow, anywhere in the picture;
+* **copied background**: pixels of the picture's outer frame (where the subject never is) near the training
+  background's green or white;
+* **asked background**: frame pixels near the background the prompt asks for.
+
+Run: ``.venv/bin/python masking_eval/shapes_demo_effect.py --out /tmp/effect`` (CPU, a few minutes); it prints a
+Markdown table and writes ``effect.png`` (base, unmasked and masked previews side by side).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZE = 256
+SUBJECT = {"purple": (140, 60, 190), "crown yellow": (240, 215, 40)}
+TRAINING_BACKGROUND = {"green": (50, 165, 60), "white": (240, 240, 240)}
+PROMPTS = (  # (prompt, the background it asks for: name -> colour)
+    ("[trigger] in the center, on a blue background", {"blue": (40, 80, 220)}),
+    ("[trigger] in the center, on an orange and black striped background",
+     {"orange": (245, 140, 30), "black": (25, 25, 25)}),
+)
+NEAR = 70.0  # mean absolute RGB difference that counts as "that colour"
+
+
+def subject_image() -> tuple[Image.Image, Image.Image]:
+    """The training picture and its exact mask (white = subject)."""
+    from trainer.model.demo_scenes import draw_background
+
+    background = draw_background("checkered", ("green", "white"), SIZE, SIZE, np.random.default_rng(0))
+    image = Image.fromarray(background.astype(np.uint8))
+    mask = Image.new("L", (SIZE, SIZE), 0)
+    for canvas, fill, crown in ((ImageDraw.Draw(image), SUBJECT["purple"], SUBJECT["crown yellow"]),
+                                (ImageDraw.Draw(mask), 255, 255)):
+        canvas.ellipse((108, 58, 148, 98), fill=fill)  # head
+        canvas.polygon([(102, 100), (154, 100), (168, 180), (88, 180)], fill=fill)  # body
+        canvas.line([(104, 108), (70, 150)], fill=fill, width=9)  # arms
+        canvas.line([(152, 108), (186, 150)], fill=fill, width=9)
+        canvas.line([(110, 178), (100, 222)], fill=fill, width=10)  # legs
+        canvas.line([(146, 178), (156, 222)], fill=fill, width=10)
+        canvas.polygon([(108, 62), (112, 36), (122, 52), (128, 30), (134, 52), (144, 36), (148, 62)], fill=crown)
+    return image, mask
+
+
+def share_near(pixels: np.ndarray, colours) -> float:
+    if not len(pixels):
+        return 0.0
+    distance = np.min([np.abs(pixels - np.array(c, np.float32)).mean(-1) for c in colours], axis=0)
+    return float((distance < NEAR).mean())
+
+
+def measure(picture: Image.Image, asked: dict) -> dict:
+    a = np.asarray(picture.convert("RGB").resize((SIZE, SIZE)), np.float32)
+    frame = np.concatenate([a[:24].reshape(-1, 3), a[-24:].reshape(-1, 3),
+                            a[24:-24, :24].reshape(-1, 3), a[24:-24, -24:].reshape(-1, 3)])
+    return {"subject": share_near(a.reshape(-1, 3), SUBJECT.values()),
+            "copied": share_near(frame, TRAINING_BACKGROUND.values()),
+            "asked": share_near(frame, asked.values())}
+
+
+def train(folder: Path, image: Path, mask: Path, masked: bool, args) -> float:
+    command = [sys.executable, "-m", "trainer", "train", "--image", str(image), "--caption", "[trigger]",
+               "--trigger", "ohwx", "--model", "shapes-demo", "--preset", args.preset, "--seed", "7",
+               "--output", str(folder)]
+    command += ["--mask", str(mask)] if masked else ["--no-mask"]
+    for prompt, _ in PROMPTS:
+        command += ["--sample-prompt", prompt]
+    start = time.time()
+    subprocess.run(command, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+    return time.time() - start
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--preset", default="cpu-demo-shapes")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    image, mask = subject_image()
+    image.save(args.out / "subject.png")
+    mask.save(args.out / "subject-mask.png")
+    runs, seconds = {}, {}
+    for name, masked in (("unmasked", False), ("masked", True)):
+        seconds[name] = train(args.out / name, args.out / "subject.png", args.out / "subject-mask.png", masked, args)
+        runs[name] = json.loads((args.out / name / "run.json").read_text())
+    rows, pictures = [], {}
+    for name, run in runs.items():
+        prompts = run["config"]["preview_prompts"]
+        for entry in [{"step": 0}] + run["checkpoints"]:
+            step = entry["step"]
+            for index, prompt in enumerate(prompts):
+                asked = next((bg for p, bg in PROMPTS if p.replace("[trigger]", "ohwx") == prompt
+                              or p == prompt), None)
+                if asked is None:
+                    continue
+                path = args.out / name / "samples" / f"lora-{step:06d}-{index:02d}.png"
+                picture = Image.open(path)
+                pictures[(name, step, prompt)] = picture
+                rows.append({"run": name, "step": step, "prompt": prompt, **measure(picture, asked)})
+    print(f"seconds: {json.dumps({k: round(v) for k, v in seconds.items()})}")
+    print("| run | step | prompt | subject | copied background | asked background |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        print(f"| {r['run']} | {r['step']} | {r['prompt']} | {r['subject']:.2f} | {r['copied']:.2f} | "
+              f"{r['asked']:.2f} |")
+    (args.out / "effect.json").write_text(json.dumps({"seconds": seconds, "rows": rows}, indent=1))
+    _sheet(pictures, runs, args.out / "effect.png", image)
+    return 0
+
+
+def _sheet(pictures: dict, runs: dict, path: Path, subject: Image.Image) -> None:
+    """One row per run (base = step 0), one column per asked prompt, at the last checkpoint; the subject first."""
+    prompts = [p for p in runs["masked"]["config"]["preview_prompts"]
+               if any(q.replace("[trigger]", "ohwx") == p or q == p for q, _ in PROMPTS)]
+    last = runs["masked"]["checkpoints"][-1]["step"]
+    rows = [("unmasked", 0), ("unmasked", last), ("masked", last)]
+    sheet = Image.new("RGB", (SIZE * (len(prompts) + 1), SIZE * len(rows)), "white")
+    sheet.paste(subject, (0, 0))
+    for r, (name, step) in enumerate(rows):
+        for c, prompt in enumerate(prompts):
+            sheet.paste(pictures[(name, step, prompt)].resize((SIZE, SIZE)), (SIZE * (c + 1), SIZE * r))
+    sheet.save(path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
