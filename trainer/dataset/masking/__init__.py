@@ -193,7 +193,7 @@ def _auto_mask_result(rgb: np.ndarray, model: str, refine: bool, stage: Stage) -
         out = _get_session(model).predict(Image.fromarray(rgb))[0].convert("L")
         out = out if out.size == size else out.resize(size, Image.Resampling.BILINEAR)
         prob = np.asarray(out, dtype=np.float32) / 255.0
-        return MaskResult(out, decisiveness(prob), False, UNSURE if unsure([prob], prob, False) else None)
+        return MaskResult(out, decisiveness(prob), False, UNSURE if unsure([prob], prob, False, model) else None)
     passes = lambda done, total: stage(0.05 + 0.75 * done / total,  # noqa: E731
                                        f"Background removal: network pass {min(done + 1, total)} of {total}")
     stage(0.05, "Background removal: network pass 1")
@@ -205,7 +205,7 @@ def _auto_mask_result(rgb: np.ndarray, model: str, refine: bool, stage: Stage) -
     warning = None
     if widened:
         warning = _WIDENED
-    elif unsure([m for m, _ in members], prob, widened):
+    elif unsure([m for m, _ in members], prob, widened, model):
         warning = UNSURE
     if warning:
         mask.info[WARNING_KEY] = warning

@@ -33,6 +33,8 @@ _FALLBACK_AREA = 0.01  # if then under this fraction of the frame is subject, th
 _UNSURE_MEMBER = 0.97  # unsure when even the most decisive TTA member's mean |2p - 1| is under this
 _UNSURE_FUSED = 0.9  # ... or the fused map's mean |2p - 1| is under this
 _UNSURE_AREA = 0.3  # ... for a subject covering under this share of the frame
+# The thresholds per network (member, fused, area); a network not listed uses u2netp's.
+_UNSURE_THRESHOLDS = {"u2netp": (_UNSURE_MEMBER, _UNSURE_FUSED, _UNSURE_AREA)}
 
 
 @dataclass(frozen=True)
@@ -96,16 +98,18 @@ def map_features(members: list[np.ndarray], prob: np.ndarray) -> dict[str, float
     }
 
 
-def is_unsure(widened: bool, features: dict[str, float]) -> bool:
+def is_unsure(widened: bool, features: dict[str, float], model: str = "u2netp") -> bool:
     """Whether the mask should carry the "unsure" warning: the search was widened, or no TTA member is decisive
-    (the largest member decisiveness is under 0.97), or the fused map is undecided (decisiveness under 0.9) about a
-    small subject (under 30% of the frame). ``features``: ``fused_decisiveness`` and ``map_features``' keys."""
-    return bool(widened or features["member_decisiveness_max"] < _UNSURE_MEMBER
-                or (features["fused_decisiveness"] < _UNSURE_FUSED and features["area"] < _UNSURE_AREA))
+    (for u2netp: the largest member decisiveness is under 0.97), or the fused map is undecided (decisiveness under
+    0.9) about a small subject (under 30% of the frame); ``model``'s own thresholds (``_UNSURE_THRESHOLDS``).
+    ``features``: ``fused_decisiveness`` and ``map_features``' keys."""
+    member, fused, area = _UNSURE_THRESHOLDS.get(model, _UNSURE_THRESHOLDS["u2netp"])
+    return bool(widened or features["member_decisiveness_max"] < member
+                or (features["fused_decisiveness"] < fused and features["area"] < area))
 
 
-def unsure(members: list[np.ndarray], prob: np.ndarray, widened: bool) -> bool:
-    """``is_unsure`` of the network's members and the fused (possibly widened) map ``prob``."""
+def unsure(members: list[np.ndarray], prob: np.ndarray, widened: bool, model: str = "u2netp") -> bool:
+    """``is_unsure`` of ``model``'s members and the fused (possibly widened) map ``prob``."""
     return is_unsure(widened, {"fused_decisiveness": decisiveness(prob),
                                "member_decisiveness_max": max(decisiveness(m) for m in members),
-                               "area": float((prob > 0.5).mean())})
+                               "area": float((prob > 0.5).mean())}, model)
