@@ -37,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     # The background-removal network loads in the background now, not on the first upload (rembg's import, the
-    # sessions and onnxruntime's first run took a first mask to 36-108 s on a busy 2-core machine).
+    # sessions and onnxruntime's first run took a first mask to 36-108 s on a busy 2-core machine): the default network,
+    # u2net when installed (its 176 MB take ~3 s more to load than u2netp), else u2netp.
     api.warm_up()
     runs = api.runs_dir(runtime)
     runs.mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,7 @@ from PIL import Image
 
 UNSURE = "The automatic mask is unsure: check it and paint corrections in step 2, or upload your own mask."
 WARNING_KEY = "auto_mask_warning"  # the mask image's ``info`` entry that carries the warning
+NETWORK_KEY = "auto_mask_network"  # ... and the one that says which network made it ("u2net (automatic, refined)")
 _WIDENED = ("The automatic mask is unsure: the background-removal model found no clear subject, so the "
             "search was widened. Check the mask and paint corrections in step 2, or upload your own mask.")
 
@@ -45,6 +46,26 @@ class MaskResult:
     confidence: float  # mean |2p - 1| of the network's (TTA) map: 1 = every pixel decided, 0 = all at 0.5
     widened: bool  # the network found almost nothing, so the search was widened (lower threshold)
     warning: str | None  # for the user, when the mask needs checking; None when it looks sure
+    model: str = ""  # the network that made it (u2net, u2netp, ...)
+    refined: bool = True  # our refinement (False: rembg's mask as it gives it)
+
+    @property
+    def network(self) -> str:
+        """Which network made the mask, for the page and the CLI: "u2net (automatic, refined)"."""
+        return network_label(self.model, self.refined)
+
+
+def network_label(model: str, refined: bool) -> str:
+    """"u2net (automatic, refined)": the user sees which network made the mask (u2net when installed, else the
+    weaker u2netp), so a poor mask on a machine without u2net can be told apart."""
+    return f"{model} (automatic, {'refined' if refined else 'plain'})"
+
+
+def mask_network(mask: Image.Image | None) -> str | None:
+    """Which network made ``mask`` (``network_label``), as ``auto_mask`` recorded it; None for any other image."""
+    if mask is None:
+        return None
+    return mask.info.get(NETWORK_KEY) or None
 
 
 def widen_if_empty(prob: np.ndarray) -> tuple[np.ndarray, bool]:
