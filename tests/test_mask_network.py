@@ -142,6 +142,28 @@ def test_install_and_docker_fetch_both_models_the_same_way():
     assert "176 MB" in (root / "README.md").read_text()
 
 
+def test_a_space_fetches_the_models_before_the_page_is_built(monkeypatch):
+    # A Space runs no install script: the app fetches the models itself (the same script), then warms the default.
+    import app
+    from trainer import api
+
+    order = []
+    monkeypatch.setenv("SPACE_ID", "someone/one-image-lora")
+    monkeypatch.setattr(app, "fetch_mask_models", lambda *a, **k: order.append("fetch") or True)
+    monkeypatch.setattr(api, "warm_up", lambda *a, **k: order.append("warm_up"), raising=False)
+    monkeypatch.setattr("ui.app.build_app", lambda *a, **k: order.append("build_app") or _NoLaunch())
+    assert app.main([]) == 0
+    assert order == ["fetch", "warm_up", "build_app"]
+
+
+class _NoLaunch:
+    def queue(self, **kwargs):
+        return self
+
+    def launch(self, **kwargs):
+        return None
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The default network
 
