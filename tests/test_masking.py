@@ -7,6 +7,7 @@ with ``python scripts/fetch_offline_mask_model.py``.
 from __future__ import annotations
 
 import io
+import sys
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -497,6 +498,7 @@ def _fetch_module():
     path = Path(__file__).resolve().parent.parent / "scripts" / "fetch_offline_mask_model.py"
     spec = importlib.util.spec_from_file_location("fetch_offline_mask_model", path)
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # its dataclass looks its module up there
     spec.loader.exec_module(mod)
     return mod
 

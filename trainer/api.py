@@ -99,7 +99,8 @@ _export("trainer.dataset.images", "MAX_FILE_BYTES", "alpha_mask", "load_image", 
 _export("trainer.dataset.advice", "image_advice", "set_advice")
 _export("trainer.dataset.imageset", "MAX_IMAGES", "LoadedSet", "SetImage", "load_folder", "load_images")
 _export("trainer.dataset.choice", "MaskChoice", "choose_mask", "cut_out", "mask_coverage")
-_export("trainer.dataset.masking", "MASK_MODELS", "auto_mask_result", "mask_warning", "warm_up")
+_export("trainer.dataset.masking", "MASK_MODELS", "auto_mask_result", "default_mask_model", "mask_network",
+        "mask_warning", "warm_up")
 _export("trainer.dataset.mask_tools", "TOKEN_PX", "adjust_mask", "apply_strokes", "thin_share", "token_grid_view",
         "train_size_for")
 _export("trainer.dataset.caption", "CAPTION_MODELS", "DEFAULT_CAPTION_MODEL", "caption_images", "free_captioner",

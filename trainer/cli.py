@@ -90,7 +90,8 @@ def _parser() -> argparse.ArgumentParser:
     mask = sub.add_parser("mask", help="cut out the subject: write an RGBA PNG whose alpha is the mask")
     mask.add_argument("image", type=Path)
     mask.add_argument("--output", required=True, type=Path)
-    mask.add_argument("--model", default="u2netp", help="background-removal model (u2netp works offline)")
+    mask.add_argument("--model", default=None,
+                      help="background-removal model (default: u2net when installed, else u2netp; both work offline)")
     mask.add_argument("--point", type=_point, metavar="X,Y",
                       help="a pixel on the subject, for when the automatic mask picks something else or nothing")
 
@@ -180,12 +181,14 @@ def _point(text: str) -> tuple[float, float]:
 
 
 def _mask(args) -> int:
-    from trainer.dataset.masking import POINT_NOT_FOUND, WARNING_KEY
+    from trainer.dataset.masking import NETWORK_KEY, POINT_NOT_FOUND, WARNING_KEY
 
     image = api.load_image(args.image)
     out = api.cut_out(image, model=args.model, point=args.point)
     _write_png(out, args.output)
     print(args.output)
+    # stdout stays the one path (scripts read it); which network made the mask goes beside the warnings
+    print(f"mask: {out.info.get(NETWORK_KEY)}", file=sys.stderr)
     warning = out.info.get(WARNING_KEY)
     if warning == POINT_NOT_FOUND:
         print(f"warning: nothing stands out at --point {args.point[0]:g},{args.point[1]:g}; the mask in {args.output} "

@@ -148,6 +148,8 @@ def _choose_masks(args, items: list) -> list:
         choice = api.choose_mask(item.image, given, point=args.subject_point)
         check = Path(args.output) / dataset_files(index)[1]
         of = f" of '{item.name}'" if len(items) > 1 else ""
+        if choice.network:
+            print(f"mask{of}: {choice.network}")
         if choice.warning == POINT_NOT_FOUND:
             print(f"warning: nothing stands out at --subject-point; the automatic mask is used: check "
                   f"{check}, or give your own with --mask.", file=sys.stderr)

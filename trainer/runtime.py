@@ -8,6 +8,9 @@ Every variable has the prefix ``ONE_IMAGE_LORA_``:
   graphs.
 - ``ONE_IMAGE_LORA_ATTENTION`` (auto | cudnn | flash, default auto): ``auto`` puts cuDNN's attention first where
   its self-test passes, ``cudnn`` skips the test, ``flash`` keeps PyTorch's own choice.
+- ``ONE_IMAGE_LORA_MASK_MODEL`` (auto | u2net | u2netp | birefnet-general | isnet-anime, default auto): the
+  automatic mask's network when none is chosen. ``auto`` is u2net when its file is on the machine with the right md5
+  (``scripts/fetch_offline_mask_model.py`` installs it), else u2netp; the tests set u2netp, which is 5x faster.
 - ``ONE_IMAGE_LORA_DATA_DIR``: where runs, the tiny demo model and caches live (default: a Space's ``/data``
   volume when there is one, else ``~/.cache/one-image-lora``).
 - ``ONE_IMAGE_LORA_APP_HOST``, ``ONE_IMAGE_LORA_APP_PORT`` (default 127.0.0.1:7860),
@@ -40,6 +43,9 @@ log = logging.getLogger(__name__)
 PREFIX = "ONE_IMAGE_LORA_"
 SPACE_VOLUME = Path("/data")  # a Hugging Face Space's persistent storage, when the owner has enabled it
 ATTENTION_CHOICES = ("auto", "cudnn", "flash")
+# trainer.dataset.masking.MASK_MODELS plus "auto" (written out: importing the masking package here would load cv2 and
+# rembg's session table into every process that only reads a switch; a test keeps the two lists equal)
+MASK_MODEL_CHOICES = ("auto", "u2netp", "birefnet-general", "isnet-anime", "u2net")
 _ON, _OFF = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 # new name -> the name it had before every variable took the one prefix
 OLD_NAMES = {f"{PREFIX}DATA_DIR": "LORA_DATA_DIR", f"{PREFIX}APP_HOST": "LORA_APP_HOST",
@@ -64,6 +70,7 @@ class Runtime:
     compile: bool = True
     cuda_graphs: bool = True
     attention: Attention = "auto"
+    mask_model: str = "auto"
     data_dir: Path = dataclasses.field(default_factory=lambda: default_data_dir({}))
     app_host: str = "127.0.0.1"
     app_port: int = 7860
@@ -102,6 +109,11 @@ class Runtime:
         if attention not in ATTENTION_CHOICES:
             raise UserError(f"{PREFIX}ATTENTION={attention!r} is not an attention choice: use auto (cuDNN where its "
                             "self-test passes), cudnn or flash, or leave it unset (auto).")
+        mask_model = (get("MASK_MODEL") or "auto").strip()
+        if mask_model not in MASK_MODEL_CHOICES:
+            raise UserError(f"{PREFIX}MASK_MODEL={mask_model!r} is not a background-removal model: use one of "
+                            f"{', '.join(MASK_MODEL_CHOICES)}, or leave it unset (auto: u2net when installed, else "
+                            "u2netp).")
         port_text = get("APP_PORT")
         try:
             port = int(port_text) if port_text is not None else 7860
@@ -113,7 +125,7 @@ class Runtime:
         explicit = get("DATA_DIR")
         data = Path(explicit).expanduser().resolve() if explicit else default_data_dir(environ, space_volume)
         return cls(compile=switch("COMPILE"), cuda_graphs=switch("CUDA_GRAPHS"), attention=attention,
-                   data_dir=data, app_host=get("APP_HOST") or "127.0.0.1", app_port=port,
+                   mask_model=mask_model, data_dir=data, app_host=get("APP_HOST") or "127.0.0.1", app_port=port,
                    app_username=get("APP_USERNAME") or "", app_password=get("APP_PASSWORD") or "")
 
     def describe(self) -> str:

@@ -23,6 +23,7 @@ class Dataset:
     mask_source: str  # "uploaded mask", "transparency", "automatic", "none"
     raw_mask: Image.Image | None = None  # the mask before the user's adjustments (None: ``mask`` is unadjusted)
     mask_warning: str | None = None  # the automatic mask's own warning (it is unsure), shown with the mask
+    mask_network: str | None = None  # which network made an automatic mask: "u2net (automatic, refined)"
 
 
 def build_dataset(image_file: str | None, mask_file: str | None, use_mask: bool, mask_model: str,
@@ -36,7 +37,7 @@ def build_dataset(image_file: str | None, mask_file: str | None, use_mask: bool,
         return Dataset(image, None, "none")
     given = api.load_mask(mask_file, size=image.size) if mask_file else None
     choice = api.choose_mask(image, given, auto=True, model=mask_model, stage=stage)
-    return Dataset(image, choice.mask, choice.source, mask_warning=choice.warning)
+    return Dataset(image, choice.mask, choice.source, mask_warning=choice.warning, mask_network=choice.network)
 
 
 def on_subject_point(dataset: Dataset | None, mask_model: str, x: float, y: float, *, display_pixels: bool = True):
@@ -52,7 +53,8 @@ def on_subject_point(dataset: Dataset | None, mask_model: str, x: float, y: floa
                         "corrections in step 2 instead.")
     scale = dataset.image.width / _display_size(dataset.image.size)[0] if display_pixels else 1.0
     result = api.auto_mask_result(dataset.image, mask_model, point=(float(x) * scale, float(y) * scale))
-    updated = Dataset(dataset.image, result.mask, "automatic", mask_warning=result.warning)
+    updated = Dataset(dataset.image, result.mask, "automatic", mask_warning=result.warning,
+                      mask_network=result.network)
     return updated, overlay(updated), describe(updated)
 
 
@@ -75,6 +77,9 @@ def describe(dataset: Dataset) -> str:
         "automatic": "Mask: **automatic background removal**; the dimmed part is not trained.",
         "none": "Mask: **none**, the whole image is trained (the background will be learned too).",
     }[dataset.mask_source]
+    if dataset.mask_source == "automatic" and dataset.mask_network:
+        # which network made it: u2net's masks are better than u2netp's, which a machine without u2net falls back to
+        source = f"Mask: **{dataset.mask_network}**; the dimmed part is not trained."
     lines.append(source)
     if dataset.mask_source == "automatic":
         lines.append("Wrong subject, or none? **Click the subject** in this picture to look for it there.")

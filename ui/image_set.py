@@ -136,7 +136,8 @@ def add_files(image_set: ImageSet | None, paths: list[str], use_mask: bool, mask
             stage(index / len(loaded.images), f"Masking '{picture.name}'")
         if use_mask:
             choice = api.choose_mask(picture.image, None, auto=True, model=mask_model)
-            dataset = Dataset(picture.image, choice.mask, choice.source, mask_warning=choice.warning)
+            dataset = Dataset(picture.image, choice.mask, choice.source, mask_warning=choice.warning,
+                              mask_network=choice.network)
         else:
             dataset = Dataset(picture.image, None, "none")
         path = by_name.get(picture.name)

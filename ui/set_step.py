@@ -216,7 +216,7 @@ def _connect_api(e: Editor, after) -> None:
 
     add_b, pick_b, caption_b, remove_b, move_b = buttons
     api_use_mask = gr.Checkbox(value=True, visible=False)
-    api_model = gr.Textbox(value=api.MASK_MODELS[0], visible=False)
+    api_model = gr.Textbox(value=api.default_mask_model(), visible=False)
     states = [e.set_state, e.dataset_state]
     after(add_b.click(add_api, [api_files, api_use_mask, api_model, *states], outputs, api_name="add_images"))
     after(pick_b.click(pick_api, [api_index, *states], outputs, api_name="pick_image"))

@@ -21,45 +21,50 @@ MaskSource = Literal["uploaded mask", "transparency", "automatic", "none"]
 
 @dataclass(frozen=True)
 class MaskChoice:
-    """The mask to train with ("L", white = subject; None = unmasked), where it came from, and the automatic mask's
-    own warning (it is unsure, or a click found nothing) — None for a mask the user gave."""
+    """The mask to train with ("L", white = subject; None = unmasked), where it came from, the automatic mask's
+    own warning (it is unsure, or a click found nothing) — None for a mask the user gave — and which network made
+    an automatic one ("u2net (automatic, refined)"; None otherwise)."""
     mask: Image.Image | None
     source: MaskSource
     warning: str | None = None
+    network: str | None = None
 
 
-def choose_mask(image: Image.Image, given: Image.Image | None = None, auto: bool = True, model: str = "u2netp",
+def choose_mask(image: Image.Image, given: Image.Image | None = None, auto: bool = True, model: str | None = None,
                 point: tuple[float, float] | None = None, stage=None) -> MaskChoice:
     """``given``: the user's own mask (already sized to the image); ``auto``: make one when neither it nor the image's
-    transparency is there; ``point`` (x, y): a pixel on the subject, for the automatic mask; ``stage(fraction, what)``:
-    the automatic mask's progress (see ``auto_mask_result``)."""
+    transparency is there, with ``model`` (default: the default network, u2net when installed, else u2netp);
+    ``point`` (x, y): a pixel on the subject, for the automatic mask; ``stage(fraction, what)``: the automatic mask's
+    progress (see ``auto_mask_result``)."""
     source: MaskSource
-    warning = None
+    warning = network = None
     if given is not None:
         mask, source = given.convert("L"), "uploaded mask"
     else:
         mask, source = alpha_mask(image), "transparency"
         if mask is None and auto:
-            from trainer.dataset.masking import auto_mask, mask_warning
+            from trainer.dataset.masking import auto_mask, mask_network, mask_warning
 
             mask, source = auto_mask(image, model=model, point=point, stage=stage), "automatic"
-            warning = mask_warning(mask)
+            warning, network = mask_warning(mask), mask_network(mask)
     if mask is None or mask_coverage(mask) >= FULL_FRAME:
         return MaskChoice(None, "none")
-    return MaskChoice(mask, source, warning)
+    return MaskChoice(mask, source, warning, network)
 
 
 def mask_coverage(mask: Image.Image) -> float:
     return float(np.asarray(mask.convert("L"), dtype=np.float32).mean() / 255.0)
 
 
-def cut_out(image: Image.Image, model: str = "u2netp", point: tuple[float, float] | None = None) -> Image.Image:
-    """The image as RGBA with the automatic mask as its alpha (and the mask's warning, if any, in its info)."""
-    from trainer.dataset.masking import WARNING_KEY, auto_mask, mask_warning
+def cut_out(image: Image.Image, model: str | None = None, point: tuple[float, float] | None = None) -> Image.Image:
+    """The image as RGBA with the automatic mask as its alpha (and the mask's warning, if any, and the network that
+    made it in its info); ``model``: default the default network."""
+    from trainer.dataset.masking import NETWORK_KEY, WARNING_KEY, auto_mask, mask_network, mask_warning
 
     out = image.convert("RGB").convert("RGBA")
     mask = auto_mask(image, model=model, point=point)
     out.putalpha(mask)
+    out.info[NETWORK_KEY] = mask_network(mask)
     if mask_warning(mask):
         out.info[WARNING_KEY] = mask_warning(mask)
     return out

