@@ -27,37 +27,19 @@ import time
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 SIZE = 256
-SUBJECT = {"purple": (140, 60, 190), "crown yellow": (240, 215, 40)}
-TRAINING_BACKGROUND = {"green": (50, 165, 60), "white": (240, 240, 240)}
+from trainer.model.demo_scenes import NOVEL_SUBJECT as SUBJECT, NOVEL_SUBJECT_BACKGROUND as TRAINING_BACKGROUND  # noqa: E402
+from trainer.model.demo_scenes import novel_subject  # noqa: E402
 PROMPTS = (  # (prompt, the background it asks for: name -> colour)
     ("[trigger] in the center, on a blue background", {"blue": (40, 80, 220)}),
     ("[trigger] in the center, on an orange and black striped background",
      {"orange": (245, 140, 30), "black": (25, 25, 25)}),
 )
 NEAR = 70.0  # mean absolute RGB difference that counts as "that colour"
-
-
-def subject_image() -> tuple[Image.Image, Image.Image]:
-    """The training picture and its exact mask (white = subject)."""
-    from trainer.model.demo_scenes import draw_background
-
-    background = draw_background("checkered", ("green", "white"), SIZE, SIZE, np.random.default_rng(0))
-    image = Image.fromarray(background.astype(np.uint8))
-    mask = Image.new("L", (SIZE, SIZE), 0)
-    for canvas, fill, crown in ((ImageDraw.Draw(image), SUBJECT["purple"], SUBJECT["crown yellow"]),
-                                (ImageDraw.Draw(mask), 255, 255)):
-        canvas.ellipse((108, 58, 148, 98), fill=fill)  # head
-        canvas.polygon([(102, 100), (154, 100), (168, 180), (88, 180)], fill=fill)  # body
-        canvas.line([(104, 108), (70, 150)], fill=fill, width=9)  # arms
-        canvas.line([(152, 108), (186, 150)], fill=fill, width=9)
-        canvas.line([(110, 178), (100, 222)], fill=fill, width=10)  # legs
-        canvas.line([(146, 178), (156, 222)], fill=fill, width=10)
-        canvas.polygon([(108, 62), (112, 36), (122, 52), (128, 30), (134, 52), (144, 36), (148, 62)], fill=crown)
-    return image, mask
 
 
 def share_near(pixels: np.ndarray, colours) -> float:
@@ -94,7 +76,7 @@ def main(argv=None) -> int:
     parser.add_argument("--preset", default="cpu-demo-shapes")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    image, mask = subject_image()
+    image, mask = novel_subject(SIZE)
     image.save(args.out / "subject.png")
     mask.save(args.out / "subject-mask.png")
     runs, seconds = {}, {}

@@ -163,3 +163,27 @@ def vocabulary_corpus() -> list[str]:
     lines += [background_words(k, (a, b)) for k in BACKGROUNDS for a in COLOURS for b in list(COLOURS)[:3]]
     lines += [f"{p}, on" for p in POSITIONS]
     return lines
+
+
+# A subject the demo model has never seen (a purple figure wearing a yellow crown, on a green and white checkered
+# background), with its exact mask: what the tests and masking_eval/shapes_demo_effect.py train a LoRA on.
+NOVEL_SUBJECT = {"purple": COLOURS["purple"], "crown yellow": COLOURS["yellow"]}
+NOVEL_SUBJECT_BACKGROUND = {"green": COLOURS["green"], "white": COLOURS["white"]}
+
+
+def novel_subject(size: int = 256) -> tuple[Image.Image, Image.Image]:
+    """The novel subject's picture and its exact mask (white = subject), ``size`` x ``size``."""
+    background = draw_background("checkered", ("green", "white"), size, size, np.random.default_rng(0))
+    image = Image.fromarray(background.astype(np.uint8))
+    mask = Image.new("L", (size, size), 0)
+    k = size / 256
+    for canvas, fill, crown in ((ImageDraw.Draw(image), COLOURS["purple"], COLOURS["yellow"]),
+                                (ImageDraw.Draw(mask), 255, 255)):
+        canvas.ellipse([v * k for v in (108, 58, 148, 98)], fill=fill)  # head
+        canvas.polygon([(x * k, y * k) for x, y in ((102, 100), (154, 100), (168, 180), (88, 180))], fill=fill)
+        for (x0, y0, x1, y1), width in (((104, 108, 70, 150), 9), ((152, 108, 186, 150), 9),  # arms
+                                        ((110, 178, 100, 222), 10), ((146, 178, 156, 222), 10)):  # legs
+            canvas.line([(x0 * k, y0 * k), (x1 * k, y1 * k)], fill=fill, width=max(1, int(width * k)))
+        canvas.polygon([(x * k, y * k) for x, y in ((108, 62), (112, 36), (122, 52), (128, 30), (134, 52), (144, 36),
+                                                    (148, 62))], fill=crown)  # the crown
+    return image, mask
