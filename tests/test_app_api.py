@@ -129,10 +129,10 @@ def test_upload_mask_caption_preset_train_previews_download(app, tmp_path):
     assert loss_steps(final) == [1, 2, 3, 4]
     assert all(math.isfinite(float(row[1])) for row in plot["data"])
 
-    # previews: the base model at step 0, then every checkpoint, each prompt labelled with its step
+    # previews: every checkpoint, the newest first, then the base model at step 0, each prompt labelled with its step
     prompts = ["a photo of ohwx", "ohwx as a watercolor painting"]
     labels = [item["caption"] for item in gallery]
-    assert labels == [f"{step} · {prompt}" for step in ("base model (step 0)", "step 2", "step 4")
+    assert labels == [f"{step} · {prompt}" for step in ("step 4", "step 2", "base model (step 0)")
                       for prompt in prompts]
     sizes = set()
     for item in gallery:

@@ -152,8 +152,8 @@ def test_a_set_of_three_through_the_api_trains_each_image_with_its_mask_and_capt
     assert "step 3 (epoch 1.00), step 6 (epoch 2.00)" in progress
     assert len(updates) > 2 and not updates[0][0].startswith("**Finished"), "progress was not streamed"
     labels = [item["caption"] for item in gallery]
-    assert labels == ["base model (step 0) · a photo of ohwx, close up", "step 3 · epoch 1.00 · a photo of ohwx, close up",
-                      "step 6 · epoch 2.00 · a photo of ohwx, close up"]
+    assert labels == ["step 6 · epoch 2.00 · a photo of ohwx, close up", "step 3 · epoch 1.00 · a photo of ohwx, close up",
+                      "base model (step 0) · a photo of ohwx, close up"]  # the newest first
     assert all(Path(item["image"]).is_file() for item in gallery)
     assert len(checkpoints) == 2
 

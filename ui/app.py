@@ -229,7 +229,9 @@ def build_app(manager: api.JobManager, runs_root: Path, state_secret: str | None
         for box in (gpus, learning_rate, batch_size):
             box.change(settings_step.gpus_note, [gpus, learning_rate, batch_size], gpus_info, api_name=False)
 
-        stream_outputs = [progress, loss_plot, gallery, checkpoints, train_btn, stop_btn]
+        loss_axis = gr.State(None)  # the job's x range for the loss plot (whole steps: RunView.loss_axis)
+        loss_axis.change(lambda axis: gr.update(x_lim=axis), loss_axis, loss_plot, api_name=False)
+        stream_outputs = [progress, loss_plot, gallery, checkpoints, train_btn, stop_btn, loss_axis]
 
         def start(stored, dataset, caption_, trigger_, prompts_, preset_, rank_, steps_, lr_, every_, model_,
                   background_weight_, normalize_, unmasked_, augment_, memory_tier_,

@@ -131,17 +131,19 @@ class TrainingController:
 
 
 def render(view: RunView):
-    """RunView → updates for (progress, loss plot, gallery, checkpoint files, Train button, Stop button)."""
+    """RunView → updates for (progress, loss plot, gallery, checkpoint files, Train button, Stop button, the loss
+    plot's x range: a gr.State, so /follow's API answer keeps its shape; its change sets the plot's x_lim)."""
     # Typed columns even when empty: the first value decides the plot's axis types in the browser, and an
     # untyped empty frame makes them categorical (an upside-down y axis of raw loss strings).
     losses = pd.DataFrame(view.losses or [], columns=["step", "loss"]).astype({"step": "int64", "loss": "float64"})
     return (
         view.progress_markdown(),
         losses,
-        [(path, label) for path, label in view.previews],
+        view.gallery(),
         view.checkpoint_files or None,
         gr.update(interactive=not view.running),
         gr.update(interactive=view.running),
+        view.loss_axis(),
     )
 
 
