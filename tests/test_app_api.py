@@ -181,9 +181,11 @@ def test_bad_uploads_get_a_clear_message_not_a_traceback(app, tmp_path):
     assert "Invalid file type" in str(refused.value) and ".png" in str(refused.value)
     assert "Traceback" not in str(refused.value)
 
-    # None of these left an image behind for training.
-    with pytest.raises(AppError, match="Upload an image first"):
+    # None of these left an image behind for training, and Train says why: the upload was refused, and the reason.
+    with pytest.raises(AppError) as refused:
         train(client, steps=4, save_every=2)
+    said = str(refused.value)
+    assert "your upload was refused" in said and "GIF" in said and "Upload a PNG, JPEG or WEBP" in said, said
     assert app.manager.jobs_for(client.session_hash) == []
 
 

@@ -101,7 +101,7 @@ def build_app(manager: api.JobManager, runs_root: Path, state_secret: str | None
                 mask_info = gr.Markdown("", elem_id="mask-info")
 
                 gr.Markdown("## 3. Caption and trigger word")
-                caption = gr.Textbox(value="a photo of [trigger]", label="Caption",
+                caption = gr.Textbox(value=image_set.CAPTION_TEMPLATE, label="Caption",
                                      info="Describe everything in the image. [trigger] is replaced by the trigger word.",
                                      elem_id="caption")
                 caption_step.build(caption, set_state, dataset_state, strip, set_info)
@@ -185,10 +185,12 @@ def build_app(manager: api.JobManager, runs_root: Path, state_secret: str | None
                         inputs=[dataset_state, mask_threshold, mask_softness, mask_grow, preset, background_weight],
                         outputs=[dataset_state, preview, mask_editor, mask_full, mask_tokens, mask_info])
         refresh_set = dict(fn=set_step.refresh, inputs=set_state, outputs=[strip, set_info], api_name=False)
+        caption_reset = gr.State(None)  # a new picture's caption (set_step.on_source_change), written into the box
         for trigger_event, name in ((image_file.change, "prepare_dataset"), (mask_file.change, False),
                                     (use_mask.change, False), (mask_model.change, False)):
-            trigger_event(set_step.on_source_change, dataset_inputs, [*dataset_outputs, set_state], api_name=name,
-                          concurrency_limit=2).then(**new_mask).then(**refresh_set)
+            trigger_event(set_step.on_source_change, dataset_inputs, [*dataset_outputs, set_state, caption_reset],
+                          api_name=name, concurrency_limit=2).then(**new_mask).then(**refresh_set).then(
+                lambda text: gr.skip() if text is None else text, caption_reset, caption, api_name=False)
         editor = set_step.Editor(set_state, dataset_state, preview, image_info, image_file, mask_file, use_mask,
                                  mask_model, mask_threshold, mask_softness, mask_grow, mask_editor, mask_full,
                                  mask_tokens, mask_info, caption, preset, background_weight, strip, set_info)
@@ -241,6 +243,8 @@ def build_app(manager: api.JobManager, runs_root: Path, state_secret: str | None
                                                  # by their type)
             owner, token = owner_and_token_of(stored, request, profile, oauth_token)
             try:
+                if dataset is None:
+                    raise UserError(image_set.no_image_message(images_))  # why: a refused upload, or none yet
                 message = controller.start(owner, dataset, caption_, trigger_, prompts_, preset_, rank_, steps_,
                                            lr_, every_, model_, token=token,
                                            loss_settings=dataset_step.loss_settings(
