@@ -104,9 +104,10 @@ def build_app(manager: api.JobManager, runs_root: Path, state_secret: str | None
                 caption = gr.Textbox(value=image_set.CAPTION_TEMPLATE, label="Caption",
                                      info="Describe everything in the image. [trigger] is replaced by the trigger word.",
                                      elem_id="caption")
-                caption_step.build(caption, set_state, dataset_state, strip, set_info)
+                caption_length = caption_step.build(caption, set_state, dataset_state, strip, set_info, model0,
+                                                    first_preset)
                 with gr.Row():
-                    trigger = gr.Textbox(value="ohwx", label="Trigger word", info="A rare word that will mean your subject")
+                    trigger = gr.Textbox(value=caption_step.DEFAULT_TRIGGER, label="Trigger word", info="A rare word that will mean your subject")
                     prompts = gr.Textbox(value=settings_step.DEFAULT_PROMPTS, lines=3, label="Extra preview prompts (one per line)",
                                          info="Previews always include the caption itself; these test that other prompts still work")
 
@@ -223,6 +224,7 @@ def build_app(manager: api.JobManager, runs_root: Path, state_secret: str | None
         for box in (rank, steps, save_every, model, preset, prompts):
             box.change(settings_step.on_plan_change, [model, rank, steps, save_every, preset, prompts], plan,
                        api_name=False)
+        caption_step.connect_length(caption_length, caption, trigger, model, preset)
         model.change(settings_step.model_notice, model, notice, api_name=False)
         model.change(lambda m: gr.update(**settings_step.preview_model_options(m)), model, preview_model,
                      api_name=False)
