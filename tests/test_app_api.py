@@ -381,3 +381,36 @@ def test_a_click_on_the_subject_redoes_the_automatic_mask_and_not_a_given_one(ap
     with pytest.raises(AppError) as refused:
         client.predict("u2netp", 10.0, 10.0, api_name="/subject_point")
     assert "redoes the automatic mask" in str(refused.value) and "your own mask" in str(refused.value)
+
+
+def test_a_reloaded_page_shows_the_running_jobs_settings_not_the_defaults(tmp_path):
+    # The page's load event fills the form from controller.job_settings before it re-attaches to the job.
+    import gradio as gr
+
+    from trainer.events import Finished
+    from trainer.jobs.manager import JobManager
+    from ui.dataset_step import Dataset
+    from ui.training_step import SETTINGS, TrainingController, settings_updates
+
+    manager = JobManager(runner=lambda run, should_stop, token=None: iter([Finished(run.path, 0, False)]))
+    try:
+        controller = TrainingController(manager, tmp_path / "runs")
+        assert controller.job_settings("alice") is None
+        assert settings_updates(None) == (gr.skip(),) * len(SETTINGS)  # no job: the form stays as it is
+        image, mask = subject_image()
+        controller.start("alice", Dataset(image, mask, "uploaded mask"), "[trigger] in a red coat", "zkx",
+                         "[trigger] on a beach\n[trigger] at night", "style-rank16-2000", 8, 120, 2e-4, 30, "tiny-demo",
+                         loss_settings={"background_weight": 0.1, "augment_probability": 0.5}, memory_tier="16gb",
+                         batch_size=2)
+        settings = controller.job_settings("alice")
+        assert settings == dict(
+            preset="style-rank16-2000", caption="[trigger] in a red coat", trigger="zkx",
+            prompts="[trigger] on a beach\n[trigger] at night", rank=8, steps=120, learning_rate=2e-4, save_every=30,
+            batch_size=2, model="tiny-demo", memory_tier="16gb", gpus=1, preview_model="",
+            background_weight=0.1, normalize_mask=True, unmasked_probability=0.0, augment_probability=0.5)
+        values = dict(zip(SETTINGS, settings_updates(settings)))
+        assert values["steps"] == 120 and values["preset"] == "style-rank16-2000" and values["caption"].startswith("[")
+        assert values["preview_model"]["value"] == "" and "choices" in values["preview_model"]
+        assert controller.job_settings("bob") is None  # only the owner's own job
+    finally:
+        manager.shutdown()

@@ -14,6 +14,7 @@ from trainer.errors import UserError
 from ui import caption_step, compare_tab, dataset_step, image_set, schedule_step, set_step, settings_step, tryit_tab
 from ui.hosting import hosting_notices, on_space
 from ui.session import owner_and_token_of, user_errors
+from ui import training_step
 from ui.training_step import TrainingController
 
 INTRO = """# One-image Flux LoRA
@@ -217,17 +218,19 @@ def build_app(manager: api.JobManager, runs_root: Path, state_secret: str | None
         for control in (mask_threshold, mask_softness, mask_grow, mask_editor, background_weight):
             control.change(dataset_step.on_mask_adjust, mask_view_inputs, mask_view_outputs, api_name=False,
                            concurrency_limit=2, trigger_mode="always_last")
-        preset.change(dataset_step.mask_defaults, preset,
-                      [background_weight, normalize_mask, unmasked_probability, augment_probability], api_name=False)
+        # .input, not .change: only the user's own choice of preset (or model) fills the boxes below with its values;
+        # a reloaded page setting the running job's preset and settings must not have them reset to the preset's.
+        preset.input(dataset_step.mask_defaults, preset,
+                     [background_weight, normalize_mask, unmasked_probability, augment_probability], api_name=False)
 
-        preset.change(settings_step.on_preset_change, preset, [rank, steps, learning_rate, save_every], api_name=False)
+        preset.input(settings_step.on_preset_change, preset, [rank, steps, learning_rate, save_every], api_name=False)
         for box in (rank, steps, save_every, model, preset, prompts):
             box.change(settings_step.on_plan_change, [model, rank, steps, save_every, preset, prompts], plan,
                        api_name=False)
         caption_step.connect_length(caption_length, caption, trigger, model, preset)
         model.change(settings_step.model_notice, model, notice, api_name=False)
-        model.change(lambda m: gr.update(**settings_step.preview_model_options(m)), model, preview_model,
-                     api_name=False)
+        model.input(lambda m: gr.update(**settings_step.preview_model_options(m)), model, preview_model,
+                    api_name=False)
         for box in (memory_tier, model):
             box.change(settings_step.memory_tier_notice, [memory_tier, model], tier_notice, api_name=False)
         for box in (gpus, learning_rate, batch_size):
@@ -282,6 +285,15 @@ def build_app(manager: api.JobManager, runs_root: Path, state_secret: str | None
         def init_owner(stored):
             return stored or secrets.token_urlsafe(18)
 
+        def job_settings(stored, request: gr.Request, profile: gr.OAuthProfile | None = None):
+            return training_step.settings_updates(controller.job_settings(owner_and_token_of(stored, request,
+                                                                                             profile)[0]))
+        settings_boxes = dict(preset=preset, caption=caption, trigger=trigger, prompts=prompts, rank=rank, steps=steps,
+                              learning_rate=learning_rate, save_every=save_every, batch_size=batch_size, model=model,
+                              memory_tier=memory_tier, gpus=gpus, preview_model=preview_model,
+                              background_weight=background_weight, normalize_mask=normalize_mask,
+                              unmasked_probability=unmasked_probability, augment_probability=augment_probability)
+
         train_btn.click(
             start, [owner_state, dataset_state, caption, trigger, prompts, preset, rank, steps, learning_rate,
                     save_every, model, background_weight, normalize_mask, unmasked_probability, augment_probability,
@@ -313,7 +325,8 @@ def build_app(manager: api.JobManager, runs_root: Path, state_secret: str | None
                          concurrency_limit=None,
                          ).success(follow, owner_state, stream_outputs, api_name=False, concurrency_limit=None)
         demo.load(offer_resume, owner_state, resume_btn, api_name=False)
-        # A reloaded page finds the browser's id in local storage and re-attaches to its job.
+        # A reloaded page finds the browser's id in local storage and re-attaches to its job, showing its settings.
         demo.load(init_owner, owner_state, owner_state, api_name=False).then(
+            job_settings, owner_state, [settings_boxes[name] for name in training_step.SETTINGS], api_name=False).then(
             follow, owner_state, stream_outputs, api_name=False, concurrency_limit=None)
     return demo
