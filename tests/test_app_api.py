@@ -414,3 +414,18 @@ def test_a_reloaded_page_shows_the_running_jobs_settings_not_the_defaults(tmp_pa
         assert controller.job_settings("bob") is None  # only the owner's own job
     finally:
         manager.shutdown()
+
+
+def test_fixing_the_cause_of_a_refused_train_clears_its_red_error(tmp_path):
+    # Gradio keeps an event's "Error" on its outputs until another event outputs to them: an upload or an edit of a
+    # setting runs one on the progress box (the browser test sees the red Error go).
+    from trainer.jobs.manager import JobManager
+    from ui.app import build_app
+
+    demo = build_app(JobManager(), tmp_path / "runs")
+    by_id = {b.elem_id: b._id for b in demo.blocks.values() if getattr(b, "elem_id", None)}
+    clearing = [fn for fn in demo.fns.values() if [o._id for o in fn.outputs] == [by_id["progress"]]
+                and not fn.inputs and not fn.queue]
+    triggers = {(getattr(block, "elem_id", None), event) for fn in clearing for block, event in
+                ((demo.blocks.get(t[0]) if isinstance(t[0], int) else t[0], t[1]) for t in fn.targets)}
+    assert ("image-upload", "change") in triggers and ("caption", "input") in triggers, triggers

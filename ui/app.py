@@ -13,7 +13,7 @@ from trainer import api
 from trainer.errors import UserError
 from ui import caption_step, compare_tab, dataset_step, image_set, schedule_step, set_step, settings_step, tryit_tab
 from ui.hosting import hosting_notices, on_space
-from ui.session import owner_and_token_of, user_errors
+from ui.session import clear_errors, owner_and_token_of, user_errors
 from ui import training_step
 from ui.training_step import TrainingController
 
@@ -324,6 +324,14 @@ def build_app(manager: api.JobManager, runs_root: Path, state_secret: str | None
         resume_btn.click(resume, owner_state, [progress, train_btn, stop_btn, resume_btn], api_name="resume",
                          concurrency_limit=None,
                          ).success(follow, owner_state, stream_outputs, api_name=False, concurrency_limit=None)
+        # A red "Error" (a Train refused, an add or a caption that failed) goes when the user acts on its cause.
+        clear_errors([image_file.change, mask_file.change, own_backgrounds.change, strip.select,
+                      *(box.input for box in (caption, trigger, prompts, preset, rank, steps, epochs, batch_size,
+                                              learning_rate, save_every, model, memory_tier, gpus, preview_model))],
+                     [progress])
+        clear_errors([image_file.change, caption.input], [caption, strip, set_info, preview, image_info, use_mask,
+                                                          mask_model, mask_threshold, mask_softness, mask_grow,
+                                                          mask_editor, mask_full, mask_tokens, mask_info])
         demo.load(offer_resume, owner_state, resume_btn, api_name=False)
         # A reloaded page finds the browser's id in local storage and re-attaches to its job, showing its settings.
         demo.load(init_owner, owner_state, owner_state, api_name=False).then(
