@@ -129,10 +129,10 @@ def test_upload_mask_caption_preset_train_previews_download(app, tmp_path):
     assert loss_steps(final) == [1, 2, 3, 4]
     assert all(math.isfinite(float(row[1])) for row in plot["data"])
 
-    # previews: the base model at step 0, then every checkpoint, each prompt labelled with its step
+    # previews: every checkpoint, the newest first, then the base model at step 0, each prompt labelled with its step
     prompts = ["a photo of ohwx", "ohwx as a watercolor painting"]
     labels = [item["caption"] for item in gallery]
-    assert labels == [f"{step} · {prompt}" for step in ("base model (step 0)", "step 2", "step 4")
+    assert labels == [f"{step} · {prompt}" for step in ("step 4", "step 2", "base model (step 0)")
                       for prompt in prompts]
     sizes = set()
     for item in gallery:
@@ -181,9 +181,11 @@ def test_bad_uploads_get_a_clear_message_not_a_traceback(app, tmp_path):
     assert "Invalid file type" in str(refused.value) and ".png" in str(refused.value)
     assert "Traceback" not in str(refused.value)
 
-    # None of these left an image behind for training.
-    with pytest.raises(AppError, match="Upload an image first"):
+    # None of these left an image behind for training, and Train says why: the upload was refused, and the reason.
+    with pytest.raises(AppError) as refused:
         train(client, steps=4, save_every=2)
+    said = str(refused.value)
+    assert "your upload was refused" in said and "GIF" in said and "Upload a PNG, JPEG or WEBP" in said, said
     assert app.manager.jobs_for(client.session_hash) == []
 
 
@@ -379,3 +381,51 @@ def test_a_click_on_the_subject_redoes_the_automatic_mask_and_not_a_given_one(ap
     with pytest.raises(AppError) as refused:
         client.predict("u2netp", 10.0, 10.0, api_name="/subject_point")
     assert "redoes the automatic mask" in str(refused.value) and "your own mask" in str(refused.value)
+
+
+def test_a_reloaded_page_shows_the_running_jobs_settings_not_the_defaults(tmp_path):
+    # The page's load event fills the form from controller.job_settings before it re-attaches to the job.
+    import gradio as gr
+
+    from trainer.events import Finished
+    from trainer.jobs.manager import JobManager
+    from ui.dataset_step import Dataset
+    from ui.training_step import SETTINGS, TrainingController, settings_updates
+
+    manager = JobManager(runner=lambda run, should_stop, token=None: iter([Finished(run.path, 0, False)]))
+    try:
+        controller = TrainingController(manager, tmp_path / "runs")
+        assert controller.job_settings("alice") is None
+        assert settings_updates(None) == (gr.skip(),) * len(SETTINGS)  # no job: the form stays as it is
+        image, mask = subject_image()
+        controller.start("alice", Dataset(image, mask, "uploaded mask"), "[trigger] in a red coat", "zkx",
+                         "[trigger] on a beach\n[trigger] at night", "style-rank16-2000", 8, 120, 2e-4, 30, "tiny-demo",
+                         loss_settings={"background_weight": 0.1, "augment_probability": 0.5}, memory_tier="16gb",
+                         batch_size=2)
+        settings = controller.job_settings("alice")
+        assert settings == dict(
+            preset="style-rank16-2000", caption="[trigger] in a red coat", trigger="zkx",
+            prompts="[trigger] on a beach\n[trigger] at night", rank=8, steps=120, learning_rate=2e-4, save_every=30,
+            batch_size=2, model="tiny-demo", memory_tier="16gb", gpus=1, preview_model="",
+            background_weight=0.1, normalize_mask=True, unmasked_probability=0.0, augment_probability=0.5)
+        values = dict(zip(SETTINGS, settings_updates(settings)))
+        assert values["steps"] == 120 and values["preset"] == "style-rank16-2000" and values["caption"].startswith("[")
+        assert values["preview_model"]["value"] == "" and "choices" in values["preview_model"]
+        assert controller.job_settings("bob") is None  # only the owner's own job
+    finally:
+        manager.shutdown()
+
+
+def test_fixing_the_cause_of_a_refused_train_clears_its_red_error(tmp_path):
+    # Gradio keeps an event's "Error" on its outputs until another event outputs to them: an upload or an edit of a
+    # setting runs one on the progress box (the browser test sees the red Error go).
+    from trainer.jobs.manager import JobManager
+    from ui.app import build_app
+
+    demo = build_app(JobManager(), tmp_path / "runs")
+    by_id = {b.elem_id: b._id for b in demo.blocks.values() if getattr(b, "elem_id", None)}
+    clearing = [fn for fn in demo.fns.values() if [o._id for o in fn.outputs] == [by_id["progress"]]
+                and not fn.inputs and not fn.queue]
+    triggers = {(getattr(block, "elem_id", None), event) for fn in clearing for block, event in
+                ((demo.blocks.get(t[0]) if isinstance(t[0], int) else t[0], t[1]) for t in fn.targets)}
+    assert ("image-upload", "change") in triggers and ("caption", "input") in triggers, triggers

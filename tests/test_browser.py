@@ -489,3 +489,16 @@ def test_a_set_of_three_images_in_the_browser(app, browser, tmp_path):
     assert not painted[top, :40].any()  # the stroke began mid-picture: its left side is still background
     below = slice(50, 200)
     assert (disc[below] & painted[below]).sum() / (disc[below] | painted[below]).sum() > 0.8
+
+
+def test_a_red_error_goes_when_the_user_fixes_its_cause(app, browser, tmp_path):
+    """Train with no image leaves Gradio's red "Error" on the progress box; uploading the image clears it (it stayed
+    until the next Train). The refusal names what to do."""
+    open_page(browser, app.url)
+    browser.find_element(By.ID, "train").click()
+    def error_shown(d) -> bool:  # Gradio's status tracker on the box: its "Error" span, not hidden
+        return d.execute_script("""const e = document.querySelector('#progress span.error');
+            return !!e && e.textContent.trim() === 'Error' && !e.closest('.hide');""")
+    wait_until(browser, error_shown, 30, "the red Error on the progress box")
+    upload_image(browser, write_subject_png(tmp_path))
+    wait_until(browser, lambda d: not error_shown(d), 30, "the red Error to go once the image is uploaded")

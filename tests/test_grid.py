@@ -413,3 +413,6 @@ def test_app_has_train_compare_and_try_it_tabs(tmp_path):
     tabs = [b for b in demo.blocks.values() if isinstance(b, gr.Tab)]
     assert [t.label for t in tabs][:1] == ["Train"] and {"Compare", "Try it"} <= {t.label for t in tabs}
     assert {"grid", "try_it", "score"} <= {d.api_name for d in demo.fns.values() if d.api_name}
+    # The grid's title (its prompt) is drawn at its top-left, where Gradio puts an image's label: no label over it.
+    grid = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "grid-image")
+    assert grid.show_label is False

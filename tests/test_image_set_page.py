@@ -152,8 +152,8 @@ def test_a_set_of_three_through_the_api_trains_each_image_with_its_mask_and_capt
     assert "step 3 (epoch 1.00), step 6 (epoch 2.00)" in progress
     assert len(updates) > 2 and not updates[0][0].startswith("**Finished"), "progress was not streamed"
     labels = [item["caption"] for item in gallery]
-    assert labels == ["base model (step 0) · a photo of ohwx, close up", "step 3 · epoch 1.00 · a photo of ohwx, close up",
-                      "step 6 · epoch 2.00 · a photo of ohwx, close up"]
+    assert labels == ["step 6 · epoch 2.00 · a photo of ohwx, close up", "step 3 · epoch 1.00 · a photo of ohwx, close up",
+                      "base model (step 0) · a photo of ohwx, close up"]  # the newest first
     assert all(Path(item["image"]).is_file() for item in gallery)
     assert len(checkpoints) == 2
 
@@ -206,3 +206,54 @@ def test_train_passes_the_batch_size_and_a_length_in_epochs_and_a_set_of_one_tra
         assert not list((job.run.path / "dataset").glob("image-*.png"))  # the one-image layout
     finally:
         manager.shutdown()
+
+
+# ---- a new upload in the editor: the caption, and a refused file ------------------------------------------------
+
+
+def upload(tmp_path, file, images, caption, dataset=None):
+    """``set_step.on_source_change`` for the editor's upload box (no automatic mask: quick, and beside the point)."""
+    from ui import set_step
+
+    return set_step.on_source_change(str(file) if file else None, None, False, "u2netp", images, caption, dataset,
+                                     progress=lambda *a, **k: None)
+
+
+def test_a_new_picture_resets_the_caption_written_for_the_previous_one_and_says_what_it_was(tmp_path):
+    a, b = picture(tmp_path, "a.png", (160, 200)), picture(tmp_path, "b.png", (200, 160))
+    dataset, _, text, images, reset = upload(tmp_path, a, None, "ohwx in a red coat, typed before the upload")
+    assert reset is None and images.items[0].caption == "ohwx in a red coat, typed before the upload"  # the first
+
+    again = tmp_path / "a, re-sent.png"  # the same picture under another path (an API client re-sending it)
+    again.write_bytes(a.read_bytes())
+    assert upload(tmp_path, again, images, "ohwx in a red coat", dataset)[4] is None  # the same picture: kept
+    assert upload(tmp_path, a, images, image_set.CAPTION_TEMPLATE)[4] is None  # the template: nothing to reset
+
+    _, _, text, replaced, reset = upload(tmp_path, b, images, "ohwx in a red coat")  # replaced without clearing
+    assert reset == image_set.CAPTION_TEMPLATE and replaced.items[0].caption == image_set.CAPTION_TEMPLATE
+    assert "back to the template" in text and "“ohwx in a red coat”" in text
+
+    # the usual way: the box cleared (×), then another picture; the caption is reset unless typed into since
+    emptied = upload(tmp_path, None, images, "ohwx in a red coat")[3]
+    assert emptied.size == 0 and upload(tmp_path, b, emptied, "ohwx in a red coat")[4] == image_set.CAPTION_TEMPLATE
+    assert upload(tmp_path, b, emptied, "ohwx, written for b")[4] is None
+    assert upload(tmp_path, a, emptied, "ohwx in a red coat")[4] is None  # the same picture back
+
+
+def test_a_refused_upload_is_what_train_says_and_a_set_keeps_its_edited_image(tmp_path):
+    notes = tmp_path / "notes.png"
+    notes.write_text("not a picture")
+    dataset, shown, text, images, reset = upload(tmp_path, notes, None, "a photo of [trigger]")
+    assert dataset is None and shown is None and text.startswith("❌") and reset is None
+    said = image_set.no_image_message(images)
+    assert "your upload was refused" in said and "not a PNG, JPEG or WEBP image" in said and "Upload a PNG" in said
+    assert image_set.no_image_message(upload(tmp_path, None, images, "x")[3]) == "Upload an image first (step 1)."
+
+    a, b = picture(tmp_path, "a.png", (160, 200)), picture(tmp_path, "b.png", (200, 160))
+    first, _, _, images, _ = upload(tmp_path, a, None, "cap a")
+    images = image_set.add_files(images, [str(b)], False, "u2netp")
+    assert images.size == 2
+    import gradio as gr
+
+    out = upload(tmp_path, notes, images, "cap a", first)  # states skipped: the edited image stays, and trains
+    assert out[0] == gr.skip() and out[3] == gr.skip() and "❌" in out[2] and "unchanged" in out[2]

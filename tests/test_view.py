@@ -217,3 +217,25 @@ def test_one_image_at_batch_1_reads_exactly_as_before_sets():
     text = view.progress_markdown()
     assert "epoch" not in text and "images per step" not in text and "Checkpoints:" not in text
     assert [label for _, label in view.previews][2] == f"step 2 · {CAPTION}"
+
+
+def test_the_gallery_shows_the_newest_checkpoints_previews_first_each_in_prompt_order():
+    # The gallery is a short scroll box: oldest first, the previews just rendered sat below its fold.
+    view = replay(history(total=4, every=2))
+    assert [label for _, label in view.gallery()] == [
+        f"step 4 · {CAPTION}", f"step 4 · {EXTRA}",
+        f"step 2 · {CAPTION}", f"step 2 · {EXTRA}",
+        f"base model (step 0) · {CAPTION}", f"base model (step 0) · {EXTRA}",
+    ]
+    assert sorted(view.gallery()) == sorted(view.previews)  # the same previews, only reordered
+
+
+@pytest.mark.parametrize("total, axis", [(4, [0, 40]), (40, [0, 40]), (500, [0, 500])])
+def test_the_loss_axis_spans_the_whole_job_wide_enough_for_whole_step_ticks(total, axis):
+    # The plot's range was the steps so far: 2 steps drawn 40 px per tick put ticks at 1, 1.5, 2 (fractional steps).
+    events = history(total=total, every=total)
+    assert replay(events[:2]).loss_axis() is None  # not started: the plot chooses
+    view = replay(events[:4])
+    assert view.loss_axis() == axis
+    # d3's tick step over the range is 1 or more for any plot up to 2200 px wide (Vega-Lite: a tick per 40 px)
+    assert (axis[1] - axis[0]) / (2200 / 40) >= 0.5 ** 0.5

@@ -106,6 +106,7 @@ _export("trainer.dataset.mask_tools", "TOKEN_PX", "adjust_mask", "apply_strokes"
 _export("trainer.dataset.caption", "CAPTION_MODELS", "DEFAULT_CAPTION_MODEL", "caption_images", "free_captioner",
         "loaded_captioners")
 _export("trainer.dataset.caption_trigger", "place_trigger")
+_export("trainer.dataset.caption_length", "CaptionLength", "caption_length")
 _export("trainer.dataset.augment", "MAX_USER_BACKGROUNDS", "load_user_backgrounds")
 # 2. model: ids, what a model costs, memory tiers
 _export("trainer.model.loading", "FLUX_DEV", "SHAPES_DEMO", "SHAPES_DEMO_NOTICE", "TINY_DEMO", "TINY_DEMO_NOTICE",

@@ -115,6 +115,10 @@ def _prepare_new_run(args, gpus: int = 1):
         caption=items[0].caption, preset=args.preset, trigger=args.trigger, sample_prompts=tuple(args.sample_prompt),
         model=args.model, masked=not args.no_mask, overrides=overrides, images=len(items), gpus=gpus,
         epochs=args.epochs))
+    for item in items:  # a caption longer than the text encoders read: say how much is read, the rest is ignored
+        for warning in api.caption_length(config.with_trigger(item.caption), config.model,
+                                          config.max_text_tokens).warnings():
+            print(f"warning: {item.name}: {warning}" if len(items) > 1 else f"warning: {warning}", file=sys.stderr)
     if api.time_notice(config):  # a CPU run of tiny-demo: 400 steps are about an hour, say so before it starts
         print(f"note: {api.time_notice(config)}", file=sys.stderr)
     backgrounds = api.load_user_backgrounds(args.background)

@@ -13,7 +13,8 @@ from trainer import api
 from trainer.errors import UserError
 from ui import caption_step, compare_tab, dataset_step, image_set, schedule_step, set_step, settings_step, tryit_tab
 from ui.hosting import hosting_notices, on_space
-from ui.session import owner_and_token_of, user_errors
+from ui.session import clear_errors, owner_and_token_of, user_errors
+from ui import training_step
 from ui.training_step import TrainingController
 
 INTRO = """# One-image Flux LoRA
@@ -102,12 +103,13 @@ def build_app(manager: api.JobManager, runs_root: Path, state_secret: str | None
                 mask_info = gr.Markdown("", elem_id="mask-info")
 
                 gr.Markdown("## 3. Caption and trigger word")
-                caption = gr.Textbox(value="a photo of [trigger]", label="Caption",
+                caption = gr.Textbox(value=image_set.CAPTION_TEMPLATE, label="Caption",
                                      info="Describe everything in the image. [trigger] is replaced by the trigger word.",
                                      elem_id="caption")
-                caption_step.build(caption, set_state, dataset_state, strip, set_info)
+                caption_length = caption_step.build(caption, set_state, dataset_state, strip, set_info, model0,
+                                                    first_preset)
                 with gr.Row():
-                    trigger = gr.Textbox(value="ohwx", label="Trigger word", info="A rare word that will mean your subject")
+                    trigger = gr.Textbox(value=caption_step.DEFAULT_TRIGGER, label="Trigger word", info="A rare word that will mean your subject")
                     prompts = gr.Textbox(value=settings_step.DEFAULT_PROMPTS, lines=3, label="Extra preview prompts (one per line)",
                                          info="Previews always include the caption itself; these test that other prompts still work")
 
@@ -186,10 +188,12 @@ def build_app(manager: api.JobManager, runs_root: Path, state_secret: str | None
                         inputs=[dataset_state, mask_threshold, mask_softness, mask_grow, preset, background_weight],
                         outputs=[dataset_state, preview, mask_editor, mask_full, mask_tokens, mask_info])
         refresh_set = dict(fn=set_step.refresh, inputs=set_state, outputs=[strip, set_info], api_name=False)
+        caption_reset = gr.State(None)  # a new picture's caption (set_step.on_source_change), written into the box
         for trigger_event, name in ((image_file.change, "prepare_dataset"), (mask_file.change, False),
                                     (use_mask.change, False), (mask_model.change, False)):
-            trigger_event(set_step.on_source_change, dataset_inputs, [*dataset_outputs, set_state], api_name=name,
-                          concurrency_limit=2).then(**new_mask).then(**refresh_set)
+            trigger_event(set_step.on_source_change, dataset_inputs, [*dataset_outputs, set_state, caption_reset],
+                          api_name=name, concurrency_limit=2).then(**new_mask).then(**refresh_set).then(
+                lambda text: gr.skip() if text is None else text, caption_reset, caption, api_name=False)
         editor = set_step.Editor(set_state, dataset_state, preview, image_info, image_file, mask_file, use_mask,
                                  mask_model, mask_threshold, mask_softness, mask_grow, mask_editor, mask_full,
                                  mask_tokens, mask_info, caption, preset, background_weight, strip, set_info)
@@ -215,22 +219,27 @@ def build_app(manager: api.JobManager, runs_root: Path, state_secret: str | None
         for control in (mask_threshold, mask_softness, mask_grow, mask_editor, background_weight):
             control.change(dataset_step.on_mask_adjust, mask_view_inputs, mask_view_outputs, api_name=False,
                            concurrency_limit=2, trigger_mode="always_last")
-        preset.change(dataset_step.mask_defaults, preset,
-                      [background_weight, normalize_mask, unmasked_probability, augment_probability], api_name=False)
+        # .input, not .change: only the user's own choice of preset (or model) fills the boxes below with its values;
+        # a reloaded page setting the running job's preset and settings must not have them reset to the preset's.
+        preset.input(dataset_step.mask_defaults, preset,
+                     [background_weight, normalize_mask, unmasked_probability, augment_probability], api_name=False)
 
-        preset.change(settings_step.on_preset_change, preset, [rank, steps, learning_rate, save_every], api_name=False)
+        preset.input(settings_step.on_preset_change, preset, [rank, steps, learning_rate, save_every], api_name=False)
         for box in (rank, steps, save_every, model, preset, prompts):
             box.change(settings_step.on_plan_change, [model, rank, steps, save_every, preset, prompts], plan,
                        api_name=False)
+        caption_step.connect_length(caption_length, caption, trigger, model, preset)
         model.change(settings_step.model_notice, model, notice, api_name=False)
-        model.change(lambda m: gr.update(**settings_step.preview_model_options(m)), model, preview_model,
-                     api_name=False)
+        model.input(lambda m: gr.update(**settings_step.preview_model_options(m)), model, preview_model,
+                    api_name=False)
         for box in (memory_tier, model):
             box.change(settings_step.memory_tier_notice, [memory_tier, model], tier_notice, api_name=False)
         for box in (gpus, learning_rate, batch_size):
             box.change(settings_step.gpus_note, [gpus, learning_rate, batch_size], gpus_info, api_name=False)
 
-        stream_outputs = [progress, loss_plot, gallery, checkpoints, train_btn, stop_btn]
+        loss_axis = gr.State(None)  # the job's x range for the loss plot (whole steps: RunView.loss_axis)
+        loss_axis.change(lambda axis: gr.update(x_lim=axis), loss_axis, loss_plot, api_name=False)
+        stream_outputs = [progress, loss_plot, gallery, checkpoints, train_btn, stop_btn, loss_axis]
 
         def start(stored, dataset, caption_, trigger_, prompts_, preset_, rank_, steps_, lr_, every_, model_,
                   background_weight_, normalize_, unmasked_, augment_, memory_tier_,
@@ -240,6 +249,8 @@ def build_app(manager: api.JobManager, runs_root: Path, state_secret: str | None
                                                  # by their type)
             owner, token = owner_and_token_of(stored, request, profile, oauth_token)
             try:
+                if dataset is None:
+                    raise UserError(image_set.no_image_message(images_))  # why: a refused upload, or none yet
                 message = controller.start(owner, dataset, caption_, trigger_, prompts_, preset_, rank_, steps_,
                                            lr_, every_, model_, token=token,
                                            loss_settings=dataset_step.loss_settings(
@@ -275,6 +286,15 @@ def build_app(manager: api.JobManager, runs_root: Path, state_secret: str | None
         def init_owner(stored):
             return stored or secrets.token_urlsafe(18)
 
+        def job_settings(stored, request: gr.Request, profile: gr.OAuthProfile | None = None):
+            return training_step.settings_updates(controller.job_settings(owner_and_token_of(stored, request,
+                                                                                             profile)[0]))
+        settings_boxes = dict(preset=preset, caption=caption, trigger=trigger, prompts=prompts, rank=rank, steps=steps,
+                              learning_rate=learning_rate, save_every=save_every, batch_size=batch_size, model=model,
+                              memory_tier=memory_tier, gpus=gpus, preview_model=preview_model,
+                              background_weight=background_weight, normalize_mask=normalize_mask,
+                              unmasked_probability=unmasked_probability, augment_probability=augment_probability)
+
         train_btn.click(
             start, [owner_state, dataset_state, caption, trigger, prompts, preset, rank, steps, learning_rate,
                     save_every, model, background_weight, normalize_mask, unmasked_probability, augment_probability,
@@ -305,8 +325,17 @@ def build_app(manager: api.JobManager, runs_root: Path, state_secret: str | None
         resume_btn.click(resume, owner_state, [progress, train_btn, stop_btn, resume_btn], api_name="resume",
                          concurrency_limit=None,
                          ).success(follow, owner_state, stream_outputs, api_name=False, concurrency_limit=None)
+        # A red "Error" (a Train refused, an add or a caption that failed) goes when the user acts on its cause.
+        clear_errors([image_file.change, mask_file.change, own_backgrounds.change, strip.select,
+                      *(box.input for box in (caption, trigger, prompts, preset, rank, steps, epochs, batch_size,
+                                              learning_rate, save_every, model, memory_tier, gpus, preview_model))],
+                     [progress])
+        clear_errors([image_file.change, caption.input], [caption, strip, set_info, preview, image_info, use_mask,
+                                                          mask_model, mask_threshold, mask_softness, mask_grow,
+                                                          mask_editor, mask_full, mask_tokens, mask_info])
         demo.load(offer_resume, owner_state, resume_btn, api_name=False)
-        # A reloaded page finds the browser's id in local storage and re-attaches to its job.
+        # A reloaded page finds the browser's id in local storage and re-attaches to its job, showing its settings.
         demo.load(init_owner, owner_state, owner_state, api_name=False).then(
+            job_settings, owner_state, [settings_boxes[name] for name in training_step.SETTINGS], api_name=False).then(
             follow, owner_state, stream_outputs, api_name=False, concurrency_limit=None)
     return demo

@@ -18,6 +18,7 @@ from ui.image_set import ImageSet
 from ui.set_step import strip_value
 from ui.session import user_errors
 
+DEFAULT_TRIGGER = "ohwx"  # the trigger box's start
 NOTE = ("Florence-2 writes a detailed caption and puts [trigger] where it names the subject: read it, move [trigger] "
         "if needed, and delete what should not be learned as part of the subject. First use downloads the model.")
 
@@ -42,8 +43,31 @@ def caption_every(images: ImageSet | None, dataset, caption: str, model: str,
     return texts[images.current], images
 
 
-def build(caption_box, set_state, dataset_state, strip, set_info) -> None:
-    """The buttons under the caption box, wired."""
+def length_note(caption: str, trigger: str, model: str, preset: str | None) -> str:
+    """How many tokens the caption is (the trigger word in it) for the model's text encoders, and, when it is longer
+    than one reads, that the rest is ignored (``api.caption_length``; the CLI says the same)."""
+    text = (caption or "").strip()
+    if not text:
+        return ""
+    try:
+        max_tokens = api.load_preset(preset).config().max_text_tokens if preset else None
+    except UserError:
+        max_tokens = None
+    length = api.caption_length(api.TrainingConfig(trigger=(trigger or "").strip()).with_trigger(text),
+                                (model or api.default_model()).strip(), max_tokens)
+    return "  \n".join([length.summary(), *(f"⚠️ {w}" for w in length.warnings())])
+
+
+def connect_length(note, caption_box, trigger, model, preset) -> None:
+    """The caption's length follows the caption, the trigger word, the model and the preset."""
+    for box in (caption_box, trigger, model, preset):
+        box.change(length_note, [caption_box, trigger, model, preset], note, api_name=False, trigger_mode="always_last")
+
+
+def build(caption_box, set_state, dataset_state, strip, set_info, model0: str, preset0: str):
+    """The caption's length and the buttons under the caption box, wired; returns the length's Markdown (wired to
+    the trigger, model and preset by ``connect_length`` once they exist; ``model0``/``preset0``: theirs at start)."""
+    note = gr.Markdown(length_note(caption_box.value, DEFAULT_TRIGGER, model0, preset0), elem_id="caption-length")
     with gr.Row():
         model = gr.Dropdown(choices=list(api.CAPTION_MODELS), value=api.DEFAULT_CAPTION_MODEL,
                             allow_custom_value=True, label="Caption model", elem_id="caption-model", scale=2)
@@ -63,3 +87,4 @@ def build(caption_box, set_state, dataset_state, strip, set_info) -> None:
     one.click(on_one, [dataset_state, model], caption_box, api_name="auto_caption", concurrency_limit=1)
     every.click(on_every, [set_state, dataset_state, caption_box, model], [caption_box, set_state, strip, set_info],
                 api_name="auto_caption_all", concurrency_limit=1)
+    return note

@@ -195,8 +195,10 @@ def build(runs_root: Path, service: api.InferenceService, owner_state) -> Compar
                 stop = gr.Button("Stop", variant="stop")
             grid_status = gr.Markdown("", elem_id="grid-status")
             prompt_pick = gr.Radio(label="Prompt", choices=[], type="value")
-            grid_image = gr.Image(label="Grid (click a cell to open it in Try it)", type="pil", interactive=False,
-                                  elem_id="grid-image")
+            # No label on the image itself: Gradio draws it over the image's top-left corner, where the grid's title
+            # (its prompt) is, and hid it. The same words stand above the image instead.
+            gr.Markdown("**Grid**: click a cell to open it in Try it.", elem_id="grid-image-label")
+            grid_image = gr.Image(label="Grid", show_label=False, type="pil", interactive=False, elem_id="grid-image")
             grid_files = gr.File(label="Grid PNGs", file_count="multiple", interactive=False)
             session = gr.State(None)
 

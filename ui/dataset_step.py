@@ -93,14 +93,21 @@ def describe(dataset: Dataset) -> str:
 def on_dataset_change(image_file, mask_file, use_mask, mask_model, progress=gr.Progress()):
     """Gradio handler: (dataset state, overlay image, description markdown). ``progress`` (Gradio fills it in) shows
     the automatic mask's stages rather than a bare spinner, whose ETA was far below a loaded CPU's real time."""
+    return made_dataset(image_file, mask_file, use_mask, mask_model, progress)[:3]
+
+
+def made_dataset(image_file, mask_file, use_mask, mask_model, progress=gr.Progress()):
+    """(dataset, overlay, description, refusal): ``refusal`` is the image gate's reason when it refused the upload (or
+    the own mask), "" otherwise; the page keeps it so Train can say why there is nothing to train."""
     try:
         dataset = build_dataset(image_file, mask_file, use_mask, mask_model,
                                 stage=lambda fraction, what: progress(fraction, desc=what))
     except UserError as err:
-        return None, None, f"❌ {err}"
+        return None, None, f"❌ {err}", str(err)
     if dataset is None:
-        return None, None, "Upload one image (PNG, JPEG or WEBP). A transparent PNG's transparency is used as its mask."
-    return dataset, overlay(dataset), describe(dataset)
+        return (None, None, "Upload one image (PNG, JPEG or WEBP). A transparent PNG's transparency is used as its mask.",
+                "")
+    return dataset, overlay(dataset), describe(dataset), ""
 
 
 # ---- step 2: the user's control over the mask ------------------------------------------------------------

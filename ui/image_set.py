@@ -41,6 +41,10 @@ class ImageSet:
     items: tuple[SetItem, ...] = ()
     current: int = 0  # the image being edited
     skipped: tuple[str, ...] = field(default=())  # the last "Add images"' files left out, with the reason
+    refused: str = ""  # the editor's upload (or own mask) the image gate refused, its reason: what Train says
+    # An emptied set of one remembers its picture (its digest) and the caption box as it was then: the next upload
+    # is a new picture only if it differs, and the caption is the old picture's only if nobody typed since.
+    emptied: tuple[str | None, str] | None = None
 
     @property
     def size(self) -> int:
@@ -75,15 +79,57 @@ def with_new_source(image_set: ImageSet | None, dataset: Dataset | None, image_f
     (Remove takes it out)."""
     image_set = image_set or ImageSet()
     if dataset is None:
-        return ImageSet() if image_set.size <= 1 else image_set
+        if image_set.size > 1:
+            return image_set
+        old = image_set.items[0] if image_set.items else None
+        return ImageSet(emptied=(old.signature[0], caption or "") if old else image_set.emptied)
     item = SetItem(name=Path(image_file).name if image_file else "image", dataset=dataset, caption=caption,
                    image_path=image_file, signature=signature(image_file, mask_file, use_mask, mask_model),
                    controls=(mask_file, bool(use_mask), mask_model, *DEFAULT_CONTROLS[3:]))
     if not image_set.items:
         return ImageSet(items=(item,), current=0)
     old = image_set.items[image_set.current]
-    item = replace(item, caption=old.caption, controls=(mask_file, bool(use_mask), mask_model, *old.controls[3:]))
+    item = replace(item, caption=caption if old.signature[:1] != item.signature[:1] else old.caption,
+                   controls=(mask_file, bool(use_mask), mask_model, *old.controls[3:]))
     return _with_item(image_set, image_set.current, item)
+
+
+CAPTION_TEMPLATE = "a photo of [trigger]"  # the caption box's start (ui/app.py), and a new picture's
+
+
+def caption_for_new_picture(image_set: ImageSet | None, image_file, caption: str) -> str | None:
+    """The caption box for the picture ``image_file`` the editor is about to take: ``CAPTION_TEMPLATE`` when the box
+    holds a caption written for a different picture, else None (the box stays as it is).
+
+    Why reset rather than keep: a caption describes one picture (its pose, clothes, background), and one kept from
+    the previous picture trains this one on a description of another, silently. The old text is shown in the
+    picture's description, so nothing typed is lost. Kept: the first picture's box (typed before the upload, for it),
+    the same picture again (a switch's echo, an API client re-sending its file, a mask setting), a box typed into
+    since the previous picture was taken out, and the template itself."""
+    image_set = image_set or ImageSet()
+    text = (caption or "").strip()
+    if image_set.items:
+        previous = image_set.items[image_set.current].signature[:1]
+    elif image_set.emptied is not None and (image_set.emptied[1] or "").strip() == text:
+        previous = image_set.emptied[:1]
+    else:
+        return None
+    if not text or text == CAPTION_TEMPLATE or previous == (_digest(image_file),):
+        return None
+    return CAPTION_TEMPLATE
+
+
+def caption_reset_note(old_caption: str) -> str:
+    return (f"✏️ A new picture: its caption (step 3) is back to the template, as the one in the box described the "
+            f"previous picture. It was: “{old_caption.strip()}” — paste it back if it fits this one too.")
+
+
+def no_image_message(image_set: ImageSet | None) -> str:
+    """What Train says with no image to train: why the last upload was refused, when it was."""
+    if image_set is not None and image_set.refused:
+        return (f"There is no image to train: your upload was refused. {image_set.refused} Upload a PNG, JPEG or WEBP "
+                "picture in step 1 (or another mask in step 2), then press Train again.")
+    return "Upload an image first (step 1)."
 
 
 def _with_item(image_set: ImageSet, index: int, item: SetItem) -> ImageSet:

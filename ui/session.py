@@ -57,3 +57,15 @@ def user_errors(fn):
         except UserError as err:
             raise gr.Error(str(err), print_exception=False) from None
     return plain
+
+
+def clear_errors(triggers, targets: list) -> None:
+    """Clear the red "Error" Gradio leaves on the outputs of an event that raised ``gr.Error``, when the user acts on
+    it: each of ``triggers`` (event listeners, e.g. ``caption.input``) runs an event whose outputs are ``targets``,
+    values untouched (gr.skip()). Gradio shows a component's last event's state, and without this the "Error" of a
+    Train pressed with no image stayed on the page after the image was uploaded (until the next Train)."""
+    def untouched():
+        return gr.skip() if len(targets) == 1 else tuple(gr.skip() for _ in targets)
+
+    for trigger in triggers:
+        trigger(untouched, None, targets, api_name=False, queue=False, show_progress="hidden")

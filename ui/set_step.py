@@ -6,7 +6,7 @@ upload box, own mask, mask settings, painted-corrections editor (strokes baked),
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import gradio as gr
@@ -103,21 +103,30 @@ def _saved(images, dataset, caption, mask_file, use_mask, model, threshold, soft
 def on_source_change(image_file, mask_file, use_mask, mask_model, images, caption, dataset=None,
                      progress=gr.Progress()):
     """The editor's upload, own mask or mask settings changed: make the edited image anew, unless it is the echo of
-    loading it (a switch) or the same file again. (dataset state, preview, description, set state).
+    loading it (a switch) or the same file again. (dataset state, preview, description, set state, caption reset: the
+    caption box's new text for a new picture, else None; a state, so /prepare_dataset answers as it always did).
 
     Unchanged, the states are kept (no new mask: painted corrections survive) but the preview and description are
     answered again from the live ``dataset``: an API client that uploads the same file twice still gets its image."""
     images = images or ImageSet()
     if not image_set.source_changed(images, image_file, mask_file, use_mask, mask_model):
         if dataset is None:
-            return gr.skip(), gr.skip(), gr.skip(), gr.skip()
-        return gr.skip(), dataset_step.overlay(dataset), dataset_step.describe(dataset), gr.skip()
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), None
+        return gr.skip(), dataset_step.overlay(dataset), dataset_step.describe(dataset), gr.skip(), None
     if not image_file and images.size > 1:
         return (gr.skip(), gr.skip(), "The image being edited stays in the set: **Remove this image** takes it out.",
-                gr.skip())
-    dataset, shown, text = dataset_step.on_dataset_change(image_file, mask_file, use_mask, mask_model, progress)
-    return dataset, shown, text, image_set.with_new_source(images, dataset, image_file, mask_file, use_mask,
-                                                           mask_model, caption)
+                gr.skip(), None)
+    new_caption = image_set.caption_for_new_picture(images, image_file, caption) if image_file else None
+    dataset, shown, text, refusal = dataset_step.made_dataset(image_file, mask_file, use_mask, mask_model, progress)
+    if refusal and images.size > 1:  # the set keeps the image being edited as it was (and trains with it)
+        return gr.skip(), gr.skip(), f"{text}  \nThe image being edited is unchanged.", gr.skip(), None
+    if dataset is None:
+        new_caption = None
+    elif new_caption is not None:
+        text += "  \n" + image_set.caption_reset_note(caption)
+    images = image_set.with_new_source(images, dataset, image_file, mask_file, use_mask, mask_model,
+                                       caption if new_caption is None else new_caption)
+    return dataset, shown, text, replace(images, refused=refusal), new_caption
 
 
 def new_mask_if_fresh(dataset, *rest):
@@ -193,7 +202,7 @@ def _connect_api(e: Editor, after) -> None:
         return live, images, image_set.thumbnails(images), image_set.set_summary(images)  # plain: the API's answer
 
     @user_errors
-    def add_api(files, use_mask, model, images, dataset, caption="a photo of [trigger]"):
+    def add_api(files, use_mask, model, images, dataset, caption=image_set.CAPTION_TEMPLATE):
         images = image_set.save_live(images, dataset)
         added = _captioned(image_set.add_files(images, [str(f) for f in files or []], bool(use_mask), model),
                            images.size, caption)

@@ -15,7 +15,7 @@ import pandas as pd
 
 from trainer import api
 from trainer.errors import UserError
-from ui.settings_step import model_spec, prompt_lines
+from ui.settings_step import model_spec, preview_model_options, prompt_lines
 from ui.view import RunView
 
 MIN_UPDATE_INTERVAL = 0.4  # seconds between page updates while streaming; a 16 it/s CPU run would flood the socket
@@ -34,6 +34,7 @@ class TrainingController:
         self.manager = manager
         self.runs_root = Path(runs_root)
         self.store = api.RunStore(self.runs_root)
+        self.presets: dict[Path, str] = {}  # run folder -> the preset it was started from (run.json keeps no name)
 
     def start(self, owner: str, dataset, caption: str, trigger: str, prompts: str, preset: str, rank, steps,
               learning_rate, save_every, model: str, token: str | None = None,
@@ -80,7 +81,22 @@ class TrainingController:
         except UserError:
             shutil.rmtree(run.path, ignore_errors=True)
             raise
+        self.presets[run.path] = preset
         return "Starting…"
+
+    def job_settings(self, owner: str) -> dict | None:
+        """The settings the owner's latest job (running, or the last) trains with, by the page's names (``SETTINGS``);
+        None without a job. A reloaded page shows them, not the defaults, beside the job it re-attaches to."""
+        job = self.manager.latest_for(owner)
+        if job is None:
+            return None
+        cfg = job.run.config
+        return dict(preset=self.presets.get(job.run.path), caption=cfg.caption, trigger=cfg.trigger,
+                    prompts="\n".join(cfg.sample_prompts), rank=cfg.rank, steps=cfg.steps,
+                    learning_rate=cfg.learning_rate, save_every=cfg.save_every, batch_size=cfg.batch_size,
+                    model=cfg.model, memory_tier=cfg.memory_tier, gpus=job.run.gpus, preview_model=cfg.preview_model,
+                    background_weight=cfg.background_weight, normalize_mask=cfg.normalize_mask,
+                    unmasked_probability=cfg.unmasked_probability, augment_probability=cfg.augment_probability)
 
     def resumable_run(self, owner: str) -> Path | None:
         """The owner's newest run that a server restart interrupted (only ever looks in the owner's own folder)."""
@@ -130,18 +146,36 @@ class TrainingController:
                 return
 
 
+SETTINGS = ("preset", "caption", "trigger", "prompts", "rank", "steps", "learning_rate", "save_every", "batch_size",
+            "model", "memory_tier", "gpus", "preview_model", "background_weight", "normalize_mask",
+            "unmasked_probability", "augment_probability")
+
+
+def settings_updates(settings: dict | None) -> tuple:
+    """``job_settings`` as values for the page's controls, in ``SETTINGS`` order; gr.skip() for what is unknown (a
+    resumed run's preset) and for everything without a job. The preview-model choices follow the job's model."""
+    if settings is None:
+        return (gr.skip(),) * len(SETTINGS)
+    values = [gr.skip() if settings.get(name) is None else settings[name] for name in SETTINGS]
+    values[SETTINGS.index("preview_model")] = gr.update(**{**preview_model_options(settings["model"]),
+                                                          "value": settings["preview_model"]})
+    return tuple(values)
+
+
 def render(view: RunView):
-    """RunView → updates for (progress, loss plot, gallery, checkpoint files, Train button, Stop button)."""
+    """RunView → updates for (progress, loss plot, gallery, checkpoint files, Train button, Stop button, the loss
+    plot's x range: a gr.State, so /follow's API answer keeps its shape; its change sets the plot's x_lim)."""
     # Typed columns even when empty: the first value decides the plot's axis types in the browser, and an
     # untyped empty frame makes them categorical (an upside-down y axis of raw loss strings).
     losses = pd.DataFrame(view.losses or [], columns=["step", "loss"]).astype({"step": "int64", "loss": "float64"})
     return (
         view.progress_markdown(),
         losses,
-        [(path, label) for path, label in view.previews],
+        view.gallery(),
         view.checkpoint_files or None,
         gr.update(interactive=not view.running),
         gr.update(interactive=view.running),
+        view.loss_axis(),
     )
 
 

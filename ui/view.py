@@ -12,6 +12,11 @@ from trainer.events import (CheckpointSaved, Event, Failed, Finished, LossHistor
                             Started, Status, describe_devices)
 
 
+# d3's tick step for a range r and n ticks is 1 (not 0.5) once r / n >= 0.71; Vega-Lite asks for n = width / 40, so a
+# range of 40 steps counts whole steps up to a plot 2200 px wide (the page's column is narrower).
+MIN_AXIS_STEPS = 40
+
+
 @dataclass
 class RunView:
     status: str = ""
@@ -22,7 +27,8 @@ class RunView:
     eta_seconds: float = 0.0
     train_size: tuple[int, int] | None = None
     losses: list[tuple[int, float]] = field(default_factory=list)
-    previews: list[tuple[str, str]] = field(default_factory=list)  # (image path, label)
+    previews: list[tuple[str, str]] = field(default_factory=list)  # (image path, label), oldest first
+    preview_steps: list[int] = field(default_factory=list)  # the step of each of ``previews``
     checkpoints: list[tuple[int, str, int]] = field(default_factory=list)  # (step, path, bytes)
     running: bool = False
     error: str = ""
@@ -71,6 +77,7 @@ class RunView:
                 name = ("no LoRA yet (step 0)" if event.step == 0 else name) + f" · {event.rendered_with}"
             for p in event.previews:
                 self.previews.append((str(p.path), f"{name} · {p.prompt}"))
+                self.preview_steps.append(event.step)
         elif isinstance(event, Finished):
             self.running = False
             saved = len(self.checkpoints)
@@ -120,6 +127,23 @@ class RunView:
         if step in self.checkpoint_epochs:
             return self.checkpoint_epochs[step]
         return step * self.batch_size * self.gpus / max(1, self.images)
+
+    def gallery(self) -> list[tuple[str, str]]:
+        """The previews for the gallery, the newest checkpoint's first (each checkpoint's prompts in their order): the
+        gallery is a short scroll box, and oldest-first left the previews just rendered below its fold."""
+        rounds: dict[int, list[tuple[str, str]]] = {}
+        for step, preview in zip(self.preview_steps, self.previews):
+            rounds.setdefault(step, []).append(preview)
+        return [preview for step in sorted(rounds, reverse=True) for preview in rounds[step]]
+
+    def loss_axis(self) -> list[int] | None:
+        """The loss plot's x range, [0, the job's steps], at least ``MIN_AXIS_STEPS`` wide; None before the job says
+        its length. Vega-Lite picks "nice" ticks for the range it is given, about one per 40 px: over the few steps
+        of a run's start (its range was the steps so far) that was 0.5 steps apart, fractional steps on the axis.
+        A range this wide always gets whole-step ticks, and the axis no longer rescales as the curve grows."""
+        if not self.total_steps:
+            return None
+        return [0, max(self.total_steps, MIN_AXIS_STEPS)]
 
     @property
     def checkpoint_files(self) -> list[str]:

@@ -11,16 +11,16 @@ import json
 from pathlib import Path
 
 from trainer.errors import UserError
-from trainer.families.base import KohyaLayout, ModelFamily
+from trainer.families.base import KohyaLayout, ModelFamily, TextReader
 from trainer.families.flux1 import FLUX1
 from trainer.families.flux2_klein import FLUX2_KLEIN
 
 FAMILIES: tuple[ModelFamily, ...] = (FLUX1, FLUX2_KLEIN)
 DEFAULT_FAMILY = FLUX1  # a Hub id we do not know: assume the FLUX.1 architecture, as before there were families
 
-__all__ = ["DEFAULT_FAMILY", "FAMILIES", "FLUX1", "FLUX2_KLEIN", "KohyaLayout", "ModelFamily", "family_named",
-           "family_of_folder", "family_of_metadata", "family_of_spec", "family_of_transformer", "tiny_ids",
-           "DEMO_IDS", "builtin_ids"]
+__all__ = ["DEFAULT_FAMILY", "FAMILIES", "FLUX1", "FLUX2_KLEIN", "KohyaLayout", "ModelFamily", "TextReader",
+           "family_named", "family_of_folder", "family_of_metadata", "family_of_spec", "family_of_transformer",
+           "tiny_ids", "DEMO_IDS", "builtin_ids"]
 
 # Built-in models with *trained* weights, shipped in the repository (``models/<id>/``, a diffusers folder), and their
 # families. ``shapes-demo`` (trained by scripts/train_shapes_demo.py) really draws simple scenes, so a CPU user sees

@@ -55,6 +55,17 @@ class KohyaLayout:
     base_model_version: str = "flux1"  # ss_base_model_version
 
 
+@dataclass(frozen=True)
+class TextReader:
+    """One of a family's text encoders as it reads a caption: its tokenizer (a diffusers subfolder) and how many
+    tokens it reads; the rest of a longer caption is cut off (``trainer.dataset.caption_length`` says so)."""
+    name: str  # "T5"
+    tokenizer: str  # the subfolder of its tokenizer: "tokenizer_2"
+    limit: int | None = None  # None: the job's max_text_tokens (the family's own)
+    chat: bool = False  # the caption is wrapped in the tokenizer's chat template first (FLUX.2's Qwen3)
+    pooled: bool = False  # only a pooled summary vector (FLUX.1's CLIP): past it, the other encoder still reads
+
+
 class ModelFamily(ABC):
     # ---- identity and words
     name: ClassVar[str]  # short id written into run.json and checkpoint metadata: "flux1"
@@ -87,6 +98,7 @@ class ModelFamily(ABC):
     quantizable_layer: ClassVar[re.Pattern]  # Linear layers a memory tier may store in fp8/NF4 (inside the blocks)
     kohya: ClassVar[KohyaLayout]
     max_text_tokens: ClassVar[int]  # the most text tokens its text encoder is read to
+    text_readers: ClassVar[tuple[TextReader, ...]]  # its text encoders, the one the transformer attends to first
     # (steps, guidance) of the family's distilled model, which can draw a job's previews and render in Compare /
     # Try it (trainer/training/preview_model.py); None where the family has none to offer.
     distilled_render: ClassVar[tuple[int, float] | None] = None

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from trainer.families.base import KohyaLayout, ModelFamily
+from trainer.families.base import KohyaLayout, ModelFamily, TextReader
 from trainer.model.quantize import BLOCK_LAYER
 from trainer.training import flow
 
@@ -102,6 +102,8 @@ class Flux1(ModelFamily):
         swapped=frozenset({"norm_out.linear"}),  # scale and shift are swapped between the two layouts
     )
     max_text_tokens = 512  # T5 tokens; FLUX.1-dev was trained with 512
+    # T5's tokens are what the transformer attends to; CLIP gives one pooled vector of the caption's first 77.
+    text_readers = (TextReader("T5", "tokenizer_2"), TextReader("CLIP", "tokenizer", limit=77, pooled=True))
 
     # ---- classes
     def pipeline_class(self) -> type:

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from trainer.families.base import KohyaLayout, ModelFamily
+from trainer.families.base import KohyaLayout, ModelFamily, TextReader
 from trainer.model.quantize import BLOCK_LAYER
 
 TEXT_LAYERS = (9, 18, 27)  # Qwen3 hidden states the pipeline stacks (its default text_encoder_out_layers)
@@ -107,6 +107,7 @@ class Flux2Klein(ModelFamily):
         network_module="networks.lora_flux2", base_model_version="flux2_klein",
     )
     max_text_tokens = 512
+    text_readers = (TextReader("Qwen3", "tokenizer", chat=True),)  # 512 tokens of the caption in its chat template
     tiers_dir = "presets/memory/flux2-klein"  # a third of FLUX.1's size: bf16 fits cards FLUX.1 needs fp8 on
     preview_steps = 50  # the base model's own default; the distilled model renders in 4 (distilled_render)
     preview_guidance = 4.0
