@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from trainer.families import TextReader, family_of_spec, tiny_ids
+from trainer.families import DEMO_IDS, TextReader, family_of_spec, tiny_ids
 
 ESTIMATE_NOTE = "an estimate: the model's tokenizer is not on this machine yet; it is counted exactly once it is"
 
@@ -123,6 +123,10 @@ def _tokenizer_folder(model: str, subfolder: str) -> Path | None:
 
         folder = tiny_model_dir(spec)
         return folder / subfolder if (folder / MARKER).is_file() else None  # built on first training, not here
+    if spec in DEMO_IDS:
+        from trainer.paths import shipped_model_dir
+
+        return shipped_model_dir(spec) / subfolder  # shipped with the code: always on this machine
     local = Path(spec).expanduser()
     if (local / "model_index.json").is_file():
         return local / subfolder
