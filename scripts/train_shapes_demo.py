@@ -43,6 +43,7 @@ from trainer.training import flow  # noqa: E402
 BUCKETS = ((256, 256), (320, 208), (208, 320), (288, 224), (224, 288))
 BUCKET_SHARE = (0.6, 0.1, 0.1, 0.1, 0.1)
 TEXT_TOKENS = 48  # T5 tokens: the longest two-shape caption is ~40
+MAX_THINGS = 2
 SEED = 20261203
 
 TRANSFORMER = dict(patch_size=1, in_channels=64, num_layers=3, num_single_layers=4, attention_head_dim=32,
@@ -52,6 +53,20 @@ VAE = dict(in_channels=3, out_channels=3, block_out_channels=[32, 64, 96, 96],
            down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
            latent_channels=16, norm_num_groups=32, layers_per_block=1, sample_size=256,
            use_quant_conv=False, use_post_quant_conv=False)
+SIZE = 256
+VAE_CROP = None  # train the autoencoder on random crops of this size (None: whole pictures)
+
+
+def use_cpu_profile() -> None:
+    """The model trainable on a 2-core CPU in well under an hour (when no GPU is lent): 128 px scenes of one thing,
+    a smaller autoencoder and transformer, 24 text tokens. It is also the cheaper model to fine-tune on a CPU."""
+    global BUCKETS, BUCKET_SHARE, TEXT_TOKENS, MAX_THINGS, SIZE
+    BUCKETS, BUCKET_SHARE = ((128, 128), (144, 112), (112, 144)), (0.7, 0.15, 0.15)
+    TEXT_TOKENS, MAX_THINGS, SIZE = 24, 1, 128
+    TRANSFORMER.update(num_layers=2, num_single_layers=3, num_attention_heads=4)
+    VAE.update(block_out_channels=[16, 32, 64, 64], norm_num_groups=8, sample_size=128)
+    global VAE_CROP
+    VAE_CROP = 64  # the autoencoder is convolutional: 64 px crops teach it edges and patterns at a quarter the cost
 
 
 def build_pipeline():
@@ -79,7 +94,7 @@ def build_pipeline():
 
 def _draw(job: tuple[int, int, int]) -> tuple[np.ndarray, str]:
     index, width, height = job
-    image, caption = demo_scenes.example(SEED * 7 + index, width, height)
+    image, caption = demo_scenes.example(SEED * 7 + index, width, height, MAX_THINGS)
     return np.asarray(image), caption
 
 
@@ -91,7 +106,7 @@ def draw_dataset(count: int, workers: int) -> list[tuple[torch.Tensor, list[str]
         jobs.append([(start + i, width, height) for i in range(n)])
         start += n
     out = []
-    with mp.Pool(workers) as pool:
+    with mp.get_context("fork").Pool(workers) as pool:
         for bucket_jobs in jobs:
             drawn = pool.map(_draw, bucket_jobs, chunksize=64)
             pixels = torch.from_numpy(np.stack([d[0] for d in drawn])).permute(0, 3, 1, 2).contiguous()
@@ -126,6 +141,10 @@ def train_vae(vae, data, seconds: float, batch: int, device, log: list, max_step
             group["lr"] = 1e-3 * cosine(progress)
         pixels, _ = data[pick_bucket(rng, data)]
         x = to_unit(pixels[torch.from_numpy(rng.integers(0, len(pixels), batch))], device)
+        if VAE_CROP:
+            top = int(rng.integers(0, x.shape[-2] - VAE_CROP + 1)) // 8 * 8
+            left = int(rng.integers(0, x.shape[-1] - VAE_CROP + 1)) // 8 * 8
+            x = x[..., top:top + VAE_CROP, left:left + VAE_CROP]
         x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             posterior = vae.encode(x).latent_dist
@@ -262,17 +281,19 @@ def sample_grid(folder: Path, out: Path, device, steps: int = 20) -> dict:
 
     pipe = FluxPipeline.from_pretrained(folder, torch_dtype=torch.float32).to(device)
     pipe.set_progress_bar_config(disable=True)
-    images = pipe(list(SAMPLE_PROMPTS), height=256, width=256, num_inference_steps=steps, guidance_scale=3.5,
+    prompts = [p for p in SAMPLE_PROMPTS if MAX_THINGS > 1 or " and a " not in p]
+    images = pipe(prompts, height=SIZE, width=SIZE, num_inference_steps=steps, guidance_scale=3.5,
                   generator=torch.Generator(device).manual_seed(0), max_sequence_length=TEXT_TOKENS).images
-    grid = Image.new("RGB", (256 * 4, 256 * 2))
+    grid = Image.new("RGB", (SIZE * 4, SIZE * 2))
     for i, image in enumerate(images):
-        grid.paste(image, ((i % 4) * 256, (i // 4) * 256))
+        grid.paste(image, ((i % 4) * SIZE, (i // 4) * SIZE))
     grid.save(out / "shapes-demo-samples.png")
     # The first two prompts: the centre should have the subject's colour and the corners the background's.
     checks = {}
     for image, subject, background in ((images[0], "red", "blue"), (images[1], "yellow", "black")):
         a = np.asarray(image).astype(np.float32)
-        centre, corner = a[112:144, 112:144].mean((0, 1)), a[:24, :24].mean((0, 1))
+        q = SIZE // 8
+        centre, corner = a[3 * q:5 * q, 3 * q:5 * q].mean((0, 1)), a[:q, :q].mean((0, 1))
         checks[f"{subject} on {background}"] = {
             "centre_error": float(np.abs(centre - demo_scenes.COLOURS[subject]).mean()),
             "corner_error": float(np.abs(corner - demo_scenes.COLOURS[background]).mean())}
@@ -302,7 +323,10 @@ def main(argv=None) -> int:
     parser.add_argument("--vae-batch", type=int, default=64)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--smoke", action="store_true", help="a few steps of each stage on the CPU")
+    parser.add_argument("--cpu-profile", action="store_true", help="the smaller 128 px model (use_cpu_profile)")
     args = parser.parse_args(argv)
+    if args.cpu_profile:
+        use_cpu_profile()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     max_steps = 3 if args.smoke else None
     if args.smoke:

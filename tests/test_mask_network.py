@@ -177,14 +177,17 @@ def auto_network(use_runtime):
     sessions._VERIFIED.clear()
 
 
-def test_the_default_is_u2net_when_its_file_checks_else_u2netp(auto_network, model_home, monkeypatch):
-    assert masking.default_mask_model() == "u2netp"  # no u2net at all: the fallback, no error
+def test_auto_is_u2netp_and_u2net_only_where_preferred_and_its_file_checks(auto_network, model_home, monkeypatch):
     model_home.mkdir()
     (model_home / "u2net.onnx").write_bytes(b"a broken download")
-    assert masking.default_mask_model() == "u2netp"  # there, but rembg would refuse it (and try to download)
     monkeypatch.setitem(sessions.OFFLINE_MD5, "u2net", hashlib.md5(b"a broken download").hexdigest())
     sessions._VERIFIED.clear()
-    assert masking.default_mask_model() == "u2net"  # the right md5 (for this test): the stronger network
+    assert masking.default_mask_model() == "u2netp"  # u2net checks, but measured no better on the fresh seed
+    monkeypatch.setattr(sessions, "AUTO_PREFERS_STRONG_MODEL", True)
+    assert masking.default_mask_model() == "u2net"  # preferred, and the right md5 (for this test)
+    monkeypatch.setitem(sessions.OFFLINE_MD5, "u2net", "0" * 32)
+    sessions._VERIFIED.clear()
+    assert masking.default_mask_model() == "u2netp"  # there, but rembg would refuse it (and try to download)
 
 
 def test_the_runtime_switch_names_the_network(use_runtime, model_home):
@@ -203,8 +206,9 @@ def test_warm_up_loads_the_default_network(auto_network, model_home, monkeypatch
     masking.warm_up().join(30)
     assert loaded == ["u2netp"]  # u2net missing here: the fallback is warmed, no error
     monkeypatch.setattr(sessions, "verified_file", lambda model: model == "u2net")
+    monkeypatch.setattr(sessions, "AUTO_PREFERS_STRONG_MODEL", True)
     masking.warm_up().join(30)
-    assert loaded == ["u2netp", "u2net"]
+    assert loaded == ["u2netp", "u2net"]  # whichever network is the default is the one warmed
 
 
 def test_a_missing_u2net_names_the_fetch_script(model_home, monkeypatch):
@@ -244,13 +248,13 @@ def test_plain_masks_say_so():
     assert result.network == "u2netp (automatic, plain)" == masking.mask_network(result.mask)
 
 
-def test_u2net_is_installed_and_is_the_default(auto_network):
-    """The install places u2net (scripts/install.sh, CI included), and it then makes the masks."""
+def test_u2net_is_installed_and_makes_masks_offline(auto_network):
+    """The install places u2net (scripts/install.sh, CI included), and it makes masks when chosen."""
     if not masking.verified_file("u2net"):
         pytest.fail("the u2net model is missing: run `python scripts/fetch_offline_mask_model.py`")
     rgb = np.full((240, 320, 3), (120, 160, 190), np.uint8)
     rgb[60:200, 120:200] = (40, 30, 30)
-    result = masking.auto_mask_result(Image.fromarray(rgb))
+    result = masking.auto_mask_result(Image.fromarray(rgb), "u2net")
     assert result.model == "u2net" and result.network == "u2net (automatic, refined)"
     m = np.asarray(result.mask) >= 128
     assert m[130, 160] and not m[10, 10]

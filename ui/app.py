@@ -63,7 +63,7 @@ def build_app(manager: api.JobManager, runs_root: Path, state_secret: str | None
                     use_mask = gr.Checkbox(value=True, label="Mask the background (recommended: train the subject, not the background)")
                     mask_model = gr.Dropdown(choices=list(api.MASK_MODELS), value=api.default_mask_model(),
                                              label="Background-removal model",
-                                             info="u2net (the default when installed) and u2netp work offline; "
+                                             info="u2netp (the default) and u2net work offline; "
                                                   "the others download on first use")
                     mask_file = gr.File(label="Or upload your own mask (white = trained)", file_types=IMAGE_TYPES,
                                         type="filepath", elem_id="own-mask")

@@ -33,7 +33,7 @@ class MaskChoice:
 def choose_mask(image: Image.Image, given: Image.Image | None = None, auto: bool = True, model: str | None = None,
                 point: tuple[float, float] | None = None, stage=None) -> MaskChoice:
     """``given``: the user's own mask (already sized to the image); ``auto``: make one when neither it nor the image's
-    transparency is there, with ``model`` (default: the default network, u2net when installed, else u2netp);
+    transparency is there, with ``model`` (default: the default network, u2netp unless the runtime names another);
     ``point`` (x, y): a pixel on the subject, for the automatic mask; ``stage(fraction, what)``: the automatic mask's
     progress (see ``auto_mask_result``)."""
     source: MaskSource

@@ -61,11 +61,11 @@ def article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
-def random_scene(rng: np.random.Generator) -> Scene:
+def random_scene(rng: np.random.Generator, max_things: int = 2) -> Scene:
     names = list(COLOURS)
     background = BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
     bg = tuple(rng.choice(names, size=2, replace=False))
-    count = 1 if rng.random() < 0.6 else 2
+    count = 1 if max_things == 1 or rng.random() < 0.6 else 2
     positions = rng.choice(list(POSITIONS), size=count, replace=False)
     things = []
     for position in positions:
@@ -151,9 +151,9 @@ def render_scene(scene: Scene, width: int, height: int, seed: int) -> Image.Imag
     return image
 
 
-def example(seed: int, width: int = 256, height: int = 256) -> tuple[Image.Image, str]:
+def example(seed: int, width: int = 256, height: int = 256, max_things: int = 2) -> tuple[Image.Image, str]:
     """Scene number ``seed``: its picture and caption (the training set is ``example(i)`` for i = 0, 1, ...)."""
-    scene = random_scene(np.random.default_rng(seed))
+    scene = random_scene(np.random.default_rng(seed), max_things)
     return render_scene(scene, width, height, seed), scene.caption()
 
 
