@@ -9,10 +9,13 @@ the CLI a user runs), with prompts that put the subject on *other* backgrounds.
 The subject is new to the model: a purple figure wearing a yellow crown, on a green and white checkered background,
 with its exact mask. Two runs, identical except ``--no-mask``; per checkpoint and prompt, three shares of pixels:
 
-* **subject**: pixels near the subject's purple or the crown's yellow, anywhere in the picture;
-* **copied background**: pixels of the picture's outer frame (where the subject never is) near the training
-  background's green or white;
-* **asked background**: frame pixels near the background the prompt asks for.
+* **subject**: pixels near the subject's purple or the crown's yellow, inside the training picture's mask (every
+  prompt asks for the subject "in the center", where it stands in the training picture);
+* **copied background**: in the picture's outer frame (24 px, where the subject never is), the spread (standard
+  deviation) of brightness: the training checkerboard is ~61, a plain background near 0 (read it on the blue prompt;
+  the stripes the other prompt asks for are patterned themselves);
+* **asked background**: the frame's mean RGB distance (0-255) to the nearest colour the prompt asks for (lower is
+  closer).
 
 Run: ``.venv/bin/python masking_eval/shapes_demo_effect.py --out /tmp/effect`` (CPU, a few minutes); it prints a
 Markdown table and writes ``effect.png`` (base, unmasked and masked previews side by side).
@@ -39,23 +42,31 @@ PROMPTS = (  # (prompt, the background it asks for: name -> colour)
     ("[trigger] in the center, on an orange and black striped background",
      {"orange": (245, 140, 30), "black": (25, 25, 25)}),
 )
-NEAR = 70.0  # mean absolute RGB difference that counts as "that colour"
+NEAR = 60.0  # the largest per-channel RGB difference that still counts as "that colour"
 
 
 def share_near(pixels: np.ndarray, colours) -> float:
     if not len(pixels):
         return 0.0
-    distance = np.min([np.abs(pixels - np.array(c, np.float32)).mean(-1) for c in colours], axis=0)
+    distance = np.min([np.abs(pixels - np.array(c, np.float32)).max(-1) for c in colours], axis=0)
     return float((distance < NEAR).mean())
 
 
-def measure(picture: Image.Image, asked: dict) -> dict:
+def _frame(a: np.ndarray) -> np.ndarray:
+    return np.concatenate([a[:24].reshape(-1, 3), a[-24:].reshape(-1, 3),
+                           a[24:-24, :24].reshape(-1, 3), a[24:-24, -24:].reshape(-1, 3)])
+
+
+def measure(picture: Image.Image, asked: dict, subject_mask: np.ndarray, training: np.ndarray) -> dict:
     a = np.asarray(picture.convert("RGB").resize((SIZE, SIZE)), np.float32)
-    frame = np.concatenate([a[:24].reshape(-1, 3), a[-24:].reshape(-1, 3),
-                            a[24:-24, :24].reshape(-1, 3), a[24:-24, -24:].reshape(-1, 3)])
-    return {"subject": share_near(a.reshape(-1, 3), SUBJECT.values()),
-            "copied": share_near(frame, TRAINING_BACKGROUND.values()),
-            "asked": share_near(frame, asked.values())}
+    # The training background's checkerboard in the frame: the spread of its brightness (a copied checkerboard, even
+    # warped and with drifted colours, is bright and dark squares; a plain asked background is flat). The training
+    # picture's own frame scores ~61; the orange and black stripes a prompt asks for are patterned too, so read this
+    # column on the plain blue prompt.
+    copied = float((_frame(a) @ np.array([0.299, 0.587, 0.114], np.float32)).std())
+    distance = np.min([np.abs(_frame(a) - np.array(c, np.float32)).mean(-1) for c in asked.values()], axis=0)
+    return {"subject": share_near(a[subject_mask], SUBJECT.values()), "copied": copied,
+            "asked": float(distance.mean())}
 
 
 def train(folder: Path, image: Path, mask: Path, masked: bool, args) -> float:
@@ -84,34 +95,32 @@ def main(argv=None) -> int:
         seconds[name] = train(args.out / name, args.out / "subject.png", args.out / "subject-mask.png", masked, args)
         runs[name] = json.loads((args.out / name / "run.json").read_text())
     rows, pictures = [], {}
+    asked_by_prompt = {p.replace("[trigger]", "ohwx"): bg for p, bg in PROMPTS}
     for name, run in runs.items():
-        prompts = run["config"]["preview_prompts"]
-        for entry in [{"step": 0}] + run["checkpoints"]:
-            step = entry["step"]
-            for index, prompt in enumerate(prompts):
-                asked = next((bg for p, bg in PROMPTS if p.replace("[trigger]", "ohwx") == prompt
-                              or p == prompt), None)
+        for entry in [{"step": 0, "previews": run["base_previews"]}] + run["checkpoints"]:
+            for preview in entry["previews"]:
+                asked = asked_by_prompt.get(preview["prompt"])
                 if asked is None:
                     continue
-                path = args.out / name / "samples" / f"lora-{step:06d}-{index:02d}.png"
-                picture = Image.open(path)
-                pictures[(name, step, prompt)] = picture
-                rows.append({"run": name, "step": step, "prompt": prompt, **measure(picture, asked)})
+                picture = Image.open(args.out / name / preview["path"])
+                pictures[(name, entry["step"], preview["prompt"])] = picture
+                rows.append({"run": name, "step": entry["step"], "prompt": preview["prompt"],
+                             **measure(picture, asked, np.asarray(mask) > 127, np.asarray(image, np.float32))})
     print(f"seconds: {json.dumps({k: round(v) for k, v in seconds.items()})}")
-    print("| run | step | prompt | subject | copied background | asked background |")
+    print("| run | step | prompt | subject share | frame brightness spread | distance to asked background |")
     print("| --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        print(f"| {r['run']} | {r['step']} | {r['prompt']} | {r['subject']:.2f} | {r['copied']:.2f} | "
-              f"{r['asked']:.2f} |")
+        print(f"| {r['run']} | {r['step']} | {r['prompt']} | {r['subject']:.2f} | {r['copied']:.0f} | "
+              f"{r['asked']:.0f} |")
     (args.out / "effect.json").write_text(json.dumps({"seconds": seconds, "rows": rows}, indent=1))
     _sheet(pictures, runs, args.out / "effect.png", image)
     return 0
 
 
 def _sheet(pictures: dict, runs: dict, path: Path, subject: Image.Image) -> None:
-    """One row per run (base = step 0), one column per asked prompt, at the last checkpoint; the subject first."""
-    prompts = [p for p in runs["masked"]["config"]["preview_prompts"]
-               if any(q.replace("[trigger]", "ohwx") == p or q == p for q, _ in PROMPTS)]
+    """Rows: the base model (step 0), unmasked and masked at the last checkpoint; a column per asked prompt; the
+    training picture first."""
+    prompts = [p.replace("[trigger]", "ohwx") for p, _ in PROMPTS]
     last = runs["masked"]["checkpoints"][-1]["step"]
     rows = [("unmasked", 0), ("unmasked", last), ("masked", last)]
     sheet = Image.new("RGB", (SIZE * (len(prompts) + 1), SIZE * len(rows)), "white")

@@ -10,12 +10,14 @@ from trainer.errors import UserError
 def test_presets_exist_with_their_documented_settings():
     presets = {p.name: p.config() for p in list_presets()}
     assert set(presets) == {"character-rank4-400", "character-rank16-500", "style-rank16-2000", "quick-test-250",
-                            "klein-character-rank16-500", "cpu-demo-40"}
+                            "klein-character-rank16-500", "cpu-demo-40", "cpu-demo-shapes-300"}
     expected = {"character-rank4-400": (4, 400, 50), "character-rank16-500": (16, 500, 50),
-                "style-rank16-2000": (16, 2000, 250), "quick-test-250": (4, 250, 50), "cpu-demo-40": (4, 40, 20)}
+                "style-rank16-2000": (16, 2000, 250), "quick-test-250": (4, 250, 50), "cpu-demo-40": (4, 40, 20),
+                "cpu-demo-shapes-300": (8, 300, 50)}
     for name, (rank, steps, every) in expected.items():
         cfg = presets[name]
-        assert (cfg.rank, cfg.steps, cfg.save_every, cfg.resolution) == (rank, steps, every, 512)
+        size = 128 if name == "cpu-demo-shapes-300" else 512  # shapes-demo's own size
+        assert (cfg.rank, cfg.steps, cfg.save_every, cfg.resolution) == (rank, steps, every, size)
         assert cfg.alpha == rank  # alpha = rank
         assert load_preset(name).description
 

@@ -75,3 +75,14 @@ def test_the_cli_says_it_before_training(tmp_path, capsys, monkeypatch):
     minutes = estimate.minutes(_config("quick-test-250"))
     assert f"note: ≈ {minutes:.0f} min on this machine" in capsys.readouterr().err
     assert load_preset("quick-test-250").config().steps == 250
+
+
+def test_shapes_demo_has_its_own_measured_figures_at_its_own_size():
+    config, _ = api.training_config(api.RunRequest(caption="a photo of [trigger]", preset=api.CPU_DEMO_PRESET,
+                                                   model="shapes-demo"))
+    assert estimate.figures_for("shapes-demo") is estimate.SHAPES_CPU and config.resolution == 128
+    n = estimate.minutes(config, estimate.SHAPES_CPU)
+    rounds = len(config.checkpoint_steps) + 1
+    expected = 7.0 + 300 * 0.030 + rounds * len(config.preview_prompts) * config.preview_steps * 0.010
+    assert n == pytest.approx(expected / 60)  # measured at 128 px: no scaling at its own size
+    assert estimate.SHAPES_CPU.machine in estimate.cpu_time_notice(config, cuda=False)

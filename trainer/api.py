@@ -52,7 +52,7 @@ def time_notice(config: TrainingConfig) -> str:
     return cpu_time_notice(config, cuda=torch.cuda.is_available())
 
 
-CPU_DEMO_PRESET = "cpu-demo-40"  # offered first by the page on a machine without a CUDA GPU
+CPU_DEMO_PRESET = "cpu-demo-shapes-300"  # offered first by the page on a machine without a CUDA GPU (shapes-demo)
 
 
 def training_config(request: RunRequest) -> tuple[TrainingConfig, str]:

@@ -27,8 +27,8 @@ SHAPES_DEMO_NOTICE = (
     "shapes-demo is a small built-in FLUX.1-shaped model trained on coloured shapes and little figures on plain, "
     "striped, checkered, dotted and gradient backgrounds (scripts/train_shapes_demo.py). It is no photo model, but a "
     "LoRA visibly pulls its pictures toward your image within minutes on a CPU: try the workflow, masking and "
-    "checkpoint picking with it. It draws at 256 px, so it trains at 256 px.")
-SHAPES_DEMO_RESOLUTION = 256  # the size it was trained at (scripts/train_shapes_demo.py's buckets)
+    "checkpoint picking with it. It draws at 128 px, so it trains at 128 px.")
+SHAPES_DEMO_RESOLUTION = 128  # the size it was trained at (scripts/train_shapes_demo.py --cpu-profile's buckets)
 SHAPES_DEMO_PREVIEW_STEPS = 12  # its pictures settle by ~12 denoising steps; 20 costs a CPU user more for no change
 FLUX_DEV = FLUX1.default_hub_id
 TINY_DEMO_NOTICE = FLUX1.tiny_notice

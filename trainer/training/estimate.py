@@ -34,7 +34,11 @@ class CpuFigures:
 # (text encoding and VAE decoding included, so per denoising step 3.6 s). The new user's figures (400 steps ~1 hour,
 # quick-test 18 min) were on a busier machine: the notice says whose figures these are.
 TINY_CPU = CpuFigures(setup_s=27.0, step_s=3.0, denoise_s=3.6, machine="a 2-core x86_64 CPU, shared (load 4-7)")
-SHAPES_CPU = None  # TODO-MEASURE
+# shapes-demo at its 128 px, measured 2026-12-03 on the same 2-core CPU, otherwise idle, from three timed CLI runs
+# (cpu-demo-shapes-300 with 3 prompts: 300 steps and 2 preview rounds 16.7 s, 300 steps and 7 rounds 18.5 s, 1 step
+# and 2 rounds 7.7 s): a round of 3 prompts x 12 denoising steps 0.36 s, setup (start-up, loading, encoding) 7 s.
+SHAPES_CPU = CpuFigures(setup_s=7.0, step_s=0.030, denoise_s=0.010, machine="a 2-core x86_64 CPU (idle)",
+                        resolution=128)
 
 
 def figures_for(model: str) -> CpuFigures | None:
