@@ -230,7 +230,7 @@ def test_the_page_and_the_cli_say_which_network_made_the_mask(tmp_path, capsys):
     picture = _subject_picture(tmp_path / "subject.png")
     dataset = build_dataset(str(picture), None, True, "u2netp")
     assert dataset.mask_network == "u2netp (automatic, refined)"
-    assert "Mask: **u2netp (automatic, refined)**" in describe(dataset)
+    assert "Mask: **automatic background removal** by **u2netp (automatic, refined)**" in describe(dataset)
     assert cli.main(["mask", str(picture), "--output", str(tmp_path / "out.png")]) == 0
     out = capsys.readouterr()
     assert out.out.strip() == str(tmp_path / "out.png")  # stdout stays the one path

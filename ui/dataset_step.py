@@ -78,8 +78,9 @@ def describe(dataset: Dataset) -> str:
         "none": "Mask: **none**, the whole image is trained (the background will be learned too).",
     }[dataset.mask_source]
     if dataset.mask_source == "automatic" and dataset.mask_network:
-        # which network made it: u2net's masks are better than u2netp's, which a machine without u2net falls back to
-        source = f"Mask: **{dataset.mask_network}**; the dimmed part is not trained."
+        # which network made it (u2netp by default, u2net when chosen), so a user comparing them knows which they see
+        source = (f"Mask: **automatic background removal** by **{dataset.mask_network}**; the dimmed part is not "
+                  "trained.")
     lines.append(source)
     if dataset.mask_source == "automatic":
         lines.append("Wrong subject, or none? **Click the subject** in this picture to look for it there.")
