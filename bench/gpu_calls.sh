@@ -39,6 +39,7 @@ sets)  # issue 14: one picture vs a set of 4 of different shapes, the same job o
 esac
 case "$1" in
 demo)  # issue 18: train the shapes-demo model (scripts/train_shapes_demo.py), about 8 minutes in all
-  timeout 570 python3 scripts/train_shapes_demo.py --out "$OUT" --vae-seconds 160 --transformer-seconds 270 2>&1 \
-    | grep -v "Loading" | tail -40 ;;
+  # The log goes to $OUT as it is written: a call cut at its limit still brings it back (a `| tail` brought nothing).
+  timeout 570 python3 scripts/train_shapes_demo.py --out "$OUT" --vae-seconds 160 --transformer-seconds 270 \
+    > "$OUT/demo-log.txt" 2>&1; grep -v "Loading" "$OUT/demo-log.txt" | tail -40 ;;
 esac
