@@ -14,7 +14,6 @@ import shutil
 import sys
 import time
 import traceback
-import warnings
 from pathlib import Path
 from urllib.parse import urlparse
 from urllib.request import urlopen
@@ -115,35 +114,41 @@ def mask_preview_shown(driver) -> bool:
                for img in driver.find_elements(By.CSS_SELECTOR, "#mask-preview img"))
 
 
-def upload_image(driver, path: Path) -> None:
-    """Upload through the file input and wait for the mask preview (the upload decoded and masked).
+def look_at_the_mask_preview(driver) -> None:
+    """Scroll the mask preview into view, as a user looking at it does. Gradio's preview <img> is lazy-loaded
+    (``loading="lazy"``, gradio 6 ImagePreview): Chromium does not fetch it while it is far outside the viewport,
+    so after a click low on the page (Train) the next upload's preview had a src and no pixels until scrolled to."""
+    driver.execute_script("""const box = document.querySelector('#mask-preview');
+        if (box) box.scrollIntoView({block: 'center'});""")
 
-    OPEN BUG (closing note of 2026-12-01): rarely, in the first browser test after the API tests of the same pytest
-    process, the first upload never gets its mask preview (no server error, no page error). Until it is understood,
-    a missing preview after 90 s is reported as a warning with what the page and the server threads were doing, the
-    page is reloaded, and the upload is made once more; a second miss fails the test.
-    """
-    for attempt in (1, 2):
-        driver.find_element(By.CSS_SELECTOR, "#image-upload input[type=file]").send_keys(str(path))
-        try:
-            wait_until(driver, mask_preview_shown, 90 if attempt == 1 else 120, "the mask preview")
-            break
-        except AssertionError:
-            if attempt == 2:
-                raise
-            warnings.warn(f"the upload got no mask preview in 90 s; retried once after a reload. "
-                          f"{page_and_server_state(driver)}", stacklevel=2)
-            open_page(driver, driver.current_url)  # a fresh page (the owner id stays in localStorage)
+
+def upload_image(driver, path: Path) -> None:
+    """Upload through the file input, look at the mask preview and wait until it has its pixels (the upload was
+    decoded and masked, and the browser fetched the preview)."""
+    driver.find_element(By.CSS_SELECTOR, "#image-upload input[type=file]").send_keys(str(path))
+    look_at_the_mask_preview(driver)
+    try:
+        wait_until(driver, mask_preview_shown, 120, "the mask preview")
+    except AssertionError as err:
+        raise AssertionError(f"{err}\n{page_and_server_state(driver)}") from None
     wait_until(driver, lambda d: "automatic background removal" in text_of(d, "#image-info"), 30,
                "the image description")
 
 
 def page_and_server_state(driver) -> str:
-    """What the page shows of the upload, and where this process's threads are in the project's code (the app runs
-    in the test's process), for the open bug above."""
+    """What the page shows of the upload (the preview's <img>: where it is, whether it loaded, what its URL answers)
+    and where this process's threads are in the project's code (the app runs in the test's process)."""
     page = {sel: text_of(driver, sel)[:200] for sel in ("#image-upload", "#image-info", "#progress")}
-    page["#mask-preview img src"] = [str(img.get_attribute("src"))[:120]
-                                     for img in driver.find_elements(By.CSS_SELECTOR, "#mask-preview img")]
+    page["#mask-preview img"] = driver.execute_async_script("""const done = arguments[arguments.length - 1];
+        const imgs = [...document.querySelectorAll('#mask-preview img')];
+        Promise.all(imgs.map(async img => {
+            const r = img.getBoundingClientRect();
+            let answer = 'no src';
+            if (img.src) { try { const res = await fetch(img.src); answer = res.status + ' ' + (await res.blob()).size + ' bytes'; }
+                           catch (e) { answer = 'fetch failed: ' + e; } }
+            return {src: String(img.src).slice(0, 120), complete: img.complete, naturalWidth: img.naturalWidth,
+                    loading: img.loading, top: Math.round(r.top), height: Math.round(r.height), url_answers: answer};
+        })).then(rows => done({rows, scrollY: window.scrollY, innerHeight: window.innerHeight}));""")
     ours = []
     for thread_id, frame in sys._current_frames().items():
         stack = [f"{Path(f.f_code.co_filename).name}:{line} {f.f_code.co_name}"
@@ -491,12 +496,6 @@ def test_a_set_of_three_images_in_the_browser(app, browser, tmp_path):
     assert (disc[below] & painted[below]).sum() / (disc[below] | painted[below]).sum() > 0.8
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "OPEN BUG (2026-12-03): after Train is pressed with no image, the next upload's mask preview often never loads "
-    "in the browser (its <img> has a src but no pixels; the description does appear). Alone the test passed once "
-    "and failed three times; in the full suite it failed. Not yet understood: the clear-errors events on the "
-    "upload's outputs were suspected, and dropping them did not help. The user-visible part (the red Error going) "
-    "is covered by test_app_api::test_fixing_the_cause_of_a_refused_train_clears_its_red_error."))
 def test_a_red_error_goes_when_the_user_fixes_its_cause(app, browser, tmp_path):
     """Train with no image leaves Gradio's red "Error" on the progress box; uploading the image clears it (it stayed
     until the next Train). The refusal names what to do."""
