@@ -133,6 +133,9 @@ def _parser() -> argparse.ArgumentParser:
                                                            "picked from the GPU, as for training), full, 24gb, 16gb or 12gb")
     grid.add_argument("--output", required=True, type=Path,
                       help="grid.png; several prompts write grid-1.png, grid-2.png, ...")
+    from trainer.cli_grow import add_parser as add_grow
+
+    add_grow(sub)
     return parser
 
 
@@ -151,6 +154,10 @@ def main(argv: list[str] | None = None) -> int:
             return _export(args)
         if args.command == "grid":
             return _grid(args)
+        if args.command == "grow":
+            from trainer.cli_grow import grow
+
+            return grow(args)
         from trainer.cli_train import train
 
         return train(args)

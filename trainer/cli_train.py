@@ -16,20 +16,10 @@ from pathlib import Path
 
 from trainer import api
 from trainer.errors import UserError
+from trainer.runs.folder import open_run
 
 EXIT_USER_ERROR = 2
 EXIT_TRAINING_FAILED = 1
-
-
-def open_run(path: Path):
-    from trainer.runs.folder import MANIFEST, RunFolder
-
-    if not (Path(path) / MANIFEST).is_file():
-        raise UserError(f"'{path}' is not a run folder: it has no {MANIFEST}.")
-    try:
-        return RunFolder.open(path)
-    except (ValueError, KeyError) as err:
-        raise UserError(f"The run's {MANIFEST} in '{path}' could not be read ({err}).") from None
 
 
 def train(args) -> int:
@@ -131,7 +121,7 @@ def _prepare_new_run(args, gpus: int = 1):
         print(f"advice: {advice.message}", file=sys.stderr)
     items = _choose_masks(args, items)
     try:
-        run = RunFolder.create_set_at(args.output, config, items, backgrounds, gpus=gpus)
+        run = RunFolder.create_set_at(args.output, config, items, backgrounds, gpus=gpus, lineage=loaded.lineage)
     except FileExistsError:
         raise UserError(f"The output folder '{args.output}' already exists and is not empty. Choose a new folder, "
                         "or add --resume to continue the run in it.") from None

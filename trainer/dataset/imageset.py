@@ -6,7 +6,8 @@ a set of one and trains exactly as before. Every file still comes in through the
 
 - ``load_images(paths, captions)``: the CLI's repeated ``--image`` (one caption for all, or one per image);
 - ``load_folder(dir)``: a kohya-style folder, ``NAME.png`` + ``NAME.txt`` (its caption) + an optional mask in
-  ``masks/NAME.png`` (else the picture's own transparency, else the automatic mask, decided later by ``choose_mask``).
+  ``masks/NAME.png`` (else the picture's own transparency, else the automatic mask, decided later by ``choose_mask``);
+  a folder made by ``grow`` also has ``grow.json``: each picture's provenance and the round (``trainer.grow.lineage``).
 
 A bad file among good ones (a decompression bomb, a damaged file, a mask of the wrong shape) or an exact duplicate of
 an earlier picture is left out with a sentence naming it (``LoadedSet.skipped``), and the others train: a set of
@@ -16,7 +17,7 @@ more pictures than ``MAX_IMAGES``, is refused (a ``UserError``): which ten of el
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -24,6 +25,7 @@ from PIL import Image
 
 from trainer.dataset.images import load_image, load_mask
 from trainer.errors import UserError
+from trainer.grow import lineage
 
 MAX_IMAGES = 10  # practitioners' few-image sets are 4-10 pictures; more is a different workflow (captioning at scale)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -37,12 +39,14 @@ class SetImage:
     image: Image.Image
     mask: Image.Image | None = None  # "L", white = trained; while loading: the set's own mask file, if any
     caption: str = ""  # "" = the run's caption
+    provenance: dict | None = None  # a grown folder's picture: where it came from (trainer.grow.lineage)
 
 
 @dataclass(frozen=True)
 class LoadedSet:
     images: tuple[SetImage, ...]
     skipped: tuple[str, ...] = ()  # one sentence per file left out, naming it
+    lineage: dict | None = None  # a grown folder's round and parent run (trainer.grow.lineage), for run.json
 
     @property
     def names(self) -> list[str]:
@@ -78,7 +82,12 @@ def load_folder(folder: str | Path) -> LoadedSet:
     for picture in pictures:
         masks = [folder / MASKS_DIR / f"{picture.stem}{suffix}" for suffix in IMAGE_SUFFIXES]
         entries.append((picture, next((m for m in masks if m.is_file()), None), _read_caption(picture)))
-    return _collect(entries)
+    loaded = _collect(entries)
+    grown = lineage.read(folder)  # a folder made by `grow`: each picture's provenance, the round it makes
+    if grown is None:
+        return loaded
+    images = tuple(replace(item, provenance=grown.images.get(item.name)) for item in loaded.images)
+    return replace(loaded, images=images, lineage=grown.for_run())
 
 
 def _check_count(names: list[str]) -> None:

@@ -103,6 +103,9 @@ class ModelFamily(ABC):
     # Try it (trainer/training/preview_model.py); None where the family has none to offer.
     distilled_render: ClassVar[tuple[int, float] | None] = None
     distilled_hub_id: ClassVar[str | None] = None
+    # Whether its pipeline takes reference images (``image=``) and renders the subject in them as told: the zero-shot
+    # source of candidates in trainer/grow/ (FLUX.2 [klein] does, as FLUX.1 Kontext does; FLUX.1 [dev] does not).
+    takes_reference_images: ClassVar[bool] = False
     tiers_dir: ClassVar[str] = "presets/memory"  # its GPU memory tiers (trainer.model.tiers), relative to the project
 
     def keeps_full_precision(self, name: str, layer) -> bool:

@@ -31,6 +31,7 @@ class Flux2Klein(ModelFamily):
     default_hub_id = "black-forest-labs/FLUX.2-klein-base-4B"
     distilled_hub_id = "black-forest-labs/FLUX.2-klein-4B"
     hub_ids = (default_hub_id, distilled_hub_id)
+    takes_reference_images = True  # Flux2KleinPipeline(image=[...]): the references' tokens join the sequence
     gated = False
     tiny_id = "tiny-klein"
     tiny_version = 1

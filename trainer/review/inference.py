@@ -17,6 +17,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from PIL import Image
@@ -217,15 +218,22 @@ class LoraPipeline:
     # ---- images
     @torch.no_grad()
     def render(self, prompt: str, seed: int, settings: RenderSettings, lora: Path | None = None,
-               weight: float = 1.0) -> Image.Image:
+               weight: float = 1.0, references: Sequence[Image.Image] = ()) -> Image.Image:
+        """One image; ``references``: pictures a reference-editing family (``takes_reference_images``) renders the
+        subject of, as the prompt tells it."""
+        family = self.parts.family
+        if references and not family.takes_reference_images:
+            raise UserError(f"{family.label} takes no reference images; use a FLUX.2 [klein] model to render the "
+                            "subject of a picture without training.")
         with self.lock:
             embedding = self.embed([prompt], settings.max_text_tokens)[prompt]
             self.use(lora, weight)
             generator = torch.Generator(device=self.parts.device).manual_seed(int(seed))
+            extra = dict(image=[r.convert("RGB") for r in references]) if references else {}
             try:
-                return self.pipe(**self.parts.family.pipeline_inputs([embedding], settings.guidance),
+                return self.pipe(**family.pipeline_inputs([embedding], settings.guidance),
                                  width=settings.width, height=settings.height, num_inference_steps=settings.steps,
-                                 generator=generator).images[0]
+                                 generator=generator, **extra).images[0]
             except torch.OutOfMemoryError:
                 raise UserError("The GPU ran out of memory while rendering (a training job may be using it). "
                                 "Try a smaller size, or wait until training finishes.") from None

@@ -32,6 +32,7 @@ from PIL import Image
 
 from trainer.config import TrainingConfig
 from trainer.dataset.imageset import SetImage
+from trainer.errors import UserError
 from trainer.fsutil import atomic_write_bytes, atomic_write_json
 
 MANIFEST = "run.json"
@@ -61,6 +62,8 @@ class RunFolder:
     dataset: list[dict[str, Any]] = field(default_factory=list)
     # how the steps were counted, from Started: images, batch_size, gpus, epochs, learning_rate (the one trained with)
     schedule: dict[str, Any] = field(default_factory=dict)
+    # a run of a grown set: its round, the run the candidates came from, how (trainer.grow.lineage); {} = round 1
+    lineage: dict[str, Any] = field(default_factory=dict)
     writable: bool = field(default=True, repr=False)  # False in the non-main processes of a multi-GPU run
 
     # ---- creating and opening
@@ -80,12 +83,15 @@ class RunFolder:
 
     @classmethod
     def create_set(cls, root: Path, config: TrainingConfig, images: Sequence[SetImage], run_id: str | None = None,
-                   backgrounds: Sequence[Image.Image] = (), gpus: int = 1) -> "RunFolder":
-        return cls.create_set_at(Path(root) / (run_id or new_run_id(config.name)), config, images, backgrounds, gpus)
+                   backgrounds: Sequence[Image.Image] = (), gpus: int = 1,
+                   lineage: dict[str, Any] | None = None) -> "RunFolder":
+        return cls.create_set_at(Path(root) / (run_id or new_run_id(config.name)), config, images, backgrounds, gpus,
+                                 lineage)
 
     @classmethod
     def create_set_at(cls, path: Path, config: TrainingConfig, images: Sequence[SetImage],
-                      backgrounds: Sequence[Image.Image] = (), gpus: int = 1) -> "RunFolder":
+                      backgrounds: Sequence[Image.Image] = (), gpus: int = 1,
+                      lineage: dict[str, Any] | None = None) -> "RunFolder":
         """A run of a set of images (``trainer.dataset.imageset``), each with its mask (or None) and caption ("": the
         config's caption). The first keeps the one-image names (dataset/image.png, dataset/mask.png), so a set of one
         is the same folder as before sets existed; the others are dataset/image-01.png, dataset/mask-01.png, ..."""
@@ -95,15 +101,17 @@ class RunFolder:
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
             raise FileExistsError(path)
         path.mkdir(parents=True, exist_ok=True)
-        run = cls(path=path, config=config, model=config.model, gpus=int(gpus))
+        run = cls(path=path, config=config, model=config.model, gpus=int(gpus), lineage=dict(lineage or {}))
         for index, item in enumerate(images):
             image_file, mask_file = dataset_files(index)
             atomic_write_bytes(path / image_file, _png_bytes(item.image))
             if item.mask is not None:
                 atomic_write_bytes(path / mask_file, _png_bytes(item.mask.convert("L")))
-            run.dataset.append({"name": item.name, "image": image_file,
-                                "mask": mask_file if item.mask is not None else None,
-                                "caption": item.caption or config.caption})
+            entry = {"name": item.name, "image": image_file, "mask": mask_file if item.mask is not None else None,
+                     "caption": item.caption or config.caption}
+            if item.provenance:
+                entry["provenance"] = item.provenance
+            run.dataset.append(entry)
         for index, background in enumerate(backgrounds):
             atomic_write_bytes(path / BACKGROUNDS_DIR / f"{index:02d}.png", _png_bytes(background.convert("RGB")))
         run.save()
@@ -118,7 +126,7 @@ class RunFolder:
                    checkpoints=data.get("checkpoints", []), base_previews=data.get("base_previews", []),
                    message=data.get("message", ""), gpus=int(data.get("gpus", 1)),
                    memory_tier=str(data.get("memory_tier", "")), dataset=_dataset_entries(path, data),
-                   schedule=dict(data.get("schedule") or {}))
+                   schedule=dict(data.get("schedule") or {}), lineage=dict(data.get("lineage") or {}))
 
     # ---- the dataset
     def set_entries(self) -> list[dict[str, Any]]:
@@ -223,6 +231,7 @@ class RunFolder:
             "dataset": {"image": IMAGE_FILE, "mask": MASK_FILE if (self.path / MASK_FILE).is_file() else None,
                         "images": self.set_entries()},
             "schedule": self.schedule,
+            "lineage": self.lineage,
             "base_previews": self.base_previews,
             "checkpoints": self.checkpoints,
         }
@@ -231,6 +240,16 @@ class RunFolder:
         """Write run.json atomically: the one place it is serialised."""
         if self.writable:
             atomic_write_json(self.path / MANIFEST, self.to_dict())
+
+
+def open_run(path: Path) -> RunFolder:
+    """The run in ``path``, or a sentence saying why it is not one."""
+    if not (Path(path) / MANIFEST).is_file():
+        raise UserError(f"'{path}' is not a run folder: it has no {MANIFEST}.")
+    try:
+        return RunFolder.open(path)
+    except (ValueError, KeyError) as err:
+        raise UserError(f"The run's {MANIFEST} in '{path}' could not be read ({err}).") from None
 
 
 def dataset_files(index: int) -> tuple[str, str]:

@@ -45,9 +45,11 @@ class RunStore:
         return RunFolder.create(self.owner_root(owner), config, image, mask, backgrounds=backgrounds, gpus=gpus)
 
     def create_set(self, owner: str, config: TrainingConfig, images: Sequence[SetImage],
-                   backgrounds: Sequence[Image.Image] = (), gpus: int = 1) -> RunFolder:
-        """A new run of a set of images (``trainer.dataset.imageset.SetImage``: each with its mask and caption)."""
-        return RunFolder.create_set(self.owner_root(owner), config, images, backgrounds=backgrounds, gpus=gpus)
+                   backgrounds: Sequence[Image.Image] = (), gpus: int = 1, lineage: dict | None = None) -> RunFolder:
+        """A new run of a set of images (``trainer.dataset.imageset.SetImage``: each with its mask and caption);
+        ``lineage``: a grown set's round and parent run (``trainer.grow.lineage``)."""
+        return RunFolder.create_set(self.owner_root(owner), config, images, backgrounds=backgrounds, gpus=gpus,
+                                    lineage=lineage)
 
     def listing(self, owner: str) -> list[RunListing]:
         """The owner's runs, newest first (run ids start with a timestamp); a damaged run.json hides only its run."""

@@ -1,0 +1,214 @@
+"""Grow the dataset (trainer/grow/): candidates from a checkpoint or by reference editing, into a folder in the
+``--dataset`` layout with provenance; the next round trains on it and keeps its lineage.
+
+Real parts throughout: a tiny-demo run with saved LoRA checkpoints rendered by diffusers (LoraPipeline), the real
+u2netp masks, the real CLI in a subprocess, tiny-klein's Flux2KleinPipeline with reference images.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from trainer.config import TRIGGER_PLACEHOLDER
+from trainer.dataset.imageset import SetImage, load_folder
+from trainer.errors import UserError
+from trainer.grow import lineage
+from trainer.grow.job import GrowRequest, grow, plan_grow
+from trainer.grow.variations import MAX_CANDIDATES, plan_variations
+from trainer.review.inference import LoraPipeline
+from trainer.runs.folder import RunFolder
+
+sys.path.insert(0, str(Path(__file__).parent))
+from conftest import subject_image  # noqa: E402
+from test_grid import make_run  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def grown_run(tmp_path_factory, tiny_model_dir):
+    from trainer import runtime
+
+    data = tmp_path_factory.mktemp("growdata")
+    (data / "models").mkdir()
+    (data / "models" / "tiny-demo").symlink_to(tiny_model_dir, target_is_directory=True)
+    with runtime.using(runtime.Runtime(data_dir=data)):
+        return make_run(tmp_path_factory.mktemp("runs") / "run", strength=2.0)
+
+
+@pytest.fixture(scope="module")
+def engine(grown_run):
+    return LoraPipeline.load(Path(grown_run.model_path), CPU, torch.float32)
+
+
+def _pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+# ---- what candidates ask for
+
+
+def test_variations_ask_first_for_what_the_set_lacks():
+    plan = plan_variations("a photo of [trigger] with red hair", ["a photo of [trigger] with red hair"],
+                           own_prompts=["[trigger] riding a bicycle"], count=8)
+    assert len(plan) == 8
+    assert plan[0].kind == "your prompt" and plan[0].caption == "[trigger] riding a bicycle"
+    assert plan[0].instruction == "the subject riding a bicycle"  # an editing model knows no trigger word
+    # a front view only: the missing views come next, the most extreme first, each alone
+    assert [v.kind for v in plan[1:4]] == ["view: back", "view: side", "view: three-quarter"]
+    assert all(TRIGGER_PLACEHOLDER in v.caption and "plain" in v.caption for v in plan[1:])
+    assert all(TRIGGER_PLACEHOLDER not in v.instruction for v in plan)
+    assert len({v.caption for v in plan}) == 8  # no two ask for the same thing
+    # a set that already shows the back and the side is asked for the views it still lacks
+    shown = plan_variations("[trigger]", ["[trigger], back view", "[trigger] seen from the side"], count=2)
+    assert [v.kind for v in shown] == ["view: three-quarter", "view: front"]  # a caption naming an angle is not a front view
+    # a caption without [trigger] gets it where the subject is named first
+    assert plan_variations("a red ball", count=1)[0].caption.startswith("[trigger], a red ball, ")
+    with pytest.raises(UserError, match=f"1 to {MAX_CANDIDATES}"):
+        plan_variations("x", count=MAX_CANDIDATES + 1)
+
+
+# ---- from a checkpoint
+
+
+def test_candidates_from_a_checkpoint_fill_a_dataset_folder_with_provenance(grown_run, engine, tmp_path):
+    step = grown_run.checkpoints[-1]["step"]
+    plan = plan_grow(GrowRequest(output=tmp_path / "r2", count=3, run=grown_run.path, step=step, seed=5,
+                                 sample_steps=2))
+    assert plan.round == 2 and plan.parent["run"] == str(grown_run.path)
+    candidates = list(grow(plan, engine, tmp_path / "r2"))
+    folder = tmp_path / "r2"
+    assert [c.name for c in candidates] == ["candidate-001.png", "candidate-002.png", "candidate-003.png"]
+    # the original stays in, with its caption and mask
+    original = Image.open(folder / "original-01.png")
+    assert np.array_equal(_pixels(original), _pixels(grown_run.load_set()[0].image))
+    assert (folder / "original-01.txt").read_text().strip() == grown_run.config.caption
+    assert (folder / "masks" / "original-01.png").is_file()
+    for candidate in candidates:
+        image = Image.open(candidate.path)
+        # what was written is what the checkpoint renders for that prompt and seed
+        again = engine.render(candidate.prompt, candidate.seed, plan.settings, lora=plan.lora)
+        assert np.array_equal(_pixels(image), _pixels(again))
+        assert "ohwx" in candidate.prompt and TRIGGER_PLACEHOLDER not in candidate.prompt
+        assert (folder / candidate.name).with_suffix(".txt").read_text().strip() == candidate.caption
+        assert 0.0 <= candidate.copy_score <= 1.0 and 0.0 <= candidate.likeness <= 1.0
+        assert candidate.nearest == "image.png"
+    # the LoRA reached the render: the base model draws another picture for the same prompt and seed
+    first = candidates[0]
+    base = engine.render(first.prompt, first.seed, plan.settings, lora=None)
+    assert np.abs(_pixels(base) - _pixels(Image.open(first.path))).mean() > 2
+    recorded = lineage.read(folder)
+    assert recorded.round == 2 and recorded.parent["name"] == grown_run.config.name
+    assert recorded.source == {"kind": "checkpoint", "run": str(grown_run.path), "step": step, "weight": 1.0}
+    assert recorded.images["original-01.png"]["source"]["kind"] == "original"
+    assert recorded.images["candidate-002.png"]["seed"] == candidates[1].seed
+    assert recorded.images["candidate-002.png"]["prompt"] == candidates[1].prompt
+
+
+def test_a_stopped_render_keeps_what_it_rendered(grown_run, engine, tmp_path):
+    plan = plan_grow(GrowRequest(output=tmp_path / "r2", count=4, run=grown_run.path,
+                                 step=grown_run.checkpoints[0]["step"], sample_steps=1))
+    rendered = []
+    for candidate in grow(plan, engine, tmp_path / "r2", should_stop=lambda: len(rendered) >= 2):
+        rendered.append(candidate)
+    assert len(rendered) == 2
+    assert sorted(p.name for p in (tmp_path / "r2").glob("candidate-*.png")) == ["candidate-001.png",
+                                                                                  "candidate-002.png"]
+    assert set(lineage.read(tmp_path / "r2").images) == {"original-01.png", "candidate-001.png", "candidate-002.png"}
+
+
+def test_grow_refuses_what_cannot_work_in_a_sentence(grown_run, engine, tmp_path):
+    with pytest.raises(UserError, match=r"no checkpoint at step 3; its checkpoints are at steps 2, 4"):
+        plan_grow(GrowRequest(output=tmp_path / "a", run=grown_run.path, step=3))
+    with pytest.raises(UserError, match="takes no reference images"):
+        plan_grow(GrowRequest(output=tmp_path / "b", run=grown_run.path, reference_model="tiny-demo"))
+    with pytest.raises(UserError, match="Grow from a run's checkpoint"):
+        plan_grow(GrowRequest(output=tmp_path / "c"))
+    with pytest.raises(UserError, match="takes no reference images"):
+        engine.render("x", 1, plan_grow(GrowRequest(output=tmp_path / "d", run=grown_run.path, step=2)).settings,
+                      references=[Image.new("RGB", (64, 64))])
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("mine")
+    plan = plan_grow(GrowRequest(output=tmp_path / "full", count=1, run=grown_run.path, step=2, sample_steps=1))
+    with pytest.raises(UserError, match="already exists and is not empty"):
+        next(grow(plan, engine, tmp_path / "full"))
+    assert (tmp_path / "full" / "keep.txt").read_text() == "mine"  # nothing of the user's was touched
+
+
+def test_a_damaged_grow_json_is_a_sentence(tmp_path):
+    image, _ = subject_image()
+    image.save(tmp_path / "a.png")
+    (tmp_path / "a.txt").write_text("a photo of [trigger]")
+    (tmp_path / lineage.FILE).write_text("{not json")
+    with pytest.raises(UserError, match="not a readable grow.json"):
+        load_folder(tmp_path)
+
+
+# ---- the next round, through the real CLI
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "trainer", *map(str, args)], cwd=ROOT, env=dict(os.environ),
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_the_cli_grows_a_folder_and_round_two_trains_on_the_picked_ones(grown_run, tmp_path):
+    folder = tmp_path / "round2"
+    out = cli("grow", grown_run.path, "--from-checkpoint", 4, "--count", 3, "--sample-steps", 1, "--size", "64x64",
+              "--prompt", "[trigger] holding an umbrella", "--output", folder)
+    assert out.returncode == 0, out.stderr
+    assert "train --dataset" in out.stderr
+    listed = [line.split("\t") for line in out.stdout.splitlines() if line.startswith(str(folder))]
+    assert [Path(row[0]).name for row in listed] == ["candidate-001.png", "candidate-002.png", "candidate-003.png"]
+    assert listed[0][1] == "your prompt"
+    (folder / "candidate-002.png").unlink()  # the CLI's way of not picking it
+    run_dir = tmp_path / "run2"
+    out = cli("train", "--dataset", folder, "--model", "tiny-demo", "--preset", "quick-test-250", "--trigger", "ohwx",
+              "--steps", 2, "--save-every", 2, "--resolution", 64, "--output", run_dir)
+    assert out.returncode == 0, out.stderr
+    run = RunFolder.open(run_dir)
+    assert run.status == "finished"
+    assert run.lineage["round"] == 2 and run.lineage["parent"]["run"] == str(grown_run.path)
+    assert run.lineage["source"]["step"] == 4
+    entries = {e["name"]: e for e in run.set_entries()}
+    assert set(entries) == {"original-01.png", "candidate-001.png", "candidate-003.png"}
+    assert entries["original-01.png"]["provenance"]["source"]["kind"] == "original"
+    assert entries["candidate-001.png"]["provenance"]["kind"] == "your prompt"
+    assert "umbrella" in entries["candidate-001.png"]["caption"]
+    assert json.loads((run_dir / "run.json").read_text())["lineage"]["round"] == 2
+
+
+# ---- zero-shot: reference editing on tiny-klein
+
+
+def test_reference_editing_renders_the_pictures_subject(tmp_path, isolated_data_dir, tiny_klein_dir):
+    (isolated_data_dir / "models" / "tiny-klein").symlink_to(tiny_klein_dir, target_is_directory=True)
+    image, mask = subject_image((64, 64))
+    picture = SetImage("me.png", image, mask, "a photo of [trigger]")
+    plan = plan_grow(GrowRequest(output=tmp_path / "r", count=2, reference_model="tiny-klein", pictures=(picture,),
+                                 caption="a photo of [trigger]", trigger="ohwx", size=(64, 64), sample_steps=2))
+    assert plan.source.kind == "reference" and plan.lora is None and plan.round == 2
+    engine = LoraPipeline.load(plan.model_folder, CPU, torch.float32)
+    candidates = list(grow(plan, engine, tmp_path / "r"))
+    assert len(candidates) == 2
+    assert candidates[0].prompt.startswith("the same subject")  # the instruction, not the trigger caption
+    assert lineage.read(tmp_path / "r").source == {"kind": "reference", "model": "tiny-klein"}
+    # the reference really reaches the transformer: another reference, another picture (same prompt and seed)
+    prompt, seed = candidates[0].prompt, candidates[0].seed
+    with_ref = engine.render(prompt, seed, plan.settings, references=[image])
+    other = engine.render(prompt, seed, plan.settings, references=[Image.new("RGB", (64, 64), (20, 200, 40))])
+    none = engine.render(prompt, seed, plan.settings)
+    # rendering is deterministic (the same reference twice: the same pixels), so any difference is the reference's;
+    # tiny-klein's random weights attend little to it, so the differences are small but there
+    assert np.array_equal(_pixels(with_ref), _pixels(engine.render(prompt, seed, plan.settings, references=[image])))
+    assert np.abs(_pixels(with_ref) - _pixels(other)).sum() > 0
+    assert np.abs(_pixels(with_ref) - _pixels(none)).sum() > 0
