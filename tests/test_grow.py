@@ -180,7 +180,7 @@ def test_the_cli_grows_a_folder_and_round_two_trains_on_the_picked_ones(grown_ru
     assert run.lineage["round"] == 2 and run.lineage["parent"]["run"] == str(grown_run.path)
     assert run.lineage["source"]["step"] == 4
     entries = {e["name"]: e for e in run.set_entries()}
-    assert set(entries) == {"original-01.png", "candidate-001.png", "candidate-003.png"}
+    assert list(entries) == ["original-01.png", "candidate-001.png", "candidate-003.png"]  # the original first
     assert entries["original-01.png"]["provenance"]["source"]["kind"] == "original"
     assert entries["candidate-001.png"]["provenance"]["kind"] == "your prompt"
     assert "umbrella" in entries["candidate-001.png"]["caption"]

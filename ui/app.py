@@ -11,7 +11,8 @@ import gradio as gr
 
 from trainer import api
 from trainer.errors import UserError
-from ui import caption_step, compare_tab, dataset_step, image_set, schedule_step, set_step, settings_step, tryit_tab
+from ui import (caption_step, compare_tab, dataset_step, grow_tab, image_set, schedule_step, set_step,
+                settings_step, tryit_tab)
 from ui.hosting import hosting_notices, on_space
 from ui.session import clear_errors, owner_and_token_of, user_errors
 from ui import training_step
@@ -176,6 +177,7 @@ def build_app(manager: api.JobManager, runs_root: Path, state_secret: str | None
                                       interactive=False, elem_id="checkpoints")
             compare = compare_tab.build(runs_root, inference, owner_state)
             tryit = tryit_tab.build(runs_root, inference, owner_state)
+            grow = grow_tab.build()
         tryit_tab.connect_to_compare(compare, tryit, tabs)
 
         # ---- wiring: the data flows one way, upload → dataset → config → job → events → page
@@ -200,6 +202,7 @@ def build_app(manager: api.JobManager, runs_root: Path, state_secret: str | None
         follow_set = schedule_step.connect(steps, epochs, batch_size, gpus, set_state, save_every, learning_rate,
                                            schedule)
         set_step.connect(editor, add_images, earlier, later, remove, then=follow_set)
+        grow_tab.connect(grow, api.RunStore(runs_root), inference, owner_state, editor, trigger, tabs, then=follow_set)
         # A click on the preview says where the subject is: the automatic mask looks for it there.
         @user_errors
         def on_preview_click(dataset, mask_model_, evt: gr.SelectData):
@@ -257,7 +260,8 @@ def build_app(manager: api.JobManager, runs_root: Path, state_secret: str | None
                                                background_weight_, normalize_, unmasked_, augment_),
                                            memory_tier=memory_tier_, gpus=gpus_, backgrounds=backgrounds_,
                                            preview_model=preview_model_, batch_size=batch_, epochs=epochs_,
-                                           images=image_set.training_images(images_, dataset, caption_))
+                                           images=image_set.training_images(images_, dataset, caption_),
+                                           lineage=image_set.lineage_of(images_))
             except UserError as err:
                 raise gr.Error(str(err), print_exception=False) from None
             return message, gr.update(interactive=False), gr.update(interactive=True)

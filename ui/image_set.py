@@ -34,6 +34,7 @@ class SetItem:
     image_path: str | None = None  # the file it came from (the editor's upload box shows it)
     controls: tuple = DEFAULT_CONTROLS
     signature: tuple = ()  # what its base mask was made from: (image digest, own-mask digest, use mask, model)
+    provenance: dict | None = None  # a grown set's picture: where it came from (trainer.grow.lineage)
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class ImageSet:
     # An emptied set of one remembers its picture (its digest) and the caption box as it was then: the next upload
     # is a new picture only if it differs, and the caption is the old picture's only if nobody typed since.
     emptied: tuple[str | None, str] | None = None
+    lineage: dict | None = None  # a set from the Grow tab: its round and the run its candidates came from
 
     @property
     def size(self) -> int:
@@ -193,6 +195,19 @@ def add_files(image_set: ImageSet | None, paths: list[str], use_mask: bool, mask
     return replace(image_set, items=tuple(items), skipped=tuple(skipped))
 
 
+def from_pictures(pictures: list, paths: list[str], mask_model: str, lineage: dict | None = None) -> ImageSet:
+    """A set made of pictures that already have their masks and captions (``api.SetImage``s, e.g. the Grow tab's
+    originals and ticked candidates, read from their folder at ``paths``), the first being edited."""
+    items = []
+    for picture, path in zip(pictures, paths):
+        source = "none" if picture.mask is None else "automatic"
+        items.append(SetItem(name=picture.name, dataset=Dataset(picture.image, picture.mask, source),
+                             caption=picture.caption, image_path=path, provenance=picture.provenance,
+                             controls=(None, True, mask_model, *DEFAULT_CONTROLS[3:]),
+                             signature=signature(path, None, True, mask_model)))
+    return ImageSet(items=tuple(items), current=0, lineage=lineage)
+
+
 def _same_pixels(a: Image.Image, b: Image.Image) -> bool:
     return a.size == b.size and a.mode == b.mode and a.tobytes() == b.tobytes()
 
@@ -266,5 +281,11 @@ def training_images(image_set: ImageSet | None, dataset: Dataset | None, caption
     out = []
     for index, item in enumerate(image_set.items):
         live = dataset if index == image_set.current and dataset is not None else item.dataset
-        out.append(api.SetImage(name=item.name, image=live.image, mask=live.mask, caption=(item.caption or "").strip()))
+        out.append(api.SetImage(name=item.name, image=live.image, mask=live.mask, caption=(item.caption or "").strip(),
+                                provenance=item.provenance))
     return out
+
+
+def lineage_of(image_set: ImageSet | None) -> dict | None:
+    """A grown set's round and parent run, for the run that trains it (None: an ordinary set)."""
+    return image_set.lineage if image_set is not None and image_set.size > 1 else None

@@ -40,12 +40,12 @@ class TrainingController:
               learning_rate, save_every, model: str, token: str | None = None,
               loss_settings: dict | None = None, memory_tier: str = "auto",
               gpus: int = 1, backgrounds=(), preview_model: str = "", batch_size=None, epochs=None,
-              images=None) -> str:
+              images=None, lineage=None) -> str:
         """Create the run folder and queue the job. Returns a message for the page. ``rank``, ``steps``,
         ``learning_rate``, ``save_every`` and ``batch_size`` override the preset's; None keeps the preset's value;
         ``epochs`` (with no ``steps``): the length in epochs of the set. ``backgrounds``: paths of the user's own
         photos for background augmentation. ``images``: a set of 2 or more (``api.SetImage``s, ui.image_set); None:
-        the one image of ``dataset``, exactly as before sets existed."""
+        the one image of ``dataset``, exactly as before sets existed. ``lineage``: a grown set's round and parent run."""
         if dataset is None:
             raise UserError("Upload an image first (step 1).")
         if not (caption or "").strip():
@@ -73,7 +73,7 @@ class TrainingController:
             epochs=float(epochs) if epochs is not None and steps is None else None))
         own_backgrounds = api.load_user_backgrounds(_file_paths(backgrounds))
         if len(images) > 1:
-            run = self.store.create_set(owner, config, images, backgrounds=own_backgrounds, gpus=gpus)
+            run = self.store.create_set(owner, config, images, backgrounds=own_backgrounds, gpus=gpus, lineage=lineage)
         else:
             run = self.store.create(owner, config, dataset.image, dataset.mask, backgrounds=own_backgrounds, gpus=gpus)
         try:

@@ -86,8 +86,10 @@ def load_folder(folder: str | Path) -> LoadedSet:
     grown = lineage.read(folder)  # a folder made by `grow`: each picture's provenance, the round it makes
     if grown is None:
         return loaded
-    images = tuple(replace(item, provenance=grown.images.get(item.name)) for item in loaded.images)
-    return replace(loaded, images=images, lineage=grown.for_run())
+    images = [replace(item, provenance=grown.images.get(item.name)) for item in loaded.images]
+    # the originals first: the first picture's caption is the previews' (and a set's first keeps the one-image names)
+    images.sort(key=lambda item: ((item.provenance or {}).get("source", {}).get("kind") != "original"))
+    return replace(loaded, images=tuple(images), lineage=grown.for_run())
 
 
 def _check_count(names: list[str]) -> None:

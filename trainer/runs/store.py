@@ -20,6 +20,9 @@ from trainer.dataset.imageset import SetImage
 from trainer.runs.folder import MANIFEST, RunFolder
 
 
+GROWN_DIR = "grown"  # the Grow tab's candidate folders, inside the owner's folder
+
+
 @dataclass(frozen=True)
 class RunListing:
     name: str  # the run folder's name (its id)
@@ -50,6 +53,13 @@ class RunStore:
         ``lineage``: a grown set's round and parent run (``trainer.grow.lineage``)."""
         return RunFolder.create_set(self.owner_root(owner), config, images, backgrounds=backgrounds, gpus=gpus,
                                     lineage=lineage)
+
+    def new_grown_folder(self, owner: str) -> Path:
+        """A fresh folder for the owner's candidates of a next round (``trainer.grow``), beside their runs; it has no
+        run.json, so it is never listed or opened as a run."""
+        from trainer.runs.folder import new_run_id
+
+        return self.owner_root(owner) / GROWN_DIR / new_run_id("candidates")
 
     def listing(self, owner: str) -> list[RunListing]:
         """The owner's runs, newest first (run ids start with a timestamp); a damaged run.json hides only its run."""
