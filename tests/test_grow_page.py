@@ -53,6 +53,15 @@ def test_grow_from_a_checkpoint_pick_two_and_train_round_two(app, tmp_path):  # 
     assert all(e["mask"] for e in entries)  # every picture trained with its automatic mask
     assert manifest["schedule"]["images"] == 3
 
+    # Compare rounds: the base model, round 1's and round 2's checkpoints, one grid per prompt
+    status, grids = client.predict(None, second.path.name, "1", api_name="/compare_rounds")
+    assert status == "base model · round 1 · step 2 · round 2 · step 2"
+    assert len(grids) == 3  # the caption and the two most extreme views round 1 lacked
+    assert [g["caption"] for g in grids][1:] == ["ohwx, seen from behind, back view",
+                                                 "ohwx, seen from the side, side view, in profile"]
+    with pytest.raises(AppError, match="This run is round 1"):
+        client.predict(None, first.path.name, "1", api_name="/compare_rounds")
+
 
 def test_nobody_grows_from_someone_elses_run(app, tmp_path):  # noqa: F811
     alice, bob = new_client(app, tmp_path, "alice"), new_client(app, tmp_path, "bob")

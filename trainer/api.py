@@ -135,6 +135,7 @@ _export("trainer.review.publish", "plan_publish", "publish")
 _export("trainer.grow.job", "GrowPlan", "GrowRequest", "default_reference_model", "grow", "plan_grow")
 _export("trainer.grow.candidates", "Candidate", "NEAR_COPY", "UNLIKE")
 _export("trainer.grow.variations", "MAX_CANDIDATES", "plan_variations")
+_export("trainer.grow.rounds", "plan_rounds_grid", "round_chain", "round_number")
 
 __all__ = sorted({"CPU_DEMO_PRESET", "DEFAULT_PRESET", "RunRequest", "UserError", "time_notice", "training_config",
                   *_EXPORTS})

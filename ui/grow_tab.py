@@ -133,6 +133,7 @@ class GrowTab:
     notes: Any
     next_round: Any
     session: Any
+    rounds: tuple = ()  # Compare rounds: (run, seeds, button, status, grids)
 
 
 def build() -> GrowTab:
@@ -171,8 +172,19 @@ def build() -> GrowTab:
         next_round = gr.Button("Next round: put the original(s) and the ticked candidates in the Train tab",
                                variant="primary", elem_id="grow-next-round")
         session = gr.State(None)
+        with gr.Accordion("Compare rounds", open=False):
+            gr.Markdown("Each round's chosen checkpoint (the starred one, else its last) side by side, on the same "
+                        "prompts and seeds, the base model first: the caption, and the views round 1 lacked.")
+            with gr.Row():
+                rounds_run = gr.Dropdown(label="The newest round's run", choices=[], allow_custom_value=True,
+                                         elem_id="rounds-run", scale=3)
+                rounds_seeds = gr.Textbox(value="1,2", label="Seeds", scale=1)
+                rounds_go = gr.Button("Compare rounds", elem_id="rounds-go", scale=1)
+            rounds_status = gr.Markdown("", elem_id="rounds-status")
+            rounds_grids = gr.Gallery(label="Rounds", columns=1, height="auto", elem_id="rounds-grids")
     return GrowTab(tab, source, run, checkpoint, refresh, reference_model, count, seed, weight, prompts, render, stop,
-                   status, gallery, picks, notes, next_round, session)
+                   status, gallery, picks, notes, next_round, session,
+                   (rounds_run, rounds_seeds, rounds_go, rounds_status, rounds_grids))
 
 
 def connect(g: GrowTab, store: api.RunStore, service: api.InferenceService, owner_state, editor: set_step.Editor,
@@ -218,6 +230,34 @@ def connect(g: GrowTab, store: api.RunStore, service: api.InferenceService, owne
     def to_train_tab(grown, picked, mask_model_, preset_, background_weight_):
         images = next_round_set(grown, picked, mask_model_)
         return (gr.Tabs(selected="train"), *set_step.load(image_set.picked(images, 0), preset_, background_weight_))
+
+    @user_errors
+    def compare_rounds(stored, name, seeds_, request: gr.Request = None, profile: gr.OAuthProfile | None = None,
+                       oauth_token: gr.OAuthToken | None = None):
+        owner, token = owner_and_token_of(stored, request, profile, oauth_token)
+        chain = api.round_chain(open_owned_run(store.root, owner, name), lambda path: owned_parent(owner, path))
+        plan = api.plan_rounds_grid(chain, seeds=api.parse_numbers(seeds_ or "1", int, "seeds"))
+        yield f"{len(chain)} rounds: loading the base model…", []
+        engine = service.get(api.base_model_folder(chain[-1], token))
+        grids = api.GridImages(plan)
+        shown = []
+        for row in api.render_grid(engine, plan):
+            grids.add(row)
+            shown = [(grids.compose(i)[0], plan.prompts[i]) for i in range(row.prompt_index + 1)]
+            yield f"{row.done_cells} / {row.total_cells} images", shown
+        yield " · ".join(c.label for c in plan.columns), shown
+
+    def owned_parent(owner: str, path: str):
+        """A parent round, opened only if it is one of the owner's own runs (the link in run.json is a path)."""
+        parent = open_owned_run(store.root, owner, Path(path).name)
+        if parent.path.resolve() != Path(path).resolve():
+            raise UserError("That run is not one of yours.")
+        return parent
+
+    rounds_run, rounds_seeds, rounds_go, rounds_status, rounds_grids = g.rounds
+    g.tab.select(refresh_runs, [owner_state, rounds_run], rounds_run, api_name=False)
+    rounds_go.click(compare_rounds, [owner_state, rounds_run, rounds_seeds], [rounds_status, rounds_grids],
+                    api_name="compare_rounds", concurrency_limit=1, concurrency_id=RENDER_QUEUE)
 
     render_inputs = [owner_state, g.source, g.run, g.checkpoint, g.reference_model, g.count, g.seed, g.weight,
                      g.prompts, editor.set_state, editor.dataset_state, editor.caption, trigger, editor.mask_model]

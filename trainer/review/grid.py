@@ -30,10 +30,11 @@ BASE_STEP = 0  # the base-model column
 class Column:
     step: int  # 0 = base model
     checkpoint: Path | None
+    name: str = ""  # a label other than "step N" (a rounds grid: "round 2 · step 250")
 
     @property
     def label(self) -> str:
-        return "base model" if self.step == BASE_STEP else f"step {self.step}"
+        return self.name or ("base model" if self.step == BASE_STEP else f"step {self.step}")
 
 
 @dataclass(frozen=True)

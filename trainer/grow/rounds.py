@@ -1,0 +1,81 @@
+"""Compare rounds: each round's chosen checkpoint side by side, on the same prompts and seeds, the base model first.
+
+A round's run names the run its candidates came from (``run.json`` ``lineage.parent.run``); following those links
+back gives the project's rounds, oldest first. Each round shows its chosen checkpoint: the starred one, else its last.
+The grid is an ordinary ``review.grid`` plan whose columns come from several runs, so it renders, streams and composes
+as every grid does. The prompts test what growing the dataset is for: the caption, and the views round 1 lacked.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from trainer.errors import UserError
+from trainer.review.advisor import starred_step
+from trainer.review.grid import BASE_STEP, Column, GridPlan, GridSpec, plan_grid
+from trainer.review.prompts import missing_views
+from trainer.runs.folder import RunFolder, open_run
+
+MAX_ROUNDS = 6  # a loop is a few rounds; a longer chain of links is most likely a mistake (or a cycle)
+
+
+def round_number(run: RunFolder) -> int:
+    return int(run.lineage.get("round", 1)) if run.lineage else 1
+
+
+def round_chain(run: RunFolder, open_parent: Callable[[str], RunFolder] = open_run) -> list[RunFolder]:
+    """``run`` and the runs it grew from, oldest first. ``open_parent(path)`` opens a parent (the page passes one that
+    opens only the owner's own runs); a parent that is gone ends the chain there."""
+    chain, seen = [run], {Path(run.path).resolve()}
+    while len(chain) < MAX_ROUNDS and chain[-1].lineage.get("parent", {}).get("run"):
+        try:
+            parent = open_parent(chain[-1].lineage["parent"]["run"])
+        except UserError:
+            break
+        if Path(parent.path).resolve() in seen:
+            break
+        seen.add(Path(parent.path).resolve())
+        chain.append(parent)
+    return chain[::-1]
+
+
+def chosen_step(run: RunFolder) -> int:
+    steps = [int(c["step"]) for c in run.checkpoints if (run.path / c["path"]).is_file()]
+    if not steps:
+        raise UserError(f"The run '{run.path.name}' (round {round_number(run)}) has no checkpoint to compare.")
+    star = starred_step(run.path)
+    return star if star in steps else max(steps)
+
+
+def rounds_prompts(first: RunFolder) -> list[str]:
+    """The first round's caption (can each round still re-create it?) and the two most extreme views it lacked."""
+    from trainer.grow.variations import VIEW_WORDS
+
+    caption = first.config.training_caption
+    subject = first.config.trigger.strip() or caption
+    return [caption] + [f"{subject}, {VIEW_WORDS[view]}" for view in missing_views(first.captions())[:2]]
+
+
+def plan_rounds_grid(chain: list[RunFolder], seeds: tuple[int, ...] = (1, 2),
+                     sample_steps: int | None = None) -> GridPlan:
+    """Columns: the base model, then each round's chosen checkpoint ("round N · step S"); rows: seeds; the prompts
+    and render settings of the newest round (all rounds must share its base model)."""
+    if len(chain) < 2:
+        raise UserError("This run is round 1: there is no other round to compare it with. Grow the dataset from it "
+                        "(the Grow tab), train round 2, then compare.")
+    newest = chain[-1]
+    models = {run.model for run in chain}
+    if len(models) > 1:
+        raise UserError(f"The rounds were trained on different base models ({', '.join(sorted(models))}); a rounds "
+                        "grid compares LoRAs of one base model.")
+    plan = plan_grid(newest, GridSpec(prompts=tuple(rounds_prompts(chain[0])), seeds=seeds,
+                                      steps=(chosen_step(newest),), sample_steps=sample_steps))
+    columns = [Column(BASE_STEP, None)]
+    for run in chain:
+        step = chosen_step(run)
+        columns.append(Column(step, _recorded(run, step), name=f"round {round_number(run)} · step {step}"))
+    return GridPlan(run=newest, prompts=plan.prompts, columns=tuple(columns), rows=plan.rows, settings=plan.settings)
+
+
+def _recorded(run: RunFolder, step: int) -> Path:
+    return next(run.path / c["path"] for c in run.checkpoints if int(c["step"]) == step)
