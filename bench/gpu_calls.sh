@@ -43,3 +43,11 @@ demo)  # issue 18: train the shapes-demo model (scripts/train_shapes_demo.py), a
   timeout 570 python3 scripts/train_shapes_demo.py --out "$OUT" --vae-seconds 160 --transformer-seconds 270 \
     > "$OUT/demo-log.txt" 2>&1; grep -v "Loading" "$OUT/demo-log.txt" | tail -40 ;;
 esac
+case "$1" in
+grow)  # issue 15: candidates per minute, FLUX.1-dev checkpoint source and FLUX.2 [klein] reference editing, 512 px
+  for family in flux1 flux2-klein; do
+    timeout 280 python3 bench/grow_bench.py --family "$family" --count 8 --commit "$C" \
+      --out "$OUT/$(date +%F)-h200-grow-$family.json" > "$OUT/grow-$family-log.txt" 2>&1
+    grep "ROW\|Error\|error" "$OUT/grow-$family-log.txt" | cut -c1-700
+  done ;;
+esac
