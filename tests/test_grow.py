@@ -185,6 +185,20 @@ def test_the_cli_grows_a_folder_and_round_two_trains_on_the_picked_ones(grown_ru
     assert entries["candidate-001.png"]["provenance"]["kind"] == "your prompt"
     assert "umbrella" in entries["candidate-001.png"]["caption"]
     assert json.loads((run_dir / "run.json").read_text())["lineage"]["round"] == 2
+    # the model card says what was synthetic and how it was made
+    from trainer.review.publish import model_card
+
+    card = model_card(run, "me/round2", "lora", 2, 1.0, "the last checkpoint", [], None)
+    assert "## How the dataset was grown" in card and "This is round 2" in card
+    assert "round 1's LoRA at step 4" in card
+    assert "| original-01.png | original |" in card and "| candidate-001.png | synthetic | your prompt |" in card
+    # and the runs list says which round a run is
+    from trainer.runs.store import RunStore
+
+    store = RunStore(tmp_path / "owners")
+    (store.owner_root("me")).mkdir(parents=True)
+    (store.owner_root("me") / "run2").symlink_to(run_dir, target_is_directory=True)
+    assert " · round 2 · finished · " in store.listing("me")[0].label
 
 
 # ---- zero-shot: reference editing on tiny-klein

@@ -72,6 +72,8 @@ def test_nobody_grows_from_someone_elses_run(app, tmp_path):  # noqa: F811
     for name in (run.path.name, f"../{run.path.parent.name}/{run.path.name}", str(run.path)):
         with pytest.raises(AppError, match="not one of yours"):
             grow(bob, name, 2)
+        with pytest.raises(AppError, match="not one of yours"):
+            bob.predict(None, name, "1", api_name="/compare_rounds")
     # and with nothing of his own to show, the reference source asks for a picture first
     with pytest.raises(AppError, match="Upload a picture in the Train tab first"):
         grow(bob, "", None, source="reference", model="tiny-klein")

@@ -141,6 +141,7 @@ def model_card(run: RunFolder, repo_id: str, name: str, step: int, weight: float
         "One-image LoRAs overfit easily: if outputs copy the training image or show a rough texture, lower the weight.",
         "",
     ]
+    lines += _rounds_section(run)
     if grid_path:
         lines += ["## Checkpoint comparison", "",
                   "Columns: the base model, then each checkpoint; rows: seeds.", "",
@@ -163,6 +164,27 @@ def model_card(run: RunFolder, repo_id: str, name: str, step: int, weight: float
         f"and use it at strength {weight:g}.", "",
     ]
     return "\n".join(lines)
+
+
+def _rounds_section(run: RunFolder) -> list[str]:
+    """A grown set's card says what was synthetic and how it was made (trainer.grow: round, source, each picture)."""
+    if not run.lineage:
+        return []
+    source = run.lineage.get("source", {})
+    made = (f"rendered by reference editing with {source.get('model', 'a FLUX.2 [klein] model')} (no training)"
+            if source.get("kind") == "reference" else
+            f"rendered by round {run.lineage.get('parent', {}).get('round', 1)}'s LoRA at step {source.get('step')} "
+            f"(weight {source.get('weight', 1.0):g})")
+    lines = ["## How the dataset was grown", "",
+             f"This is round {run.lineage.get('round')}. Its synthetic pictures were {made}, picked by hand, then "
+             "masked and captioned; the original picture(s) stayed in.", "",
+             "| picture | origin | asked for | seed |", "| --- | --- | --- | --- |"]
+    for entry in run.set_entries():
+        origin = entry.get("provenance") or {}
+        kind = origin.get("source", {}).get("kind", "original")
+        lines.append(f"| {entry.get('name', '')} | {'original' if kind == 'original' else 'synthetic'} | "
+                     f"{str(origin.get('kind', '')).replace('|', '/')} | {origin.get('seed', '')} |")
+    return lines + [""]
 
 
 def publish(plan: PublishPlan, token: str | None, api=None, endpoint: str | None = None) -> str:

@@ -73,7 +73,9 @@ class RunStore:
                     run = RunFolder.open(path)
                 except Exception:
                     continue
-                out.append(RunListing(path.name, f"{path.name} · {run.status} · {len(run.checkpoints)} checkpoint(s)"))
+                rounds = f"round {run.lineage['round']} · " if run.lineage.get("round") else ""  # a grown set's run
+                out.append(RunListing(path.name, f"{path.name} · {rounds}{run.status} · "
+                                                 f"{len(run.checkpoints)} checkpoint(s)"))
         return out
 
     def open(self, owner: str, name: str | None) -> RunFolder:
