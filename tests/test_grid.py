@@ -72,16 +72,21 @@ def make_run(root: Path, steps=(2, 4), strength: float = 0.5) -> RunFolder:
     return run
 
 
-@pytest.fixture(scope="module")
-def built_run(tmp_path_factory, tiny_model_dir):
+def module_run(tmp_path_factory, tiny_model_dir, **make_run_args) -> RunFolder:
+    """``make_run`` for a module-scoped fixture. Such a fixture runs before the autouse data-dir fixture: point the
+    tiny demo at the session model."""
     from trainer import runtime
 
-    # The module fixture runs before the autouse data-dir fixture: point the tiny demo at the session model.
     data = tmp_path_factory.mktemp("griddata")
     (data / "models").mkdir()
     (data / "models" / "tiny-demo").symlink_to(tiny_model_dir, target_is_directory=True)
     with runtime.using(runtime.Runtime(data_dir=data)):
-        return make_run(tmp_path_factory.mktemp("runs") / "run")
+        return make_run(tmp_path_factory.mktemp("runs") / "run", **make_run_args)
+
+
+@pytest.fixture(scope="module")
+def built_run(tmp_path_factory, tiny_model_dir):
+    return module_run(tmp_path_factory, tiny_model_dir)
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ from trainer.runs.folder import RunFolder
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import subject_image  # noqa: E402
-from test_grid import make_run  # noqa: E402
+from test_grid import module_run  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CPU = torch.device("cpu")
@@ -36,13 +36,7 @@ CPU = torch.device("cpu")
 
 @pytest.fixture(scope="module")
 def grown_run(tmp_path_factory, tiny_model_dir):
-    from trainer import runtime
-
-    data = tmp_path_factory.mktemp("growdata")
-    (data / "models").mkdir()
-    (data / "models" / "tiny-demo").symlink_to(tiny_model_dir, target_is_directory=True)
-    with runtime.using(runtime.Runtime(data_dir=data)):
-        return make_run(tmp_path_factory.mktemp("runs") / "run", strength=2.0)
+    return module_run(tmp_path_factory, tiny_model_dir, strength=2.0)  # a strong LoRA: its candidates differ
 
 
 @pytest.fixture(scope="module")
