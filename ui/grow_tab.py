@@ -28,8 +28,9 @@ from ui.tryit_tab import checkpoint_choices_update
 
 CHECKPOINT, REFERENCE = "checkpoint", "reference"
 HELP = f"""## Grow the dataset
-One picture shows one view. Render the subject in the views, poses and light it lacks, **tick the good ones** (one in
-five is a good round), and train the next round on the original plus those. Candidates come from a checkpoint of a
+One picture shows one view. Render the subject in the views, poses and light it lacks, **tick the good ones**
+(practitioners keep about one in fifty of a first model's images), and train the next round on the original plus
+those. Candidates come from a checkpoint of a
 run (pick a middle one: a late, overfit one copies the picture), or — with no training at all — from **reference
 editing** by FLUX.2 [klein], given your picture (the Train tab's, or a run's). ⚠️ marks a near copy of a training
 picture (copy score ≥ {api.NEAR_COPY:g}) and a candidate whose colours differ from the subject's (likeness below
