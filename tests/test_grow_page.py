@@ -79,3 +79,16 @@ def test_nobody_grows_from_someone_elses_run(app, tmp_path):  # noqa: F811
         grow(bob, "", None, source="reference", model="tiny-klein")
     with pytest.raises(AppError, match="Render some candidates first"):
         bob.predict([], "u2netp", "character-rank4-400", 0.0, api_name="/grow_next_round")
+
+
+def test_reference_editing_straight_after_upload(app, tmp_path, isolated_data_dir, tiny_klein_dir):  # noqa: F811
+    """No run yet: the Train tab's uploaded picture is the reference tiny-klein renders the candidates from, and Next
+    round makes a set of it and the ticked candidate."""
+    (isolated_data_dir / "models" / "tiny-klein").symlink_to(tiny_klein_dir, target_is_directory=True)
+    client = new_client(app, tmp_path, "carol")
+    prepare(client, write_subject_png(tmp_path))
+    gallery, picks, status, notes = grow(client, "", None, count=2, source="reference", model="tiny-klein")
+    assert "2 candidates (round 2)" in status and len(gallery) == 2
+    labels = [choice[0] for choice in picks["choices"]]
+    outputs = client.predict([labels[1]], "u2netp", "character-rank4-400", 0.0, api_name="/grow_next_round")
+    assert "2 images" in outputs[-1]  # the set's summary: the uploaded picture and the ticked candidate
