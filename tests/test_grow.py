@@ -220,3 +220,36 @@ def test_reference_editing_renders_the_pictures_subject(tmp_path, isolated_data_
     assert np.array_equal(_pixels(with_ref), _pixels(engine.render(prompt, seed, plan.settings, references=[image])))
     assert np.abs(_pixels(with_ref) - _pixels(other)).sum() > 0
     assert np.abs(_pixels(with_ref) - _pixels(none)).sum() > 0
+
+
+def test_a_klein_rounds_grid_has_a_no_training_column(tmp_path, isolated_data_dir, tiny_klein_dir):
+    """A reference-editing family's rounds grid shows what editing alone gives: the base model given round 1's
+    picture as the reference, beside the base model and each round's checkpoint."""
+    from trainer.config import TrainingConfig
+    from trainer.grow.rounds import plan_rounds_grid
+    from trainer.review.grid import GridPlan, render_grid
+
+    (isolated_data_dir / "models" / "tiny-klein").symlink_to(tiny_klein_dir, target_is_directory=True)
+    image, mask = subject_image((64, 64))
+    cfg = TrainingConfig(caption="a photo of [trigger]", trigger="ohwx", model="tiny-klein", rank=4, steps=2,
+                         save_every=2, resolution=64, preview_steps=2)
+    first = RunFolder.create_at(tmp_path / "r1", cfg, image, mask)
+    second = RunFolder.create_at(tmp_path / "r2", cfg, image, mask)
+    second.lineage = {"round": 2, "parent": {"run": str(first.path), "round": 1}}
+    for run in (first, second):
+        run.model_path = str(tiny_klein_dir)
+        run.train_size = (64, 64)
+        run.checkpoint_path(2).write_bytes(b"")  # the plan only needs the files; these columns are not rendered
+        run.record_checkpoint(2, run.checkpoint_path(2))
+    plan = plan_rounds_grid([first, second], seeds=(1,))
+    assert [c.label for c in plan.columns] == ["base model", "no training (reference edit)", "round 1 · step 2",
+                                               "round 2 · step 2"]
+    engine = LoraPipeline.load(tiny_klein_dir, CPU, torch.float32)
+    two = GridPlan(run=plan.run, prompts=plan.prompts[:1], columns=plan.columns[:2], rows=plan.rows,
+                   settings=plan.settings)
+    row = next(render_grid(engine, two))
+    base, edited = row.images
+    references = plan.columns[1].references
+    assert np.array_equal(_pixels(edited), _pixels(engine.render(two.prompts[0], 1, plan.settings,
+                                                                 references=references)))
+    assert np.abs(_pixels(base) - _pixels(edited)).sum() > 0  # the reference reached the render

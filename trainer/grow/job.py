@@ -78,7 +78,8 @@ def _checkpoint(run: RunFolder, step: int | None) -> Path:
     return saved[step]
 
 
-def _on_plain_background(item: SetImage) -> Image.Image:
+def on_plain_background(item: SetImage) -> Image.Image:
+    """The picture as a reference-editing model is shown it: the masked subject on plain gray."""
     if item.mask is None:
         return item.image.convert("RGB")
     plain = Image.new("RGB", item.image.size, REFERENCE_GRAY)
@@ -132,7 +133,7 @@ def grow(plan: GrowPlan, engine: LoraPipeline, output: Path, mask_model: str | N
          should_stop: Callable[[], bool] = lambda: False) -> Iterator[Candidate]:
     """Write the originals into ``output``, then render, mask, score and write each candidate, yielding it."""
     start_folder(output, plan.originals, plan.source, plan.round, plan.parent)
-    references = [_on_plain_background(o) for o in plan.originals] if plan.source.kind == "reference" else []
+    references = [on_plain_background(o) for o in plan.originals] if plan.source.kind == "reference" else []
 
     def render(prompt: str, seed: int) -> Image.Image:
         return engine.render(prompt, seed, plan.settings, lora=plan.lora, weight=plan.source.weight or 1.0,

@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Callable
 
 from trainer.errors import UserError
+from trainer.families import family_of_spec
+from trainer.grow.job import on_plain_background
 from trainer.review.advisor import starred_step
 from trainer.review.grid import BASE_STEP, Column, GridPlan, GridSpec, plan_grid
 from trainer.review.prompts import missing_views
@@ -58,8 +60,9 @@ def rounds_prompts(first: RunFolder) -> list[str]:
 
 def plan_rounds_grid(chain: list[RunFolder], seeds: tuple[int, ...] = (1, 2),
                      sample_steps: int | None = None) -> GridPlan:
-    """Columns: the base model, then each round's chosen checkpoint ("round N · step S"); rows: seeds; the prompts
-    and render settings of the newest round (all rounds must share its base model)."""
+    """Columns: the base model, then (a reference-editing family) the base model given round 1's pictures as
+    references — what editing alone gives, with no training —, then each round's chosen checkpoint ("round N · step
+    S"); rows: seeds; the prompts and render settings of the newest round (all rounds must share its base model)."""
     if len(chain) < 2:
         raise UserError("This run is round 1: there is no other round to compare it with. Grow the dataset from it "
                         "(the Grow tab), train round 2, then compare.")
@@ -71,6 +74,9 @@ def plan_rounds_grid(chain: list[RunFolder], seeds: tuple[int, ...] = (1, 2),
     plan = plan_grid(newest, GridSpec(prompts=tuple(rounds_prompts(chain[0])), seeds=seeds,
                                       steps=(chosen_step(newest),), sample_steps=sample_steps))
     columns = [Column(BASE_STEP, None)]
+    if family_of_spec(newest.model).takes_reference_images:  # can editing alone, with no training, do as well?
+        references = tuple(on_plain_background(item) for item in chain[0].load_set())
+        columns.append(Column(BASE_STEP, None, name="no training (reference edit)", references=references))
     for run in chain:
         step = chosen_step(run)
         columns.append(Column(step, _recorded(run, step), name=f"round {round_number(run)} · step {step}"))

@@ -31,6 +31,9 @@ class Column:
     step: int  # 0 = base model
     checkpoint: Path | None
     name: str = ""  # a label other than "step N" (a rounds grid: "round 2 · step 250")
+    # no LoRA, the base model given these pictures as references (a reference-editing family: the "no training"
+    # column of a rounds grid, trainer.grow.rounds)
+    references: tuple = ()
 
     @property
     def label(self) -> str:
@@ -138,7 +141,9 @@ def render_grid(engine: LoraPipeline, plan: GridPlan,
             for column in plan.columns:
                 if should_stop():
                     return
-                if column.checkpoint is None:
+                if column.references:
+                    images.append(engine.render(prompt, row.seed, plan.settings, references=column.references))
+                elif column.checkpoint is None:
                     if row.seed not in base:
                         base[row.seed] = engine.render(prompt, row.seed, plan.settings)
                     images.append(base[row.seed])
