@@ -120,6 +120,27 @@ def test_a_stopped_render_keeps_what_it_rendered(grown_run, engine, tmp_path):
     assert set(lineage.read(tmp_path / "r2").images) == {"original-01.png", "candidate-001.png", "candidate-002.png"}
 
 
+def test_redrawing_replaces_only_the_chosen_candidates_with_new_seeds(grown_run, engine, tmp_path):
+    from trainer.grow.job import redraw
+
+    plan = plan_grow(GrowRequest(output=tmp_path / "r2", count=3, run=grown_run.path, step=4, sample_steps=1))
+    first = list(grow(plan, engine, tmp_path / "r2"))
+    before = {c.name: _pixels(Image.open(c.path)) for c in first}
+    again = list(redraw(plan, engine, tmp_path / "r2", [2], attempt=1))
+    assert [c.name for c in again] == ["candidate-002.png"] and again[0].number == 2
+    assert again[0].seed not in {c.seed for c in first} and again[0].prompt == first[1].prompt  # same ask
+    assert not np.array_equal(_pixels(Image.open(again[0].path)), before["candidate-002.png"])
+    for name in ("candidate-001.png", "candidate-003.png"):  # the others are untouched
+        assert np.array_equal(_pixels(Image.open(tmp_path / "r2" / name)), before[name])
+    recorded = lineage.read(tmp_path / "r2").images
+    assert recorded["candidate-002.png"]["seed"] == again[0].seed
+    assert recorded["candidate-001.png"]["seed"] == first[0].seed
+    second = list(redraw(plan, engine, tmp_path / "r2", [2], attempt=2))  # a second redraw: yet another seed
+    assert second[0].seed not in {again[0].seed, *(c.seed for c in first)}
+    with pytest.raises(UserError, match="no candidate 4"):
+        list(redraw(plan, engine, tmp_path / "r2", [4], attempt=3))
+
+
 def test_grow_refuses_what_cannot_work_in_a_sentence(grown_run, engine, tmp_path):
     with pytest.raises(UserError, match=r"no checkpoint at step 3; its checkpoints are at steps 2, 4"):
         plan_grow(GrowRequest(output=tmp_path / "a", run=grown_run.path, step=3))

@@ -36,6 +36,17 @@ def test_grow_from_a_checkpoint_pick_two_and_train_round_two(app, tmp_path):  # 
     assert labels[0].startswith("1. your prompt")
     assert notes.count("copy ") == 3  # every candidate's scores are shown
 
+    # redraw the unticked one (candidate 2): the ticked ones stay as they were
+    (record,) = list(app.runs_root.rglob("grow.json"))
+    seeds = {name: entry.get("seed") for name, entry in json.loads(record.read_text())["images"].items()}
+    redrawn, picks_after, status, _ = client.predict([labels[0], labels[2]], "u2netp", api_name="/grow_redraw")
+    assert status == "Redrawn 1 / 1 (ticked ones kept)"
+    assert len(redrawn) == 3 and [c[0] for c in picks_after["choices"]][0] == labels[0]
+    after = {name: entry.get("seed") for name, entry in json.loads(record.read_text())["images"].items()}
+    assert after["candidate-002.png"] != seeds["candidate-002.png"]
+    assert after["candidate-001.png"] == seeds["candidate-001.png"] and after["candidate-003.png"] == \
+        seeds["candidate-003.png"]
+
     # tick candidates 1 and 3, take them to the Train tab, train round 2 on the three pictures
     client.predict([labels[0], labels[2]], "u2netp", "character-rank4-400", 0.0, api_name="/grow_next_round")
     train(client, steps=2, save_every=2)

@@ -132,7 +132,7 @@ _export("trainer.review.inference", "InferenceService", "RenderSettings", "base_
 _export("trainer.review.export", "export_lora", "export_name")
 _export("trainer.review.publish", "plan_publish", "publish")
 # 5. grow the dataset: candidates from a checkpoint or by reference editing, picked into the next round
-_export("trainer.grow.job", "GrowPlan", "GrowRequest", "default_reference_model", "grow", "plan_grow")
+_export("trainer.grow.job", "GrowPlan", "GrowRequest", "default_reference_model", "grow", "plan_grow", "redraw")
 _export("trainer.grow.candidates", "Candidate", "NEAR_COPY", "UNLIKE")
 _export("trainer.grow.variations", "MAX_CANDIDATES", "plan_variations")
 _export("trainer.grow.rounds", "plan_rounds_grid", "round_chain", "round_number")

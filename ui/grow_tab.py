@@ -43,6 +43,7 @@ class GrowSession:
     folder: Path
     plan: Any
     candidates: list = field(default_factory=list)
+    redraws: int = 0  # how many times unticked candidates were drawn again (each time with seeds never used before)
 
 
 def candidate_label(index: int, candidate) -> str:
@@ -135,6 +136,7 @@ class GrowTab:
     next_round: Any
     session: Any
     rounds: tuple = ()  # Compare rounds: (run, seeds, button, status, grids)
+    redraw: Any = None
 
 
 def build() -> GrowTab:
@@ -169,6 +171,7 @@ def build() -> GrowTab:
         gallery = gr.Gallery(label="Candidates: click one to tick or untick it", columns=6, height=420,
                              allow_preview=False, object_fit="contain", elem_id="grow-gallery")
         picks = gr.CheckboxGroup(label="Keep these", choices=[], elem_id="grow-picks")
+        redraw = gr.Button("Redraw the unticked ones (same asks, other seeds)", elem_id="grow-redraw")
         notes = gr.Markdown("", elem_id="grow-notes")
         next_round = gr.Button("Next round: put the original(s) and the ticked candidates in the Train tab",
                                variant="primary", elem_id="grow-next-round")
@@ -185,7 +188,7 @@ def build() -> GrowTab:
             rounds_grids = gr.Gallery(label="Rounds", columns=1, height="auto", elem_id="rounds-grids")
     return GrowTab(tab, source, run, checkpoint, refresh, reference_model, count, seed, weight, prompts, render, stop,
                    status, gallery, picks, notes, next_round, session,
-                   (rounds_run, rounds_seeds, rounds_go, rounds_status, rounds_grids))
+                   (rounds_run, rounds_seeds, rounds_go, rounds_status, rounds_grids), redraw)
 
 
 def connect(g: GrowTab, store: api.RunStore, service: api.InferenceService, owner_state, editor: set_step.Editor,
@@ -219,6 +222,22 @@ def connect(g: GrowTab, store: api.RunStore, service: api.InferenceService, owne
                    f"{grown.plan.round})", candidate_notes(grown))
         yield (grown, *gallery_value(grown), f"{len(grown.candidates)} candidates (round {grown.plan.round}). Tick the "
                "good ones, then **Next round**.", candidate_notes(grown))
+
+    @user_errors
+    def redraw_unticked(grown, picked, mask_model_):
+        if grown is None or not grown.candidates:
+            raise UserError("Render some candidates first.")
+        kept = set(picked or [])
+        indices = [i + 1 for i, c in enumerate(grown.candidates) if candidate_label(i, c) not in kept]
+        if not indices:
+            raise UserError("Every candidate is ticked: untick the ones to draw again.")
+        grown.redraws += 1
+        engine = service.get(grown.plan.model_folder)
+        for done, candidate in enumerate(api.redraw(grown.plan, engine, grown.folder, indices, grown.redraws,
+                                                    mask_model=mask_model_), start=1):
+            grown.candidates[candidate.number - 1] = candidate
+            yield (grown, *gallery_value(grown), f"Redrawn {done} / {len(indices)} (ticked ones kept)",
+                   candidate_notes(grown))
 
     def toggle(grown, picked, evt: gr.SelectData):
         if grown is None or not 0 <= evt.index < len(grown.candidates):
@@ -269,6 +288,10 @@ def connect(g: GrowTab, store: api.RunStore, service: api.InferenceService, owne
                                api_name="grow", concurrency_limit=1, concurrency_id=RENDER_QUEUE)
     g.stop.click(lambda: "Stopped: the candidates rendered so far are kept.", None, g.status, cancels=[rendering],
                  api_name=False)
+    redrawing = g.redraw.click(redraw_unticked, [g.session, g.picks, editor.mask_model],
+                               [g.session, g.gallery, g.picks, g.status, g.notes], api_name="grow_redraw",
+                               concurrency_limit=1, concurrency_id=RENDER_QUEUE)
+    g.stop.click(None, None, None, cancels=[redrawing], api_name=False)
     g.gallery.select(toggle, [g.session, g.picks], g.picks, api_name=False)
     moved = g.next_round.click(to_train_tab, [g.session, g.picks, editor.mask_model, editor.preset,
                                               editor.background_weight], [tabs, *editor.load_outputs],

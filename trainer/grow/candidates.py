@@ -62,6 +62,11 @@ class Candidate:
     mask: Image.Image | None = field(default=None, compare=False, repr=False)
 
     @property
+    def number(self) -> int:
+        """Its place in the round, from 1 (candidate-NNN.png)."""
+        return int(Path(self.name).stem.rsplit("-", 1)[1])
+
+    @property
     def warnings(self) -> list[str]:
         out = []
         if self.copy_score >= NEAR_COPY:

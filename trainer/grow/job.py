@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 from PIL import Image
 
@@ -18,7 +18,7 @@ from trainer.errors import UserError
 from trainer.families import family_of_folder, family_of_spec
 from trainer.grow import lineage
 from trainer.grow.candidates import Candidate, Source, render_candidates, start_folder
-from trainer.grow.variations import Variation, plan_variations
+from trainer.grow.variations import MAX_CANDIDATES, Variation, plan_variations
 from trainer.review.inference import LoraPipeline, RenderSettings, base_model_folder
 from trainer.runs.folder import RunFolder, open_run
 
@@ -129,15 +129,34 @@ def plan_grow(request: GrowRequest, token: str | None = None) -> GrowPlan:
                     trigger=trigger, seed=request.seed)
 
 
-def grow(plan: GrowPlan, engine: LoraPipeline, output: Path, mask_model: str | None = None,
-         should_stop: Callable[[], bool] = lambda: False) -> Iterator[Candidate]:
-    """Write the originals into ``output``, then render, mask, score and write each candidate, yielding it."""
-    start_folder(output, plan.originals, plan.source, plan.round, plan.parent)
+def _renderer(plan: GrowPlan, engine: LoraPipeline) -> Callable[[str, int], Image.Image]:
     references = [on_plain_background(o) for o in plan.originals] if plan.source.kind == "reference" else []
 
     def render(prompt: str, seed: int) -> Image.Image:
         return engine.render(prompt, seed, plan.settings, lora=plan.lora, weight=plan.source.weight or 1.0,
                              references=references)
+    return render
 
-    yield from render_candidates(render, plan.variations, plan.originals, output, plan.source, plan.seed,
-                                 plan.trigger, mask_model=mask_model, should_stop=should_stop)
+
+def grow(plan: GrowPlan, engine: LoraPipeline, output: Path, mask_model: str | None = None,
+         should_stop: Callable[[], bool] = lambda: False) -> Iterator[Candidate]:
+    """Write the originals into ``output``, then render, mask, score and write each candidate, yielding it."""
+    start_folder(output, plan.originals, plan.source, plan.round, plan.parent)
+    yield from render_candidates(_renderer(plan, engine), plan.variations, plan.originals, output, plan.source,
+                                 plan.seed, plan.trigger, mask_model=mask_model, should_stop=should_stop)
+
+
+def redraw(plan: GrowPlan, engine: LoraPipeline, output: Path, indices: Sequence[int], attempt: int,
+           mask_model: str | None = None, should_stop: Callable[[], bool] = lambda: False) -> Iterator[Candidate]:
+    """Draw the candidates numbered ``indices`` (1-based, as their files) again, asking for the same thing with other
+    seeds (attempt ``attempt`` >= 1: seed + attempt x MAX_CANDIDATES + index, never a seed drawn before); their
+    files and provenance are replaced, the rest of the folder is kept."""
+    if attempt < 1:
+        raise ValueError("attempt counts from 1")
+    render = _renderer(plan, engine)
+    for index in indices:
+        if not 1 <= index <= len(plan.variations):
+            raise UserError(f"There is no candidate {index}: this round has {len(plan.variations)}.")
+        yield from render_candidates(render, [plan.variations[index - 1]], plan.originals, output, plan.source,
+                                     plan.seed + attempt * MAX_CANDIDATES, plan.trigger, mask_model=mask_model,
+                                     should_stop=should_stop, first_index=index)
