@@ -605,29 +605,39 @@ class Bench:
         self.case(measure, base, est_s=15 if accel.startswith("none") else 60)
 
     # ---------------------------------------------------------------- correctness of the graphed training step
-    def run_stepcheck(self):
+    def run_stepcheck(self, set_of: int = 1):
         """TrainStep replayed from CUDA graphs vs TrainStep eager, from the same LoRA, optimizer and generator state,
         over steps that mix masked, unmasked and augmented (other latents) examples. Same kernels and, if the
-        graph-safe RNG matches eager, the same noise: the losses and the final LoRA should agree closely."""
+        graph-safe RNG matches eager, the same noise: the losses and the final LoRA should agree closely.
+
+        ``set_of`` > 1: a set of pictures of that many shapes (aspect buckets of about the same area, each with its
+        own caption and shift), steps going from one to another as a shuffled epoch does: one graph per shape."""
         import dataclasses
 
         from trainer.training.step import TrainStep
 
         if not self.cuda:
             return
-        base = dict(impl="project", accel="check", kind="stepcheck", rank=16, resolution=self.resolution_list()[0],
-                    checkpointing=False, compiled=self.info.get("compiled", False))
+        res = self.resolution_list()[0]
+        base = dict(impl="project", accel="check", kind="stepcheck" if set_of == 1 else f"setcheck:{set_of}",
+                    rank=16, resolution=res, checkpointing=False, compiled=self.info.get("compiled", False))
 
         if self.transformer is None:
             self.build_transformer()
 
         def measure():
-            s = self.project_setup(16, base["resolution"], False)
+            s = self.project_setup(16, res, False)
             ex = s.example
             g = torch.Generator(device=self.device).manual_seed(5)
             aug = dataclasses.replace(ex, latents=torch.randn(ex.latents.shape, generator=g, device=self.device,
                                                               dtype=self.dtype), weights=None)
-            seq = [(True, ex)] * 4 + [(True, ex), (False, ex), (True, aug), (True, ex), (False, aug), (True, ex)]
+            pictures = [(ex, s.mu)] + [self.other_shape(ex, k, g) for k in range(1, set_of)]
+            if set_of == 1:
+                seq = [(True, ex, s.mu)] * 4 + [(True, ex, s.mu), (False, ex, s.mu), (True, aug, s.mu),
+                                                (True, ex, s.mu), (False, aug, s.mu), (True, ex, s.mu)]
+            else:  # 5 epochs, each in its own shuffled order: every shape warms up (3 steps), is captured, replays
+                order = torch.Generator().manual_seed(1)
+                seq = [(True, *pictures[int(i)]) for _ in range(5) for i in torch.randperm(set_of, generator=order)]
             init = [p.detach().clone() for p in s.params]
             gstate = s.generator.get_state()
 
@@ -640,29 +650,49 @@ class Bench:
                                         **({"capturable": True} if graphs else {}))
                 runner = TrainStep(self.transformer, ex, s.cfg, s.generator, s.mu, s.params, opt, graphs=graphs)
                 losses = []
-                for use_mask, e in seq:
-                    losses.append(runner.forward_backward(use_mask, e))
+                for use_mask, e, mu in seq:
+                    losses.append(runner.forward_backward(use_mask, e, mu=mu))
                     runner.apply()
                 torch.cuda.synchronize()
                 final = [p.detach().clone() for p in s.params]
-                out = (losses, final, runner.graphed, runner.graph_error)
+                out = (losses, final, runner.graphed, runner.graph_error, runner.graph_count)
                 runner.close()
                 del opt
                 return out
 
-            le, fe, _, _ = run(False)
-            lg, fg, graphed, err = run(True)
+            le, fe, _, _, _ = run(False)
+            lg, fg, graphed, err, count = run(True)
             loss_rel = [abs(a - b) / max(abs(a), 1e-12) for a, b in zip(le, lg)]
             num = sum(float((a - b).float().norm() ** 2) for a, b in zip(fe, fg)) ** 0.5
             den = sum(float((a - b).float().norm() ** 2) for a, b in zip(fe, init)) ** 0.5
-            res = dict(graphed=graphed, graph_error=err, losses_eager=[round(v, 5) for v in le],
-                       losses_graph=[round(v, 5) for v in lg], max_loss_rel_diff=max(loss_rel),
-                       lora_update_rel_diff=num / max(den, 1e-30))
+            res_ = dict(graphed=graphed, graph_error=err, graphs=count, losses_eager=[round(v, 5) for v in le],
+                        losses_graph=[round(v, 5) for v in lg], max_loss_rel_diff=max(loss_rel),
+                        lora_update_rel_diff=num / max(den, 1e-30))
             s.__dict__.pop("opt", None)
             self.project_teardown(s)
-            return res
+            return res_
 
-        self.case(measure, base, est_s=40)
+        self.case(measure, base, est_s=40 * set_of)
+
+    def other_shape(self, ex, k: int, g: torch.Generator):
+        """Picture ``k`` of a synthetic set: an aspect bucket of about ``ex``'s area (taller each time), its own
+        caption, positions and shift, shaped like ``encode_example``'s output."""
+        from trainer.training import flow
+        from trainer.training.encode import EncodedExample
+
+        h0, w0 = ex.latents.shape[-2:]
+        step = 2  # FLUX.1 packs 2x2 latent patches; klein's latents come patchified
+        h = h0 + step * k
+        w = max(step, (h0 * w0 // h) // step * step)
+        latents = torch.randn(1, ex.latents.shape[1], h, w, generator=g, device=self.device, dtype=self.dtype)
+        weights = (torch.rand(1, 1, h, w, generator=g, device=self.device) > 0.4).float()
+        caption = self.prompt_embedding(f"a photo of sks, view {k}", torch.Generator().manual_seed(k))
+        other = EncodedExample(latents=latents, weights=weights, image_ids=self.family.image_ids(h, w, self.device,
+                                                                                                self.dtype),
+                               caption=caption)
+        tokens = self.family.pack(latents).shape[1]
+        mu = flow.resolution_shift(tokens) if self.flux1 else self.family.training_shift(None, tokens)
+        return other, mu
 
     # ---------------------------------------------------------------- correctness of the preview graphs
     def run_graphcheck(self):
@@ -970,6 +1000,8 @@ class Bench:
                 self.run_floor()
             elif label == "stepcheck":
                 self.run_stepcheck()
+            elif label.startswith("setcheck"):  # setcheck:N, a set of N picture shapes
+                self.run_stepcheck(set_of=int(label.partition(":")[2] or 4))
             elif label == "graphcheck":
                 self.run_graphcheck()
             elif label.startswith("run"):

@@ -31,11 +31,14 @@ flux1)
     --resolutions 512 --budget-s 230 2>&1 | tail -4 ;;
 esac
 case "$1" in
-sets)  # issue 14: one picture vs a set of 4 of different shapes, the same job otherwise (full tier, FLUX.1-dev)
-  timeout 285 python3 bench/tier_bench.py --tiers full --steps 40 --save-every 40 --images 1 \
-    --commit "$C" --out "$OUT/$(date +%F)-h200-set-1-image.json" 2>&1 | cut -c1-500
-  timeout 285 python3 bench/tier_bench.py --tiers full --steps 40 --save-every 40 --images 4 \
-    --commit "$C" --out "$OUT/$(date +%F)-h200-set-4-images.json" 2>&1 | cut -c1-500 ;;
+sets)  # issue 14: one picture vs a set of 4 of different shapes, the same job otherwise (full tier, FLUX.1-dev);
+       # first the set's per-shape CUDA graphs against eager steps (same noise: losses and LoRA should agree)
+  timeout 150 python3 bench/flux_bench.py --out-dir "$OUT" --commit "$C" --tag=-setcheck --plan setcheck:4 \
+    --ranks 16 --resolutions 512 --budget-s 140 2>&1 | tail -3
+  for n in 1 4; do
+    timeout $((n == 1 ? 170 : 270)) python3 bench/tier_bench.py --tiers full --steps 60 --save-every 60 --images $n \
+      --commit "$C" --out "$OUT/$(date +%F)-h200-set-$n-images-graphs.json" 2>&1 | cut -c1-500
+  done ;;
 esac
 case "$1" in
 demo)  # issue 18: train the shapes-demo model (scripts/train_shapes_demo.py), about 8 minutes in all

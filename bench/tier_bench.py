@@ -239,7 +239,8 @@ def run_tier(tier_name: str, steps: int, save_every: int, rank: int, resolution:
     steady = step_times[10:] or step_times
     if step_times:
         row.update(steps=len(step_times), first_step_s=round(step_times[0], 2),
-                   s_per_step=round(statistics.median(steady), 4))
+                   s_per_step=round(statistics.median(steady), 4),
+                   s_per_step_last20=round(statistics.median(step_times[-20:]), 4))  # a set's shapes all captured
     per_image = [r["s"] / r["images"] for r in preview_rounds[1:]] or [r["s"] / r["images"] for r in preview_rounds]
     row.update(preview_rounds=preview_rounds, preview_s_per_image=round(statistics.median(per_image), 3)
                if per_image else None, save_s=saves,

@@ -134,6 +134,64 @@ def test_the_self_test_verdicts(monkeypatch, use_runtime):
     assert len(calls) == 4  # choose_attention asked nothing new: every verdict came from memory
 
 
+def test_a_set_s_lengths_are_tested_in_one_child_and_a_crash_keeps_what_passed(monkeypatch, use_runtime):
+    """A set's sequence lengths go to one child (its torch import is most of the test's cost); the lengths it printed
+    ok before crashing are remembered as passed, the one it crashed at as failed, and the untested rest are asked
+    again next time."""
+    import subprocess
+
+    calls, answers = [], []
+
+    def fake_run(args, **kwargs):
+        calls.append(args[-2:])
+        code, out = answers.pop(0)
+        return subprocess.CompletedProcess(args, code, stdout=out, stderr="")
+
+    monkeypatch.setattr(attention.subprocess, "run", fake_run)
+    monkeypatch.setattr(attention, "_attention_verdicts", {})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    use_runtime(attention="auto")
+    answers[:] = [(-6, "ok 1100\nok 1250\n"), (0, "ok 1500\nok 1700\ncudnn attention ok\n")]
+    assert attention.choose_attention("cuda:0", (1100, 1250, 1300, 1500)) == "default"
+    assert calls == [["1100,1250,1300,1500", "0"]]
+    assert attention._attention_verdicts == {(1100, 0): True, (1250, 0): True, (1300, 0): False}
+    assert attention.choose_attention("cuda:0", (1100, 1250)) == "cudnn"  # from memory
+    assert attention.cudnn_attention_works((1250, 1500, 1700), 0) is True
+    assert calls[-1] == ["1500,1700", "0"] and len(calls) == 2  # only the unknown lengths were asked
+
+
+def test_which_captured_step_graph_trains_which_picture():
+    """A set gets one forward+backward graph per picture: a graph fits a picture with the same caption and
+    positions, latents of the same shape and the same shift (an augmented copy of it), never another picture of the
+    set, even one of the same shape; a picture's warm-up steps are counted together with its augmented copies', and
+    the capture takes the copy that has loss weights."""
+    import dataclasses
+
+    from trainer.training import step as step_module
+    from trainer.training.encode import EncodedExample, PromptEmbedding
+
+    def picture(h, w, prompt):
+        caption = PromptEmbedding(prompt, torch.zeros(1, 4, 8), torch.zeros(1, 8), torch.zeros(4, 3))
+        return EncodedExample(torch.randn(1, 16, h, w), torch.ones(1, 1, h, w), torch.zeros(h * w // 4, 3), caption)
+
+    square, tall = picture(64, 64, "a"), picture(72, 56, "b")
+    same_shape_other_caption = dataclasses.replace(picture(64, 64, "c"), image_ids=square.image_ids)
+    augmented = dataclasses.replace(square, latents=torch.randn(1, 16, 64, 64), weights=None)
+    fits = step_module._fits
+    assert fits(square, 1.15, augmented, 1.15) and fits(square, 1.15, square, 1.15)
+    assert not fits(square, 1.15, tall, 1.15)
+    assert not fits(square, 1.15, same_shape_other_caption, 1.15)
+    assert not fits(square, 1.15, square, 1.2)  # the shift is baked into a graph
+
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    stepper = step_module.TrainStep(torch.nn.Linear(1, 1), square, None, torch.Generator(), 1.15, params,
+                                    torch.optim.AdamW(params), graphs=False)
+    for example, mu in ((augmented, 1.15), (tall, 1.2), (square, 1.15), (augmented, 1.15)):
+        stepper._count_warm_up(example, mu)
+    assert [(e is square, e is tall, n) for e, _, n in stepper._warm] == [(True, False, 3), (False, True, 1)]
+    assert stepper.graph_count == 0 and not stepper.graphed
+
+
 def test_regional_compile_uses_diffusers_repeated_blocks_and_falls_back_to_the_block_lists(monkeypatch):
     """Flux names its two block classes in ``_repeated_blocks``: diffusers' ``compile_repeated_blocks`` compiles
     exactly ``transformer_blocks`` + ``single_transformer_blocks``, static shapes by default; a model that names none

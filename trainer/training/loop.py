@@ -89,12 +89,11 @@ def _train_lora(parts, example: EncodedExample | Sequence[EncodedExample], cfg: 
     # passes its self-test at this job's sequence length: bench/RESULTS.md has the gains.
     # A small-card tier's lean previews go without the preview CUDA graph (its memory pool would stay reserved).
     lean_previews = getattr(parts, "lean_previews", False)
-    # Every sequence length the job trains at (a set's pictures have several shapes). A set of 4 shapes crashed on an
-    # H200 with cuDNN attention (CUBLAS_STATUS_EXECUTION_FAILED in the backward, 2026-12-03, bench/RESULTS.md) after a
-    # self-test at the longest length only; testing each length is not yet validated on a GPU, so a job of several
-    # lengths keeps PyTorch's default attention (no sequence length: no cuDNN) until it is.
-    lengths = tuple(sorted({e.image_ids.shape[-2] + e.caption.text_ids.shape[-2] for e in examples}))
-    tokens = lengths if len(lengths) == 1 else None
+    # Every sequence length the job trains at (a set's pictures have several shapes): cuDNN attention only if its
+    # self-test passes at each one and in a mixed order. A set of 4 shapes crashed on an H200 with cuDNN attention
+    # (CUBLAS_STATUS_EXECUTION_FAILED in the backward, 2026-12-03, bench/RESULTS.md) after a self-test at the longest
+    # length only.
+    tokens = tuple(sorted({e.image_ids.shape[-2] + e.caption.text_ids.shape[-2] for e in examples}))
     if accelerate_transformer(transformer, parts.device, inference_graphs=False if lean_previews else None,
                               attention_tokens=tokens):
         attention = "cuDNN" if attention_backend(transformer) == "cudnn" else "PyTorch's default"
@@ -139,11 +138,11 @@ def _train_lora(parts, example: EncodedExample | Sequence[EncodedExample], cfg: 
         yield Status(f"Resumed from the checkpoint at step {start}")
 
     # One step = forward + backward, then clip + AdamW; after a few eager steps on CUDA it is replayed as CUDA
-    # graphs (not with several GPUs, whose all-reduce runs inside backward). On the CPU it is the plain eager step.
-    # A set or a batch trains eager too: the graph replays one image's whole step, and a set's steps change the image
-    # (its size, caption and shift) and a batch adds several passes' gradients into one step.
+    # graphs, one forward graph per picture shape of a set (not with several GPUs, whose all-reduce runs inside
+    # backward). A batch trains eager: it adds several passes' gradients into one step. On the CPU it is the plain
+    # eager step.
     stepper = TrainStep(model, example, cfg, generator, mu, params, optimizer,
-                        graphs=False if dist.enabled or images > 1 or batch > 1 else None)
+                        graphs=False if dist.enabled or batch > 1 else None)
 
     if cfg.preview_at_start and start == 0 and dist.is_main:
         yield Status("Rendering base-model previews (step 0)")

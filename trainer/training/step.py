@@ -60,6 +60,24 @@ def adamw_options(device, runtime: Runtime | None = None) -> dict:
     return {"fused": cuda, **({"capturable": True} if can_use_cuda_graphs(device, runtime) else {})}
 
 
+@dataclasses.dataclass
+class _StepGraph:
+    """One captured forward + backward: for one picture's shape, caption, positions and resolution shift."""
+
+    example: EncodedExample  # the picture it was captured for
+    mu: float
+    graph: "torch.cuda.CUDAGraph"
+    loss: torch.Tensor
+    latent_buffer: torch.Tensor
+    mask_buffer: torch.Tensor | None  # None: captured without loss weights
+    ones: torch.Tensor | None
+
+    def fits(self, example: EncodedExample, mu: float) -> bool:
+        """Can this graph train on ``example``? Same caption and positions, latents of the same shape, same shift
+        (augmented copies of a picture share its caption and positions, and only change the latents' values)."""
+        return _fits(self.example, self.mu, example, mu)
+
+
 class TrainStep:
     """``forward_backward(use_mask) -> loss``, then ``apply()`` (clip + AdamW) or ``discard()``.
 
@@ -67,11 +85,13 @@ class TrainStep:
     to ``cfg.max_grad_norm``, then ``optimizer.step()``. Two speed-ups, both only on CUDA:
     - under bf16 autocast, peft's cast of each LoRA input to float32 is skipped (autocast casts it straight back
       to bf16 for the matmul, so the result is bit-identical; the round trip only costs memory traffic);
-    - after ``warmup_steps`` eager steps the step is captured as CUDA graphs and replayed (needs an optimizer
-      made with ``capturable=True``: see ``adamw_options``). ``use_mask`` stays a per-step choice: the graph
-      reads the loss weights from a buffer that holds the mask or ones (all-ones weights give the plain mean).
+    - after ``warmup_steps`` eager steps of a picture the step is captured as CUDA graphs and replayed (needs an
+      optimizer made with ``capturable=True``: see ``adamw_options``). A set of pictures gets one forward+backward
+      graph per picture shape (each picture has its own size, caption and shift), all in one memory pool and all
+      writing the same gradient tensors, which the one clip+AdamW graph reads. ``use_mask`` stays a per-step choice:
+      a graph reads the loss weights from a buffer that holds the mask or ones (all-ones weights give the plain mean).
     Any failure while capturing falls back to eager steps for the rest of the run; a compile failure at the
-    first step falls back to the uncompiled blocks (``restore_eager``).
+    first step falls back to the uncompiled blocks (``restore_eager``). A batch (``scale`` below 1) runs eager.
     """
 
     def __init__(self, transformer, example, cfg, generator: torch.Generator, mu: float, params, optimizer,
@@ -90,7 +110,9 @@ class TrainStep:
         self.warmup_steps = warmup_steps
         self.eager_steps = 0
         self.graph_error: str | None = None
-        self._graphs = None
+        self._step_graphs: list[_StepGraph] = []
+        self._update = None  # the clip + AdamW graph, captured with the first forward graph
+        self._warm: list[tuple[EncodedExample, float, int]] = []  # eager warm-up steps per picture before its capture
         self._lora = lora_layers(transformer) if (self.cuda and skip_lora_input_cast) else []
         self._side = None
         self._eager_pending = False
@@ -98,7 +120,12 @@ class TrainStep:
 
     @property
     def graphed(self) -> bool:
-        return self._graphs is not None
+        return self._update is not None
+
+    @property
+    def graph_count(self) -> int:
+        """How many forward+backward graphs are captured (one per picture shape of a set)."""
+        return len(self._step_graphs)
 
     # ---- eager
     def _forward_loss(self, example, use_mask: bool, mu: float | None = None) -> torch.Tensor:
@@ -135,43 +162,79 @@ class TrainStep:
         return loss.item()
 
     # ---- graphs
-    def _capture(self) -> None:
+    def _capture(self, example: EncodedExample, mu: float) -> _StepGraph:
         cfg, opt, params = self.cfg, self.optimizer, self.params
-        weights = self.example.weights
+        weights = example.weights
         mask_buffer = ones = None
         # The latents live in a buffer too, so a step may train on another image of the same size (augmentation).
-        latent_buffer = self.example.latents.detach().clone()
-        example = dataclasses.replace(self.example, latents=latent_buffer)
+        latent_buffer = example.latents.detach().clone()
+        static = dataclasses.replace(example, latents=latent_buffer)
         if weights is not None:
             mask_buffer = weights.detach().clone()
             ones = torch.ones_like(mask_buffer)
-            example = dataclasses.replace(example, weights=mask_buffer)
+            static = dataclasses.replace(static, weights=mask_buffer)
         torch.cuda.synchronize()
-        opt.zero_grad(set_to_none=True)  # backward allocates the gradients inside the graph's memory pool
-        fwd, upd = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+        first = not self._step_graphs
+        if first:
+            opt.zero_grad(set_to_none=True)  # backward allocates the gradients inside the graph's memory pool
+            grads = []
+        else:
+            # Later graphs (a set's other shapes) write the gradient tensors the first one allocated, which the
+            # update graph reads: zero them, then backward adds into them in place.
+            grads = [p.grad for p in params]
+            if any(g is None for g in grads):
+                raise RuntimeError("a LoRA parameter has no gradient tensor to share between graphs")
+        fwd = torch.cuda.CUDAGraph()
         fwd.register_generator_state(self.generator)
-        with torch.cuda.graph(fwd, capture_error_mode="thread_local"):
-            loss = self._forward_loss(example, weights is not None)
+        pool = None if first else self._step_graphs[0].graph.pool()  # the graphs never run at the same time
+        with torch.cuda.graph(fwd, pool=pool, capture_error_mode="thread_local"):
+            if grads:
+                torch._foreach_zero_(grads)
+            loss = self._forward_loss(static, weights is not None, mu)
             loss.backward()
-        with torch.cuda.graph(upd, pool=fwd.pool(), capture_error_mode="thread_local"):
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            opt.step()
+        if first:
+            upd = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(upd, pool=fwd.pool(), capture_error_mode="thread_local"):
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                opt.step()
+            self._update = upd
         torch.cuda.synchronize()
-        self._graphs = (fwd, upd, loss, mask_buffer, ones, latent_buffer)
+        entry = _StepGraph(example, mu, fwd, loss, latent_buffer, mask_buffer, ones)
+        self._step_graphs.append(entry)
+        return entry
 
     def _release_graphs(self) -> None:
-        self._graphs = None
+        self._step_graphs, self._update = [], None
         self.optimizer.zero_grad(set_to_none=True)
         if self.cuda:
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
 
-    def _fits_graph(self, example) -> bool:
-        """Can the captured graph train on ``example``? Same caption and positions, latents of the same shape."""
-        mine = self.example
-        return example is mine or (example.latents.shape == mine.latents.shape
-                                   and example.latents.dtype == mine.latents.dtype
-                                   and example.caption is mine.caption and example.image_ids is mine.image_ids)
+    def _graph_for(self, example: EncodedExample, mu: float) -> _StepGraph | None:
+        """The captured graph that trains ``example``, capturing it once the picture has had its warm-up steps."""
+        entry = next((g for g in self._step_graphs if g.fits(example, mu)), None)
+        if entry is not None or not self.graphs_wanted or self.graph_error is not None:
+            return entry
+        warm = next((i for i, (e, m, _) in enumerate(self._warm) if _fits(e, m, example, mu)), None)
+        if warm is None or self._warm[warm][2] < self.warmup_steps:
+            return None
+        try:
+            return self._capture(self._warm[warm][0], mu)
+        except torch.OutOfMemoryError as err:
+            self.graph_error = f"OutOfMemoryError: {err}"[:300]
+        except Exception as err:  # anything the capture can't handle: stay eager
+            log.warning("capturing the training step as a CUDA graph failed; staying eager", exc_info=True)
+            self.graph_error = f"{type(err).__name__}: {err}"[:300]
+        self._release_graphs()
+        return None
+
+    def _count_warm_up(self, example: EncodedExample, mu: float) -> None:
+        for i, (e, m, n) in enumerate(self._warm):
+            if _fits(e, m, example, mu):
+                # capture with loss weights where the picture has them (an augmented copy may have none)
+                self._warm[i] = (example if e.weights is None else e, m, n + 1)
+                return
+        self._warm.append((example, mu, 1))
 
     def forward_backward(self, use_mask: bool, example=None, scale: float = 1.0, mu: float | None = None) -> float:
         """Compute the loss and the LoRA gradients for one noised copy of ``example`` (default: the run's
@@ -181,50 +244,42 @@ class TrainStep:
         is B calls with ``scale=1/B`` before one ``apply``: the batch's mean loss). ``mu``: the example's own
         resolution shift (an image of another size), default the one the step was made with."""
         example = self.example if example is None else example
+        mu = self.mu if mu is None else mu
         use_mask = bool(use_mask and example.weights is not None)
-        if scale != 1.0 or (mu is not None and mu != self.mu):  # the graph replays one whole step at this mu
+        if scale != 1.0:  # a graph replays one whole step, not a share of a batch
             return self._eager_once(example, use_mask, scale, mu)
-        if not self._fits_graph(example) or (use_mask and example.weights.shape != self.example.weights.shape):
-            return self._eager_once(example, use_mask)
-        if self._graphs is None and self.graphs_wanted and self.graph_error is None \
-                and self.eager_steps >= self.warmup_steps:
-            try:
-                self._capture()
-            except torch.OutOfMemoryError as err:
-                self.graph_error = f"OutOfMemoryError: {err}"[:300]
-                self._release_graphs()
-            except Exception as err:  # anything the capture can't handle: stay eager
-                log.warning("capturing the training step as a CUDA graph failed; staying eager", exc_info=True)
-                self.graph_error = f"{type(err).__name__}: {err}"[:300]
-                self._release_graphs()
-        if self._graphs is not None:
-            fwd, _, loss, mask_buffer, ones, latent_buffer = self._graphs
-            if mask_buffer is None and use_mask:
-                return self._eager_once(example, use_mask)
-            latent_buffer.copy_(example.latents)
-            if mask_buffer is not None:
-                mask_buffer.copy_(example.weights if use_mask else ones)
-            fwd.replay()
+        entry = self._graph_for(example, mu)
+        if entry is not None and use_mask and (entry.mask_buffer is None
+                                               or example.weights.shape != entry.mask_buffer.shape):
+            entry = None  # this step's loss weights don't fit the graph's buffer
+        if entry is not None:
+            entry.latent_buffer.copy_(example.latents)
+            if entry.mask_buffer is not None:
+                entry.mask_buffer.copy_(example.weights if use_mask else entry.ones)
+            entry.graph.replay()
             self._eager_pending = False
-            return loss.item()
+            return entry.loss.item()
         if self.graphs_wanted and self.graph_error is None:
-            # Warm-up steps before the capture run on a side stream, as CUDA-graph capture requires.
+            self._count_warm_up(example, mu)
+            if self._update is not None:
+                return self._eager_once(example, use_mask, scale, mu)
+            # Warm-up steps before the first capture run on a side stream, as CUDA-graph capture requires.
             with self._side_stream():
-                return self._eager_forward_backward(use_mask, example)
-        return self._eager_forward_backward(use_mask, example)
+                return self._eager_forward_backward(use_mask, example, scale, mu)
+        return self._eager_once(example, use_mask, scale, mu)
 
     def _eager_once(self, example, use_mask: bool, scale: float = 1.0, mu: float | None = None) -> float:
         """A step the graph can't express: eager; its gradients are applied eagerly by ``apply``."""
-        if self._graphs is not None:
+        if self._update is not None:
             self.optimizer.zero_grad(set_to_none=False)  # keep the graph's gradient tensors; backward adds into them
         value = self._eager_forward_backward(use_mask, example, scale, mu)
-        self._eager_pending = self._graphs is not None
+        self._eager_pending = self._update is not None
         return value
 
     def apply(self) -> None:
         """Clip the gradients and take the optimizer step (then clear the gradients)."""
-        if self._graphs is not None:
-            self._graphs[1].replay()  # works on the graph's gradient tensors, also after an ``_eager_once`` step
+        if self._update is not None:
+            self._update.replay()  # works on the graph's gradient tensors, also after an ``_eager_once`` step
             self._eager_pending = False
             return
         if self.graphs_wanted and self.graph_error is None:
@@ -252,11 +307,19 @@ class TrainStep:
 
     def discard(self) -> None:
         """Drop the gradients of the last ``forward_backward`` (e.g. the loss was not finite)."""
-        if self._graphs is None:
+        if self._update is None:
             self.optimizer.zero_grad(set_to_none=True)
         self._eager_pending = False
 
     def close(self) -> None:
         """Free the graphs' memory (the gradients live in it)."""
-        if self._graphs is not None:
+        if self._update is not None:
             self._release_graphs()
+
+
+def _fits(example: EncodedExample, mu: float, other: EncodedExample, other_mu: float) -> bool:
+    """Would one graph train both pictures (see ``_StepGraph.fits``)?"""
+    return mu == other_mu and (other is example or (other.latents.shape == example.latents.shape
+                                                    and other.latents.dtype == example.latents.dtype
+                                                    and other.caption is example.caption
+                                                    and other.image_ids is example.image_ids))
