@@ -672,7 +672,7 @@ class Bench:
             self.project_teardown(s)
             return res_
 
-        self.case(measure, base, est_s=40 * set_of)
+        self.case(measure, base, est_s=30 + 10 * set_of)
 
     def other_shape(self, ex, k: int, g: torch.Generator):
         """Picture ``k`` of a synthetic set: an aspect bucket of about ``ex``'s area (taller each time), its own

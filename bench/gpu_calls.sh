@@ -35,7 +35,7 @@ sets)  # issue 14: one picture vs a set of 4 of different shapes, the same job o
        # first the set's per-shape CUDA graphs against eager steps (same noise: losses and LoRA should agree)
   timeout 150 python3 bench/flux_bench.py --out-dir "$OUT" --commit "$C" --tag=-setcheck --plan setcheck:4 \
     --ranks 16 --resolutions 512 --budget-s 140 2>&1 | tail -3
-  for n in 1 4; do
+  for n in ${IMAGES:-1 4}; do
     timeout $((n == 1 ? 170 : 270)) python3 bench/tier_bench.py --tiers full --steps 60 --save-every 60 --images $n \
       --commit "$C" --out "$OUT/$(date +%F)-h200-set-$n-images-graphs.json" 2>&1 | cut -c1-500
   done ;;

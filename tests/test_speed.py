@@ -134,32 +134,6 @@ def test_the_self_test_verdicts(monkeypatch, use_runtime):
     assert len(calls) == 4  # choose_attention asked nothing new: every verdict came from memory
 
 
-def test_a_set_s_lengths_are_tested_in_one_child_and_a_crash_keeps_what_passed(monkeypatch, use_runtime):
-    """A set's sequence lengths go to one child (its torch import is most of the test's cost); the lengths it printed
-    ok before crashing are remembered as passed, the one it crashed at as failed, and the untested rest are asked
-    again next time."""
-    import subprocess
-
-    calls, answers = [], []
-
-    def fake_run(args, **kwargs):
-        calls.append(args[-2:])
-        code, out = answers.pop(0)
-        return subprocess.CompletedProcess(args, code, stdout=out, stderr="")
-
-    monkeypatch.setattr(attention.subprocess, "run", fake_run)
-    monkeypatch.setattr(attention, "_attention_verdicts", {})
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    use_runtime(attention="auto")
-    answers[:] = [(-6, "ok 1100\nok 1250\n"), (0, "ok 1500\nok 1700\ncudnn attention ok\n")]
-    assert attention.choose_attention("cuda:0", (1100, 1250, 1300, 1500)) == "default"
-    assert calls == [["1100,1250,1300,1500", "0"]]
-    assert attention._attention_verdicts == {(1100, 0): True, (1250, 0): True, (1300, 0): False}
-    assert attention.choose_attention("cuda:0", (1100, 1250)) == "cudnn"  # from memory
-    assert attention.cudnn_attention_works((1250, 1500, 1700), 0) is True
-    assert calls[-1] == ["1500,1700", "0"] and len(calls) == 2  # only the unknown lengths were asked
-
-
 def test_which_captured_step_graph_trains_which_picture():
     """A set gets one forward+backward graph per picture: a graph fits a picture with the same caption and
     positions, latents of the same shape and the same shift (an augmented copy of it), never another picture of the

@@ -89,11 +89,13 @@ def _train_lora(parts, example: EncodedExample | Sequence[EncodedExample], cfg: 
     # passes its self-test at this job's sequence length: bench/RESULTS.md has the gains.
     # A small-card tier's lean previews go without the preview CUDA graph (its memory pool would stay reserved).
     lean_previews = getattr(parts, "lean_previews", False)
-    # Every sequence length the job trains at (a set's pictures have several shapes): cuDNN attention only if its
-    # self-test passes at each one and in a mixed order. A set of 4 shapes crashed on an H200 with cuDNN attention
-    # (CUBLAS_STATUS_EXECUTION_FAILED in the backward, 2026-12-03, bench/RESULTS.md) after a self-test at the longest
-    # length only.
-    tokens = tuple(sorted({e.image_ids.shape[-2] + e.caption.text_ids.shape[-2] for e in examples}))
+    # Every sequence length the job trains at (a set's pictures have several shapes). A job of several lengths keeps
+    # PyTorch's default attention: on an H200 a set of 4 shapes crashed with cuDNN attention after a self-test at the
+    # longest length only (CUBLAS_STATUS_EXECUTION_FAILED in the backward, 2026-12-03), and again, in its eager
+    # warm-up steps, after a self-test at every length plus a mixed-order pass (illegal memory access, 2026-12-04;
+    # bench/RESULTS.md). A self-test that passes is no guarantee for several lengths in one process.
+    lengths = tuple(sorted({e.image_ids.shape[-2] + e.caption.text_ids.shape[-2] for e in examples}))
+    tokens = lengths if len(lengths) == 1 else None
     if accelerate_transformer(transformer, parts.device, inference_graphs=False if lean_previews else None,
                               attention_tokens=tokens):
         attention = "cuDNN" if attention_backend(transformer) == "cudnn" else "PyTorch's default"

@@ -39,10 +39,10 @@ _SELF_TEST = r"""
 import sys, torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
-lengths = [int(t) for t in sys.argv[1].split(",")]  # every sequence length the job trains at
+tokens = int(sys.argv[1])
 torch.cuda.set_device(int(sys.argv[2]))  # the job's own GPU (one process per GPU in a multi-GPU job)
 torch.manual_seed(0)
-def run(backend, batch, backward, tokens):
+def run(backend, batch, backward):
     # Flux's layout: [B, S, H, D] tensors seen through a permute, as diffusers passes them to SDPA
     leaves = [torch.randn(batch, tokens, 24, 128, device="cuda", dtype=torch.bfloat16, requires_grad=backward)
               for _ in range(3)]
@@ -52,56 +52,40 @@ def run(backend, batch, backward, tokens):
         if backward:
             out.float().square().mean().backward()
     return [out] + [t.grad for t in leaves if backward]
-for tokens in lengths:
-    for batch, backward in ((1, True), (3, False)):
-        torch.manual_seed(batch)
-        got = run(SDPBackend.CUDNN_ATTENTION, batch, backward, tokens)
-        torch.manual_seed(batch)
-        ref = run(SDPBackend.FLASH_ATTENTION, batch, backward, tokens)
-        for a, b in zip(got, ref):
-            err = float((a.float() - b.float()).norm() / b.float().norm())
-            assert err < 0.02, err
-    torch.cuda.synchronize()
-    print("ok", tokens, flush=True)
-if len(lengths) > 1:
-    # A set's steps go from one length to another, with cuBLAS GEMMs between attentions: the crash of 2026-12-03
-    # came in cuBLAS after cuDNN's backward at several lengths, so run them once more in that mixed order.
-    for tokens in reversed(lengths):
-        grads = run(SDPBackend.CUDNN_ATTENTION, 1, True, tokens)[1:]
-        flat = grads[0].reshape(-1, 128)
-        (flat.t() @ flat).sum().item()
-    torch.cuda.synchronize()
+for batch, backward in ((1, True), (3, False)):
+    torch.manual_seed(batch)
+    got = run(SDPBackend.CUDNN_ATTENTION, batch, backward)
+    torch.manual_seed(batch)
+    ref = run(SDPBackend.FLASH_ATTENTION, batch, backward)
+    for a, b in zip(got, ref):
+        err = float((a.float() - b.float()).norm() / b.float().norm())
+        assert err < 0.02, err
+torch.cuda.synchronize()
 print("cudnn attention ok")
 """
 _attention_verdicts: dict[tuple[int, int], bool] = {}
 
 
-def cudnn_attention_works(tokens: int | tuple[int, ...], device_index: int = 0, timeout_s: float = 180.0) -> bool:
-    """True if cuDNN attention ran forward + backward at each sequence length in ``tokens`` (and a 3-image forward)
-    on GPU ``device_index`` in a child process and agreed with flash attention. Each length is asked once per GPU
-    per process, the ones not yet known in one child (a few seconds, most of it the child's import of torch)."""
-    index = int(device_index)
-    lengths = (int(tokens),) if isinstance(tokens, int) else tuple(int(t) for t in tokens)
-    todo = [t for t in dict.fromkeys(lengths) if (t, index) not in _attention_verdicts]
-    if todo:
+def cudnn_attention_works(tokens: int, device_index: int = 0, timeout_s: float = 180.0) -> bool:
+    """True if cuDNN attention ran forward + backward at ``tokens`` (and a 3-image forward) on GPU
+    ``device_index`` in a child process and agreed with flash attention. Asked once per sequence length and GPU
+    per process (a few seconds, most of it the child's import of torch)."""
+    key = (int(tokens), int(device_index))
+    if key not in _attention_verdicts:
         try:
             # The child inherits this process's environment (it reads none of the Runtime's switches).
-            done = subprocess.run([sys.executable, "-c", _SELF_TEST, ",".join(map(str, todo)), str(index)],
-                                  capture_output=True, text=True, timeout=timeout_s)
+            done = subprocess.run([sys.executable, "-c", _SELF_TEST, str(key[0]), str(key[1])], capture_output=True,
+                                  text=True, timeout=timeout_s)
         except (OSError, subprocess.TimeoutExpired) as err:
             # Not remembered: a GPU busy with another job can make the test slow without cuDNN being broken.
             log.warning("cuDNN attention self-test did not finish (%s); using PyTorch's default attention", err)
             return False
-        everything = done.returncode == 0 and "cudnn attention ok" in done.stdout
-        passed = {line.split()[1] for line in done.stdout.splitlines() if line.startswith("ok ")}
-        for t in todo:
-            ok = everything or str(t) in passed
-            _attention_verdicts[(t, index)] = ok
-            if not ok:  # the lengths after this one were not tested (a crash ends the child): not remembered
-                log.warning("cuDNN attention failed its self-test at %d tokens (exit %s); using PyTorch's default "
-                            "attention: %s", t, done.returncode, (done.stderr or done.stdout)[-500:])
-                break
-    return all(_attention_verdicts.get((t, index), False) for t in lengths)
+        ok = done.returncode == 0 and "cudnn attention ok" in done.stdout
+        if not ok:
+            log.warning("cuDNN attention failed its self-test at %d tokens (exit %s); using PyTorch's default "
+                        "attention: %s", tokens, done.returncode, (done.stderr or done.stdout)[-500:])
+        _attention_verdicts[key] = ok
+    return _attention_verdicts[key]
 
 
 def choose_attention(device, tokens: int | tuple[int, ...] | None, runtime: Runtime | None = None) -> str:
@@ -122,7 +106,8 @@ def choose_attention(device, tokens: int | tuple[int, ...] | None, runtime: Runt
     if setting != "auto" or not tokens:
         return "default"
     index = device.index if device.index is not None else torch.cuda.current_device()
-    return "cudnn" if cudnn_attention_works(tokens, index) else "default"
+    lengths = (tokens,) if isinstance(tokens, int) else tuple(tokens)
+    return "cudnn" if all(cudnn_attention_works(t, index) for t in lengths) else "default"
 
 
 def _cudnn_first(forward: Callable) -> Callable:
