@@ -4,7 +4,8 @@ Two sources, each through the shipped code (``trainer.grow``: the variation plan
 - ``flux1``: a FLUX.1-dev checkpoint source: a rank-16 LoRA (random, non-zero) loaded by diffusers' own loader onto
   the full-size bf16 transformer; 512 px, the run's preview settings (20 steps, guidance 3.5), T5-XXL + CLIP-L encode.
 - ``flux2-klein``: reference editing: FLUX.2 [klein] 4B given the subject (on a plain background) as the reference,
-  as the distilled model renders (4 steps, guidance 1.0), Qwen3-4B encodes.
+  as the distilled model renders (4 steps, guidance 1.0), Qwen3-4B encodes; then a klein checkpoint source (a rank-16
+  LoRA, no reference), the same settings.
 Each candidate's prompt is new (a variation), so its text encoding is part of its time, as in the app.
 
 The GPU image has no onnxruntime/rembg, so the automatic mask and the scores of each candidate (``choose_mask``,
@@ -41,12 +42,9 @@ def subject(size: int = 512):
     return novel_subject(size)
 
 
-def render_times(family: str, count: int, resolution: int, tiny: bool) -> dict:
+def render_times(family: str, count: int, resolution: int, tiny: bool) -> list[dict]:
+    """One row per source the family offers: a checkpoint (both families), reference editing (klein)."""
     from bench.tier_bench import build_parts
-    from trainer.grow.job import REFERENCE_GRAY
-    from trainer.grow.variations import plan_variations
-    from trainer.model.lora import add_lora, remove_lora, save_lora
-    from trainer.review.inference import LoraPipeline, RenderSettings
 
     device = torch.device("cuda" if torch.cuda.is_available() and not tiny else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -54,12 +52,26 @@ def render_times(family: str, count: int, resolution: int, tiny: bool) -> dict:
     parts = build_parts(device, dtype, tiny, family)
     parts.transformer.to(device)
     build_s = time.perf_counter() - started
+    sources = ("checkpoint",) if family == "flux1" else ("reference", "checkpoint")
+    return [dict(source_times(parts, family, source, count, resolution, tiny, device), build_s=round(build_s, 1))
+            for source in sources]
+
+
+def source_times(parts, family: str, source: str, count: int, resolution: int, tiny: bool, device) -> dict:
+    from trainer.grow.job import REFERENCE_GRAY
+    from trainer.grow.variations import plan_variations
+    from trainer.model.lora import add_lora, remove_lora, save_lora
+    from trainer.review.inference import LoraPipeline, RenderSettings
+
     variations = plan_variations(CAPTION, count=count)
     image, mask = subject(resolution)
+    # the run's preview settings: FLUX.1-dev 20 steps at guidance 3.5; klein (distilled) 4 steps at guidance 1
+    steps, guidance = (20, 3.5) if family == "flux1" else (4, 1.0)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory() as tmp:
         lora, references = None, []
-        if family == "flux1":
-            steps, guidance = 20, 3.5
+        if source == "checkpoint":
             add_lora(parts.transformer, 16, 16.0, seed=0)
             with torch.no_grad():
                 for name, p in parts.transformer.named_parameters():
@@ -70,7 +82,6 @@ def render_times(family: str, count: int, resolution: int, tiny: bool) -> dict:
             remove_lora(parts.transformer)
             prompts = [v.caption.replace("[trigger]", "ohwx") for v in variations]
         else:
-            steps, guidance = 4, 1.0
             plain = Image.new("RGB", image.size, REFERENCE_GRAY)
             plain.paste(image, mask=mask)
             references = [plain]
@@ -87,10 +98,11 @@ def render_times(family: str, count: int, resolution: int, tiny: bool) -> dict:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
+        del engine
     steady = statistics.median(times[1:]) if len(times) > 1 else times[0]
-    return {"family": family, "source": "checkpoint" if family == "flux1" else "reference", "resolution": resolution,
+    return {"family": family, "source": source, "resolution": resolution,
             "denoise_steps": settings.steps, "guidance": guidance, "candidates": count,
-            "build_s": round(build_s, 1), "first_candidate_s": round(times[0], 3),
+            "first_candidate_s": round(times[0], 3),
             "candidate_render_s_median_after_first": round(steady, 3),
             "render_candidates_per_minute": round(60.0 / steady, 1),
             "peak_gib": round(torch.cuda.max_memory_allocated() / 2 ** 30, 1) if device.type == "cuda" else None,
@@ -128,13 +140,14 @@ def main(argv=None) -> int:
     parser.add_argument("--commit", default="unknown")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
-    row = postprocess_times(args.count, args.resolution) if args.postprocess else \
+    rows = [postprocess_times(args.count, args.resolution)] if args.postprocess else \
         render_times(args.family, args.count, 64 if args.tiny else args.resolution, args.tiny)
-    row.update(commit=args.commit, date=time.strftime("%Y-%m-%d"), torch=torch.__version__)
-    print("ROW " + json.dumps(row), flush=True)
+    for row in rows:
+        row.update(commit=args.commit, date=time.strftime("%Y-%m-%d"), torch=torch.__version__)
+        print("ROW " + json.dumps(row), flush=True)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(row, indent=1) + "\n")
+        args.out.write_text(json.dumps(rows, indent=1) + "\n")
     return 0
 
 
