@@ -54,3 +54,8 @@ grow)  # issue 15: candidates per minute, FLUX.1-dev checkpoint source and FLUX.
     grep "ROW\|Error\|error" "$OUT/grow-$family-log.txt" | cut -c1-700
   done ;;
 esac
+case "$1" in
+asneeded)  # issue 16 goal 5: the FLUX.1 24/16/12 GB tiers with "as-needed" checkpointing, whole jobs under each cap
+  timeout 590 python3 bench/tier_bench.py --tiers ${TIERS:-24gb,16gb,12gb} --steps 30 --save-every 15 --commit "$C" \
+    --out "$OUT/$(date +%F)-h200-tiers-as-needed.json" 2>&1 | cut -c1-900 ;;
+esac

@@ -213,6 +213,8 @@ def run_tier(tier_name: str, steps: int, save_every: int, rank: int, resolution:
             if isinstance(event, Status) and event.message.startswith(("Storing", "Moving")):
                 phases["encode"] = dict(s=round(now - phase_start, 1), peak_gib=peak())
                 phase, phase_start = "place", now
+            elif isinstance(event, Status) and event.message.startswith("Memory:"):  # an "as-needed" tier's plan
+                row.setdefault("checkpoint_plan", []).append(event.message)
             elif isinstance(event, Started):
                 phases["place"] = dict(s=round(now - phase_start, 1), peak_gib=peak())
                 phase, loop_start = "train", now
@@ -291,14 +293,18 @@ def main(argv=None) -> int:
         row["process_s"] = round(time.perf_counter() - started, 1)
         rows.append(row)
         print(json.dumps(row), flush=True)
-    if args.out:
-        commit = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                               text=True, cwd=ROOT).stdout.strip() or None
-        gpu = next((r.get("gpu") for r in rows if r.get("gpu")), "cpu")
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(dict(gpu=gpu, commit=commit, date=time.strftime("%Y-%m-%d"),
-                                            torch=torch.__version__, rows=rows), indent=1))
+        if args.out:  # after every tier: a call cut at its time limit still keeps the tiers that finished
+            write_results(args, rows)
     return 0
+
+
+def write_results(args, rows: list[dict]) -> None:
+    commit = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                           text=True, cwd=ROOT).stdout.strip() or None
+    gpu = next((r.get("gpu") for r in rows if r.get("gpu")), "cpu")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(dict(gpu=gpu, commit=commit, date=time.strftime("%Y-%m-%d"),
+                                        torch=torch.__version__, rows=rows), indent=1))
 
 
 if __name__ == "__main__":

@@ -53,6 +53,8 @@ class ModelParts:
     # its frozen weights, and whether training must recompute activations to fit.
     weights: str = "bf16"
     gradient_checkpointing: bool = False
+    # Set: only as many blocks are checkpointed as fit under this many GiB (a tier's "as-needed"); None: every block.
+    checkpoint_cap_gib: float | None = None
     # Previews one image at a time and without a CUDA graph (small-card tiers: ``MemoryTier.lean_previews``).
     lean_previews: bool = False
     family: ModelFamily = FLUX1
@@ -221,13 +223,14 @@ def load_parts(folder: Path, device: torch.device | None = None, dtype: torch.dt
 
 
 def place_transformer(parts: ModelParts, weights: str = "bf16", gradient_checkpointing: bool = False,
-                      lean_previews: bool = False) -> dict:
+                      lean_previews: bool = False, checkpoint_cap_gib: float | None = None) -> dict:
     """Move the transformer to ``parts.device``, its frozen Linear weights stored as ``weights`` (a memory tier's).
 
     ``bf16`` moves it as loaded. ``fp8``/``nf4`` quantize it layer by layer on the device (``trainer.model.quantize``), so the
     GPU never holds the full-precision model. Returns what was done (layers quantized, bytes) for the job's log.
     """
     parts.weights, parts.gradient_checkpointing, parts.lean_previews = weights, gradient_checkpointing, lean_previews
+    parts.checkpoint_cap_gib = checkpoint_cap_gib if gradient_checkpointing else None
     if weights == "bf16":
         parts.transformer.to(parts.device)
         return {"weights": weights, "quantized_layers": 0}

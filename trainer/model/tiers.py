@@ -19,6 +19,7 @@ from trainer.errors import UserError
 TIERS_DIR = Path(__file__).resolve().parents[2] / "presets" / "memory"
 AUTO = "auto"
 WEIGHT_STORAGES = ("bf16", "fp8", "nf4")
+AS_NEEDED = "as-needed"  # gradient_checkpointing: recompute only the blocks the card has no room to keep
 # What a card of N GB leaves to one process: the CUDA context (~0.5 GiB) and, on a desktop, the display take
 # the rest. The benchmark caps each tier at this much, not at the card's full size.
 RESERVED_GIB = 1.0
@@ -31,6 +32,9 @@ class MemoryTier:
     min_card_gib: float  # the smallest GPU (total memory, GiB) this tier is picked for
     weights: str  # "bf16" | "fp8" | "nf4": storage of the frozen transformer weights
     gradient_checkpointing: bool
+    # "as-needed" in the file: checkpoint only as many blocks as the card's memory requires, planned from each block's
+    # measured activations at the job's size (trainer.training.accel.checkpointing); false here means every block.
+    checkpoint_as_needed: bool = False
     # Previews on small cards: one image at a time and no CUDA graph for the preview forward. A captured graph keeps
     # its own memory pool for the whole run (0.9-1.9 GiB measured at 512 px with a batch of 3), which pushed the
     # 16 and 12 GB tiers over their cap on an H100 (bench/RESULTS.md); the lean way renders previews more slowly.
@@ -61,8 +65,12 @@ def load_tier(name: str, directory: Path = TIERS_DIR) -> MemoryTier:
     with path.open("rb") as f:
         data = tomllib.load(f)
     try:
+        checkpointing = data["gradient_checkpointing"]
+        if checkpointing not in (True, False, AS_NEEDED):
+            raise UserError(f"Memory tier '{name}': gradient_checkpointing must be true, false or \"{AS_NEEDED}\".")
         tier = MemoryTier(name=name, description=str(data["description"]), min_card_gib=float(data["min_card_gib"]),
-                          weights=str(data["weights"]), gradient_checkpointing=bool(data["gradient_checkpointing"]),
+                          weights=str(data["weights"]), gradient_checkpointing=checkpointing is not False,
+                          checkpoint_as_needed=checkpointing == AS_NEEDED,
                           lean_previews=bool(data.get("lean_previews", False)))
     except KeyError as missing:
         raise UserError(f"Memory tier file '{path}' lacks {missing}.") from None

@@ -219,7 +219,8 @@ def train_with_parts(parts, run: RunFolder, tier, should_stop: Callable[[], bool
     free_encoders(parts)
     gc.collect()
     yield Status(_placing_message(tier.weights))
-    place_transformer(parts, tier.weights, tier.gradient_checkpointing, tier.lean_previews)
+    place_transformer(parts, tier.weights, tier.gradient_checkpointing, tier.lean_previews,
+                      tier.cap_gib if tier.checkpoint_as_needed else None)
     gc.collect()
     preview_model = None
     if preview_folder is not None:

@@ -19,6 +19,7 @@ import torch
 from trainer.runs import diskspace, lifecycle, state
 from trainer.config import TrainingConfig
 from trainer.dataset.augment import augmented_step, pick as pick_augmented
+from trainer.training import memory_plan
 from trainer.training.encode import EncodedExample
 from trainer.training.distributed import DistributedContext
 from trainer.training.schedule import epochs_at_step, learning_rate_note, sample_indices, scaled_learning_rate
@@ -82,9 +83,13 @@ def _train_lora(parts, example: EncodedExample | Sequence[EncodedExample], cfg: 
     transformer = parts.transformer
     params = add_lora(transformer, cfg.rank, cfg.alpha, cfg.seed)
     dist.broadcast_parameters(params)
+    transformer.train()
+    # A tier's "as-needed" checkpointing: measure what each block keeps for backward now, before compiling, and plan
+    # once the job's fixed memory is in place (below, just before the first step).
+    checkpoint_cap = memory_plan.checkpoint_cap_gib(parts, cfg)
+    block_bytes = memory_plan.measure(parts, transformer, examples, cfg) if checkpoint_cap is not None else None
     if cfg.gradient_checkpointing or getattr(parts, "gradient_checkpointing", False):  # asked for, or the memory tier's
         transformer.enable_gradient_checkpointing()
-    transformer.train()
     # On CUDA: compile each block (quietly skipped on the CPU or without Triton) and use cuDNN attention where it
     # passes its self-test at this job's sequence length: bench/RESULTS.md has the gains.
     # A small-card tier's lean previews go without the preview CUDA graph (its memory pool would stay reserved).
@@ -155,6 +160,11 @@ def _train_lora(parts, example: EncodedExample | Sequence[EncodedExample], cfg: 
             yield Finished(run_dir=run.path, last_step=0, stopped=True)
             return
 
+    plan = None
+    if block_bytes is not None:
+        plan = memory_plan.choose(parts, transformer, block_bytes, params, checkpoint_cap, cfg.resolution)
+        yield Status(f"Memory: {plan.describe()} (under {checkpoint_cap:.1f} GiB)")
+
     step = start
     for step in range(start + 1, cfg.steps + 1):
         if dist.any(should_stop()):
@@ -162,8 +172,24 @@ def _train_lora(parts, example: EncodedExample | Sequence[EncodedExample], cfg: 
             return
         started = time.perf_counter()
         picked = sample_indices(images, cfg.seed, step, batch, dist.world_size, dist.rank)
-        losses = [_forward_backward(stepper, examples[i], cfg, mask_generator, 1.0 / len(picked), mus[i])
-                  for i in picked]
+        rng = (generator.get_state(), mask_generator.get_state())
+        try:
+            losses = [_forward_backward(stepper, examples[i], cfg, mask_generator, 1.0 / len(picked), mus[i])
+                      for i in picked]
+        except torch.OutOfMemoryError:
+            if plan is None or plan.recomputed == len(plan.checkpointed) or stepper.graphed or dist.enabled:
+                raise  # (several processes can't retry one step alone)
+            # The plan kept more than this card holds after all: recompute every block and take the step again,
+            # with the same noise (the step's memory is fixed once it is replayed from a graph, so only early steps).
+            stepper.discard()
+            plan = None
+            transformer.enable_gradient_checkpointing()
+            torch.cuda.empty_cache()
+            generator.set_state(rng[0])
+            mask_generator.set_state(rng[1])
+            yield Status("Memory: out of memory keeping activations; recomputing every block from now on")
+            losses = [_forward_backward(stepper, examples[i], cfg, mask_generator, 1.0 / len(picked), mus[i])
+                      for i in picked]
         loss_value = dist.average(losses[0] if len(losses) == 1 else statistics.fmean(losses))
         if not math.isfinite(loss_value):
             # Stop before the optimizer touches the weights: nothing non-finite is ever saved.
