@@ -55,7 +55,12 @@ grow)  # issue 15: candidates per minute, FLUX.1-dev checkpoint source and FLUX.
   done ;;
 esac
 case "$1" in
-asneeded)  # issue 16 goal 5: the FLUX.1 24/16/12 GB tiers with "as-needed" checkpointing, whole jobs under each cap
-  timeout 590 python3 bench/tier_bench.py --tiers ${TIERS:-24gb,16gb,12gb} --steps 30 --save-every 15 --commit "$C" \
-    --out "$OUT/$(date +%F)-h200-tiers-as-needed.json" 2>&1 | cut -c1-900 ;;
+asneeded)  # issue 16 goal 5: FLUX.1 tiers with "as-needed" checkpointing as whole jobs under their caps, and the 24gb
+           # tier with every block checkpointed (as shipped before) in the same call for the comparison
+  timeout 240 python3 bench/tier_bench.py --tiers 24gb --steps 30 --save-every 15 --commit "$C" \
+    --out "$OUT/$(date +%F)-h200-tier-24gb-as-needed.json" 2>&1 | cut -c1-1200
+  timeout 200 python3 bench/tier_bench.py --tiers 24gb --checkpointing on --steps 30 --save-every 15 --commit "$C" \
+    --out "$OUT/$(date +%F)-h200-tier-24gb-every-block.json" 2>&1 | cut -c1-700
+  timeout 200 python3 bench/tier_bench.py --tiers ${TIERS:-12gb} --steps 30 --save-every 15 --commit "$C" \
+    --out "$OUT/$(date +%F)-h200-tiers-as-needed.json" 2>&1 | cut -c1-1200 ;;
 esac

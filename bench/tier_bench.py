@@ -149,11 +149,12 @@ def run_tier(tier_name: str, steps: int, save_every: int, rank: int, resolution:
     family = family_named(family_name)
     tier = load_tier(tier_name, tiers_dir(family))
     if checkpointing is not None:  # a variant: the tier's weights with checkpointing forced on/off
-        tier = dataclasses.replace(tier, gradient_checkpointing=checkpointing)
+        tier = dataclasses.replace(tier, gradient_checkpointing=checkpointing, checkpoint_as_needed=False)
     cuda = torch.cuda.is_available() and not tiny
     device, dtype = (torch.device("cuda"), torch.bfloat16) if cuda else (torch.device("cpu"), torch.float32)
     row = dict(impl="project", kind="tier_job", family=family.name, tier=tier.name, weights=tier.weights, rank=rank,
-               resolution=resolution, checkpointing=tier.gradient_checkpointing, cap_gib=tier.cap_gib,
+               resolution=resolution, checkpointing=tier.gradient_checkpointing,
+               checkpoint_as_needed=tier.checkpoint_as_needed, cap_gib=tier.cap_gib,
                lean_previews=tier.lean_previews)
     if cuda:
         # Outside the Flux blocks, no cuDNN attention (its backward failed on one H100 image); inside them the
