@@ -193,6 +193,14 @@ def button_enabled(driver, elem_id: str) -> bool:
     return driver.find_element(By.ID, elem_id).is_enabled()
 
 
+def buttons_and_progress(driver) -> tuple[bool, bool, str]:
+    """Stop enabled, Train enabled and the progress text, read in one script: the page can change between reads."""
+    return tuple(driver.execute_script(
+        "const enabled = id => !document.getElementById(id).disabled;"
+        "const progress = document.querySelector('#progress');"
+        "return [enabled('stop'), enabled('train'), progress ? progress.innerText : ''];"))
+
+
 def current_step(driver) -> int:
     found = re.search(r"Step (\d+) / \d+", text_of(driver, "#progress"))
     return int(found.group(1)) if found else -1
@@ -232,10 +240,12 @@ def test_reloading_mid_run_reattaches_to_the_running_job(app, browser, tmp_path)
     wait_until(browser, owner_in_storage, 30, "the (encrypted) owner id in localStorage")
 
     upload_image(browser, write_subject_png(tmp_path))
-    configure_run(browser, steps=40, save_every=20)
+    # Far more steps than the test waits for: with 40, a slow CI machine's reload let the job reach its end while the
+    # test read the buttons one by one (Stop read enabled, then the job finished, then Train read enabled too).
+    configure_run(browser, steps=400, save_every=200)
     browser.find_element(By.ID, "train").click()
     wait_until(browser, lambda d: current_step(d) >= 1, RUN_TIMEOUT, "the first training step")
-    assert button_enabled(browser, "stop") and not button_enabled(browser, "train")
+    assert buttons_and_progress(browser)[:2] == (True, False)
     assert len(app.jobs) == 1
     job = app.jobs[0]
     assert job.active
@@ -243,11 +253,12 @@ def test_reloading_mid_run_reattaches_to_the_running_job(app, browser, tmp_path)
     browser.refresh()
     wait_until(browser, lambda d: d.find_elements(By.ID, "progress"), 60, "the reloaded page")
     # the reloaded tab streams the same job: its progress comes back and keeps moving
-    wait_until(browser, lambda d: "/ 40" in text_of(d, "#progress"), 60, "the running job after the reload")
+    wait_until(browser, lambda d: "/ 400" in text_of(d, "#progress"), 60, "the running job after the reload")
     seen = current_step(browser)
     wait_until(browser, lambda d: current_step(d) > seen, 120, "the step to advance after the reload")
-    assert "Training" in text_of(browser, "#progress")
-    assert button_enabled(browser, "stop") and not button_enabled(browser, "train")
+    stop_enabled, train_enabled, progress = buttons_and_progress(browser)
+    assert "Training" in progress and current_step(browser) < 400
+    assert stop_enabled and not train_enabled
     assert app.jobs == [job] and job.active  # re-attached, not restarted
     assert owner_in_storage(browser)
 

@@ -14,8 +14,8 @@ from trainer.errors import UserError
 from ui import (caption_step, compare_tab, dataset_step, grow_tab, image_set, schedule_step, set_step,
                 settings_step, tryit_tab)
 from ui.hosting import hosting_notices, on_space
+from ui.image_cache import write_each_image_once
 from ui.session import clear_errors, owner_and_token_of, user_errors
-from ui.shown_image import ShownImage
 from ui import training_step
 from ui.training_step import TrainingController
 
@@ -28,6 +28,7 @@ IMAGE_TYPES = [".png", ".jpg", ".jpeg", ".webp"]
 
 
 def build_app(manager: api.JobManager, runs_root: Path, state_secret: str | None = None) -> gr.Blocks:
+    write_each_image_once()  # the same picture sent to several outputs must not be rewritten under a browser's fetch
     controller = TrainingController(manager, runs_root)
     inference = api.InferenceService()  # one loaded base model, shared by Compare and Try it
     # A (re)started server: runs whose process died mid-training become "interrupted", offered for Resume.
@@ -54,7 +55,7 @@ def build_app(manager: api.JobManager, runs_root: Path, state_secret: str | None
                 with gr.Row():
                     image_file = gr.File(label="Upload one image (PNG, JPEG, WEBP)", file_types=IMAGE_TYPES,
                                          type="filepath", elem_id="image-upload")
-                    preview = ShownImage(label="What will be trained (dimmed = masked out)", interactive=False,
+                    preview = gr.Image(label="What will be trained (dimmed = masked out)", interactive=False,
                                        type="pil", elem_id="mask-preview", height=360, buttons=["download"])
                 image_info = gr.Markdown("Upload one image. A transparent PNG's transparency is used as its mask.",
                                          elem_id="image-info")
@@ -98,9 +99,9 @@ def build_app(manager: api.JobManager, runs_root: Path, state_secret: str | None
                     brush=gr.Brush(colors=["rgb(0, 200, 0)", "rgb(220, 0, 0)"], default_color="rgb(0, 200, 0)",
                                    color_mode="fixed"), elem_id="mask-editor", height=480)
                 with gr.Row():
-                    mask_full = ShownImage(label="Full-resolution mask (dimmed = not trained)", interactive=False,
+                    mask_full = gr.Image(label="Full-resolution mask (dimmed = not trained)", interactive=False,
                                          type="pil", elem_id="mask-full", height=400)
-                    mask_tokens = ShownImage(label="What the trainer sees: one block = one Flux token (16×16 px)",
+                    mask_tokens = gr.Image(label="What the trainer sees: one block = one Flux token (16×16 px)",
                                            interactive=False, type="pil", elem_id="mask-tokens", height=400)
                 mask_info = gr.Markdown("", elem_id="mask-info")
 

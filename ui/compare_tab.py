@@ -17,7 +17,6 @@ from trainer.errors import UserError
 from ui.compare_grids import show_prompt, stream_grid
 from ui.owned_runs import checkpoint_choices, checkpoint_path, open_owned_run, owner_runs
 from ui.session import RENDER_QUEUE, owner_of, token_of, user_errors
-from ui.shown_image import ShownImage
 
 ADVICE_NOTE = ("Scores are a **heuristic**: the copy score measures how close samples of *other* prompts come to "
                "the training image (pixels and structure; a set: the nearest of its images, named in the advice), "
@@ -199,7 +198,7 @@ def build(runs_root: Path, service: api.InferenceService, owner_state) -> Compar
             # No label on the image itself: Gradio draws it over the image's top-left corner, where the grid's title
             # (its prompt) is, and hid it. The same words stand above the image instead.
             gr.Markdown("**Grid**: click a cell to open it in Try it.", elem_id="grid-image-label")
-            grid_image = ShownImage(label="Grid", show_label=False, type="pil", interactive=False, elem_id="grid-image")
+            grid_image = gr.Image(label="Grid", show_label=False, type="pil", interactive=False, elem_id="grid-image")
             grid_files = gr.File(label="Grid PNGs", file_count="multiple", interactive=False)
             session = gr.State(None)
 

@@ -18,7 +18,6 @@ from ui.compare_grids import cell_at
 from ui.compare_tab import CompareTab
 from ui.owned_runs import checkpoint_choices, checkpoint_path, open_owned_run, owner_runs
 from ui.session import RENDER_QUEUE, owner_of, user_errors
-from ui.shown_image import ShownImage
 
 MAX_WEIGHT = 1.5
 
@@ -107,9 +106,9 @@ def build(runs_root: Path, service: api.InferenceService, owner_state) -> TryItT
         go = gr.Button("Generate", variant="primary", elem_id="tryit-generate")
         status = gr.Markdown("")
         with gr.Row():
-            lora_image = ShownImage(label="With the LoRA", type="pil", interactive=False, height=480,
+            lora_image = gr.Image(label="With the LoRA", type="pil", interactive=False, height=480,
                                   elem_id="tryit-lora")
-            base_image = ShownImage(label="Base model (no LoRA)", type="pil", interactive=False, height=480,
+            base_image = gr.Image(label="Base model (no LoRA)", type="pil", interactive=False, height=480,
                                   elem_id="tryit-base")
 
     def refresh_runs(stored, current, request: gr.Request, profile: gr.OAuthProfile | None = None):
