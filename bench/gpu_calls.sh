@@ -64,3 +64,9 @@ asneeded)  # issue 16 goal 5: FLUX.1 tiers with "as-needed" checkpointing as who
   timeout 200 python3 bench/tier_bench.py --tiers ${TIERS:-12gb} --steps 30 --save-every 15 --commit "$C" \
     --out "$OUT/$(date +%F)-h200-tiers-as-needed.json" 2>&1 | cut -c1-1200 ;;
 esac
+case "$1" in
+hires)  # issue 16 goal 2, "measure today's first": the shipped full-tier step at 1024 px, then the plain one
+  timeout 200 python3 bench/flux_bench.py --out-dir "$OUT" --commit "$C" --tag=-1024 \
+    --plan compile+graph@nockpt,baseline@nockpt --ranks 16 --resolutions 1024 --steps 8 --warmup 3 \
+    --budget-s 185 2>&1 | tail -8 ;;
+esac
