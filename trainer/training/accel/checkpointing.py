@@ -22,7 +22,8 @@ GIB = 2 ** 30
 # The caching allocator reserves more than it hands out (activations come in many sizes): 15.1 GiB allocated took
 # 19.2 GiB reserved on the 24gb tier (bench/RESULTS.md, 2026-12-01). Kept activations are counted at this much.
 # With this plan the 24gb job peaked at 16.95 allocated / 22.96 reserved under its 23.0 cap (2026-12-04): the
-# allocator filled the cap and gave back cached blocks, no OOM; an OOM in an early step falls back to every block (loop.py).
+# allocator filled the cap and gave back cached blocks, no OOM. An OOM in an early step falls back to every block
+# (trainer/training/loop.py).
 FRAGMENTATION = 1.25
 SAFETY_GIB = 1.5  # left free under the cap whatever the sums say: transients the sums don't see (workspaces, dequant)
 
