@@ -274,3 +274,24 @@ def test_a_klein_rounds_grid_has_a_no_training_column(tmp_path, isolated_data_di
     assert np.array_equal(_pixels(edited), _pixels(engine.render(two.prompts[0], 1, plan.settings,
                                                                  references=references)))
     assert np.abs(_pixels(base) - _pixels(edited)).sum() > 0  # the reference reached the render
+
+
+def test_each_round_s_column_is_its_starred_checkpoint_else_its_last_one_on_disk(tmp_path):
+    from trainer.config import TrainingConfig
+    from trainer.grow.rounds import chosen_checkpoint
+    from trainer.review.advisor import set_star
+
+    image, mask = subject_image((64, 64))
+    run = RunFolder.create_at(tmp_path / "r1", TrainingConfig(caption="a photo of [trigger]", trigger="ohwx",
+                                                              steps=6, save_every=2, resolution=64), image, mask)
+    with pytest.raises(UserError, match="no checkpoint to compare"):
+        chosen_checkpoint(run)
+    for step in (2, 4, 6):
+        run.checkpoint_path(step).write_bytes(b"")
+        run.record_checkpoint(step, run.checkpoint_path(step))
+    assert chosen_checkpoint(run).step == 6
+    run.checkpoint_path(6).unlink()  # deleted by hand: the newest one still there
+    assert chosen_checkpoint(run).step == 4
+    set_star(run.path, 2)
+    chosen = chosen_checkpoint(run)
+    assert (chosen.step, chosen.path) == (2, run.checkpoint_path(2))

@@ -13,7 +13,7 @@ from typing import Callable
 from trainer.errors import UserError
 from trainer.families import family_of_spec
 from trainer.grow.job import on_plain_background
-from trainer.review.advisor import starred_step
+from trainer.review.advisor import CheckpointFile, checkpoint_files
 from trainer.review.grid import BASE_STEP, Column, GridPlan, GridSpec, plan_grid
 from trainer.review.prompts import missing_views
 from trainer.runs.folder import RunFolder, open_run
@@ -41,12 +41,12 @@ def round_chain(run: RunFolder, open_parent: Callable[[str], RunFolder] = open_r
     return chain[::-1]
 
 
-def chosen_step(run: RunFolder) -> int:
-    steps = [int(c["step"]) for c in run.checkpoints if (run.path / c["path"]).is_file()]
-    if not steps:
+def chosen_checkpoint(run: RunFolder) -> CheckpointFile:
+    """The round's starred checkpoint, else its last one still on disk."""
+    files = checkpoint_files(run)
+    if not files:
         raise UserError(f"The run '{run.path.name}' (round {round_number(run)}) has no checkpoint to compare.")
-    star = starred_step(run.path)
-    return star if star in steps else max(steps)
+    return next((f for f in files if f.starred), max(files, key=lambda f: f.step))
 
 
 def rounds_prompts(first: RunFolder) -> list[str]:
@@ -72,16 +72,12 @@ def plan_rounds_grid(chain: list[RunFolder], seeds: tuple[int, ...] = (1, 2),
         raise UserError(f"The rounds were trained on different base models ({', '.join(sorted(models))}); a rounds "
                         "grid compares LoRAs of one base model.")
     plan = plan_grid(newest, GridSpec(prompts=tuple(rounds_prompts(chain[0])), seeds=seeds,
-                                      steps=(chosen_step(newest),), sample_steps=sample_steps))
+                                      steps=(chosen_checkpoint(newest).step,), sample_steps=sample_steps))
     columns = [Column(BASE_STEP, None)]
     if family_of_spec(newest.model).takes_reference_images:  # can editing alone, with no training, do as well?
         references = tuple(on_plain_background(item) for item in chain[0].load_set())
         columns.append(Column(BASE_STEP, None, name="no training (reference edit)", references=references))
     for run in chain:
-        step = chosen_step(run)
-        columns.append(Column(step, _recorded(run, step), name=f"round {round_number(run)} · step {step}"))
+        chosen = chosen_checkpoint(run)
+        columns.append(Column(chosen.step, chosen.path, name=f"round {round_number(run)} · step {chosen.step}"))
     return GridPlan(run=newest, prompts=plan.prompts, columns=tuple(columns), rows=plan.rows, settings=plan.settings)
-
-
-def _recorded(run: RunFolder, step: int) -> Path:
-    return next(run.path / c["path"] for c in run.checkpoints if int(c["step"]) == step)
