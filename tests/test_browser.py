@@ -202,7 +202,11 @@ def buttons_and_progress(driver) -> tuple[bool, bool, str]:
 
 
 def current_step(driver) -> int:
-    found = re.search(r"Step (\d+) / \d+", text_of(driver, "#progress"))
+    return step_in(text_of(driver, "#progress"))
+
+
+def step_in(progress: str) -> int:
+    found = re.search(r"Step (\d+) / \d+", progress)
     return int(found.group(1)) if found else -1
 
 
@@ -257,7 +261,7 @@ def test_reloading_mid_run_reattaches_to_the_running_job(app, browser, tmp_path)
     seen = current_step(browser)
     wait_until(browser, lambda d: current_step(d) > seen, 120, "the step to advance after the reload")
     stop_enabled, train_enabled, progress = buttons_and_progress(browser)
-    assert "Training" in progress and current_step(browser) < 400
+    assert "Training" in progress and step_in(progress) < 400
     assert stop_enabled and not train_enabled
     assert app.jobs == [job] and job.active  # re-attached, not restarted
     assert owner_in_storage(browser)
