@@ -22,6 +22,11 @@ times:
             weights), eager and compiled;
   profile   kernel time per step by category (torch.profiler);
   tiers     which configurations fit under 24 / 16 / 12 GB (``torch.cuda.set_per_process_memory_fraction``);
+  fp8check  the frozen base in fp8 (trainer.model.fp8_matmul): the LoRA gradient over a short bf16 run against the
+            same steps with fp8 matmuls and with dequantized fp8 storage, then the base stays fp8 for what follows;
+  fp8mode:M which matmul the quantized base runs from then on (copy: fp8 with a transposed copy, the full tier;
+            otf: fp8 transposing on the fly, the small tiers; dequant: fp8 storage turned into bf16, as before);
+            preview rows after it compare their image with the bf16 one (PSNR);
   floor     the FLOPs of one training step counted by ``torch.utils.flop_counter`` and a bf16 GEMM's measured
             rate: the step's floor (FLOPs / rate), to say how far the shipped step is from it.
 Each figure is the median of several CUDA-synchronised steps after warm-up. Rows are written to the JSON file
@@ -116,6 +121,8 @@ class Bench:
         self.info: dict = {}
         self.transformer = None
         self.out_path: Path | None = None
+        self.row_tags: dict = {}  # merged into every row (the fp8 plan items: which matmul the base runs)
+        self.preview_images: dict = {}  # the last image of each preview case, by row tags (fp8 vs bf16 PSNR)
 
     # ---------------------------------------------------------------- plumbing
     def left(self) -> float:
@@ -238,7 +245,7 @@ class Bench:
         return times, first
 
     def add_row(self, **row):
-        row = {k: v for k, v in row.items()}
+        row = {**self.row_tags, **row}
         self.rows.append(row)
         keys = ("impl", "accel", "rank", "resolution", "checkpointing", "s_per_step", "peak_gib", "error")
         self.log("ROW", {k: row.get(k) for k in keys if k in row})
@@ -596,6 +603,7 @@ class Bench:
             wrapper = self.transformer.__dict__.get("_one_image_lora_graphed_inference")
             graph_info = dict(inference_graph_replays=wrapper.replays if wrapper else 0,
                               inference_graph_error=wrapper.error if wrapper else None)
+            graph_info.update(self.compare_preview(img, batch))
             self.transformer.train()
             self.project_teardown(s)
             del renderer, parts
@@ -603,6 +611,114 @@ class Bench:
                         vae_decode_s=round(decode, 3), n_images=len(times), **graph_info)
 
         self.case(measure, base, est_s=15 if accel.startswith("none") else 60)
+
+    def compare_preview(self, img, batch: int) -> dict:
+        """Keep this case's last image; against the bf16 case of the same batch (if one ran): PSNR and the mean
+        absolute pixel difference (the fp8 matmuls' effect on a preview: same seed, same LoRA)."""
+        import numpy as np
+
+        matmul = self.row_tags.get("matmul", "bf16")
+        self.preview_images[(matmul, batch)] = np.asarray(img, dtype=np.float64)
+        ref = self.preview_images.get(("bf16", batch))
+        if matmul == "bf16" or ref is None:
+            return {}
+        diff = self.preview_images[(matmul, batch)] - ref
+        mse = float((diff ** 2).mean())
+        return dict(vs_bf16_psnr_db=round(10 * math.log10(255 ** 2 / mse), 2) if mse > 0 else None,
+                    vs_bf16_mean_abs_px=round(float(abs(diff).mean()), 3))
+
+    # ---------------------------------------------------------------- fp8 matmuls for the frozen base (issue 16)
+    def set_matmul(self, mode: str) -> dict:
+        """fp8mode:copy | otf | dequant -- how the (already quantized) base multiplies from here on: fp8 with a
+        transposed copy of the codes (the full tier), fp8 transposing on the fly (the fp8-stored small tiers),
+        or fp8 storage dequantized to bf16 (the small tiers before fp8 matmuls). Later rows carry the mode."""
+        from trainer.model.quantize import QuantizedLinear, use_fp8_matmuls
+
+        if mode == "dequant":
+            for layer in self.transformer.modules():
+                if isinstance(layer, QuantizedLinear):
+                    layer.matmul, layer.weight_t = "dequantize", None
+            report = {}
+        else:
+            report = use_fp8_matmuls(self.transformer, transposed_copy=mode == "copy")
+        self.row_tags = dict(matmul="fp8" if mode != "dequant" else "bf16-dequant", fp8_mode=mode)
+        self.free()
+        self.log("matmul mode", mode, report)
+        return report
+
+    def run_fp8check(self, grid, check_steps: int = 10):
+        """Gradient agreement of the fp8 base with today's bf16 step, then the base quantized in place for the
+        plan items after it. ``check_steps`` steps of a bf16 training run (AdamW after each, the trainer's
+        learning rate); at each, the LoRA gradient in bf16, then -- once the block layers are fp8 -- with the same
+        LoRA, noise and timestep, with fp8 matmuls and with the fp8 storage dequantized to bf16 (the small tiers
+        before). Cosine of the whole LoRA gradient, of its A and B halves, and the loss's relative difference."""
+        from trainer.model.quantize import QuantizedLinear, quantize_linears
+        from trainer.training.step import training_step
+
+        if self.transformer is None:
+            self.build_transformer()
+        if any(isinstance(m, QuantizedLinear) for m in self.transformer.modules()):
+            return
+        rank, res, _ = grid[0]
+        base = dict(impl="project", accel="check", kind="fp8check", rank=rank, resolution=res, checkpointing=False,
+                    check_steps=check_steps)
+
+        def grads_of(s):
+            loss = training_step(self.transformer, s.example, s.cfg, s.generator, s.mu, True)
+            loss.backward()
+            return float(loss), [p.grad.detach().float().clone() for p in s.params]
+
+        def cosine(a, b):
+            dot = sum(float((x * y).sum()) for x, y in zip(a, b))
+            na = sum(float((x * x).sum()) for x in a) ** 0.5
+            nb = sum(float((y * y).sum()) for y in b) ** 0.5
+            return dot / (na * nb) if na > 0 and nb > 0 else None  # None: LoRA A's gradient at step 0 (B = 0)
+
+        def measure():
+            s = self.project_setup(rank, res, False)
+            names = [n for n, p in self.transformer.named_parameters() if p.requires_grad]
+            half = {k: [i for i, n in enumerate(names) if f"lora_{k}" in n] for k in ("A", "B")}
+            opt = torch.optim.AdamW(s.params, lr=s.cfg.learning_rate, weight_decay=s.cfg.weight_decay, fused=self.cuda)
+            record = []
+            for _ in range(check_steps):
+                start = [p.detach().clone() for p in s.params]
+                state = s.generator.get_state()
+                loss, grads = grads_of(s)
+                record.append((start, state, loss, [g.cpu() for g in grads]))
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            del opt
+            t = time.perf_counter()
+            report = quantize_linears(self.transformer, "fp8", self.device, skip=self.family.keeps_full_precision)
+            self.sync()
+            out = dict(quantize_s=round(time.perf_counter() - t, 2), quantized_layers=report["quantized"],
+                       learning_rate=s.cfg.learning_rate)
+            for mode in ("copy", "dequant"):
+                self.set_matmul(mode)
+                rows = []
+                for start, state, loss_ref, ref in record:
+                    for p, p0 in zip(s.params, start):
+                        p.data.copy_(p0)
+                        p.grad = None
+                    s.generator.set_state(state)
+                    loss, grads = grads_of(s)
+                    grads = [g.cpu() for g in grads]
+                    rows.append((cosine(grads, ref), *(cosine([grads[i] for i in half[k]], [ref[i] for i in half[k]])
+                                                       for k in ("A", "B")), abs(loss - loss_ref) / abs(loss_ref)))
+                key = "fp8" if mode == "copy" else "dequant"
+                out[f"{key}_grad_cosine"] = [round(r[0], 5) for r in rows]
+                out[f"{key}_grad_cosine_min"] = round(min(r[0] for r in rows), 5)
+                for i, k in ((1, "A"), (2, "B")):
+                    out[f"{key}_grad_cosine_{k}_min"] = round(min(r[i] for r in rows if r[i] is not None), 5)
+                out[f"{key}_loss_rel_diff_max"] = round(max(r[3] for r in rows), 5)
+            out["losses_bf16"] = [round(r[2], 5) for r in record]
+            self.row_tags = {}
+            for p in s.params:
+                p.grad = None
+            self.project_teardown(s)
+            return out
+
+        self.case(measure, base, est_s=60 + 3 * check_steps)
 
     # ---------------------------------------------------------------- correctness of the graphed training step
     def run_stepcheck(self, set_of: int = 1):
@@ -998,6 +1114,10 @@ class Bench:
                 self.run_profile(acc)
             elif label == "floor":
                 self.run_floor()
+            elif label == "fp8check":
+                self.run_fp8check(grid)
+            elif label.startswith("fp8mode:"):
+                self.set_matmul(label.partition(":")[2])
             elif label == "stepcheck":
                 self.run_stepcheck()
             elif label.startswith("setcheck"):  # setcheck:N, a set of N picture shapes
@@ -1100,7 +1220,8 @@ def main(argv=None):
     p.add_argument("--commit", default=os.environ.get("BENCH_COMMIT") or _git_head())
     p.add_argument("--plan", default=DEFAULT_PLAN,
                    help="comma list run in order: baseline | none | step | graph | compile | compile+graph "
-                        "(+ -castcopy) | preview[-compile][+profile][:batch] | profile[:variant] | run[:steps:every] | tiers; "
+                        "(+ -castcopy) | preview[-compile][+profile][:batch] | profile[:variant] | run[:steps:every] | tiers | "
+                        "fp8check (gradients vs bf16, then the base stays fp8) | fp8mode:copy|otf|dequant; "
                         "each may be filtered with @r16 @r4 @512 @1024 @ckpt @nockpt")
     p.add_argument("--ranks", type=int, nargs="+", default=[16, 4])
     p.add_argument("--resolutions", type=int, nargs="+", default=[512, 1024])

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from trainer.model.quantize import (FP8_DTYPE, NF4_BLOCK, NF4_LEVELS, STORAGES, QuantizedLinear, dequantize,
-                              outside_blocks, quantize_linears, weight_bytes)
+                              outside_blocks, quantize_linears, use_fp8_matmuls, weight_bytes)
 
 QUANTIZED = ("fp8", "nf4")
 
@@ -437,7 +437,10 @@ def lora_figures(base, storage: str) -> dict:
     def prepared():
         model = copy.deepcopy(base)
         if storage != "full":
-            quantize_linears(model, storage, "cpu")
+            # "fp8-matmul": fp8 storage multiplied in fp8 (trainer.model.fp8_matmul; tests/test_fp8_matmul.py)
+            quantize_linears(model, "fp8" if storage == "fp8-matmul" else storage, "cpu")
+            if storage == "fp8-matmul":
+                assert use_fp8_matmuls(model)["fp8_matmuls"] > 0
         return model, add_lora(model, rank=4, alpha=4.0, seed=0)
 
     model, params = prepared()

@@ -6,6 +6,9 @@ Every variable has the prefix ``ONE_IMAGE_LORA_``:
   GPU where compiling misbehaves).
 - ``ONE_IMAGE_LORA_CUDA_GRAPHS`` (1 | 0, default 1): replay the training step and the preview forward from CUDA
   graphs.
+- ``ONE_IMAGE_LORA_FP8_MATMUL`` (1 | 0, default 1): let a memory tier with ``matmul = "fp8"`` multiply the frozen base
+  in fp8 on a GPU with fp8 tensor cores (``trainer.model.fp8_matmul``); 0 keeps every matmul in bf16 (to compare, or
+  where a driver misbehaves).
 - ``ONE_IMAGE_LORA_ATTENTION`` (auto | cudnn | flash, default auto): ``auto`` puts cuDNN's attention first where
   its self-test passes, ``cudnn`` skips the test, ``flash`` keeps PyTorch's own choice.
 - ``ONE_IMAGE_LORA_MASK_MODEL`` (auto | u2net | u2netp | birefnet-general | isnet-anime, default auto): the
@@ -69,6 +72,7 @@ class Runtime:
     repr, nor in the log."""
     compile: bool = True
     cuda_graphs: bool = True
+    fp8_matmul: bool = True
     attention: Attention = "auto"
     mask_model: str = "auto"
     data_dir: Path = dataclasses.field(default_factory=lambda: default_data_dir({}))
@@ -124,7 +128,8 @@ class Runtime:
                             "65535, or leave it unset (7860).") from None
         explicit = get("DATA_DIR")
         data = Path(explicit).expanduser().resolve() if explicit else default_data_dir(environ, space_volume)
-        return cls(compile=switch("COMPILE"), cuda_graphs=switch("CUDA_GRAPHS"), attention=attention,
+        return cls(compile=switch("COMPILE"), cuda_graphs=switch("CUDA_GRAPHS"), fp8_matmul=switch("FP8_MATMUL"),
+                   attention=attention,
                    mask_model=mask_model, data_dir=data, app_host=get("APP_HOST") or "127.0.0.1", app_port=port,
                    app_username=get("APP_USERNAME") or "", app_password=get("APP_PASSWORD") or "")
 
@@ -132,7 +137,8 @@ class Runtime:
         """One line for the log: every switch, and only whether a login is set (never the password)."""
         on = {True: "on", False: "off"}
         login = "set" if self.app_username and self.app_password else "none"
-        return (f"compile={on[self.compile]} cuda_graphs={on[self.cuda_graphs]} attention={self.attention} "
+        return (f"compile={on[self.compile]} cuda_graphs={on[self.cuda_graphs]} fp8_matmul={on[self.fp8_matmul]} "
+                f"attention={self.attention} "
                 f"data_dir={self.data_dir} app={self.app_host}:{self.app_port} login={login}")
 
 

@@ -57,6 +57,8 @@ class ModelParts:
     checkpoint_cap_gib: float | None = None
     # Previews one image at a time and without a CUDA graph (small-card tiers: ``MemoryTier.lean_previews``).
     lean_previews: bool = False
+    # "fp8" when the block layers multiply in fp8 (``place_transformer`` with a tier's ``matmul = "fp8"``), else "bf16"
+    matmul: str = "bf16"
     family: ModelFamily = FLUX1
 
     @property
@@ -222,19 +224,39 @@ def load_parts(folder: Path, device: torch.device | None = None, dtype: torch.dt
     return parts
 
 
+def fp8_matmuls_apply(matmul: str, weights: str, device: torch.device, runtime=None) -> bool:
+    """Will the block layers multiply in fp8? The tier asks (``matmul = "fp8"``, on bf16 or fp8 weights), the GPU
+    has fp8 tensor cores, and ``ONE_IMAGE_LORA_FP8_MATMUL`` is not 0."""
+    from trainer.model import fp8_matmul
+    from trainer.runtime import current
+
+    runtime = runtime or current()
+    return (matmul == "fp8" and weights in ("bf16", "fp8") and runtime.fp8_matmul
+            and fp8_matmul.supported(device))
+
+
 def place_transformer(parts: ModelParts, weights: str = "bf16", gradient_checkpointing: bool = False,
-                      lean_previews: bool = False, checkpoint_cap_gib: float | None = None) -> dict:
+                      lean_previews: bool = False, checkpoint_cap_gib: float | None = None, matmul: str = "bf16",
+                      training: bool = True) -> dict:
     """Move the transformer to ``parts.device``, its frozen Linear weights stored as ``weights`` (a memory tier's).
 
     ``bf16`` moves it as loaded. ``fp8``/``nf4`` quantize it layer by layer on the device (``trainer.model.quantize``), so the
-    GPU never holds the full-precision model. Returns what was done (layers quantized, bytes) for the job's log.
+    GPU never holds the full-precision model. ``matmul="fp8"`` (a tier's, where ``fp8_matmuls_apply``): the block
+    layers multiply in fp8; bf16 weights are then stored as fp8 with a transposed copy for ``training``'s backward
+    (the same bytes as bf16; a render-only model needs no copy). Returns what was done for the job's log.
     """
+    fp8 = fp8_matmuls_apply(matmul, weights, parts.device)
     parts.weights, parts.gradient_checkpointing, parts.lean_previews = weights, gradient_checkpointing, lean_previews
     parts.checkpoint_cap_gib = checkpoint_cap_gib if gradient_checkpointing else None
-    if weights == "bf16":
+    parts.matmul = "fp8" if fp8 else "bf16"
+    if weights == "bf16" and not fp8:
         parts.transformer.to(parts.device)
-        return {"weights": weights, "quantized_layers": 0}
-    from trainer.model.quantize import quantize_linears
+        return {"weights": weights, "quantized_layers": 0, "matmul": "bf16"}
+    from trainer.model.quantize import quantize_linears, use_fp8_matmuls
 
-    report = quantize_linears(parts.transformer, weights, parts.device, skip=parts.family.keeps_full_precision)
-    return {"weights": weights, **report}
+    storage = "fp8" if weights == "bf16" else weights
+    report = quantize_linears(parts.transformer, storage, parts.device, skip=parts.family.keeps_full_precision)
+    report = {"weights": weights, **report, "matmul": parts.matmul}
+    if fp8:
+        report.update(use_fp8_matmuls(parts.transformer, transposed_copy=training and weights == "bf16"))
+    return report

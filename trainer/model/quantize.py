@@ -41,6 +41,10 @@ reads, where an error is not averaged over 57 blocks, and quantizing them would 
 by position rather than by size so that the tiny test model (every layer small) is treated like the real one.
 LoRA's own ``lora_A`` / ``lora_B`` layers are never quantized.
 
+Matmuls: a fp8 layer dequantizes by default (``matmul = "dequantize"``); ``use_fp8_matmuls`` switches the fp8 layers
+whose shapes allow it to multiply in fp8 instead (``trainer.model.fp8_matmul``: the codes and scales as stored here,
+the activations quantized per row), optionally with a transposed copy of the codes for the backward's GEMM.
+
 Integration order: load the transformer on the CPU, then ``quantize_linears(transformer, storage, "cuda")``
 moves it to the GPU one layer at a time (peak = quantized layers + one full-precision layer); ``add_lora``
 can come before or after.
@@ -52,6 +56,8 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
+from trainer.model import fp8_matmul
 
 STORAGES = ("bf16", "fp8", "nf4")
 
@@ -192,6 +198,7 @@ class QuantizedLinear(torch.nn.Linear):
     """
 
     compute_dtype = torch.float32
+    matmul = "dequantize"  # or "fp8": set by use_fp8_matmuls
 
     def __init__(self, in_features: int, out_features: int, storage: str, data: torch.Tensor, scale: torch.Tensor,
                  bias: torch.Tensor | None = None):
@@ -205,6 +212,8 @@ class QuantizedLinear(torch.nn.Linear):
         # which CUDA-graph capture would refuse), not saved in the state dict.
         self.register_buffer("table", _nf4_pair_table().to(data.device) if storage == "nf4" else None,
                              persistent=False)
+        # fp8 matmuls' backward reads the codes transposed; None: transposed on the fly (not in the state dict)
+        self.register_buffer("weight_t", None, persistent=False)
         if bias is None:
             self.register_parameter("bias", None)
         else:
@@ -234,11 +243,14 @@ class QuantizedLinear(torch.nn.Linear):
         # to it, so autocast has nothing left to cast.
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         bias = None if self.bias is None else self.bias.to(dtype)
+        if self.matmul == "fp8":
+            return fp8_matmul.fp8_linear(x.to(dtype), self.weight, self.scale, self.weight_t, bias)
         return _QuantizedMatmul.apply(x.to(dtype), self.weight, self.scale, self.table, bias, self.storage,
                                       self.out_features, self.in_features)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, storage={self.storage}"
+        matmul = ", matmul=fp8" if self.matmul == "fp8" else ""
+        return f"{super().extra_repr()}, storage={self.storage}{matmul}"
 
 
 def dequantize(layer: torch.nn.Linear, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -249,6 +261,24 @@ def dequantize(layer: torch.nn.Linear, dtype: torch.dtype = torch.float32) -> to
             return _dequantize(layer.storage, layer.weight, layer.scale, layer.table, layer.out_features,
                                layer.in_features, dtype)
     return layer.weight.detach().to(dtype, copy=True)
+
+
+def use_fp8_matmuls(module: torch.nn.Module, transposed_copy: bool = False) -> dict:
+    """Switch every fp8-stored QuantizedLinear in ``module`` whose shapes fit (``fp8_matmul.fits``) to fp8 matmuls,
+    in place. ``transposed_copy``: keep the transposed codes for backward (one more byte per weight: worth it where
+    memory allows, the full tier; without it each backward transposes them). Returns ``{"fp8_matmuls", "kept"}``:
+    how many layers now multiply in fp8 and how many fp8 layers keep dequantizing (shapes that don't fit)."""
+    report = {"fp8_matmuls": 0, "kept": 0}
+    for layer in module.modules():
+        if not isinstance(layer, QuantizedLinear) or layer.storage != "fp8":
+            continue
+        if not fp8_matmul.fits(layer.in_features, layer.out_features):
+            report["kept"] += 1
+            continue
+        layer.matmul = "fp8"
+        layer.weight_t = fp8_matmul.transposed_codes(layer.weight) if transposed_copy else None
+        report["fp8_matmuls"] += 1
+    return report
 
 
 def _is_lora_path(name: str) -> bool:
@@ -262,7 +292,8 @@ def outside_blocks(name: str, layer: torch.nn.Module) -> bool:
 
 def _linear_bytes(layer: torch.nn.Linear) -> int:
     if isinstance(layer, QuantizedLinear):
-        return layer.weight.nbytes + layer.scale.nbytes
+        transposed = 0 if layer.weight_t is None else layer.weight_t.nbytes
+        return layer.weight.nbytes + layer.scale.nbytes + transposed
     return layer.weight.nbytes
 
 

@@ -19,6 +19,7 @@ from trainer.errors import UserError
 TIERS_DIR = Path(__file__).resolve().parents[2] / "presets" / "memory"
 AUTO = "auto"
 WEIGHT_STORAGES = ("bf16", "fp8", "nf4")
+MATMULS = ("bf16", "fp8")  # how the frozen base multiplies: in bf16 (dequantizing), or in fp8 (trainer.model.fp8_matmul)
 AS_NEEDED = "as-needed"  # gradient_checkpointing: recompute only the blocks the card has no room to keep
 # What a card of N GB leaves to one process: the CUDA context (~0.5 GiB) and, on a desktop, the display take
 # the rest. The benchmark caps each tier at this much, not at the card's full size.
@@ -39,6 +40,9 @@ class MemoryTier:
     # its own memory pool for the whole run (0.9-1.9 GiB measured at 512 px with a batch of 3), which pushed the
     # 16 and 12 GB tiers over their cap on an H100 (bench/RESULTS.md); the lean way renders previews more slowly.
     lean_previews: bool = False
+    # "fp8": the block layers multiply in fp8 on GPUs with fp8 tensor cores (bf16 storage is quantized to fp8 for it,
+    # with a transposed copy for backward: the same bytes); elsewhere, or with ONE_IMAGE_LORA_FP8_MATMUL=0, in bf16.
+    matmul: str = "bf16"
 
     @property
     def card_gib(self) -> float | None:
@@ -71,11 +75,15 @@ def load_tier(name: str, directory: Path = TIERS_DIR) -> MemoryTier:
         tier = MemoryTier(name=name, description=str(data["description"]), min_card_gib=float(data["min_card_gib"]),
                           weights=str(data["weights"]), gradient_checkpointing=checkpointing is not False,
                           checkpoint_as_needed=checkpointing == AS_NEEDED,
-                          lean_previews=bool(data.get("lean_previews", False)))
+                          lean_previews=bool(data.get("lean_previews", False)),
+                          matmul=str(data.get("matmul", "bf16")))
     except KeyError as missing:
         raise UserError(f"Memory tier file '{path}' lacks {missing}.") from None
     if tier.weights not in WEIGHT_STORAGES:
         raise UserError(f"Memory tier '{name}': weights must be one of {', '.join(WEIGHT_STORAGES)}.")
+    if tier.matmul not in MATMULS or (tier.matmul == "fp8" and tier.weights == "nf4"):
+        raise UserError(f"Memory tier '{name}': matmul must be one of {', '.join(MATMULS)} (fp8 with bf16 or fp8 "
+                        "weights, not nf4).")
     return tier
 
 

@@ -129,7 +129,7 @@ class LoraPipeline:
                              family=family_of_folder(folder))
         weights = choice.tier.weights
         parts = load_parts(folder, device, dtype, transformer_on_device=False, encoders_on_device=weights == "bf16")
-        place_transformer(parts, weights)
+        place_transformer(parts, weights, matmul=choice.tier.matmul, training=False)
         log.info("rendering with %s", choice.reason)
         pipeline = cls(parts)
         pipeline.memory_tier = choice.tier.name

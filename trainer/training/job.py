@@ -33,7 +33,8 @@ from trainer.events import (CheckpointSaved, Event, Failed, LossHistory, Placed,
 from trainer.training.loop import train_lora
 from trainer.families import family_of_folder
 from trainer.model.tiers import choose_tier
-from trainer.model.loading import is_tiny_demo, load_parts, pick_device, place_transformer, resolve_model
+from trainer.model.loading import (fp8_matmuls_apply, is_tiny_demo, load_parts, pick_device, place_transformer,
+                                   resolve_model)
 from trainer.runs.folder import RunFolder
 from trainer.training.preview_model import check_preview_folder, load_preview_model
 from trainer.training.previews import PreviewRenderer
@@ -218,9 +219,10 @@ def train_with_parts(parts, run: RunFolder, tier, should_stop: Callable[[], bool
                 for index, (t, c) in enumerate(zip(train_images, captions))]
     free_encoders(parts)
     gc.collect()
-    yield Status(_placing_message(tier.weights))
+    fp8 = fp8_matmuls_apply(tier.matmul, tier.weights, parts.device)
+    yield Status(_placing_message(tier.weights, fp8))
     place_transformer(parts, tier.weights, tier.gradient_checkpointing, tier.lean_previews,
-                      tier.cap_gib if tier.checkpoint_as_needed else None)
+                      tier.cap_gib if tier.checkpoint_as_needed else None, matmul=tier.matmul)
     gc.collect()
     preview_model = None
     if preview_folder is not None:
@@ -237,7 +239,10 @@ def train_with_parts(parts, run: RunFolder, tier, should_stop: Callable[[], bool
     yield from train_lora(parts, examples, cfg, run, renderer, should_stop, resume=resume, dist=dist)
 
 
-def _placing_message(weights: str) -> str:
+def _placing_message(weights: str, fp8_matmuls: bool = False) -> str:
+    if fp8_matmuls:
+        return ("Storing the transformer's frozen weights as FP8 on the GPU, layer by layer, to multiply them in fp8 "
+                "(this GPU's fp8 tensor cores: the memory tier's speed-up; the LoRA still trains in float32)")
     if weights == "bf16":
         return "Moving the transformer to the training device"
     return (f"Storing the transformer's frozen weights as {weights.upper()} on the GPU, layer by layer (the memory "

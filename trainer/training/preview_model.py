@@ -98,7 +98,8 @@ def load_preview_model(parts, folder: Path, cfg, tier) -> tuple[PreviewModel | N
     try:
         transformer = family.transformer_class().from_pretrained(folder / "transformer", torch_dtype=parts.dtype)
         transformer.requires_grad_(False)
-        place_transformer(dataclasses.replace(parts, transformer=transformer), tier.weights)
+        place_transformer(dataclasses.replace(parts, transformer=transformer), tier.weights, matmul=tier.matmul,
+                          training=False)
         add_lora(transformer, cfg.rank, cfg.alpha, cfg.seed)
         for p in transformer.parameters():
             p.requires_grad_(False)  # a copy of the training LoRA, never trained itself
