@@ -121,6 +121,8 @@ class Bench:
         self.info: dict = {}
         self.transformer = None
         self.out_path: Path | None = None
+        if self.cuda:  # the fp8 plan items recompile the blocks once per matmul mode: room for every variant
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         self.row_tags: dict = {}  # merged into every row (the fp8 plan items: which matmul the base runs)
         self.preview_images: dict = {}  # the last image of each preview case, by row tags (fp8 vs bf16 PSNR)
 

@@ -70,3 +70,25 @@ hires)  # issue 16 goal 2, "measure today's first": the shipped full-tier step a
     --plan compile+graph@nockpt,baseline@nockpt --ranks 16 --resolutions 1024 --steps 8 --warmup 3 \
     --budget-s 185 2>&1 | tail -8 ;;
 esac
+case "$1" in
+fp8)  # issue 16 goals 1-3: the frozen base multiplied in fp8 (trainer/model/fp8_matmul.py) against today's bf16 step,
+      # in one run: bf16 step + preview round, gradient agreement, then fp8 with a transposed copy / on the fly /
+      # dequantized, the fp8 preview round (PSNR vs bf16), and the fp8 step at 1024 px
+  python3 - <<'PY' || exit 1
+import torch, torch.nn.functional as F
+from trainer.model.quantize import QuantizedLinear, use_fp8_matmuls, dequantize
+lin = torch.nn.Linear(3072, 12288, device="cuda", dtype=torch.bfloat16)
+q = QuantizedLinear.from_linear(lin, "fp8"); use_fp8_matmuls(q, transposed_copy=False)
+x = torch.randn(1536, 3072, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+with torch.autocast("cuda", dtype=torch.bfloat16):
+    y = q(x)
+g = torch.randn_like(y); y.backward(g)
+ref = F.linear(x.detach(), dequantize(q, torch.bfloat16), q.bias.bfloat16())
+rel = lambda a, b: float((a.float() - b.float()).norm() / b.float().norm())
+print("smoke: fwd rel", rel(y, ref), "grad rel", rel(x.grad, g @ dequantize(q, torch.bfloat16)), flush=True)
+PY
+  timeout 570 python3 bench/flux_bench.py --out-dir "$OUT" --commit "$C" --tag=-fp8 --ranks 16 --resolutions 512 1024 \
+    --plan "compile+graph@nockpt@512,preview-compile:3,fp8check,fp8mode:copy,compile+graph@nockpt@512,preview-compile:3,fp8mode:otf,compile+graph@nockpt@512,fp8mode:dequant,compile+graph@nockpt@512,fp8mode:copy,compile+graph@nockpt@1024" \
+    --budget-s 550 > "$OUT/fp8-log.txt" 2>&1
+  grep -v "Warning\|warn" "$OUT/fp8-log.txt" | tail -32 | cut -c1-900 ;;
+esac
