@@ -92,3 +92,13 @@ PY
     --budget-s 550 > "$OUT/fp8-log.txt" 2>&1
   grep -v "Warning\|warn" "$OUT/fp8-log.txt" | tail -32 | cut -c1-900 ;;
 esac
+case "$1" in
+fp8tiers)  # issue 16 goal 5: the fp8-stored tiers with fp8 matmuls as whole jobs under their caps (FLUX.1 24gb
+           # as-needed, 16gb every block; klein 12gb), as tier_bench ran them before (30 steps, saves + previews)
+  timeout 230 python3 bench/tier_bench.py --tiers 24gb --steps 30 --save-every 15 --commit "$C" \
+    --out "$OUT/$(date +%F)-h200-tier-24gb-fp8-matmul.json" 2>&1 | grep ROW | cut -c1-1500
+  timeout 200 python3 bench/tier_bench.py --tiers 16gb --steps 30 --save-every 15 --commit "$C" \
+    --out "$OUT/$(date +%F)-h200-tier-16gb-fp8-matmul.json" 2>&1 | grep ROW | cut -c1-1500
+  timeout 140 python3 bench/tier_bench.py --family flux2-klein --tiers 12gb --steps 30 --save-every 15 --commit "$C" \
+    --out "$OUT/$(date +%F)-h200-flux2-klein-tier-12gb-fp8-matmul.json" 2>&1 | grep ROW | cut -c1-1500 ;;
+esac

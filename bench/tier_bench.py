@@ -156,6 +156,9 @@ def run_tier(tier_name: str, steps: int, save_every: int, rank: int, resolution:
                resolution=resolution, checkpointing=tier.gradient_checkpointing,
                checkpoint_as_needed=tier.checkpoint_as_needed, cap_gib=tier.cap_gib,
                lean_previews=tier.lean_previews)
+    from trainer.model.loading import fp8_matmuls_apply
+
+    row["matmul"] = "fp8" if fp8_matmuls_apply(tier.matmul, tier.weights, device) else "bf16"
     if cuda:
         # Outside the Flux blocks, no cuDNN attention (its backward failed on one H100 image); inside them the
         # trainer puts it first where its self-test passes (trainer.training.accel.attention.choose_attention).

@@ -283,10 +283,13 @@ def test_place_transformer_keeps_bf16_matmuls_otherwise(tmp_path, monkeypatch, c
 
 
 def test_the_tiers_ask_for_fp8_matmuls_where_the_weights_are_fp8(tmp_path):
-    from trainer.model.tiers import load_tier
+    from trainer.families import family_named
+    from trainer.model.tiers import list_tiers, load_tier, tiers_dir
 
     assert {n: load_tier(n).matmul for n in ("full", "24gb", "16gb", "12gb")} == \
         {"full": FULL_TIER_MATMUL, "24gb": "fp8", "16gb": "fp8", "12gb": "bf16"}
+    klein = {t.name: (t.weights, t.matmul) for t in list_tiers(tiers_dir(family_named("flux2-klein")))}
+    assert klein["12gb"] == ("fp8", "fp8") and all(m == "bf16" for w, m in klein.values() if w == "bf16")
     good = (tmp_path / "good.toml")
     good.write_text('description = "x"\nmin_card_gib = 1\nweights = "fp8"\ngradient_checkpointing = true\n')
     assert load_tier("good", tmp_path).matmul == "bf16"  # the default: a tier file without the key
