@@ -241,6 +241,23 @@ def test_supported_needs_an_fp8_gpu_never_the_cpu():
         assert not fp8_matmul.supported("cuda")
 
 
+def test_the_self_test_passes_where_the_product_is_right_and_fails_softly_otherwise(monkeypatch, caplog):
+    assert fp8_matmul.probe("cpu")  # the real product, run where this machine can (PyTorch's CPU kernel)
+    real = torch._scaled_mm
+
+    def wrong_scale(a, b, scale_a, scale_b, **kw):  # a kernel that drops the activations' scales
+        return real(a, b, torch.ones_like(scale_a), scale_b, **kw)
+
+    monkeypatch.setattr(torch, "_scaled_mm", wrong_scale)
+    assert not fp8_matmul.probe("cpu") and "self-test" in caplog.text
+
+    def missing(*args, **kwargs):  # a build without row-scaled fp8 kernels for the card
+        raise RuntimeError("rowwise scaling is not supported on this device")
+
+    monkeypatch.setattr(torch, "_scaled_mm", missing)
+    assert not fp8_matmul.probe("cpu") and "not available" in caplog.text
+
+
 @pytest.mark.parametrize("weights, training, transposed", [("bf16", True, True), ("bf16", False, False),
                                                             ("fp8", True, False)])
 def test_place_transformer_on_an_fp8_gpu(tmp_path, monkeypatch, weights, training, transposed):
