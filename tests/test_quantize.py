@@ -164,9 +164,11 @@ def test_autocast_computes_in_the_autocast_dtype(storage):
     assert x.grad.dtype == torch.float32 and torch.isfinite(x.grad).all()
 
 
-@pytest.mark.parametrize("storage", QUANTIZED)
+@pytest.mark.parametrize("storage", [*QUANTIZED, "fp8-matmul"])
 def test_compiles_as_one_graph(storage):
-    q = QuantizedLinear.from_linear(linear_with(realistic_weight(64, 128)), storage)
+    q = QuantizedLinear.from_linear(linear_with(realistic_weight(64, 128)), storage.removesuffix("-matmul"))
+    if storage == "fp8-matmul":  # multiplied in fp8 (trainer.model.fp8_matmul)
+        assert use_fp8_matmuls(q)["fp8_matmuls"] == 1
     compiled = torch.compile(q, backend="aot_eager", fullgraph=True)  # fullgraph: fails on any graph break
     x = torch.randn(3, 128, generator=torch.Generator().manual_seed(5), requires_grad=True)
     x2 = x.detach().clone().requires_grad_(True)
