@@ -116,7 +116,7 @@ def test_app_reads_and_logs_its_switches_at_start_up_and_refuses_a_bad_one(launc
         assert app.main([]) == 0
         assert runtime.current().app_password == "s3cret-canary"
     (line,) = [r.getMessage() for r in caplog.records if r.name == "trainer.runtime"]
-    assert line.startswith("runtime switches: compile=on cuda_graphs=on attention=auto") and "s3cret" not in line
+    assert line.startswith("runtime switches: compile=on cuda_graphs=on fp8_matmul=on attention=auto") and "s3cret" not in line
 
     monkeypatch.setenv("ONE_IMAGE_LORA_ATTENTION", "foo")
     with runtime.using(None):
