@@ -156,9 +156,6 @@ def run_tier(tier_name: str, steps: int, save_every: int, rank: int, resolution:
                resolution=resolution, checkpointing=tier.gradient_checkpointing,
                checkpoint_as_needed=tier.checkpoint_as_needed, cap_gib=tier.cap_gib,
                lean_previews=tier.lean_previews)
-    from trainer.model.loading import fp8_matmuls_apply
-
-    row["matmul"] = "fp8" if fp8_matmuls_apply(tier.matmul, tier.weights, device) else "bf16"
     if cuda:
         # Outside the Flux blocks, no cuDNN attention (its backward failed on one H100 image); inside them the
         # trainer puts it first where its self-test passes (trainer.training.accel.attention.choose_attention).
@@ -167,6 +164,10 @@ def run_tier(tier_name: str, steps: int, save_every: int, rank: int, resolution:
         if tier.cap_gib is not None:  # first thing: the whole job, loading included, runs under the cap
             torch.cuda.set_per_process_memory_fraction(tier.cap_gib * GIB / total)
         row["gpu"] = torch.cuda.get_device_name()
+    from trainer.model.loading import fp8_matmuls_apply
+
+    # after the cap: on a GPU this runs fp8_matmul's self-test, the job's first use of the device memory
+    row["matmul"] = "fp8" if fp8_matmuls_apply(tier.matmul, tier.weights, device) else "bf16"
 
     def peak(reset: bool = True) -> tuple[float, float]:
         if not cuda:
